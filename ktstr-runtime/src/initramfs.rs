@@ -1,0 +1,1 @@
+//! initramfs builder. PLACEHOLDER.

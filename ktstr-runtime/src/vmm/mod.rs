@@ -1,0 +1,102 @@
+//! The virtual machine monitor: one API, two backends.
+//!
+//! `kvm` is our own VMM on `/dev/kvm`; `qemu` drives `qemu-system-x86_64
+//! -accel tcg` for hosts whose KVM cannot boot a kernel. Both take a
+//! [`VmConfig`] and return the same [`VmResult`].
+
+pub mod backend;
+pub mod builder;
+pub mod error;
+pub mod kvm;
+pub mod qemu;
+pub mod topology;
+
+pub use backend::BackendKind;
+pub use builder::{Vm, VmBuilder};
+pub use error::VmError;
+pub use topology::Topology;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::channel::Message;
+
+/// Guest-physical layout of the guest → host data channel. The region is
+/// reserved in the e820 map (KVM) or with `memmap=` (QEMU) and announced
+/// to the guest with `ktstr.chan=ADDR:SIZE` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelRegion {
+    pub gpa: u64,
+    pub size: u64,
+}
+
+/// Everything a backend needs to boot one VM. Built by [`VmBuilder`].
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// `bzImage` or an uncompressed `vmlinux` ELF.
+    pub kernel: PathBuf,
+    /// `vmlinux` found beside `kernel`, preferred by the KVM backend.
+    pub vmlinux: Option<PathBuf>,
+    /// newc cpio archive (uncompressed or gzip).
+    pub initramfs: Option<PathBuf>,
+    /// Full command line, console and channel arguments included.
+    pub cmdline: String,
+    pub topology: Topology,
+    pub memory_mib: u64,
+    pub timeout: Duration,
+    pub channel: ChannelRegion,
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ExitKind {
+    /// ACPI S5 / `reboot(POWER_OFF)`.
+    PowerOff,
+    /// Guest asked for a reset (keyboard controller, 0xcf9, reboot()).
+    Reboot,
+    /// The console shows a kernel panic.
+    Panic,
+    /// The CPU triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault,
+    /// The timeout fired; every vCPU was stopped.
+    Timeout,
+    /// The VMM itself failed after the guest started.
+    HostError(String),
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Timings {
+    /// Host-side setup: memory, image load, tables, process spawn.
+    pub setup: Duration,
+    /// First guest instruction until the guest's `/init` announced itself
+    /// on the data channel; `None` if it never did.
+    pub to_init: Option<Duration>,
+    pub total: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmResult {
+    pub exit: ExitKind,
+    pub backend: BackendKind,
+    /// Everything the guest wrote to COM1.
+    pub console: String,
+    /// Everything the guest wrote to COM2.
+    pub com2: String,
+    /// Decoded, checksum-verified channel messages, in order.
+    pub messages: Vec<Message>,
+    pub timings: Timings,
+}
+
+impl VmResult {
+    /// The last `n` lines of the console, for failure reports.
+    pub fn console_tail(&self, n: usize) -> String {
+        let lines: Vec<&str> = self.console.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// Panic detection shared by both backends: the kernel prints this before
+/// it halts or reboots (`panic=-1`).
+pub fn console_shows_panic(console: &str) -> bool {
+    console.contains("Kernel panic - not syncing")
+}

@@ -1,0 +1,1 @@
+//! Example ktstr tests live in tests/.
