@@ -1,5 +1,324 @@
-//! QEMU TCG backend. PLACEHOLDER.
-use super::{VmConfig, VmError, VmResult};
-pub fn run(_cfg: &VmConfig) -> Result<VmResult, VmError> {
-    Err(VmError::Host(anyhow::anyhow!("qemu backend not implemented yet")))
+//! QEMU TCG backend: the same kernel, initramfs, command line, topology,
+//! memory and data channel as the KVM backend, run by
+//! `qemu-system-x86_64 -accel tcg`.
+//!
+//! Guest RAM is a shared file in /dev/shm so the host reads the data
+//! channel straight out of guest memory, live and after exit. How the VM
+//! ended comes from QMP's SHUTDOWN event, the console (panic) and QEMU's
+//! reset log (triple fault).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+
+use super::{console_shows_panic, BackendKind, ExitKind, Timings, VmConfig, VmError, VmResult};
+use crate::channel;
+
+const QEMU: &str = "qemu-system-x86_64";
+const POLL: Duration = Duration::from_millis(5);
+
+/// The QEMU argument list for a config (without the per-run file paths
+/// that [`run`] adds). Public for tests and for `--dry-run` style output.
+pub fn args(cfg: &VmConfig, dir: &Path) -> Vec<String> {
+    let t = cfg.topology;
+    let mut a: Vec<String> = vec![
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-machine".into(),
+        "pc".into(),
+        "-accel".into(),
+        "tcg".into(),
+        "-cpu".into(),
+        "max".into(),
+        "-no-reboot".into(),
+        "-m".into(),
+        format!("{}M", cfg.memory_mib),
+        "-smp".into(),
+        format!("{},sockets={},cores={},threads={}", t.total_cpus(), t.total_llcs(), t.cores, t.threads),
+    ];
+    let node_mib = cfg.memory_mib / t.numa_nodes as u64;
+    let per_node_cpus = t.total_cpus() / t.numa_nodes;
+    for n in 0..t.numa_nodes {
+        a.push("-object".into());
+        a.push(format!(
+            "memory-backend-file,id=m{n},size={node_mib}M,mem-path={},share=on",
+            dir.join(format!("ram{n}")).display()
+        ));
+    }
+    if t.numa_nodes == 1 {
+        a.push("-machine".into());
+        a.push("memory-backend=m0".into());
+    } else {
+        for n in 0..t.numa_nodes {
+            let first = n * per_node_cpus;
+            a.push("-numa".into());
+            a.push(format!("node,nodeid={n},cpus={}-{},memdev=m{n}", first, first + per_node_cpus - 1));
+        }
+    }
+    a.extend([
+        "-chardev".into(),
+        "stdio,id=com1,signal=off".into(),
+        "-serial".into(),
+        "chardev:com1".into(),
+        "-chardev".into(),
+        format!("file,id=com2,path={}", dir.join("com2").display()),
+        "-serial".into(),
+        "chardev:com2".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", dir.join("qmp").display()),
+        "-d".into(),
+        "cpu_reset".into(),
+        "-D".into(),
+        dir.join("qemu.log").display().to_string(),
+        "-kernel".into(),
+        cfg.kernel.display().to_string(),
+        "-append".into(),
+        cfg.cmdline.clone(),
+    ]);
+    if let Some(i) = &cfg.initramfs {
+        a.push("-initrd".into());
+        a.push(i.display().to_string());
+    }
+    a
+}
+
+/// The RAM file and offset that hold the channel region.
+fn channel_location(cfg: &VmConfig, dir: &Path) -> (PathBuf, u64) {
+    let node_bytes = (cfg.memory_mib / cfg.topology.numa_nodes as u64) << 20;
+    let node = cfg.channel.gpa / node_bytes;
+    (dir.join(format!("ram{node}")), cfg.channel.gpa - node * node_bytes)
+}
+
+pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
+    let start = Instant::now();
+    if cfg.memory_mib % cfg.topology.numa_nodes as u64 != 0 {
+        return Err(VmError::Topology(format!(
+            "{} MiB of memory does not split evenly over {} NUMA nodes",
+            cfg.memory_mib, cfg.topology.numa_nodes
+        )));
+    }
+    let shm = Path::new("/dev/shm");
+    let dir = tempfile::Builder::new()
+        .prefix("ktstr-vm-")
+        .tempdir_in(if shm.is_dir() { shm } else { Path::new("/tmp") })
+        .context("creating the VM's scratch directory")?;
+    let mut child = Command::new(QEMU)
+        .args(args(cfg, dir.path()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => VmError::Host(anyhow!(
+                "{QEMU} not found: install it (Debian: apt-get install qemu-system-x86) or use KTSTR_VMM=kvm"
+            )),
+            _ => VmError::Host(anyhow!("starting {QEMU}: {e}")),
+        })?;
+    let setup = start.elapsed();
+    let boot = Instant::now();
+
+    let console = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let out = child.stdout.take().expect("piped stdout");
+    let con = Arc::clone(&console);
+    let reader = std::thread::spawn(move || {
+        let mut out = out;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            con.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let mut err = child.stderr.take().expect("piped stderr");
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+
+    let (ram, offset) = channel_location(cfg, dir.path());
+    let mut qmp = None;
+    let mut shutdown_reason: Option<String> = None;
+    let mut to_init = None;
+    let mut exit = None;
+    let deadline = boot + cfg.timeout;
+    loop {
+        if qmp.is_none() {
+            qmp = Qmp::connect(&dir.path().join("qmp"));
+        }
+        if let Some(q) = qmp.as_mut() {
+            if let Some(r) = q.poll_shutdown() {
+                shutdown_reason = Some(r);
+            }
+        }
+        if to_init.is_none() && channel_has_init(&ram, offset) {
+            to_init = Some(boot.elapsed());
+        }
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) => {}
+            Err(e) => {
+                exit = Some(ExitKind::HostError(format!("waiting for {QEMU}: {e}")));
+                break;
+            }
+        }
+        if Instant::now() >= deadline {
+            exit = Some(ExitKind::Timeout);
+            kill(&mut child);
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    if let Some(q) = qmp.as_mut() {
+        if shutdown_reason.is_none() {
+            shutdown_reason = q.poll_shutdown();
+        }
+    }
+    let _ = child.wait();
+    let _ = reader.join();
+    let stderr = err_reader.join().unwrap_or_default();
+    let status = child.try_wait().ok().flatten();
+    let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
+
+    let region = read_region(&ram, offset, cfg.channel.size).unwrap_or_default();
+    let messages = channel::decode(&region).map_err(|e| VmError::Host(anyhow!(e)))?;
+    let com2 = std::fs::read_to_string(dir.path().join("com2")).unwrap_or_default();
+    let reset_log = std::fs::read_to_string(dir.path().join("qemu.log")).unwrap_or_default();
+
+    let exit = exit.unwrap_or_else(|| {
+        if console_shows_panic(&console) {
+            ExitKind::Panic
+        } else if reset_log.contains("Triple fault") {
+            ExitKind::TripleFault
+        } else {
+            match shutdown_reason.as_deref() {
+                Some("guest-shutdown") => ExitKind::PowerOff,
+                Some("guest-reset") => ExitKind::Reboot,
+                Some("guest-panic") => ExitKind::Panic,
+                other => ExitKind::HostError(format!(
+                    "{QEMU} exited ({}) without a guest shutdown (reason {other:?}): {}",
+                    status.map(|s| s.to_string()).unwrap_or_default(),
+                    stderr.trim()
+                )),
+            }
+        }
+    });
+    Ok(VmResult {
+        exit,
+        backend: BackendKind::QemuTcg,
+        console,
+        com2,
+        messages,
+        timings: Timings { setup, to_init, total: start.elapsed() },
+    })
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+}
+
+/// True once the guest published its first message and it is INIT.
+fn channel_has_init(ram: &Path, offset: u64) -> bool {
+    header_committed(ram, offset) > 0 && first_kind(ram, offset) == Some(channel::kind::INIT)
+}
+
+fn header_committed(ram: &Path, offset: u64) -> u64 {
+    read_region(ram, offset, 24).ok().map(|b| u64::from_le_bytes(b[16..24].try_into().unwrap())).unwrap_or(0)
+}
+
+fn first_kind(ram: &Path, offset: u64) -> Option<u32> {
+    let b = read_region(ram, offset + channel::HEADER_SIZE, 4).ok()?;
+    Some(u32::from_le_bytes(b[..4].try_into().unwrap()))
+}
+
+fn read_region(ram: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(ram)?;
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
+/// Just enough QMP to learn why the guest stopped.
+struct Qmp {
+    stream: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Option<Self> {
+        let s = UnixStream::connect(path).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(1))).ok()?;
+        let mut w = s.try_clone().ok()?;
+        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").ok()?;
+        Some(Self { stream: BufReader::new(s) })
+    }
+
+    /// Reads pending QMP lines; returns the SHUTDOWN reason if one came.
+    fn poll_shutdown(&mut self) -> Option<String> {
+        let mut line = String::new();
+        let mut reason = None;
+        loop {
+            line.clear();
+            match self.stream.read_line(&mut line) {
+                Ok(0) => break,
+                Ok(_) => {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        if v["event"] == "SHUTDOWN" {
+                            reason = v["data"]["reason"].as_str().map(str::to_string);
+                        }
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        reason
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::{ChannelRegion, Topology};
+
+    fn cfg(t: Topology, mem: u64) -> VmConfig {
+        VmConfig {
+            kernel: "/k".into(),
+            vmlinux: None,
+            initramfs: Some("/i".into()),
+            cmdline: "console=ttyS0".into(),
+            topology: t,
+            memory_mib: mem,
+            timeout: Duration::from_secs(1),
+            channel: ChannelRegion { gpa: (mem - 4) << 20, size: 4 << 20 },
+        }
+    }
+
+    #[test]
+    fn smp_and_numa_args() {
+        let a = args(&cfg(Topology::new(2, 2, 2, 2), 512), Path::new("/d")).join(" ");
+        assert!(a.contains("-smp 16,sockets=4,cores=2,threads=2"), "{a}");
+        assert!(a.contains("node,nodeid=0,cpus=0-7,memdev=m0"), "{a}");
+        assert!(a.contains("node,nodeid=1,cpus=8-15,memdev=m1"), "{a}");
+        assert!(a.contains("size=256M,mem-path=/d/ram1"), "{a}");
+        assert!(!a.contains("memory-backend=m0"));
+        let one = args(&cfg(Topology::cpus(4), 256), Path::new("/d")).join(" ");
+        assert!(one.contains("-smp 4,sockets=1,cores=4,threads=1"));
+        assert!(one.contains("memory-backend=m0") && !one.contains("-numa"));
+    }
+
+    #[test]
+    fn channel_in_last_node() {
+        let c = cfg(Topology::new(2, 1, 1, 1), 512);
+        let (f, off) = channel_location(&c, Path::new("/d"));
+        assert_eq!(f, Path::new("/d/ram1"));
+        assert_eq!(off, 252 << 20);
+    }
 }

@@ -1,0 +1,80 @@
+//! A minimal guest `/init` for VMM tests and benchmarks: reports what the
+//! guest sees, optionally streams test data over the data channel, then
+//! powers off (or misbehaves on request: `probe.mode=panic|hang|reboot`).
+
+use std::io::Write;
+
+use ktstr_runtime::channel::{kind, GuestChannel};
+
+fn mount(src: &str, dst: &str, fstype: &str) {
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let _ = std::fs::create_dir_all(dst);
+    // SAFETY: plain mount(2) with NUL-terminated strings.
+    unsafe { libc::mount(c(src).as_ptr(), c(dst).as_ptr(), c(fstype).as_ptr(), 0, std::ptr::null()) };
+}
+
+/// Deterministic test pattern the host regenerates to verify blobs.
+pub fn pattern(chunk: u32, len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9u32 ^ chunk.wrapping_mul(0x85eb_ca6b);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+fn arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline.split_whitespace().find_map(|a| a.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn main() {
+    mount("proc", "/proc", "proc");
+    mount("sysfs", "/sys", "sysfs");
+    mount("devtmpfs", "/dev", "devtmpfs");
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let mut ch = GuestChannel::open();
+    if let Ok(ch) = ch.as_mut() {
+        let _ = ch.send(kind::INIT, b"ktstr-probe-init");
+    }
+    let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    let nodes = std::fs::read_dir("/sys/devices/system/node")
+        .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("node")).count())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let ncpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let line = format!("ktstr-probe: cpus={ncpus} online={} nodes={nodes} release={}", cpus.trim(), release.trim());
+    println!("{line}");
+    let _ = std::io::stdout().flush();
+    match &mut ch {
+        Ok(ch) => {
+            let _ = ch.send(kind::TEXT, line.as_bytes());
+            if let Some(mib) = arg(&cmdline, "probe.blob_mib").and_then(|v| v.parse::<u32>().ok()) {
+                for i in 0..mib {
+                    if let Err(e) = ch.send(kind::BLOB, &pattern(i, 1 << 20)) {
+                        println!("ktstr-probe: blob {i}: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        Err(e) => println!("ktstr-probe: no data channel: {e}"),
+    }
+    match arg(&cmdline, "probe.mode") {
+        Some("panic") => std::process::exit(3), // PID 1 exiting panics the kernel
+        Some("hang") => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
+        // SAFETY: reboot(2) as PID 1.
+        Some("reboot") => unsafe {
+            libc::reboot(libc::RB_AUTOBOOT);
+        },
+        _ => unsafe {
+            libc::reboot(libc::RB_POWER_OFF);
+        },
+    }
+    std::process::exit(1);
+}
