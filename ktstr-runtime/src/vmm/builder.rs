@@ -63,6 +63,26 @@ pub fn find_image(path: &Path) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Rejects files that are neither a bzImage (boot-protocol "HdrS" magic)
+/// nor an ELF vmlinux, before any backend tries to boot them.
+pub fn check_image(path: &Path) -> Result<(), VmError> {
+    use std::io::Read;
+    let mut head = [0u8; 0x206];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| VmError::BadImage(format!("{}: cannot read kernel image: {e}", path.display())))?;
+    let bzimage = n >= 0x206 && &head[0x202..0x206] == b"HdrS";
+    let elf = n >= 4 && &head[..4] == b"\x7fELF";
+    if bzimage || elf {
+        Ok(())
+    } else {
+        Err(VmError::BadImage(format!(
+            "{}: not a bootable kernel (no bzImage header, not an ELF vmlinux)",
+            path.display()
+        )))
+    }
+}
+
 impl VmBuilder {
     pub fn kernel(mut self, p: impl Into<PathBuf>) -> Self {
         self.kernel = Some(p.into());
@@ -114,6 +134,7 @@ impl VmBuilder {
                 given.display()
             ))
         })?;
+        check_image(&kernel)?;
         let dir = kernel.parent().map(Path::to_path_buf).unwrap_or_default();
         let vmlinux = Some(dir.join("vmlinux")).filter(|p| p.is_file() && *p != kernel);
         self.topology.validate().map_err(VmError::Topology)?;
@@ -153,5 +174,25 @@ impl VmBuilder {
             },
             backend: self.backend,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_non_kernels() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("bzImage");
+        std::fs::write(&junk, vec![0u8; 4096]).unwrap();
+        let err = Vm::builder().kernel(dir.path()).build().unwrap_err();
+        assert!(matches!(err, VmError::BadImage(ref m) if m.contains("not a bootable kernel")), "{err}");
+        let mut hdr = vec![0u8; 4096];
+        hdr[0x202..0x206].copy_from_slice(b"HdrS");
+        std::fs::write(&junk, hdr).unwrap();
+        let vm = Vm::builder().kernel(dir.path()).memory_mib(256).build().unwrap();
+        assert!(vm.config.cmdline.contains("ktstr.chan=0xfc00000:0x400000"), "{}", vm.config.cmdline);
+        assert!(matches!(Vm::builder().kernel("/nonexistent").build(), Err(VmError::BadImage(_))));
     }
 }
