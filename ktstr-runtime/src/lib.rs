@@ -1,5 +1,26 @@
 //! ktstr runtime, linked into every ktstr test binary.
 
+pub mod cgroup;
 pub mod channel;
+pub mod cpuset;
+pub mod ctx;
+pub mod discovery;
+pub mod dispatch;
+pub mod guest;
+pub mod host;
 pub mod initramfs;
+pub mod label;
+pub mod nextest;
+pub mod prelude;
+pub mod registry;
+pub mod report;
+pub mod verdict;
 pub mod vmm;
+pub mod workers;
+
+pub use ktstr_macros::ktstr_test;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use linkme;
+}

@@ -1,3 +1,304 @@
+//! `#[ktstr_test(...)]`: registers a scheduler test in ktstr's link-time
+//! registry and emits a plain `#[test]` wrapper for `cargo test`.
+
 use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{format_ident, quote};
+use syn::parse::Parser;
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Expr, ExprArray, ExprLit, ItemFn, Lit, Meta, Token};
+
 #[proc_macro_attribute]
-pub fn ktstr_test(_attr: TokenStream, item: TokenStream) -> TokenStream { item }
+pub fn ktstr_test(attr: TokenStream, item: TokenStream) -> TokenStream {
+    match expand(attr.into(), item.into()) {
+        Ok(ts) => ts.into(),
+        Err(e) => e.to_compile_error().into(),
+    }
+}
+
+const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files";
+const MAX_CPUS: u64 = 64;
+
+/// Parsed attribute values; `None` means "runtime default".
+#[derive(Debug, Default, PartialEq)]
+struct Attrs {
+    cpus: Option<u32>,
+    numa_nodes: Option<u32>,
+    llcs: Option<u32>,
+    cores: Option<u32>,
+    threads: Option<u32>,
+    memory_mib: Option<u64>,
+    timeout_s: Option<u64>,
+    host_only: bool,
+    expect_err: bool,
+    cmdline: Option<String>,
+    include_files: Vec<String>,
+}
+
+fn int<T: std::str::FromStr>(e: &Expr, key: &str, min: u64, max: u64) -> syn::Result<T> {
+    if let Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) = e {
+        let v: u64 = i.base10_parse()?;
+        if v < min || v > max {
+            return Err(syn::Error::new_spanned(e, format!("`{key}` must be between {min} and {max}, got {v}")));
+        }
+        return v
+            .to_string()
+            .parse()
+            .map_err(|_| syn::Error::new_spanned(e, format!("`{key}` value out of range")));
+    }
+    Err(syn::Error::new_spanned(e, format!("`{key}` takes an integer literal, e.g. `{key} = 2`")))
+}
+
+fn boolean(e: &Expr, key: &str) -> syn::Result<bool> {
+    match e {
+        Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) => Ok(b.value),
+        _ => Err(syn::Error::new_spanned(e, format!("`{key}` takes `true` or `false` (or write just `{key}`)"))),
+    }
+}
+
+fn string(e: &Expr, key: &str) -> syn::Result<String> {
+    match e {
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Ok(s.value()),
+        _ => Err(syn::Error::new_spanned(e, format!("`{key}` takes a string literal"))),
+    }
+}
+
+fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
+    let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(attr)?;
+    let mut a = Attrs::default();
+    let mut seen: Vec<String> = Vec::new();
+    let mut topo_span: Option<Span> = None;
+    let mut cpus_span: Option<Span> = None;
+    for meta in &metas {
+        let key = meta.path().get_ident().map(|i| i.to_string()).unwrap_or_default();
+        if seen.contains(&key) {
+            return Err(syn::Error::new_spanned(meta, format!("`{key}` given twice")));
+        }
+        seen.push(key.clone());
+        match meta {
+            Meta::Path(_) => match key.as_str() {
+                "host_only" => a.host_only = true,
+                "expect_err" => a.expect_err = true,
+                _ => {
+                    return Err(syn::Error::new_spanned(
+                        meta,
+                        format!("`{key}` needs a value (`{key} = ...`); accepted keys: {KEYS}"),
+                    ))
+                }
+            },
+            Meta::NameValue(nv) => {
+                let v = &nv.value;
+                match key.as_str() {
+                    "cpus" => {
+                        a.cpus = Some(int(v, &key, 1, MAX_CPUS)?);
+                        cpus_span = Some(meta.span());
+                    }
+                    "numa_nodes" | "llcs" | "cores" | "threads" => {
+                        let n = Some(int(v, &key, 1, MAX_CPUS)?);
+                        match key.as_str() {
+                            "numa_nodes" => a.numa_nodes = n,
+                            "llcs" => a.llcs = n,
+                            "cores" => a.cores = n,
+                            _ => a.threads = n,
+                        }
+                        topo_span.get_or_insert(meta.span());
+                    }
+                    "memory_mib" => a.memory_mib = Some(int(v, &key, 64, 1 << 20)?),
+                    "timeout_s" => a.timeout_s = Some(int(v, &key, 1, 24 * 3600)?),
+                    "host_only" => a.host_only = boolean(v, &key)?,
+                    "expect_err" => a.expect_err = boolean(v, &key)?,
+                    "cmdline" => {
+                        let s = string(v, &key)?;
+                        if s.contains(['\n', '\0']) {
+                            return Err(syn::Error::new_spanned(v, "`cmdline` must be one line"));
+                        }
+                        if s.split_whitespace().any(|w| w.starts_with("ktstr.")) {
+                            return Err(syn::Error::new_spanned(v, "`cmdline` must not set ktstr.* arguments; ktstr owns them"));
+                        }
+                        a.cmdline = Some(s);
+                    }
+                    "include_files" => {
+                        let Expr::Array(ExprArray { elems, .. }) = v else {
+                            return Err(syn::Error::new_spanned(v, "`include_files` takes an array of string literals, e.g. `[\"data/x.bin\"]`"));
+                        };
+                        for e in elems {
+                            a.include_files.push(string(e, "include_files")?);
+                        }
+                    }
+                    "scheduler" => {
+                        return Err(syn::Error::new_spanned(
+                            meta,
+                            "`scheduler = ...` is not supported by this ktstr version yet (sched_ext support is pending)",
+                        ))
+                    }
+                    _ => {
+                        return Err(syn::Error::new_spanned(
+                            meta.path(),
+                            format!("unknown ktstr_test attribute `{key}`; accepted keys: {KEYS}"),
+                        ))
+                    }
+                }
+            }
+            Meta::List(_) => {
+                return Err(syn::Error::new_spanned(meta, format!("expected `key = value` or a flag; accepted keys: {KEYS}")))
+            }
+        }
+    }
+    if let (Some(c), Some(t)) = (cpus_span, topo_span) {
+        let mut e = syn::Error::new(t, "give either `cpus` or `numa_nodes`/`llcs`/`cores`/`threads`, not both");
+        e.combine(syn::Error::new(c, "`cpus` given here"));
+        return Err(e);
+    }
+    if let Some(span) = topo_span {
+        let total: u64 = [a.numa_nodes, a.llcs, a.cores, a.threads].iter().map(|v| v.unwrap_or(1) as u64).product();
+        if total > MAX_CPUS {
+            return Err(syn::Error::new(span, format!("topology asks for {total} CPUs; ktstr supports at most {MAX_CPUS}")));
+        }
+    }
+    if a.host_only && (a.cpus.is_some() || topo_span.is_some() || a.memory_mib.is_some() || a.cmdline.is_some()) {
+        let span = metas.iter().find(|m| m.path().is_ident("host_only")).map(|m| m.span()).unwrap_or_else(Span::call_site);
+        return Err(syn::Error::new(span, "`host_only` tests never boot a VM; drop the topology/memory_mib/cmdline keys"));
+    }
+    Ok(a)
+}
+
+fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
+    let attrs = parse_attrs(attr)?;
+    let func: ItemFn = syn::parse2(item)?;
+    let sig = &func.sig;
+    if sig.asyncness.is_some() || !sig.generics.params.is_empty() || sig.inputs.len() != 1 || matches!(sig.output, syn::ReturnType::Default) {
+        return Err(syn::Error::new_spanned(
+            sig,
+            "a #[ktstr_test] function has the shape `fn name(ctx: &Ctx) -> Result<()>` (not async, no generics)",
+        ));
+    }
+    let ident = &sig.ident;
+    let name = ident.to_string();
+    let def = format_ident!("__KTSTR_TEST_{}", name.to_uppercase());
+
+    let mut fields = Vec::new();
+    let topo = match (attrs.cpus, attrs.numa_nodes, attrs.llcs, attrs.cores, attrs.threads) {
+        (Some(c), ..) => Some(quote!(::ktstr_runtime::vmm::Topology::new(1, 1, #c, 1))),
+        (None, None, None, None, None) => None,
+        (None, n, l, c, t) => {
+            let (n, l, c, t) = (n.unwrap_or(1), l.unwrap_or(1), c.unwrap_or(1), t.unwrap_or(1));
+            Some(quote!(::ktstr_runtime::vmm::Topology::new(#n, #l, #c, #t)))
+        }
+    };
+    if let Some(t) = topo {
+        fields.push(quote!(topology: #t));
+    }
+    if let Some(m) = attrs.memory_mib {
+        fields.push(quote!(memory_mib: #m));
+    }
+    if let Some(t) = attrs.timeout_s {
+        fields.push(quote!(timeout_s: #t));
+    }
+    let (host_only, expect_err) = (attrs.host_only, attrs.expect_err);
+    if let Some(c) = &attrs.cmdline {
+        fields.push(quote!(cmdline: #c));
+    }
+    if !attrs.include_files.is_empty() {
+        // Relative paths resolve against the test crate; a missing file is
+        // a compile error rather than a guest-side surprise.
+        let base = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
+        let mut paths = Vec::new();
+        for f in &attrs.include_files {
+            let p = if f.starts_with('/') { f.clone() } else { format!("{base}/{f}") };
+            if !base.is_empty() && !std::path::Path::new(&p).is_file() {
+                return Err(syn::Error::new(Span::call_site(), format!("include_files: `{p}` is not a file")));
+            }
+            paths.push(p);
+        }
+        fields.push(quote!(include_files: &[#(#paths),*]));
+    }
+    let ignore = if name.starts_with("demo_") { quote!(#[ignore = "demo_ tests are ignored by default"]) } else { quote!() };
+
+    Ok(quote! {
+        #func
+
+        #[::ktstr_runtime::__private::linkme::distributed_slice(::ktstr_runtime::registry::TESTS)]
+        #[linkme(crate = ::ktstr_runtime::__private::linkme)]
+        #[allow(non_upper_case_globals)]
+        static #def: ::ktstr_runtime::registry::TestDef = ::ktstr_runtime::registry::TestDef {
+            name: #name,
+            module_path: ::core::module_path!(),
+            func: #ident,
+            host_only: #host_only,
+            expect_err: #expect_err,
+            file: ::core::file!(),
+            line: ::core::line!(),
+            #(#fields,)*
+            ..::ktstr_runtime::registry::TestDef::DEFAULT
+        };
+
+        /// Plain `cargo test` entry; nextest lists `ktstr/...` names instead.
+        #[allow(non_snake_case)]
+        mod #ident {
+            #[test]
+            #ignore
+            fn ktstr() {
+                ::ktstr_runtime::dispatch::cargo_test(&super::#def);
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(src: &str) -> String {
+        parse_attrs(src.parse().unwrap()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn accepts_the_documented_keys() {
+        let a = parse_attrs(
+            "cpus = 2, memory_mib = 512, timeout_s = 30, expect_err, cmdline = \"quiet\"".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(a.cpus, Some(2));
+        assert_eq!(a.memory_mib, Some(512));
+        assert_eq!(a.timeout_s, Some(30));
+        assert!(a.expect_err && !a.host_only);
+        assert_eq!(a.cmdline.as_deref(), Some("quiet"));
+        let a = parse_attrs("numa_nodes = 2, llcs = 2, cores = 2, threads = 2, host_only = false".parse().unwrap()).unwrap();
+        assert_eq!((a.numa_nodes, a.llcs, a.cores, a.threads), (Some(2), Some(2), Some(2), Some(2)));
+        assert_eq!(parse_attrs(TokenStream2::new()).unwrap(), Attrs::default());
+        let a = parse_attrs("include_files = [\"a\", \"b\"]".parse().unwrap()).unwrap();
+        assert_eq!(a.include_files, ["a", "b"]);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(err("cpus = 0").contains("between 1 and 64"));
+        assert!(err("cpus = 65").contains("between 1 and 64"));
+        assert!(err("cpus = \"2\"").contains("integer literal"));
+        assert!(err("memory_mib = 16").contains("between 64"));
+        assert!(err("timeout_s = 0").contains("between 1"));
+        assert!(err("cpus = 2, cores = 2").contains("not both"));
+        assert!(err("numa_nodes = 4, llcs = 4, cores = 8").contains("128 CPUs"));
+        assert!(err("cpu = 2").contains("unknown ktstr_test attribute `cpu`"));
+        assert!(err("cpus = 2, cpus = 3").contains("given twice"));
+        assert!(err("host_only = 1").contains("`true` or `false`"));
+        assert!(err("cpus").contains("needs a value"));
+        assert!(err("cmdline = \"ktstr.test=x\"").contains("ktstr.*"));
+        assert!(err("include_files = \"x\"").contains("array"));
+        assert!(err("host_only, cpus = 2").contains("never boot a VM"));
+        assert!(err("scheduler = SIMPLE").contains("not supported"));
+    }
+
+    #[test]
+    fn rejects_bad_function_shapes() {
+        let e = expand(TokenStream2::new(), "async fn f(ctx: &Ctx) -> Result<()> { Ok(()) }".parse().unwrap());
+        assert!(e.unwrap_err().to_string().contains("fn name(ctx: &Ctx)"));
+        let e = expand(TokenStream2::new(), "fn f() {}".parse().unwrap());
+        assert!(e.is_err());
+        let ok = expand("cpus = 2".parse().unwrap(), "fn demo_x(ctx: &Ctx) -> Result<()> { Ok(()) }".parse().unwrap())
+            .unwrap()
+            .to_string();
+        assert!(ok.contains("__KTSTR_TEST_DEMO_X") && ok.contains("ignore"));
+    }
+}

@@ -1,0 +1,111 @@
+//! The early constructor that picks a test binary's role before `main`:
+//! PID 1 → guest init; `--ktstr-export-test=NAME` → export; under
+//! `NEXTEST`, `--list` and `--exact ktstr/…` → the runtime; else libtest.
+
+use std::io::Write;
+
+use crate::discovery;
+use crate::host::{self, KernelChoice};
+use crate::nextest::{self, Args, PASSTHROUGH_ENV};
+use crate::registry::{self, TestDef};
+use crate::verdict::{self, Outcome};
+
+#[ctor::ctor]
+fn ktstr_early_dispatch() {
+    dispatch();
+}
+
+fn exit(code: i32) -> ! {
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    std::process::exit(code)
+}
+
+fn dispatch() {
+    // Binaries without tests (the VMM's probe init) keep their own PID 1 role.
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } == 1 && !registry::TESTS.is_empty() {
+        crate::guest::init();
+    }
+    let args: Vec<String> = std::env::args().collect();
+    // The .run exporter (export.rs) takes this over once it lands.
+    if let Some(name) = args.iter().find_map(|a| a.strip_prefix("--ktstr-export-test=")) {
+        exit(export(name));
+    }
+    if let Some(name) = args.iter().find_map(|a| a.strip_prefix(RUN_HOST_FLAG)) {
+        exit(run_on_host(name));
+    }
+    if std::env::var_os(PASSTHROUGH_ENV).is_some() {
+        return;
+    }
+    let a = Args::parse(args.get(1..).unwrap_or_default());
+    if std::env::var_os("NEXTEST").is_some() {
+        if a.list {
+            exit(nextest::list(&args));
+        }
+        if a.exact && a.filters.len() == 1 && a.filters[0].starts_with("ktstr/") {
+            exit(nextest::run_exact(&a.filters[0]));
+        }
+        return;
+    }
+    let has_vm_tests = registry::TESTS.iter().any(|t| !t.host_only);
+    if has_vm_tests && !a.list && std::env::var("KTSTR_CARGO_TEST_MODE").map_or(true, |v| v != "1") {
+        eprintln!(
+            "ktstr: warning: under plain `cargo test` each #[ktstr_test] runs once; kernel and topology \
+             variants do not expand (use `cargo ktstr test` or `cargo nextest run`; KTSTR_CARGO_TEST_MODE=1 silences this)"
+        );
+    }
+}
+
+/// Runs one test body on the host (what an exported `.run` invokes).
+pub const RUN_HOST_FLAG: &str = "--ktstr-run-host=";
+
+/// Export per the router contract: 1 = no such test here, 2 = refused.
+fn export(name: &str) -> i32 {
+    match registry::find(name.strip_prefix("ktstr/").unwrap_or(name)) {
+        None => 1,
+        Some(_) => {
+            eprintln!("ktstr: export of {name}: this ktstr-runtime build cannot write .run reproducers yet");
+            2
+        }
+    }
+}
+
+/// `--ktstr-run-host=NAME` (used by exported `.run` files): the body on
+/// this host, supervised like in the guest; exits with the verdict code.
+fn run_on_host(name: &str) -> i32 {
+    let name = name.strip_prefix("ktstr/").unwrap_or(name);
+    match registry::find(name) {
+        Some(def) => verdict::finish(&host::run_host_only(def)),
+        None => {
+            eprintln!("ktstr: FAIL: no ktstr test named {name} in this binary");
+            1
+        }
+    }
+}
+
+/// Body of the `#[test]` wrapper each `#[ktstr_test]` gets for plain
+/// `cargo test`: one run against the first (or discovered) kernel.
+pub fn cargo_test(def: &'static TestDef) {
+    let v = if def.host_only {
+        host::run_host_only(def)
+    } else {
+        let choice = match discovery::kernel_list() {
+            Ok(Some(ks)) => KernelChoice::Entry(ks[0].clone()),
+            Ok(None) => KernelChoice::Discover,
+            Err(e) => panic!("ktstr: FAIL: {e}"),
+        };
+        host::run_vm(def, &choice)
+    };
+    let no_skip = verdict::no_skip_mode();
+    let banner = verdict::banner(&v, no_skip);
+    match verdict::exit_code(v.outcome, no_skip) {
+        0 => {
+            if let Some(b) = banner {
+                eprintln!("{b}");
+            }
+        }
+        _ if v.outcome == Outcome::Inconclusive => panic!("{}", banner.unwrap_or_default()),
+        _ => panic!("{}", banner.unwrap_or_default()),
+    }
+}

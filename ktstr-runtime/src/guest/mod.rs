@@ -1,0 +1,118 @@
+//! The guest side: the test binary as `/init` (PID 1) inside the VM.
+//!
+//! Mounts the usual filesystems, runs the test body named by
+//! `ktstr.test=NAME` in a supervised child, sends the verdict over the
+//! data channel (and prints it on the console as a fallback), then powers
+//! off. Every path ends in a power-off so the host never waits for a hang.
+
+pub mod supervise;
+
+use std::ffi::CString;
+use std::io::Write;
+
+use crate::cgroup::{enable_controllers, CGROUP_ROOT};
+use crate::channel::{kind, GuestChannel};
+use crate::registry;
+use crate::verdict::{Verdict, CONSOLE_MARKER};
+
+/// Kernel command-line key naming the test to run.
+pub const TEST_ARG: &str = "ktstr.test";
+
+fn mount(src: &str, dst: &str, fstype: &str, data: Option<&str>) -> Result<(), String> {
+    let _ = std::fs::create_dir_all(dst);
+    let c = |s: &str| CString::new(s).unwrap();
+    let data = data.map(c);
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            c(src).as_ptr(),
+            c(dst).as_ptr(),
+            c(fstype).as_ptr(),
+            0,
+            data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+        )
+    };
+    if r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY) {
+        Ok(())
+    } else {
+        Err(format!("mount {fstype} on {dst}: {}", std::io::Error::last_os_error()))
+    }
+}
+
+/// Value of `key=` on a kernel command line.
+pub fn cmdline_arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline.split_whitespace().find_map(|a| a.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn power_off() -> ! {
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: sync and reboot(2) as PID 1; reboot only returns on error.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    loop {
+        // Exiting PID 1 would panic the kernel; the host's timeout ends us.
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
+/// PID 1 entry point; never returns.
+pub fn init() -> ! {
+    let mut problems = Vec::new();
+    for (src, dst, fs, data) in [
+        ("proc", "/proc", "proc", None),
+        ("sysfs", "/sys", "sysfs", None),
+        ("devtmpfs", "/dev", "devtmpfs", None),
+        ("cgroup2", CGROUP_ROOT, "cgroup2", None),
+        ("tmpfs", "/tmp", "tmpfs", Some("mode=1777")),
+    ] {
+        if let Err(e) = mount(src, dst, fs, data) {
+            problems.push(e);
+        }
+    }
+    let mut chan = match GuestChannel::open() {
+        Ok(mut c) => {
+            let _ = c.send(kind::INIT, b"ktstr guest init");
+            Some(c)
+        }
+        Err(e) => {
+            println!("ktstr: guest: no data channel ({e}); the verdict goes to the console only");
+            None
+        }
+    };
+    for p in &problems {
+        println!("ktstr: guest: {p}");
+    }
+    let verdict = std::panic::catch_unwind(run_named_test).unwrap_or_else(|p| {
+        Verdict::fail(format!("ktstr guest init panicked: {}", supervise::panic_message(&*p)))
+    });
+    let mut verdict = verdict;
+    verdict.kernel_release =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+    let json = serde_json::to_string(&verdict).unwrap_or_default();
+    if let Some(c) = chan.as_mut() {
+        if let Err(e) = c.send(kind::RESULT, json.as_bytes()) {
+            println!("ktstr: guest: sending the verdict failed: {e}");
+        }
+    }
+    println!("{CONSOLE_MARKER}{json}");
+    power_off()
+}
+
+fn run_named_test() -> Verdict {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(name) = cmdline_arg(&cmdline, TEST_ARG) else {
+        return Verdict::fail(format!("no {TEST_ARG}= on the guest kernel command line"));
+    };
+    let Some(def) = registry::find(name) else {
+        return Verdict::fail(format!("the guest binary has no ktstr test named {name}"));
+    };
+    let missing = enable_controllers(std::path::Path::new(CGROUP_ROOT), &["cpu", "cpuset", "memory", "pids"]);
+    if !missing.is_empty() {
+        println!("ktstr: guest: cgroup controllers not available: {}", missing.join(" "));
+    }
+    println!("ktstr: guest: running {name}");
+    supervise::run_body(def, true)
+}

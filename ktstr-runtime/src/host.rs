@@ -1,0 +1,129 @@
+//! Host side of one test: resolve the kernel, build the initramfs with
+//! this binary as `/init`, boot, and read the guest's verdict.
+
+use std::time::Duration;
+
+use crate::discovery::{self, DiscoveryError, Found};
+use crate::guest::{supervise, TEST_ARG};
+use crate::initramfs::Initramfs;
+use crate::label::KernelEntry;
+use crate::registry::TestDef;
+use crate::verdict::{Outcome, Verdict};
+use crate::vmm::{ExitKind, Vm, VmError, VmResult};
+
+/// Time the VM gets beyond the body's own timeout: boot, init, power-off.
+/// The guest enforces the body timeout; this only catches a stuck guest.
+pub const BOOT_ALLOWANCE_S: u64 = 60;
+const TAIL_LINES: usize = 40;
+
+/// Which kernel a VM test boots.
+#[derive(Debug, Clone)]
+pub enum KernelChoice {
+    /// Single-kernel mode: env vars, then discovery.
+    Discover,
+    /// Multi-kernel mode: the entry named by the test's suffix.
+    Entry(KernelEntry),
+}
+
+pub const KVM_HINT: &str = "enable KVM in the BIOS/kernel and give this user access to /dev/kvm (join the `kvm` group)";
+
+fn vm_error(e: VmError) -> Verdict {
+    if e.is_skip() {
+        return Verdict::skip(e.to_string());
+    }
+    match e {
+        VmError::KvmUnavailable(m) if !m.contains("kvm` group") && !m.contains("kvm group") => {
+            Verdict::fail(format!("{m}; {KVM_HINT}"))
+        }
+        e => Verdict::fail(e.to_string()),
+    }
+}
+
+/// Runs a `host_only` test in this process's child.
+pub fn run_host_only(def: &'static TestDef) -> Verdict {
+    supervise::run_body(def, false)
+}
+
+/// Boots the test's VM and returns its verdict.
+pub fn run_vm(def: &'static TestDef, choice: &KernelChoice) -> Verdict {
+    let found = match choice {
+        KernelChoice::Discover => discovery::discover(),
+        KernelChoice::Entry(e) => discovery::entry_image(e),
+    };
+    let found = match found {
+        Ok(f) => f,
+        Err(e @ DiscoveryError::NotFound { .. }) => return Verdict::skip(e.to_string()),
+        Err(DiscoveryError::Bad(m)) => return Verdict::fail(m),
+    };
+    match boot(def, &found) {
+        Ok(v) => v,
+        Err(v) => v,
+    }
+}
+
+fn boot(def: &'static TestDef, found: &Found) -> Result<Verdict, Verdict> {
+    let exe = std::env::current_exe().map_err(|e| Verdict::fail(format!("cannot find the test binary: {e}")))?;
+    let mut ir = Initramfs::new(&exe).map_err(|e| Verdict::fail(format!("initramfs: {e:#}")))?;
+    for f in def.include_files {
+        ir = ir
+            .file(f, &TestDef::guest_include_path(f))
+            .map_err(|e| Verdict::fail(format!("include_files: {e:#}")))?;
+    }
+    let initrd = ir.build_cached().map_err(|e| Verdict::fail(format!("initramfs: {e:#}")))?;
+    let mut b = Vm::builder()
+        .kernel(&found.image)
+        .initramfs(initrd)
+        .topo(def.topology)
+        .memory_mib(def.memory_mib)
+        .timeout(Duration::from_secs(def.timeout_s + BOOT_ALLOWANCE_S))
+        .cmdline(format!("{TEST_ARG}={}", def.name));
+    if !def.cmdline.is_empty() {
+        b = b.cmdline(def.cmdline);
+    }
+    let r = b.build().map_err(vm_error)?.run().map_err(vm_error)?;
+    let v = interpret(def, &r);
+    eprintln!(
+        "ktstr: {}: kernel {} ({}), guest uname -r {}, {} backend, init after {}, total {:.2}s, {:?}",
+        def.name,
+        found.image.display(),
+        found.how,
+        if v.kernel_release.is_empty() { "?" } else { &v.kernel_release },
+        r.backend,
+        r.timings.to_init.map_or("-".into(), |d| format!("{:.2}s", d.as_secs_f64())),
+        r.timings.total.as_secs_f64(),
+        r.exit,
+    );
+    Ok(v)
+}
+
+/// The guest's verdict from the data channel, else the console marker;
+/// without either, a failure that says how the VM ended.
+pub fn interpret(def: &TestDef, r: &VmResult) -> Verdict {
+    let from_channel = r
+        .messages
+        .iter()
+        .rev()
+        .filter(|m| m.kind == crate::channel::kind::RESULT)
+        .find_map(|m| serde_json::from_slice::<Verdict>(&m.payload).ok());
+    if let Some(mut v) = from_channel.or_else(|| Verdict::from_console(&r.console)) {
+        if v.outcome == Outcome::Fail && v.details.is_empty() {
+            v.details = format!("guest console (last lines):\n{}", r.console_tail(TAIL_LINES));
+        }
+        return v;
+    }
+    let tail = r.console_tail(TAIL_LINES);
+    let why = match &r.exit {
+        ExitKind::Panic => "the guest kernel panicked".to_string(),
+        ExitKind::Timeout => format!(
+            "the guest did not finish within {}s (timeout_s {} + {}s for boot)",
+            def.timeout_s + BOOT_ALLOWANCE_S,
+            def.timeout_s,
+            BOOT_ALLOWANCE_S
+        ),
+        ExitKind::TripleFault => "the guest CPU triple-faulted".to_string(),
+        ExitKind::HostError(e) => format!("the VMM failed: {e}"),
+        ExitKind::PowerOff | ExitKind::Reboot => format!("the guest stopped ({:?}) without a verdict", r.exit),
+    };
+    Verdict::fail(format!("{why} before reporting a verdict for {}", def.name))
+        .with_details(format!("guest console (last lines):\n{tail}"))
+}

@@ -1,0 +1,222 @@
+//! The libtest-compatible protocol nextest speaks: `--list --format terse
+//! [--ignored]` and `--exact NAME`.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::discovery;
+use crate::host::{self, KernelChoice};
+use crate::label::{peel_suffix, KernelEntry};
+use crate::registry::{self, TestDef};
+use crate::verdict::{self, Verdict};
+
+/// Set on the re-executed child that lets libtest answer.
+pub const PASSTHROUGH_ENV: &str = "KTSTR_LIBTEST_PASSTHROUGH";
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Args {
+    pub list: bool,
+    pub ignored: bool,
+    pub include_ignored: bool,
+    pub exact: bool,
+    pub terse: bool,
+    pub filters: Vec<String>,
+}
+
+impl Args {
+    pub fn parse(args: &[String]) -> Self {
+        let mut a = Args::default();
+        let mut it = args.iter();
+        while let Some(s) = it.next() {
+            match s.as_str() {
+                "--list" => a.list = true,
+                "--ignored" => a.ignored = true,
+                "--include-ignored" => a.include_ignored = true,
+                "--exact" => a.exact = true,
+                "--format" => a.terse = it.next().is_some_and(|f| f == "terse"),
+                "--format=terse" => a.terse = true,
+                "--skip" | "--test-threads" | "--color" | "--logfile" | "-Z" => {
+                    it.next();
+                }
+                s if s.starts_with('-') => {}
+                s => a.filters.push(s.to_string()),
+            }
+        }
+        a
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        self.filters.is_empty() || self.filters.iter().any(|f| if self.exact { f == name } else { name.contains(f.as_str()) })
+    }
+}
+
+/// One nextest-visible ktstr test.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub name: String,
+    pub ignored: bool,
+    pub def: &'static TestDef,
+    pub kernel: Option<KernelEntry>,
+}
+
+/// Every name this binary offers, in the shapes of the design contract.
+pub fn expand(tests: &[&'static TestDef], kernels: Option<&[KernelEntry]>) -> Vec<Listed> {
+    let mut out = Vec::new();
+    for def in tests {
+        let base = format!("ktstr/{}", def.name);
+        match kernels {
+            Some(ks) if !def.host_only => {
+                for k in ks {
+                    out.push(Listed {
+                        name: format!("{base}/{}", k.sanitized),
+                        ignored: def.ignored(),
+                        def,
+                        kernel: Some(k.clone()),
+                    });
+                }
+            }
+            _ => out.push(Listed { name: base, ignored: def.ignored(), def, kernel: None }),
+        }
+    }
+    out
+}
+
+fn kernels_or_exit() -> Option<Vec<KernelEntry>> {
+    match discovery::kernel_list() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("ktstr: FAIL: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn warn_duplicates() {
+    for d in registry::duplicates() {
+        eprintln!("ktstr: warning: #[ktstr_test] name {} is registered more than once ({}:{}); the first wins", d.name, d.file, d.line);
+    }
+}
+
+/// Answers `--list`: ktstr names, then libtest's own tests minus the
+/// `cargo test` wrappers. Returns the exit code.
+pub fn list(args: &[String]) -> i32 {
+    let a = Args::parse(&args[1..]);
+    warn_duplicates();
+    let kernels = kernels_or_exit();
+    let mut out = std::io::stdout().lock();
+    for l in expand(&registry::tests(), kernels.as_deref()) {
+        if (!a.ignored || l.ignored) && a.matches(&l.name) {
+            let _ = writeln!(out, "{}: test", l.name);
+        }
+    }
+    let _ = out.flush();
+    let wrappers: Vec<String> = registry::TESTS.iter().map(TestDef::wrapper_name).collect();
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("ktstr: FAIL: cannot re-run the test binary to list its plain tests: {e}");
+            return 1;
+        }
+    };
+    let child = Command::new(exe).args(&args[1..]).env(PASSTHROUGH_ENV, "1").stderr(Stdio::inherit()).output();
+    let child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ktstr: FAIL: re-running the test binary to list its plain tests: {e}");
+            return 1;
+        }
+    };
+    for line in String::from_utf8_lossy(&child.stdout).lines() {
+        let name = line.rsplit_once(": ").map_or(line, |(n, _)| n);
+        if !wrappers.iter().any(|w| w == name) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    let _ = out.flush();
+    child.status.code().unwrap_or(1)
+}
+
+/// Answers `--exact NAME` for a `ktstr/…` name. Returns the exit code.
+pub fn run_exact(name: &str) -> i32 {
+    let kernels = kernels_or_exit();
+    let labels: Vec<String> = kernels.iter().flatten().map(|k| k.sanitized.clone()).collect();
+    let (base, label) = peel_suffix(name, &labels);
+    let Some(def) = base.strip_prefix("ktstr/").and_then(registry::find) else {
+        eprintln!("ktstr: FAIL: no ktstr test named {name} in this binary (list them with --list)");
+        return 1;
+    };
+    let verdict = if def.host_only {
+        if label.is_some() {
+            eprintln!("ktstr: FAIL: {} is host_only and has no kernel suffix; run ktstr/{}", name, def.name);
+            return 1;
+        }
+        host::run_host_only(def)
+    } else {
+        match (&kernels, label) {
+            (Some(ks), Some(l)) => {
+                let entry = ks.iter().find(|k| k.sanitized == l).cloned().expect("peeled label is known");
+                host::run_vm(def, &KernelChoice::Entry(entry))
+            }
+            (Some(_), None) => {
+                eprintln!(
+                    "ktstr: FAIL: multi-kernel mode (KTSTR_KERNEL_LIST): {name} needs a kernel suffix, one of: {}",
+                    labels.join(", ")
+                );
+                return 1;
+            }
+            (None, _) => host::run_vm(def, &KernelChoice::Discover),
+        }
+    };
+    print_pass(name, &verdict);
+    verdict::finish(&verdict)
+}
+
+fn print_pass(name: &str, v: &Verdict) {
+    if v.outcome == verdict::Outcome::Pass {
+        if v.message.is_empty() {
+            eprintln!("ktstr: PASS: {name}");
+        } else {
+            eprintln!("ktstr: PASS: {name}: {}", v.message);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::label::parse_kernel_list;
+
+    static VM: TestDef = TestDef { name: "vm", ..TestDef::DEFAULT };
+    static HOST: TestDef = TestDef { name: "h", host_only: true, ..TestDef::DEFAULT };
+    static DEMO: TestDef = TestDef { name: "demo_x", ..TestDef::DEFAULT };
+
+    #[test]
+    fn names_in_both_modes() {
+        let tests = [&VM, &HOST, &DEMO];
+        let single: Vec<_> = expand(&tests, None).into_iter().map(|l| (l.name, l.ignored)).collect();
+        assert_eq!(single, [("ktstr/vm".into(), false), ("ktstr/h".into(), false), ("ktstr/demo_x".into(), true)]);
+        let ks = parse_kernel_list("6.12=/a;6.13-rc1=/b").unwrap();
+        let multi: Vec<_> = expand(&tests, Some(&ks)).into_iter().map(|l| l.name).collect();
+        assert_eq!(
+            multi,
+            [
+                "ktstr/vm/kernel_6_12",
+                "ktstr/vm/kernel_6_13_rc1",
+                "ktstr/h",
+                "ktstr/demo_x/kernel_6_12",
+                "ktstr/demo_x/kernel_6_13_rc1"
+            ]
+        );
+    }
+
+    #[test]
+    fn args() {
+        let v = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        let a = Args::parse(&v("--list --format terse --ignored"));
+        assert!(a.list && a.terse && a.ignored && a.filters.is_empty());
+        let a = Args::parse(&v("--exact ktstr/x --nocapture"));
+        assert!(a.exact && !a.list);
+        assert_eq!(a.filters, ["ktstr/x"]);
+        assert!(a.matches("ktstr/x") && !a.matches("ktstr/xy"));
+    }
+}

@@ -1,0 +1,99 @@
+//! The link-time registry every `#[ktstr_test]` adds itself to.
+
+use crate::ctx::Ctx;
+use crate::vmm::Topology;
+
+/// One registered test. The macro fills the keys the user gave and takes
+/// the rest from [`TestDef::DEFAULT`], so new keys (a scheduler, say)
+/// can be added without touching existing tests.
+#[derive(Debug)]
+pub struct TestDef {
+    /// Function name; the nextest name is `ktstr/{name}`.
+    pub name: &'static str,
+    /// `module_path!()` of the test, to recognise its `cargo test` wrapper.
+    pub module_path: &'static str,
+    pub func: fn(&Ctx) -> anyhow::Result<()>,
+    pub topology: Topology,
+    pub memory_mib: u64,
+    /// Limit on the test body, measured in the guest from the body's start.
+    pub timeout_s: u64,
+    pub host_only: bool,
+    pub expect_err: bool,
+    /// Extra kernel arguments.
+    pub cmdline: &'static str,
+    /// Host paths (absolute) copied to `/include/{basename}` in the guest.
+    pub include_files: &'static [&'static str],
+    pub file: &'static str,
+    pub line: u32,
+}
+
+fn unset_body(_: &Ctx) -> anyhow::Result<()> {
+    anyhow::bail!("TestDef without a body")
+}
+
+impl TestDef {
+    pub const DEFAULT: TestDef = TestDef {
+        name: "",
+        module_path: "",
+        func: unset_body,
+        topology: Topology::cpus(2),
+        memory_mib: 512,
+        timeout_s: 30,
+        host_only: false,
+        expect_err: false,
+        cmdline: "",
+        include_files: &[],
+        file: "",
+        line: 0,
+    };
+
+    /// Ignored by default under nextest (`demo_` prefix).
+    pub fn ignored(&self) -> bool {
+        self.name.starts_with("demo_")
+    }
+
+    /// The libtest name of the `#[test]` wrapper the macro emits:
+    /// module path without the crate, then `{name}::ktstr`.
+    pub fn wrapper_name(&self) -> String {
+        match self.module_path.split_once("::") {
+            Some((_, rest)) => format!("{rest}::{}::ktstr", self.name),
+            None => format!("{}::ktstr", self.name),
+        }
+    }
+
+    /// Where the guest finds an include file.
+    pub fn guest_include_path(host: &str) -> String {
+        let base = std::path::Path::new(host).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        format!("/include/{base}")
+    }
+}
+
+#[linkme::distributed_slice]
+pub static TESTS: [TestDef];
+
+/// All registered tests, first registration of a name wins.
+pub fn tests() -> Vec<&'static TestDef> {
+    let mut out: Vec<&'static TestDef> = Vec::new();
+    for t in TESTS.iter() {
+        if !out.iter().any(|o| o.name == t.name) {
+            out.push(t);
+        }
+    }
+    out.sort_by_key(|t| t.name);
+    out
+}
+
+/// Names registered more than once (each reported once).
+pub fn duplicates() -> Vec<&'static TestDef> {
+    let mut dups: Vec<&'static TestDef> = Vec::new();
+    for (i, t) in TESTS.iter().enumerate() {
+        if TESTS[..i].iter().any(|o| o.name == t.name) && !dups.iter().any(|d| d.name == t.name) {
+            dups.push(t);
+        }
+    }
+    dups
+}
+
+pub fn find(name: &str) -> Option<&'static TestDef> {
+    TESTS.iter().find(|t| t.name == name)
+}
