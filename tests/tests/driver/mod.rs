@@ -1,0 +1,221 @@
+//! Drives this very test binary the way nextest does (`NEXTEST=1`,
+//! `--list --format terse`, `--exact NAME`) and checks names, verdicts,
+//! banners and exit codes. VM-booting checks need kernels from
+//! `KTSTR_TEST_KERNELS` (`;`-separated images) or `KTSTR_TEST_KERNEL`;
+//! without them they print a skip line and return.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+/// Runs this binary with a clean ktstr environment plus `env`, in an
+/// empty directory, with an empty kernel cache (so discovery finds
+/// nothing unless `env` names a kernel).
+fn run(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let scratch = tempfile::tempdir().unwrap();
+    let cache = scratch.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(args).current_dir(scratch.path());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KTSTR_") || k.starts_with("NEXTEST") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("NEXTEST", "1").env("KTSTR_CACHE_DIR", &cache);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let t0 = Instant::now();
+    let Output { status, stdout, stderr } = cmd.output().unwrap();
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        took: t0.elapsed(),
+    }
+}
+
+fn listed(r: &Run) -> Vec<String> {
+    r.stdout.lines().filter_map(|l| l.strip_suffix(": test")).map(String::from).collect()
+}
+
+fn kernels() -> Vec<PathBuf> {
+    let list = std::env::var("KTSTR_TEST_KERNELS")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| std::env::var("KTSTR_TEST_KERNEL").ok().filter(|v| !v.is_empty()));
+    match list {
+        Some(v) => v.split(';').filter(|s| !s.is_empty()).map(PathBuf::from).collect(),
+        None => Vec::new(),
+    }
+}
+
+fn need_kernels(n: usize) -> Option<Vec<PathBuf>> {
+    let k = kernels();
+    if k.len() < n {
+        eprintln!("skipping: needs {n} kernel(s) in KTSTR_TEST_KERNELS (or KTSTR_TEST_KERNEL); .ci/run sets them");
+        return None;
+    }
+    Some(k)
+}
+
+/// The version string a bzImage carries in its setup header.
+fn image_release(image: &Path) -> Option<String> {
+    let b = std::fs::read(image).ok()?;
+    if b.get(0x202..0x206)? != b"HdrS" {
+        return None;
+    }
+    let off = u16::from_le_bytes([b[0x20e], b[0x20f]]) as usize + 0x200;
+    let s = b.get(off..off + 256)?;
+    let end = s.iter().position(|&c| c == 0 || c == b' ')?;
+    Some(String::from_utf8_lossy(&s[..end]).into_owned())
+}
+
+fn uname_line(stderr: &str) -> Option<String> {
+    let l = stderr.lines().find(|l| l.contains("guest uname -r "))?;
+    l.split("guest uname -r ").nth(1)?.split(',').next().map(String::from)
+}
+
+#[test]
+fn list_single_kernel() {
+    let r = run(&["--list", "--format", "terse"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let names = listed(&r);
+    for want in [
+        "ktstr/two_cgroups_share_cpu",
+        "ktstr/unfair_split_is_detected",
+        "ktstr/host_workers_report",
+        "ktstr/demo_panics",
+        "plain_test_still_runs",
+        "driver::list_single_kernel",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.ends_with("::ktstr")), "cargo-test wrappers leak into the list: {names:?}");
+    assert!(!names.iter().any(|n| n.contains("/kernel_")), "{names:?}");
+
+    let r = run(&["--list", "--format", "terse", "--ignored"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let ignored = listed(&r);
+    assert!(ignored.contains(&"ktstr/demo_panics".to_string()), "{ignored:?}");
+    assert!(ignored.iter().all(|n| n.starts_with("ktstr/demo_")), "only demo_ tests are ignored: {ignored:?}");
+}
+
+#[test]
+fn list_multi_kernel() {
+    // "6.12" is a strict suffix of "git_x_6.12"; paths need not exist to list.
+    let list = "6.12=/nonexistent/a;git_x_6.12=/nonexistent/b";
+    let r = run(&["--list", "--format", "terse"], &[("KTSTR_KERNEL_LIST", list)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let names = listed(&r);
+    for base in ["ktstr/two_cgroups_share_cpu", "ktstr/demo_uname"] {
+        assert!(names.contains(&format!("{base}/kernel_6_12")), "{names:?}");
+        assert!(names.contains(&format!("{base}/kernel_git_x_6_12")), "{names:?}");
+        assert!(!names.contains(&base.to_string()));
+    }
+    assert_eq!(names.iter().filter(|n| n.starts_with("ktstr/host_workers_report")).collect::<Vec<_>>(), ["ktstr/host_workers_report"]);
+
+    let r = run(&["--exact", "ktstr/demo_uname", "--nocapture"], &[("KTSTR_KERNEL_LIST", list)]);
+    assert_eq!(r.code, 1, "no suffix in multi-kernel mode is an error: {}", r.stderr);
+    assert!(r.stderr.contains("needs a kernel suffix") && r.stderr.contains("kernel_git_x_6_12"), "{}", r.stderr);
+
+    let r = run(&["--exact", "ktstr/demo_uname/kernel_6_12"], &[("KTSTR_KERNEL_LIST", list)]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("ktstr: FAIL: KTSTR_KERNEL_LIST entry 6.12=/nonexistent/a does not exist"), "{}", r.stderr);
+
+    let r = run(&["--list", "--format", "terse"], &[("KTSTR_KERNEL_LIST", "6.12")]);
+    assert_eq!(r.code, 1, "malformed list: {}", r.stderr);
+}
+
+#[test]
+fn no_kernel_skips_and_no_skip_mode_fails() {
+    let r = run(&["--exact", "ktstr/two_cgroups_share_cpu", "--nocapture"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("ktstr: SKIP: harness not configured"), "{}", r.stderr);
+    assert!(r.stderr.contains("cargo ktstr test --kernel"), "the skip names the fix: {}", r.stderr);
+
+    let r = run(&["--exact", "ktstr/two_cgroups_share_cpu"], &[("KTSTR_NO_SKIP_MODE", "1")]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("ktstr: FAIL: skip not allowed (KTSTR_NO_SKIP_MODE=1): harness not configured"), "{}", r.stderr);
+
+    let r = run(&["--exact", "ktstr/demo_uname"], &[("KTSTR_TEST_KERNEL", "/nonexistent/bzImage")]);
+    assert_eq!(r.code, 1, "a named but missing kernel fails: {}", r.stderr);
+    assert!(r.stderr.contains("ktstr: FAIL: KTSTR_TEST_KERNEL=/nonexistent/bzImage"), "{}", r.stderr);
+
+    let r = run(&["--exact", "ktstr/no_such_test"], &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+}
+
+#[test]
+fn host_only_and_plain_tests_run() {
+    let r = run(&["--exact", "ktstr/host_workers_report", "--nocapture"], &[("KTSTR_KERNEL_LIST", "a=/x;b=/y")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("ktstr: PASS: ktstr/host_workers_report"), "{}", r.stderr);
+
+    let r = run(&["--exact", "plain_test_still_runs", "--nocapture"], &[]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("1 passed"), "libtest ran it: {}", r.stdout);
+}
+
+#[test]
+fn vm_verdicts() {
+    let Some(k) = need_kernels(1) else { return };
+    let env = [("KTSTR_TEST_KERNEL", k[0].to_str().unwrap())];
+    for (name, code, needle) in [
+        ("ktstr/two_cgroups_share_cpu", 0, "ktstr: PASS: ktstr/two_cgroups_share_cpu"),
+        ("ktstr/unfair_split_is_detected", 0, "failed as expected: CPU time not shared within ±10%"),
+        ("ktstr/demo_panics", 1, "ktstr: FAIL: test body panicked: demo body panic: the vector was empty (at tests/tests/examples.rs:"),
+        ("ktstr/demo_returns_error", 1, "ktstr: FAIL: test body returned an error: demo body error: step two failed: inner cause 42"),
+        ("ktstr/demo_sleeps_past_timeout", 1, "ktstr: FAIL: test body did not finish within its timeout of 3s"),
+        ("ktstr/demo_killed_by_signal", 1, "ktstr: FAIL: test body was killed by signal 11"),
+    ] {
+        let r = run(&["--exact", name, "--nocapture"], &env);
+        eprintln!("{name}: exit {} in {:.1}s", r.code, r.took.as_secs_f64());
+        assert_eq!(r.code, code, "{name}:\n{}", r.stderr);
+        assert!(r.stderr.contains(needle), "{name}: want {needle:?} in:\n{}", r.stderr);
+        assert!(r.took < Duration::from_secs(120), "{name} took {:?}", r.took);
+    }
+}
+
+#[test]
+fn vm_topology_and_cpusets() {
+    let Some(k) = need_kernels(1) else { return };
+    let env = [("KTSTR_TEST_KERNEL", k[0].to_str().unwrap())];
+    for name in ["ktstr/topology_matches_request", "ktstr/sleepers_stay_in_their_cpuset"] {
+        let r = run(&["--exact", name], &env);
+        assert_eq!(r.code, 0, "{name}:\n{}", r.stderr);
+    }
+}
+
+#[test]
+fn multi_kernel_runs_the_named_kernel() {
+    let Some(k) = need_kernels(2) else { return };
+    let list = format!("first={};second={}", k[0].display(), k[1].display());
+    let env = [("KTSTR_KERNEL_LIST", list.as_str())];
+    let names = listed(&run(&["--list", "--format", "terse", "--ignored"], &env));
+    // What `-E 'test(kernel_second)'` selects.
+    let second: Vec<&String> = names.iter().filter(|n| n.contains("kernel_second")).collect();
+    assert!(second.contains(&&"ktstr/demo_uname/kernel_second".to_string()), "{names:?}");
+    assert!(second.iter().all(|n| !n.contains("kernel_first")));
+    let mut releases = Vec::new();
+    for (label, image) in [("first", &k[0]), ("second", &k[1])] {
+        let r = run(&["--exact", &format!("ktstr/demo_uname/kernel_{label}"), "--ignored"], &env);
+        assert_eq!(r.code, 0, "{label}:\n{}", r.stderr);
+        let seen = uname_line(&r.stderr).unwrap_or_else(|| panic!("no uname line:\n{}", r.stderr));
+        if let Some(want) = image_release(image) {
+            assert_eq!(seen, want, "{label} booted {} but the guest runs {seen}", image.display());
+        }
+        releases.push(seen);
+    }
+    if releases[0] == releases[1] {
+        eprintln!("note: both kernels report {}; they cannot be told apart by uname", releases[0]);
+    }
+}
