@@ -127,3 +127,26 @@ pub fn interpret(def: &TestDef, r: &VmResult) -> Verdict {
     Verdict::fail(format!("{why} before reporting a verdict for {}", def.name))
         .with_details(format!("guest console (last lines):\n{tail}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::error::ResourceSnapshot;
+
+    #[test]
+    fn vm_errors_map_to_skip_or_fail() {
+        let v = vm_error(VmError::KvmUnavailable("/dev/kvm: permission denied".into()));
+        assert_eq!(v.outcome, Outcome::Fail);
+        assert!(v.message.contains("join the `kvm` group"), "{}", v.message);
+        let snapshot = ResourceSnapshot { fds: 5, vmrss_kib: 2048, threads: 1, near_limit: false };
+        let v = vm_error(VmError::Transient {
+            what: "KVM_CREATE_VM".into(),
+            errno: std::io::Error::from_raw_os_error(libc::EAGAIN),
+            snapshot,
+        });
+        assert_eq!(v.outcome, Outcome::Skip);
+        assert!(v.message.contains("fds=5, vmrss=2MiB, threads=1, near_limit=false"), "{}", v.message);
+        assert_eq!(vm_error(VmError::Topology("8 CPUs".into())).outcome, Outcome::Skip);
+        assert_eq!(vm_error(VmError::BadImage("not a kernel".into())).outcome, Outcome::Fail);
+    }
+}

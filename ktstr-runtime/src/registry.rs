@@ -85,9 +85,13 @@ pub fn tests() -> Vec<&'static TestDef> {
 
 /// Names registered more than once (each reported once).
 pub fn duplicates() -> Vec<&'static TestDef> {
+    duplicates_in(&TESTS)
+}
+
+fn duplicates_in(all: &'static [TestDef]) -> Vec<&'static TestDef> {
     let mut dups: Vec<&'static TestDef> = Vec::new();
-    for (i, t) in TESTS.iter().enumerate() {
-        if TESTS[..i].iter().any(|o| o.name == t.name) && !dups.iter().any(|d| d.name == t.name) {
+    for (i, t) in all.iter().enumerate() {
+        if all[..i].iter().any(|o| o.name == t.name) && !dups.iter().any(|d| d.name == t.name) {
             dups.push(t);
         }
     }
@@ -96,4 +100,32 @@ pub fn duplicates() -> Vec<&'static TestDef> {
 
 pub fn find(name: &str) -> Option<&'static TestDef> {
     TESTS.iter().find(|t| t.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static THREE: [TestDef; 4] = [
+        TestDef { name: "a", ..TestDef::DEFAULT },
+        TestDef { name: "b", ..TestDef::DEFAULT },
+        TestDef { name: "a", line: 2, ..TestDef::DEFAULT },
+        TestDef { name: "a", line: 3, ..TestDef::DEFAULT },
+    ];
+
+    #[test]
+    fn a_duplicate_is_reported_once() {
+        let d = duplicates_in(&THREE);
+        assert_eq!(d.len(), 1);
+        assert_eq!((d[0].name, d[0].line), ("a", 2));
+    }
+
+    #[test]
+    fn wrapper_names() {
+        let t = TestDef { name: "x", module_path: "examples", ..TestDef::DEFAULT };
+        assert_eq!(t.wrapper_name(), "x::ktstr");
+        let t = TestDef { name: "x", module_path: "examples::sub::deeper", ..TestDef::DEFAULT };
+        assert_eq!(t.wrapper_name(), "sub::deeper::x::ktstr");
+        assert!(TestDef { name: "demo_x", ..TestDef::DEFAULT }.ignored());
+    }
 }
