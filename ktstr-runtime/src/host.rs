@@ -61,7 +61,48 @@ pub fn run_vm(def: &'static TestDef, choice: &KernelChoice) -> Verdict {
     }
 }
 
+/// How long a reader waits for a cache writer before skipping.
+const CACHE_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Takes the shared lock (`{entry}.lock`, beside the entry directory) on
+/// the cache entry holding `image`, so a writer cannot replace it while
+/// the VM reads it. Images outside the cache need no lock.
+fn lock_cache_entry(image: &std::path::Path, timeout: Duration) -> Result<Option<std::fs::File>, Verdict> {
+    use std::os::unix::io::AsRawFd;
+    let Some(dir) = image.parent().and_then(|d| d.canonicalize().ok()) else { return Ok(None) };
+    let lock = std::path::PathBuf::from(format!("{}.lock", dir.display()));
+    let root = discovery::cache_root().and_then(|r| r.canonicalize().ok());
+    let in_cache = root.is_some_and(|r| dir.parent() == Some(r.as_path()));
+    if !in_cache && !lock.exists() {
+        return Ok(None);
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock)
+        .map_err(|e| Verdict::fail(format!("kernel cache lock {}: {e}", lock.display())))?;
+    let t0 = std::time::Instant::now();
+    loop {
+        // SAFETY: flock on a file we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            return Ok(Some(f));
+        }
+        if t0.elapsed() >= timeout {
+            return Err(Verdict::skip(format!(
+                "transient host pressure: kernel cache entry {} still locked by a writer after {:.1}s ({})",
+                dir.display(),
+                timeout.as_secs_f64(),
+                crate::vmm::error::ResourceSnapshot::take()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn boot(def: &'static TestDef, found: &Found) -> Result<Verdict, Verdict> {
+    let _cache_lock = lock_cache_entry(&found.image, CACHE_LOCK_TIMEOUT)?;
     let exe = std::env::current_exe().map_err(|e| Verdict::fail(format!("cannot find the test binary: {e}")))?;
     let mut ir = Initramfs::new(&exe).map_err(|e| Verdict::fail(format!("initramfs: {e:#}")))?;
     for f in def.include_files {
@@ -132,6 +173,29 @@ pub fn interpret(def: &TestDef, r: &VmResult) -> Verdict {
 mod tests {
     use super::*;
     use crate::vmm::error::ResourceSnapshot;
+
+    #[test]
+    fn cache_entry_lock_is_shared_and_times_out_against_a_writer() {
+        use std::os::unix::io::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let entry = dir.path().join("6.12-tarball-x86_64-kc00000000");
+        std::fs::create_dir(&entry).unwrap();
+        std::fs::write(entry.join("bzImage"), b"x").unwrap();
+        let t = Duration::from_millis(300);
+        assert!(lock_cache_entry(&dir.path().join("elsewhere/bzImage"), t).unwrap().is_none());
+        let lock = std::path::PathBuf::from(format!("{}.lock", entry.display()));
+        std::fs::write(&lock, b"").unwrap();
+        let a = lock_cache_entry(&entry.join("bzImage"), t).unwrap();
+        let b = lock_cache_entry(&entry.join("bzImage"), t).unwrap();
+        assert!(a.is_some() && b.is_some(), "readers share the lock");
+        drop((a, b));
+        let w = std::fs::File::open(&lock).unwrap();
+        // SAFETY: flock on our own file.
+        assert_eq!(unsafe { libc::flock(w.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+        let v = lock_cache_entry(&entry.join("bzImage"), Duration::from_millis(300)).unwrap_err();
+        assert_eq!(v.outcome, Outcome::Skip);
+        assert!(v.message.contains("still locked by a writer") && v.message.contains("near_limit="), "{}", v.message);
+    }
 
     #[test]
     fn vm_errors_map_to_skip_or_fail() {
