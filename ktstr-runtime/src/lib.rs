@@ -23,4 +23,9 @@ pub use ktstr_macros::ktstr_test;
 #[doc(hidden)]
 pub mod __private {
     pub use linkme;
+
+    /// Converts a test body's trailing check chain to `Result<()>`.
+    pub fn tail_result<T>(r: anyhow::Result<T>) -> anyhow::Result<()> {
+        r.map(|_| ())
+    }
 }

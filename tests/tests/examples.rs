@@ -13,8 +13,7 @@ fn two_cgroups_share_cpu(ctx: &Ctx) -> Result<()> {
     let b = ctx.cgroup("b")?.cpus(ctx.all_cpus())?;
     let report = ctx.run(&[a.workers(2), b.workers(2)], Duration::from_secs(2))?;
     println!("{report}");
-    report.assert_no_starvation()?.assert_in_cpuset()?.assert_fair_share(0.25)?;
-    Ok(())
+    report.assert_no_starvation()?.assert_in_cpuset()?.assert_fair_share(0.25)
 }
 
 /// The guest sees the topology the test asked for.

@@ -163,6 +163,20 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
     Ok(a)
 }
 
+/// Lets a body end in a chain of checks that return `Result<&Report>`
+/// (`report.assert_no_starvation()?.assert_fair_share(0.25)`): a trailing
+/// method call is evaluated while the body's locals are alive and turned
+/// into `Result<()>`. Other tails are left as written.
+fn wrap_method_tail(func: &mut ItemFn) {
+    if let Some(syn::Stmt::Expr(e @ Expr::MethodCall(_), None)) = func.block.stmts.last_mut() {
+        let inner = e.clone();
+        *e = syn::parse_quote!({
+            let __ktstr_tail = #inner;
+            ::ktstr_runtime::__private::tail_result(__ktstr_tail)
+        });
+    }
+}
+
 fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     let attrs = parse_attrs(attr)?;
     let func: ItemFn = syn::parse2(item)?;
@@ -173,7 +187,9 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
             "a #[ktstr_test] function has the shape `fn name(ctx: &Ctx) -> Result<()>` (not async, no generics)",
         ));
     }
-    let ident = &sig.ident;
+    let mut func = func;
+    wrap_method_tail(&mut func);
+    let ident = &func.sig.ident;
     let name = ident.to_string();
     let def = format_ident!("__KTSTR_TEST_{}", name.to_uppercase());
 
@@ -300,5 +316,10 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(ok.contains("__KTSTR_TEST_DEMO_X") && ok.contains("ignore"));
+        assert!(!ok.contains("tail_result"), "an Ok(()) tail is left alone");
+        let chained = expand(TokenStream2::new(), "fn t(ctx: &Ctx) -> Result<()> { let r = x(); r.a()?.b(0.25) }".parse().unwrap())
+            .unwrap()
+            .to_string();
+        assert!(chained.contains("let __ktstr_tail = r . a () ? . b (0.25)"), "{chained}");
     }
 }
