@@ -40,6 +40,17 @@ fn sleepers_stay_in_their_cpuset(ctx: &Ctx) -> Result<()> {
     one.remove()
 }
 
+/// Extra kernel arguments and include files reach the guest.
+#[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 10, cmdline = "ktstr_example.flag=1", include_files = ["data/hello.txt"])]
+fn guest_gets_cmdline_and_files(ctx: &Ctx) -> Result<()> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline")?;
+    ensure!(cmdline.split_whitespace().any(|a| a == "ktstr_example.flag=1"), "cmdline: {cmdline}");
+    let path = ctx.include("hello.txt")?;
+    ensure!(path.starts_with("/include"), "{}", path.display());
+    ensure!(std::fs::read_to_string(&path)?.trim() == "hello from the host");
+    Ok(())
+}
+
 /// Fails on purpose: two spinners squeezed onto CPU 0 against one alone on
 /// CPU 1 cannot get equal CPU time, and the fairness check must say so.
 #[ktstr_test(cpus = 2, timeout_s = 20, expect_err)]

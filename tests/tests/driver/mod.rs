@@ -189,7 +189,7 @@ fn vm_verdicts() {
 fn vm_topology_and_cpusets() {
     let Some(k) = need_kernels(1) else { return };
     let env = [("KTSTR_TEST_KERNEL", k[0].to_str().unwrap())];
-    for name in ["ktstr/topology_matches_request", "ktstr/sleepers_stay_in_their_cpuset"] {
+    for name in ["ktstr/topology_matches_request", "ktstr/sleepers_stay_in_their_cpuset", "ktstr/guest_gets_cmdline_and_files"] {
         let r = run(&["--exact", name], &env);
         assert_eq!(r.code, 0, "{name}:\n{}", r.stderr);
     }
