@@ -14,6 +14,7 @@ pub mod nextest;
 pub mod prelude;
 pub mod registry;
 pub mod report;
+pub mod scheduler;
 pub mod verdict;
 pub mod vmm;
 pub mod workers;

@@ -1,0 +1,352 @@
+//! sched_ext schedulers under test: what a test names
+//! ([`Scheduler`]), where the host finds the binary ([`host`]), and how
+//! the guest starts it, proves it attached, watches it and stops it
+//! ([`guest`]).
+//!
+//! ```ignore
+//! const SIMPLE: Scheduler = Scheduler::new("scx_simple").binary("scx_simple").args(&["-f"]);
+//! ```
+
+pub mod guest;
+pub mod host;
+pub mod kmsg;
+
+use std::fmt;
+
+/// Where the host packs the scheduler binary in the initramfs.
+pub const GUEST_DIR: &str = "/ktstr/sched";
+
+/// A sched_ext scheduler a test runs under. All builders are `const fn`
+/// so tests declare schedulers as `const`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheduler {
+    /// Name used in messages and in the guest path.
+    pub name: &'static str,
+    /// Binary: a bare name (looked up, see [`host::find_binary`]) or a
+    /// path (contains `/`).
+    pub binary: &'static str,
+    pub args: &'static [&'static str],
+    /// The name `/sys/kernel/sched_ext/root/ops` shows once attached;
+    /// `None` accepts `name` or `name` without its `scx_` prefix.
+    pub ops_name: Option<&'static str>,
+    /// Bound on start → `enabled`. BPF verification under TCG is slow.
+    pub attach_timeout_s: u64,
+    /// Bound on SIGINT → process exit → `disabled`.
+    pub stop_timeout_s: u64,
+}
+
+impl Scheduler {
+    pub const fn new(name: &'static str) -> Self {
+        Self { name, binary: name, args: &[], ops_name: None, attach_timeout_s: 30, stop_timeout_s: 15 }
+    }
+    pub const fn binary(mut self, binary: &'static str) -> Self {
+        self.binary = binary;
+        self
+    }
+    pub const fn args(mut self, args: &'static [&'static str]) -> Self {
+        self.args = args;
+        self
+    }
+    pub const fn ops_name(mut self, ops: &'static str) -> Self {
+        self.ops_name = Some(ops);
+        self
+    }
+    pub const fn attach_timeout_s(mut self, s: u64) -> Self {
+        self.attach_timeout_s = s;
+        self
+    }
+    pub const fn stop_timeout_s(mut self, s: u64) -> Self {
+        self.stop_timeout_s = s;
+        self
+    }
+
+    /// Whether `root/ops` (trimmed) names this scheduler.
+    pub fn ops_matches(&self, ops: &str) -> bool {
+        let ops = ops.trim();
+        match self.ops_name {
+            Some(want) => ops == want,
+            None => ops == self.name || Some(ops) == self.name.strip_prefix("scx_"),
+        }
+    }
+
+    /// Path of the binary inside the guest (named after the scheduler, so
+    /// two schedulers sharing a binary basename cannot collide).
+    pub fn guest_path(&self) -> String {
+        let safe: String =
+            self.name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+        format!("{GUEST_DIR}/{safe}")
+    }
+}
+
+/// Why sched_ext disabled a scheduler: the kernel's `enum scx_exit_kind`,
+/// recognised by the reason string it logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitKind {
+    /// "unregistered from user space": the scheduler detached itself.
+    UnregUser,
+    /// "unregistered from BPF": the BPF side called `scx_bpf_exit()`.
+    UnregBpf,
+    /// "unregistered from the main kernel".
+    UnregKernel,
+    /// "disabled by sysrq-S".
+    SysRq,
+    /// "runtime error": the kernel caught the scheduler misbehaving.
+    Error,
+    /// "scx_bpf_error": the BPF scheduler reported an error itself.
+    ErrorBpf,
+    /// "runnable task stall": the watchdog found a task not run in time.
+    Stall,
+    /// A reason this version does not know.
+    Other(String),
+}
+
+impl ExitKind {
+    pub fn from_reason(reason: &str) -> Self {
+        match reason {
+            "unregistered from user space" => Self::UnregUser,
+            "unregistered from BPF" => Self::UnregBpf,
+            "unregistered from the main kernel" => Self::UnregKernel,
+            "disabled by sysrq-S" => Self::SysRq,
+            "runtime error" => Self::Error,
+            "scx_bpf_error" => Self::ErrorBpf,
+            "runnable task stall" => Self::Stall,
+            other => Self::Other(other.to_string()),
+        }
+    }
+
+    /// The kernel's reason string.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::UnregUser => "unregistered from user space",
+            Self::UnregBpf => "unregistered from BPF",
+            Self::UnregKernel => "unregistered from the main kernel",
+            Self::SysRq => "disabled by sysrq-S",
+            Self::Error => "runtime error",
+            Self::ErrorBpf => "scx_bpf_error",
+            Self::Stall => "runnable task stall",
+            Self::Other(s) => s,
+        }
+    }
+
+    /// `SCX_EXIT_ERROR` and above (the kernel logs these with pr_err).
+    pub fn is_error(&self) -> bool {
+        matches!(self, Self::Error | Self::ErrorBpf | Self::Stall | Self::Other(_))
+    }
+}
+
+impl fmt::Display for ExitKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tag = match self {
+            Self::UnregUser => "unreg_user",
+            Self::UnregBpf => "unreg_bpf",
+            Self::UnregKernel => "unreg_kernel",
+            Self::SysRq => "sysrq",
+            Self::Error => "error",
+            Self::ErrorBpf => "error_bpf",
+            Self::Stall => "stall",
+            Self::Other(_) => "unknown",
+        };
+        write!(f, "{tag} ({})", self.reason())
+    }
+}
+
+/// One sched_ext disable the kernel logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelExit {
+    /// The ops name in the message.
+    pub ops: String,
+    pub kind: ExitKind,
+    /// The `sched_ext: OPS: MSG` line after it (e.g. the scx_bpf_error text).
+    pub msg: Option<String>,
+    /// The kernel log from the disable line on (message, backtrace).
+    pub log: Vec<String>,
+}
+
+impl fmt::Display for KernelExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sched_ext exit kind {}", self.kind)?;
+        if let Some(m) = &self.msg {
+            write!(f, ": {}: {m}", self.ops)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the scheduler process printed, kept for failure details.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+    /// sched_ext lines from the kernel log since the scheduler started.
+    pub kernel: Vec<String>,
+}
+
+const STDOUT_TAIL_LINES: usize = 30;
+
+impl Output {
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if !self.kernel.is_empty() {
+            s.push_str("--- kernel log (sched_ext) ---\n");
+            for l in &self.kernel {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        // stderr carries libbpf errors and the "EXIT:" line with the sched_ext dump.
+        s.push_str("--- scheduler stderr ---\n");
+        s.push_str(if self.stderr.trim().is_empty() { "(empty)\n" } else { &self.stderr });
+        if !s.ends_with('\n') {
+            s.push('\n');
+        }
+        let lines: Vec<&str> = self.stdout.lines().collect();
+        let skip = lines.len().saturating_sub(STDOUT_TAIL_LINES);
+        s.push_str(&format!("--- scheduler stdout (last {} of {} lines) ---\n", lines.len() - skip, lines.len()));
+        for l in &lines[skip..] {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// How a running scheduler was lost during the test body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EjectKind {
+    /// The kernel disabled it and logged why.
+    Kernel(KernelExit),
+    /// The process died (status given) and the kernel logged no reason.
+    ProcessDied(String),
+    /// sched_ext left `enabled` (now this state) without a kernel message.
+    StateChanged(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ejection {
+    pub scheduler: String,
+    pub kind: EjectKind,
+    /// Exit status of the scheduler process, if it has exited.
+    pub process: Option<String>,
+    pub output: Output,
+}
+
+impl fmt::Display for Ejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            EjectKind::Kernel(k) => write!(f, "scheduler {} was ejected by the kernel: {k}", self.scheduler)?,
+            EjectKind::ProcessDied(st) => {
+                write!(f, "scheduler {} died during the test ({st}); the kernel logged no sched_ext exit", self.scheduler)?
+            }
+            EjectKind::StateChanged(st) => {
+                write!(f, "scheduler {} lost: /sys/kernel/sched_ext/state became {st:?}", self.scheduler)?
+            }
+        }
+        if let (Some(p), EjectKind::Kernel(_)) = (&self.process, &self.kind) {
+            write!(f, "; the scheduler process then ended ({p})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A scheduler problem that fails the test.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SchedFail {
+    #[error("scheduler {name}: binary `{binary}` not found; looked in: {}", looked.join(", "))]
+    BinaryNotFound { name: String, binary: String, looked: Vec<String> },
+    #[error("scheduler {name}: cannot start {path}: {error}")]
+    Spawn { name: String, path: String, error: String },
+    #[error("scheduler {name}: sched_ext is already in use before it started (state {state:?}, ops {ops:?})")]
+    Busy { name: String, state: String, ops: String },
+    #[error("scheduler {name}: exited before attaching ({status}){}", kernel.as_ref().map(|k| format!("; kernel: {k}")).unwrap_or_default())]
+    ExitedBeforeAttach { name: String, status: String, kernel: Option<KernelExit>, output: Output },
+    #[error("scheduler {name}: did not attach within {waited_ms} ms (sched_ext state {state:?}, ops {ops:?}); killed it")]
+    AttachTimeout { name: String, waited_ms: u128, state: String, ops: String, output: Output },
+    #[error("{0}")]
+    Ejected(Ejection),
+    #[error("scheduler {name}: did not stop cleanly: {why}")]
+    StopFailed { name: String, why: String, output: Output },
+    #[error("scheduler {name}: {what}")]
+    Io { name: String, what: String },
+}
+
+impl SchedFail {
+    /// Multi-line details for the verdict (scheduler and kernel output).
+    pub fn details(&self) -> String {
+        match self {
+            Self::ExitedBeforeAttach { output, .. }
+            | Self::AttachTimeout { output, .. }
+            | Self::StopFailed { output, .. } => output.render(),
+            Self::Ejected(e) => {
+                let mut s = String::new();
+                if let EjectKind::Kernel(k) = &e.kind {
+                    if !k.log.is_empty() {
+                        s.push_str("--- kernel log at the ejection ---\n");
+                        for l in &k.log {
+                            s.push_str(l);
+                            s.push('\n');
+                        }
+                    }
+                }
+                s + &e.output.render()
+            }
+            _ => String::new(),
+        }
+    }
+}
+
+/// `Running::start` either skips (kernel without sched_ext) or fails.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Skip(String),
+    #[error("{0}")]
+    Fail(#[from] SchedFail),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIMPLE: Scheduler = Scheduler::new("scx_simple").binary("scx_simple").args(&["-f"]);
+
+    #[test]
+    fn const_builder_and_ops_matching() {
+        assert_eq!(SIMPLE.args, &["-f"]);
+        assert!(SIMPLE.ops_matches("simple\n"));
+        assert!(SIMPLE.ops_matches("scx_simple"));
+        assert!(!SIMPLE.ops_matches("qmap"));
+        const Q: Scheduler = Scheduler::new("mine").ops_name("qmap");
+        assert!(Q.ops_matches("qmap") && !Q.ops_matches("mine"));
+        assert_eq!(Scheduler::new("a b/c").guest_path(), "/ktstr/sched/a_b_c");
+    }
+
+    #[test]
+    fn exit_kinds_round_trip() {
+        for k in [
+            ExitKind::UnregUser,
+            ExitKind::UnregBpf,
+            ExitKind::UnregKernel,
+            ExitKind::SysRq,
+            ExitKind::Error,
+            ExitKind::ErrorBpf,
+            ExitKind::Stall,
+        ] {
+            assert_eq!(ExitKind::from_reason(k.reason()), k);
+        }
+        assert!(ExitKind::Stall.is_error() && ExitKind::ErrorBpf.is_error());
+        assert!(!ExitKind::UnregUser.is_error());
+        assert_eq!(ExitKind::from_reason("new reason"), ExitKind::Other("new reason".into()));
+    }
+
+    #[test]
+    fn output_keeps_stdout_tail() {
+        let o = Output {
+            stdout: (0..100).map(|i| format!("line{i}\n")).collect(),
+            stderr: "EXIT: boom\n".into(),
+            kernel: vec!["sched_ext: x".into()],
+        };
+        let r = o.render();
+        assert!(r.contains("line99") && !r.contains("line69\n") && r.contains("line70"));
+        assert!(r.contains("EXIT: boom") && r.contains("sched_ext: x"));
+    }
+}
