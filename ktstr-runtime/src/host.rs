@@ -110,6 +110,13 @@ fn boot(def: &'static TestDef, found: &Found) -> Result<Verdict, Verdict> {
             .file(f, &TestDef::guest_include_path(f))
             .map_err(|e| Verdict::fail(format!("include_files: {e:#}")))?;
     }
+    if let Some(s) = def.scheduler {
+        // sched_ext: the scheduler binary (with its libraries) at its guest path.
+        let bin = crate::scheduler::host::find_binary(s, Some(&found.image)).map_err(|e| Verdict::fail(e.to_string()))?;
+        ir = ir
+            .file(&bin, &s.guest_path())
+            .map_err(|e| Verdict::fail(format!("scheduler {}: packing {}: {e:#}", s.name, bin.display())))?;
+    }
     let initrd = ir.build_cached().map_err(|e| Verdict::fail(format!("initramfs: {e:#}")))?;
     let mut b = Vm::builder()
         .kernel(&found.image)

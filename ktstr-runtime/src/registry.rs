@@ -23,6 +23,8 @@ pub struct TestDef {
     pub cmdline: &'static str,
     /// Host paths (absolute) copied to `/include/{basename}` in the guest.
     pub include_files: &'static [&'static str],
+    /// sched_ext scheduler the body runs under; `None` is the kernel default.
+    pub scheduler: Option<&'static crate::scheduler::Scheduler>,
     pub file: &'static str,
     pub line: u32,
 }
@@ -43,6 +45,7 @@ impl TestDef {
         expect_err: false,
         cmdline: "",
         include_files: &[],
+        scheduler: None,
         file: "",
         line: 0,
     };

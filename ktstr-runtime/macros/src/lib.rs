@@ -17,7 +17,7 @@ pub fn ktstr_test(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
-const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files";
+const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files, scheduler";
 const MAX_CPUS: u64 = 64;
 
 /// Parsed attribute values; `None` means "runtime default".
@@ -34,6 +34,8 @@ struct Attrs {
     expect_err: bool,
     cmdline: Option<String>,
     include_files: Vec<String>,
+    /// sched_ext: the path of a `const Scheduler`, as tokens text.
+    scheduler: Option<String>,
 }
 
 fn int<T: std::str::FromStr>(e: &Expr, key: &str, min: u64, max: u64) -> syn::Result<T> {
@@ -126,12 +128,16 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
                             a.include_files.push(string(e, "include_files")?);
                         }
                     }
-                    "scheduler" => {
-                        return Err(syn::Error::new_spanned(
-                            meta,
-                            "`scheduler = ...` is not supported by this ktstr version yet (sched_ext support is pending)",
-                        ))
-                    }
+                    // sched_ext: a path to a `const Scheduler` (ktstr_runtime::scheduler).
+                    "scheduler" => match v {
+                        Expr::Path(p) => a.scheduler = Some(quote!(#p).to_string()),
+                        _ => {
+                            return Err(syn::Error::new_spanned(
+                                v,
+                                "`scheduler` takes the name of a `const Scheduler`, e.g. `scheduler = SIMPLE`",
+                            ))
+                        }
+                    },
                     _ => {
                         return Err(syn::Error::new_spanned(
                             meta.path(),
@@ -156,9 +162,9 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
             return Err(syn::Error::new(span, format!("topology asks for {total} CPUs; ktstr supports at most {MAX_CPUS}")));
         }
     }
-    if a.host_only && (a.cpus.is_some() || topo_span.is_some() || a.memory_mib.is_some() || a.cmdline.is_some()) {
+    if a.host_only && (a.cpus.is_some() || topo_span.is_some() || a.memory_mib.is_some() || a.cmdline.is_some() || a.scheduler.is_some()) {
         let span = metas.iter().find(|m| m.path().is_ident("host_only")).map(|m| m.span()).unwrap_or_else(Span::call_site);
-        return Err(syn::Error::new(span, "`host_only` tests never boot a VM; drop the topology/memory_mib/cmdline keys"));
+        return Err(syn::Error::new(span, "`host_only` tests never boot a VM; drop the topology/memory_mib/cmdline/scheduler keys"));
     }
     Ok(a)
 }
@@ -228,6 +234,10 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
             paths.push(p);
         }
         fields.push(quote!(include_files: &[#(#paths),*]));
+    }
+    if let Some(s) = &attrs.scheduler {
+        let path: syn::ExprPath = syn::parse_str(s)?;
+        fields.push(quote!(scheduler: ::core::option::Option::Some(&#path)));
     }
     let ignore = if name.starts_with("demo_") { quote!(#[ignore = "demo_ tests are ignored by default"]) } else { quote!() };
 
@@ -303,7 +313,9 @@ mod tests {
         assert!(err("cmdline = \"ktstr.test=x\"").contains("ktstr.*"));
         assert!(err("include_files = \"x\"").contains("array"));
         assert!(err("host_only, cpus = 2").contains("never boot a VM"));
-        assert!(err("scheduler = SIMPLE").contains("not supported"));
+        assert!(err("scheduler = \"scx_simple\"").contains("const Scheduler"));
+        assert!(err("host_only, scheduler = SIMPLE").contains("never boot a VM"));
+        assert_eq!(parse_attrs("scheduler = crate::SIMPLE".parse().unwrap()).unwrap().scheduler.as_deref(), Some("crate :: SIMPLE"));
     }
 
     #[test]

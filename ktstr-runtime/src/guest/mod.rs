@@ -114,5 +114,9 @@ fn run_named_test() -> Verdict {
         println!("ktstr: guest: cgroup controllers not available: {}", missing.join(" "));
     }
     println!("ktstr: guest: running {name}");
-    supervise::run_body(def, true)
+    match def.scheduler {
+        // sched_ext: start the scheduler, watch it during the body, stop it after.
+        Some(s) => crate::scheduler::guest::run_under(s, || supervise::run_body(def, true)),
+        None => supervise::run_body(def, true),
+    }
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::kmsg::{Kmsg, ScxLog};
 use super::{EjectKind, Ejection, Output, SchedFail, Scheduler, StartError};
+use crate::verdict::{Outcome, Verdict};
 
 pub const SCX_DIR: &str = "/sys/kernel/sched_ext";
 const POLL: Duration = Duration::from_millis(20);
@@ -512,6 +513,29 @@ impl Drop for Running {
             if let Ok(p) = self.probe.lock() {
                 p.signal(libc::SIGKILL);
             }
+        }
+    }
+}
+
+/// Runs `body` (the supervised test body) under `sched`: a kernel without
+/// sched_ext skips; a scheduler that fails to attach, is ejected during
+/// the body, or does not detach fails the test whatever the body returned
+/// (`expect_err` only ever inverts the body's own result).
+pub fn run_under(sched: &Scheduler, body: impl FnOnce() -> Verdict) -> Verdict {
+    let running = match Running::start(sched) {
+        Ok(r) => r,
+        Err(StartError::Skip(m)) => return Verdict::skip(m),
+        Err(StartError::Fail(f)) => return Verdict::fail(f.to_string()).with_details(f.details()),
+    };
+    let v = body();
+    match running.stop() {
+        Ok(_) => v,
+        Err(f) => {
+            let mut details = String::new();
+            if v.outcome != Outcome::Pass || !v.message.is_empty() {
+                details = format!("test body verdict: {:?}: {}\n", v.outcome, v.message);
+            }
+            Verdict::fail(f.to_string()).with_details(details + &f.details())
         }
     }
 }
