@@ -109,7 +109,10 @@ pub fn run_body(def: &'static TestDef, reap_all: bool) -> Verdict {
             libc::setpgid(0, 0);
             libc::close(rd);
         }
-        let end = body_in_child(def, reap_all);
+        // Whatever happens, the child must not unwind back into its
+        // parent's code (in the guest that is PID 1's init).
+        let end = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body_in_child(def, reap_all)))
+            .unwrap_or_else(|p| BodyEnd::Panic(format!("ktstr harness panicked in the body process: {}", panic_message(&*p))));
         let bytes = serde_json::to_vec(&end).unwrap_or_default();
         let mut off = 0;
         while off < bytes.len() {
