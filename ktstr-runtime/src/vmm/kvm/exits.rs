@@ -1,0 +1,115 @@
+//! Why a VM stopped, and the state the vCPU threads share to say so.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::devices::{Devices, Stop};
+use crate::channel::{self, kind};
+use crate::vmm::{ChannelRegion, ExitKind};
+
+/// KVM could not run an instruction (KVM_EXIT_INTERNAL_ERROR).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmulationFailure {
+    pub vcpu: usize,
+    pub rip: u64,
+    pub suberror: u32,
+    /// The instruction bytes, from KVM or read at RIP.
+    pub insn: Vec<u8>,
+}
+
+impl std::fmt::Display for EmulationFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bytes: Vec<String> = self.insn.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        write!(
+            f,
+            "KVM emulation failure (suberror {}) on vCPU {} at RIP {:#x}, instruction bytes [{}]",
+            self.suberror,
+            self.vcpu,
+            self.rip,
+            bytes.join(" ")
+        )
+    }
+}
+
+/// The first thing that ended the run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cause {
+    Device(Stop),
+    TripleFault { vcpu: usize },
+    Emulation(EmulationFailure),
+    Timeout,
+    /// The console showed a panic and the guest did not stop by itself.
+    PanicSeen,
+    Host(String),
+}
+
+impl Cause {
+    /// The public exit kind; a panic on the console wins over how the
+    /// guest then went down (`panic=-1` reboots).
+    pub fn exit_kind(&self, console: &str) -> ExitKind {
+        if crate::vmm::console_shows_panic(console) {
+            return ExitKind::Panic;
+        }
+        match self {
+            Cause::Device(Stop::PowerOff) => ExitKind::PowerOff,
+            Cause::Device(Stop::Reset) => ExitKind::Reboot,
+            Cause::TripleFault { .. } => ExitKind::TripleFault,
+            Cause::Emulation(e) => ExitKind::HostError(e.to_string()),
+            Cause::Timeout => ExitKind::Timeout,
+            Cause::PanicSeen => ExitKind::Panic,
+            Cause::Host(m) => ExitKind::HostError(m.clone()),
+        }
+    }
+}
+
+pub struct Shared {
+    pub devices: Mutex<Devices>,
+    pub stop: AtomicBool,
+    pub cause: Mutex<Option<Cause>>,
+    pub cv: Condvar,
+    pub mem: GuestMemoryMmap,
+    pub channel: Option<ChannelRegion>,
+    pub started: Instant,
+    pub to_init: Mutex<Option<Duration>>,
+}
+
+impl Shared {
+    /// Records the first stop cause and wakes the waiting thread.
+    pub fn finish(&self, c: Cause) {
+        let mut g = self.cause.lock().unwrap();
+        if g.is_none() {
+            *g = Some(c);
+        }
+        self.cv.notify_all();
+    }
+
+    /// First doorbell carrying the guest's INIT message marks `to_init`.
+    pub fn on_doorbell(&self) {
+        let Some(ch) = self.channel else { return };
+        let mut t = self.to_init.lock().unwrap();
+        if t.is_some() {
+            return;
+        }
+        // The INIT record is the first one: read just the header and it.
+        let mut head = vec![0u8; channel::HEADER_SIZE as usize + 16];
+        if self.mem.read_slice(&mut head, GuestAddress(ch.gpa)).is_ok()
+            && &head[..8] == channel::MAGIC
+            && u32::from_le_bytes(head[channel::HEADER_SIZE as usize..][..4].try_into().unwrap()) == kind::INIT
+        {
+            *t = Some(self.started.elapsed());
+        }
+    }
+
+    /// The channel region's bytes, for `channel::decode`.
+    pub fn channel_bytes(&self) -> Vec<u8> {
+        let Some(ch) = self.channel else { return Vec::new() };
+        let mut v = vec![0u8; ch.size as usize];
+        if self.mem.read_slice(&mut v, GuestAddress(ch.gpa)).is_err() {
+            v.clear();
+        }
+        v
+    }
+}

@@ -1,0 +1,369 @@
+//! `Machine`: one KVM VM with RAM, irqchip, PIT, UARTs and vCPUs, loaded
+//! with either a kernel or a raw code blob, then run to a stop.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::devices::{Devices, MmioWrite, PortWrite};
+use super::exits::{Cause, EmulationFailure, Shared};
+use super::loader::BootEntry;
+use super::memory::{self, ACPI_BASE, RAW_CODE};
+use super::serial::{self, Capture, COM1_IRQ, COM2_IRQ};
+use super::{acpi, gdt, loader, paging, vcpu};
+use crate::channel::{self, ChannelError, Message};
+use crate::vmm::error::ResourceSnapshot;
+use crate::vmm::{ChannelRegion, ExitKind, Topology, VmConfig, VmError};
+
+const TSS_ADDR: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+/// How long KVM_CREATE_VM may keep failing with EINTR before we call it
+/// transient host pressure.
+const CREATE_VM_RETRY: Duration = Duration::from_secs(1);
+
+/// What a finished run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub cause: Cause,
+    pub exit: ExitKind,
+    pub console: String,
+    pub com2: String,
+    /// Writes to `devices::TEST_PORT`, in order, with the writing vCPU.
+    pub port_writes: Vec<PortWrite>,
+    pub mmio_writes: Vec<MmioWrite>,
+    pub doorbells: u64,
+    /// Interrupts raised by COM1 and COM2.
+    pub serial_irqs: [u64; 2],
+    pub messages: Result<Vec<Message>, ChannelError>,
+    pub setup: Duration,
+    pub to_init: Option<Duration>,
+    /// First vCPU start until the stop was seen.
+    pub run_time: Duration,
+    /// Guest memory after the run, for inspection.
+    pub memory: GuestMemoryMmap,
+}
+
+impl Outcome {
+    pub fn emulation_failure(&self) -> Option<&EmulationFailure> {
+        match &self.cause {
+            Cause::Emulation(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Values written to the test port, in order.
+    pub fn test_values(&self) -> Vec<u32> {
+        self.port_writes.iter().map(|w| w.value).collect()
+    }
+}
+
+pub struct Machine {
+    _kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    topo: Topology,
+    vcpus: Vec<VcpuFd>,
+    channel: Option<ChannelRegion>,
+    devices: Devices,
+    com_bufs: [Arc<Mutex<Vec<u8>>>; 2],
+    serial_irqs: [Arc<AtomicU64>; 2],
+    panic_seen: Arc<AtomicBool>,
+    _irq_evts: Vec<EventFd>,
+    created: Instant,
+    loaded: bool,
+}
+
+fn kvm_err(what: &str, e: kvm_ioctls::Error) -> VmError {
+    VmError::from_kvm_errno(what, e.errno())
+}
+
+/// Opens `/dev/kvm`, telling a missing or inaccessible device (a setup
+/// failure with a fix) from host pressure (a skip).
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => VmError::KvmUnavailable(
+            "/dev/kvm does not exist: enable KVM (load kvm_intel/kvm_amd, or turn on nested virtualisation for this VM) \
+             / join the kvm group"
+                .into(),
+        ),
+        libc::EACCES | libc::EPERM | libc::EROFS => VmError::KvmUnavailable(format!(
+            "/dev/kvm is not writable by this user: enable KVM / join the kvm group (sudo usermod -aG kvm $USER, then log in again): {e}"
+        )),
+        errno => VmError::from_kvm_errno("open /dev/kvm", errno),
+    })
+}
+
+/// KVM_CREATE_VM, retrying EINTR with backoff for about a second.
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match kvm.create_vm() {
+            Ok(vm) => return Ok(vm),
+            Err(e) if e.errno() == libc::EINTR => {
+                if start.elapsed() >= CREATE_VM_RETRY {
+                    let snapshot = ResourceSnapshot::take();
+                    let bypass = std::env::var("KTSTR_CONTENTION_BYPASS").is_ok_and(|v| v == "1");
+                    let err = std::io::Error::from_raw_os_error(libc::EINTR);
+                    if bypass && !snapshot.near_limit {
+                        return Err(VmError::Host(anyhow::anyhow!("KVM_CREATE_VM: {err} after {CREATE_VM_RETRY:?} of retries")));
+                    }
+                    return Err(VmError::Transient { what: "KVM_CREATE_VM (EINTR after ~1 s of retries)".into(), errno: err, snapshot });
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(kvm_err("KVM_CREATE_VM", e)),
+        }
+    }
+}
+
+impl Machine {
+    /// A VM with `topo`'s vCPUs (configured, BSP not yet given an entry)
+    /// and `memory_mib` of RAM.
+    pub fn new(topo: Topology, memory_mib: u64) -> Result<Self, VmError> {
+        let created = Instant::now();
+        topo.validate().map_err(VmError::Topology)?;
+        let kvm = open_kvm()?;
+        let vm = create_vm(&kvm)?;
+        let mem = memory::create(memory_mib)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem.get_host_address(region.start_addr()).map_err(|e| VmError::Host(anyhow::anyhow!("{e}")))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which
+            // the Machine keeps until the VM fd is closed.
+            unsafe { vm.set_user_memory_region(r) }.map_err(|e| kvm_err("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+        vm.set_tss_address(TSS_ADDR).map_err(|e| kvm_err("KVM_SET_TSS_ADDR", e))?;
+        vm.set_identity_map_address(IDENTITY_MAP_ADDR).map_err(|e| kvm_err("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        vm.create_irq_chip().map_err(|e| kvm_err("KVM_CREATE_IRQCHIP", e))?;
+        vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
+            .map_err(|e| kvm_err("KVM_CREATE_PIT2", e))?;
+
+        let com_bufs = [Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new()))];
+        let serial_irqs = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+        let panic_seen = Arc::new(AtomicBool::new(false));
+        let mut evts = Vec::new();
+        let mut uarts = Vec::new();
+        for (i, irq) in [COM1_IRQ, COM2_IRQ].into_iter().enumerate() {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::from_kvm_errno("eventfd", e.raw_os_error().unwrap_or(0)))?;
+            vm.register_irqfd(&evt, irq).map_err(|e| kvm_err("KVM_IRQFD", e))?;
+            let clone = evt.try_clone().map_err(|e| VmError::from_kvm_errno("eventfd dup", e.raw_os_error().unwrap_or(0)))?;
+            let on_panic: Option<Box<dyn FnMut() + Send>> = if i == 0 {
+                let flag = panic_seen.clone();
+                Some(Box::new(move || flag.store(true, Ordering::Release)))
+            } else {
+                None
+            };
+            uarts.push(serial::uart(clone, serial_irqs[i].clone(), Capture::new(com_bufs[i].clone(), on_panic)));
+            evts.push(evt);
+        }
+        let com2 = uarts.pop().unwrap();
+        let com1 = uarts.pop().unwrap();
+
+        let base_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| kvm_err("KVM_GET_SUPPORTED_CPUID", e))?;
+        let msr_list = kvm.get_msr_index_list().map_err(|e| kvm_err("KVM_GET_MSR_INDEX_LIST", e))?;
+        vcpu::install_kick_handler()?;
+        let mut vcpus = Vec::new();
+        for i in 0..topo.total_cpus() {
+            let v = vm.create_vcpu(i as u64).map_err(|e| kvm_err("KVM_CREATE_VCPU", e))?;
+            vcpu::configure(&v, i, &topo, &base_cpuid, msr_list.as_slice())?;
+            vcpus.push(v);
+        }
+        gdt::write(&mem).map_err(|e| VmError::Host(anyhow::anyhow!("writing the GDT: {e}")))?;
+        paging::write_identity_map(&mem).map_err(|e| VmError::Host(anyhow::anyhow!("writing page tables: {e}")))?;
+        let tables = acpi::build(&topo, memory_mib, ACPI_BASE);
+        assert!(tables.bytes.len() as u64 <= memory::ACPI_MAX);
+        mem.write_slice(&tables.bytes, GuestAddress(ACPI_BASE))
+            .map_err(|e| VmError::Host(anyhow::anyhow!("writing ACPI tables: {e}")))?;
+
+        Ok(Self {
+            _kvm: kvm,
+            vm,
+            mem,
+            topo,
+            vcpus,
+            channel: None,
+            devices: Devices::new(com1, com2),
+            com_bufs,
+            serial_irqs,
+            panic_seen,
+            _irq_evts: evts,
+            created,
+            loaded: false,
+        })
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn vm(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// The boot vCPU, for callers that adjust its state after loading.
+    pub fn bsp(&self) -> &VcpuFd {
+        &self.vcpus[0]
+    }
+
+    pub fn topology(&self) -> Topology {
+        self.topo
+    }
+
+    /// Decode this region as the data channel when the run ends.
+    pub fn set_channel(&mut self, ch: ChannelRegion) {
+        self.channel = Some(ch);
+    }
+
+    /// Copies `code` to `RAW_CODE` and enters it in 64-bit mode with
+    /// the first 4 GiB identity-mapped and interrupts off.
+    pub fn load_raw(&mut self, code: &[u8]) -> Result<(), VmError> {
+        self.load_raw_at(code, RAW_CODE, RAW_CODE)
+    }
+
+    /// Copies `code` to `load` and starts the BSP at `entry`.
+    pub fn load_raw_at(&mut self, code: &[u8], load: u64, entry: u64) -> Result<(), VmError> {
+        self.mem
+            .write_slice(code, GuestAddress(load))
+            .map_err(|e| VmError::Host(anyhow::anyhow!("writing guest code at {load:#x}: {e}")))?;
+        vcpu::set_entry(&self.vcpus[0], &BootEntry { rip: entry, long_mode: true, params: 0 })?;
+        self.loaded = true;
+        Ok(())
+    }
+
+    /// Loads `cfg`'s kernel, initrd and command line; the channel region
+    /// comes from `cfg`.
+    pub fn load_kernel(&mut self, cfg: &VmConfig) -> Result<(), VmError> {
+        let entry = loader::load(&self.mem, cfg, ACPI_BASE)?;
+        vcpu::set_entry(&self.vcpus[0], &entry)?;
+        self.channel = Some(cfg.channel);
+        self.loaded = true;
+        Ok(())
+    }
+
+    /// Runs every vCPU on its own thread until the guest stops it, a
+    /// vCPU fails, or `timeout` passes; then stops and joins them all.
+    pub fn run(self, timeout: Duration) -> Result<Outcome, VmError> {
+        if !self.loaded {
+            return Err(VmError::Host(anyhow::anyhow!("Machine::run before anything was loaded")));
+        }
+        let setup = self.created.elapsed();
+        let Machine { _kvm, vm, mem, vcpus, channel, devices, com_bufs, serial_irqs, panic_seen, _irq_evts, .. } = self;
+        let shared = Arc::new(Shared {
+            devices: Mutex::new(devices),
+            stop: AtomicBool::new(false),
+            cause: Mutex::new(None),
+            cv: Condvar::new(),
+            mem: mem.clone(),
+            channel,
+            started: Instant::now(),
+            to_init: Mutex::new(None),
+        });
+        let mut threads = Vec::new();
+        let mut spawn_err = None;
+        for (i, v) in vcpus.into_iter().enumerate() {
+            let s = shared.clone();
+            match std::thread::Builder::new().name(format!("ktstr-vcpu{i}")).spawn(move || vcpu::run_loop(i, v, s)) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    spawn_err = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = &spawn_err {
+            shared.finish(Cause::Host(format!("spawning a vCPU thread: {e}")));
+        }
+
+        let deadline = shared.started + timeout;
+        let mut panic_deadline: Option<Instant> = None;
+        let cause = {
+            let mut g = shared.cause.lock().unwrap();
+            loop {
+                if let Some(c) = g.clone() {
+                    break c;
+                }
+                let now = Instant::now();
+                if panic_deadline.is_none() && panic_seen.load(Ordering::Acquire) {
+                    // Give the guest a moment to print the trace and reboot.
+                    panic_deadline = Some(now + Duration::from_secs(1));
+                }
+                if let Some(p) = panic_deadline.filter(|p| now >= *p) {
+                    let _ = p;
+                    break Cause::PanicSeen;
+                }
+                if now >= deadline {
+                    break Cause::Timeout;
+                }
+                let mut wake = deadline;
+                if let Some(p) = panic_deadline {
+                    wake = wake.min(p);
+                }
+                // Poll the panic flag at least every 50 ms.
+                let wait = (wake - now).min(Duration::from_millis(50));
+                g = shared.cv.wait_timeout(g, wait).unwrap().0;
+            }
+        };
+        let run_time = shared.started.elapsed();
+        stop_all(&shared, threads);
+        drop(vm);
+
+        let (port_writes, mmio_writes, doorbells) = {
+            let d = shared.devices.lock().unwrap();
+            (d.port_writes.clone(), d.mmio_writes.clone(), d.doorbells)
+        };
+        let to_init = *shared.to_init.lock().unwrap();
+        let text = |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
+        let console = text(&com_bufs[0]);
+        let com2 = text(&com_bufs[1]);
+        let messages = channel::decode(&shared.channel_bytes());
+        let exit = cause.exit_kind(&console);
+        Ok(Outcome {
+            exit,
+            cause,
+            console,
+            com2,
+            port_writes,
+            mmio_writes,
+            doorbells,
+            serial_irqs: [serial_irqs[0].load(Ordering::Relaxed), serial_irqs[1].load(Ordering::Relaxed)],
+            messages,
+            setup,
+            to_init,
+            run_time,
+            memory: mem,
+        })
+    }
+}
+
+/// Sets the stop flag and kicks every vCPU thread out of KVM_RUN until
+/// all have exited, then joins them.
+fn stop_all(shared: &Shared, threads: Vec<std::thread::JoinHandle<()>>) {
+    shared.stop.store(true, Ordering::Release);
+    let sig = vcpu::kick_signal();
+    let mut pause = Duration::from_micros(200);
+    while threads.iter().any(|t| !t.is_finished()) {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            // SAFETY: the thread is not joined yet, so its pthread_t is valid.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), sig) };
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}

@@ -1,0 +1,98 @@
+//! 8250 UARTs (vm-superio) on COM1/COM2, captured into buffers, with
+//! their interrupt delivered through an irqfd on the ISA IRQ line.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vmm::console_shows_panic;
+
+pub const COM1_BASE: u16 = 0x3f8;
+pub const COM2_BASE: u16 = 0x2f8;
+pub const COM1_IRQ: u32 = 4;
+pub const COM2_IRQ: u32 = 3;
+
+/// Raises the UART's IRQ line: the eventfd is registered as an irqfd.
+pub struct IrqTrigger {
+    pub evt: EventFd,
+    pub count: Arc<AtomicU64>,
+}
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.evt.write(1)
+    }
+}
+
+/// Captured output; `on_panic` fires once when a line shows a kernel panic.
+pub struct Capture {
+    pub buf: Arc<Mutex<Vec<u8>>>,
+    line: Vec<u8>,
+    on_panic: Option<Box<dyn FnMut() + Send>>,
+}
+
+impl Capture {
+    pub fn new(buf: Arc<Mutex<Vec<u8>>>, on_panic: Option<Box<dyn FnMut() + Send>>) -> Self {
+        Self { buf, line: Vec::new(), on_panic }
+    }
+}
+
+impl Write for Capture {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.lock().unwrap().extend_from_slice(data);
+        if self.on_panic.is_some() {
+            for &b in data {
+                if b == b'\n' {
+                    if console_shows_panic(&String::from_utf8_lossy(&self.line)) {
+                        if let Some(mut f) = self.on_panic.take() {
+                            f();
+                        }
+                    }
+                    self.line.clear();
+                } else if self.line.len() < 512 {
+                    self.line.push(b);
+                }
+            }
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub type Uart = Serial<IrqTrigger, NoEvents, Capture>;
+
+pub fn uart(evt: EventFd, irq_count: Arc<AtomicU64>, out: Capture) -> Uart {
+    Serial::new(IrqTrigger { evt, count: irq_count }, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_and_panic_watch() {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let hits = Arc::new(AtomicU64::new(0));
+        let h = hits.clone();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let count = Arc::new(AtomicU64::new(0));
+        let mut u = uart(evt, count.clone(), Capture::new(buf.clone(), Some(Box::new(move || {
+            h.fetch_add(1, Ordering::Relaxed);
+        }))));
+        for b in b"ok\nKernel panic - not syncing: x\nagain Kernel panic - not syncing\n" {
+            u.write(0, *b).unwrap();
+        }
+        assert!(buf.lock().unwrap().starts_with(b"ok\nKernel panic"));
+        assert_eq!(hits.load(Ordering::Relaxed), 1);
+        u.write(1, 0x02).unwrap(); // IER: THR empty interrupt
+        assert!(count.load(Ordering::Relaxed) >= 1);
+    }
+}
