@@ -59,3 +59,95 @@ fn kvm_long_mode_entry_and_pio() {
     assert_ne!(v[2] & 0x20, 0, "CR4.PAE: {:#x}", v[2]);
     assert_eq!(&v[3..], &[41, 42]);
 }
+
+#[test]
+fn kvm_both_uarts() {
+    let Some(out) = run(Topology::cpus(1), |a| {
+        a.puts(COM1_BASE, "hello com1\n");
+        // IER: ask for the THR-empty interrupt; the UART raises IRQ 4.
+        a.outb(COM1_BASE + 1, 0x02);
+        a.puts(COM2_BASE, "hello com2\n");
+        power_off(a);
+    }) else { return };
+    assert_eq!(out.exit, ExitKind::PowerOff, "{:?}", out.cause);
+    assert_eq!(out.console, "hello com1\n");
+    assert_eq!(out.com2, "hello com2\n");
+    assert!(out.serial_irqs[0] >= 1, "COM1 raised no interrupt: {:?}", out.serial_irqs);
+}
+
+#[test]
+fn kvm_mmio_exits() {
+    let Some(out) = run(Topology::cpus(1), |a| {
+        a.mov64(Reg::Rdi, SCRATCH_MMIO).mov64(Reg::Rax, 0x1122_3344_5566_7788);
+        a.store64(Reg::Rdi, 0x10, Reg::Rax);
+        a.load64(Reg::Rbx, Reg::Rdi, 0x10);
+        a.mov_rr(Reg::Rax, Reg::Rbx).out_eax(TEST_PORT);
+        a.mov_rr(Reg::Rax, Reg::Rbx).shr64(Reg::Rax, 32).out_eax(TEST_PORT);
+        // An MMIO address nobody claims reads as all ones.
+        a.load32(Reg::Rax, Reg::Rdi, 0x2000).out_eax(TEST_PORT);
+        power_off(a);
+    }) else { return };
+    assert_eq!(out.exit, ExitKind::PowerOff, "{:?}", out.cause);
+    assert_eq!(out.test_values(), vec![0x5566_7788, 0x1122_3344, 0xffff_ffff]);
+    assert_eq!(out.mmio_writes.len(), 1);
+    assert_eq!(out.mmio_writes[0].addr, SCRATCH_MMIO + 0x10);
+    assert_eq!(out.mmio_writes[0].data, 0x1122_3344_5566_7788u64.to_le_bytes());
+}
+
+#[test]
+fn kvm_data_channel_record() {
+    let Some(mut m) = machine(Topology::cpus(1)) else { return };
+    let ch = ChannelRegion { gpa: 0x20_0000, size: 0x1_0000 };
+    m.set_channel(ch);
+    let payload = *b"micro-guest data";
+    let crc = crc32fast::hash(&payload);
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap());
+    let mut a = Asm::new(RAW_CODE);
+    a.mov64(Reg::Rdi, ch.gpa);
+    // Record first: [kind][len][crc][0] payload.
+    a.mov64(Reg::Rax, u64::from(channel::kind::TEXT) | (16 << 32)).store64(Reg::Rdi, 4096, Reg::Rax);
+    a.mov64(Reg::Rax, u64::from(crc)).store64(Reg::Rdi, 4104, Reg::Rax);
+    a.mov64(Reg::Rax, word(&payload[..8])).store64(Reg::Rdi, 4112, Reg::Rax);
+    a.mov64(Reg::Rax, word(&payload[8..])).store64(Reg::Rdi, 4120, Reg::Rax);
+    // Then the header, committed length last, then the doorbell.
+    a.mov64(Reg::Rax, word(channel::MAGIC)).store64(Reg::Rdi, 0, Reg::Rax);
+    a.mov64(Reg::Rax, ch.size - 4096).store64(Reg::Rdi, 8, Reg::Rax);
+    a.mov64(Reg::Rax, 32).store64(Reg::Rdi, 16, Reg::Rax);
+    a.outb(channel::DOORBELL_PORT, 1);
+    power_off(&mut a);
+    m.load_raw(&a.finish()).unwrap();
+    let out = m.run(TIMEOUT).unwrap();
+    assert_eq!(out.exit, ExitKind::PowerOff, "{:?}", out.cause);
+    assert_eq!(out.doorbells, 1);
+    let msgs = out.messages.expect("channel decodes");
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].kind, channel::kind::TEXT);
+    assert_eq!(msgs[0].payload, payload);
+}
+
+#[test]
+fn kvm_reset_via_cf9() {
+    let Some(out) = run(Topology::cpus(1), |a| {
+        a.outb(RESET_PORT, 0x06).halt_forever();
+    }) else { return };
+    assert_eq!(out.exit, ExitKind::Reboot, "{:?}", out.cause);
+}
+
+#[test]
+fn kvm_reset_via_i8042() {
+    let Some(out) = run(Topology::cpus(1), |a| {
+        a.outb(0x64, 0xfe).halt_forever();
+    }) else { return };
+    assert_eq!(out.exit, ExitKind::Reboot, "{:?}", out.cause);
+}
+
+#[test]
+fn kvm_triple_fault() {
+    // The boot IDT is empty: the #GP from a non-canonical access becomes
+    // a double and then a triple fault.
+    let Some(out) = run(Topology::cpus(1), |a| {
+        a.mov64(Reg::Rdi, 0x8000_0000_0000_0000).load64(Reg::Rax, Reg::Rdi, 0);
+        power_off(a);
+    }) else { return };
+    assert_eq!(out.exit, ExitKind::TripleFault, "{:?}", out.cause);
+}

@@ -296,9 +296,9 @@ mod tests {
         let (_blob, tables) = parse(t, 256);
         assert_eq!(tables.revision(), 2);
         let madt = tables.find_table::<acpi::madt::Madt>().expect("MADT with a valid checksum");
-        let lapic_addr = madt.local_apic_address;
+        let lapic_addr = madt.get().local_apic_address;
         assert_eq!(lapic_addr as u64, LAPIC_ADDR);
-        assert!(madt.supports_8259());
+        assert!(madt.get().supports_8259());
         let (mut ids, mut ioapics, mut isos, mut nmis) = (Vec::new(), Vec::new(), Vec::new(), 0);
         for e in madt.get().entries() {
             match e {
@@ -328,8 +328,9 @@ mod tests {
         assert_eq!(fadt.pm1a_event_block().unwrap().address, PM1A_EVT_PORT as u64);
         let reset = fadt.reset_register().unwrap();
         assert_eq!((reset.address, fadt.reset_value), (RESET_PORT as u64, RESET_VALUE));
-        assert!(fadt.flags.supports_system_reset_via_fadt());
-        assert!(!fadt.flags.system_is_hw_reduced_acpi());
+        let flags = fadt.flags;
+        assert!(flags.supports_system_reset_via_fadt());
+        assert!(!flags.system_is_hw_reduced_acpi());
         let sci = fadt.sci_interrupt;
         assert_eq!(sci, SCI_IRQ as u16);
 

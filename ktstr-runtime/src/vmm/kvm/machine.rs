@@ -178,7 +178,10 @@ impl Machine {
         vcpu::install_kick_handler()?;
         let mut vcpus = Vec::new();
         for i in 0..topo.total_cpus() {
-            let v = vm.create_vcpu(i as u64).map_err(|e| kvm_err("KVM_CREATE_VCPU", e))?;
+            // The vCPU id is the in-kernel LAPIC's ID: it must match the
+            // APIC id in CPUID and the MADT.
+            let id = super::cpuid::apic_id(&topo, i);
+            let v = vm.create_vcpu(id.into()).map_err(|e| kvm_err("KVM_CREATE_VCPU", e))?;
             vcpu::configure(&v, i, &topo, &base_cpuid, msr_list.as_slice())?;
             vcpus.push(v);
         }
