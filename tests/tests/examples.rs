@@ -112,6 +112,12 @@ fn demo_killed_by_signal(_ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// The kernel finds no init (the cmdline points it elsewhere) and panics.
+#[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 10, cmdline = "rdinit=/no/such/init root=/dev/nonexistent")]
+fn demo_kernel_panics(_ctx: &Ctx) -> Result<()> {
+    Ok(())
+}
+
 /// A plain libtest test in the same binary must still be listed and run.
 #[test]
 fn plain_test_still_runs() {

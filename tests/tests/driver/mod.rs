@@ -166,6 +166,30 @@ fn host_only_and_plain_tests_run() {
 }
 
 #[test]
+fn plain_cargo_test_mode() {
+    let scratch = tempfile::tempdir().unwrap();
+    let plain = |extra: &[(&str, &str)]| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "host_workers_report::ktstr", "--nocapture"]).current_dir(scratch.path());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("KTSTR_") || k.starts_with("NEXTEST") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(extra.iter().copied());
+        let o = cmd.output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (code, out, err) = plain(&[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("test host_workers_report::ktstr ... ok"), "the wrapper ran under libtest: {out}");
+    assert_eq!(err.matches("variants do not expand").count(), 1, "one warning: {err}");
+    let (code, _, err) = plain(&[("KTSTR_CARGO_TEST_MODE", "1")]);
+    assert_eq!(code, Some(0));
+    assert!(!err.contains("variants do not expand"), "{err}");
+}
+
+#[test]
 fn vm_verdicts() {
     let Some(k) = need_kernels(1) else { return };
     let env = [("KTSTR_TEST_KERNEL", k[0].to_str().unwrap())];
@@ -176,12 +200,19 @@ fn vm_verdicts() {
         ("ktstr/demo_returns_error", 1, "ktstr: FAIL: test body returned an error: demo body error: step two failed: inner cause 42"),
         ("ktstr/demo_sleeps_past_timeout", 1, "ktstr: FAIL: test body did not finish within its timeout of 3s"),
         ("ktstr/demo_killed_by_signal", 1, "ktstr: FAIL: test body was killed by signal 11"),
+        ("ktstr/demo_kernel_panics", 1, "ktstr: FAIL: the guest kernel panicked before reporting a verdict for demo_kernel_panics"),
     ] {
         let r = run(&["--exact", name, "--nocapture"], &env);
         eprintln!("{name}: exit {} in {:.1}s", r.code, r.took.as_secs_f64());
         assert_eq!(r.code, code, "{name}:\n{}", r.stderr);
         assert!(r.stderr.contains(needle), "{name}: want {needle:?} in:\n{}", r.stderr);
         assert!(r.took < Duration::from_secs(120), "{name} took {:?}", r.took);
+        if code == 1 {
+            assert!(r.stderr.contains("guest console (last lines):"), "{name}: failures carry the console tail:\n{}", r.stderr);
+        }
+        if name.ends_with("kernel_panics") {
+            assert!(r.stderr.contains("Kernel panic - not syncing"), "{}", r.stderr);
+        }
     }
 }
 
