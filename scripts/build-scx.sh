@@ -117,8 +117,12 @@ log "built in $(( $(date +%s) - t0 ))s"
 mkdir -p "$WORK/result/bin"
 for s in "${SCHEDS[@]}"; do
 	cp "$WORK/o/build/bin/$s" "$WORK/result/bin/$s"
-	# -h parses options and exits before loading anything: proves the binary runs here.
-	"$WORK/result/bin/$s" -h >/dev/null 2>&1 || die "$s -h failed on the host"
+	# Cannot run them here (they open their BPF skeleton before parsing -h and
+	# the host kernel has no sched_ext); check every shared library resolves.
+	if ldd "$WORK/result/bin/$s" | grep -q 'not found'; then
+		ldd "$WORK/result/bin/$s" >&2
+		die "$s has unresolved shared libraries"
+	fi
 done
 cp "$WORK/build.log" "$WORK/result/build.log"
 echo "$want" >"$WORK/result/stamp"

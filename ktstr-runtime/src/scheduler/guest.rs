@@ -527,9 +527,22 @@ pub fn run_under(sched: &Scheduler, body: impl FnOnce() -> Verdict) -> Verdict {
         Err(StartError::Skip(m)) => return Verdict::skip(m),
         Err(StartError::Fail(f)) => return Verdict::fail(f.to_string()).with_details(f.details()),
     };
-    let v = body();
+    let attach = running.attach_time();
+    let mut v = body();
     match running.stop() {
-        Ok(_) => v,
+        Ok(stopped) => {
+            // The host prints a pass's message: it carries the attach time.
+            if v.outcome == Outcome::Pass {
+                let note = format!(
+                    "scheduler {} attached in {} ms, detached {} ms after SIGINT",
+                    sched.name,
+                    attach.as_millis(),
+                    stopped.detach_time.as_millis()
+                );
+                v.message = if v.message.is_empty() { note } else { format!("{}; {note}", v.message) };
+            }
+            v
+        }
         Err(f) => {
             let mut details = String::new();
             if v.outcome != Outcome::Pass || !v.message.is_empty() {

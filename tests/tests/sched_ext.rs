@@ -1,0 +1,160 @@
+//! sched_ext schedulers under test: the four example schedulers from the
+//! kernel's tools/sched_ext (built by scripts/build-scx.sh) each run a
+//! workload; the `demo_` tests fail on purpose (scx_qmap's fault
+//! injection, a binary that exits at once, a missing binary) and the
+//! driver tests at the bottom run them like nextest does and check the
+//! verdict, exit code and that the failure names scheduler, exit kind and
+//! kernel message.
+
+use ktstr_runtime::prelude::*;
+use ktstr_runtime::scheduler::Scheduler;
+
+const SIMPLE: Scheduler = Scheduler::new("scx_simple").binary("scx_simple").args(&["-f"]);
+const QMAP: Scheduler = Scheduler::new("scx_qmap");
+const CENTRAL: Scheduler = Scheduler::new("scx_central");
+const FLATCG: Scheduler = Scheduler::new("scx_flatcg");
+
+/// scx_qmap -e COUNT: the BPF side calls scx_bpf_error() after COUNT enqueues.
+const QMAP_BPF_ERROR: Scheduler = Scheduler::new("scx_qmap_error").binary("scx_qmap").args(&["-e", "1000"]).ops_name("qmap");
+/// scx_qmap -t COUNT: every COUNT'th user thread is never dispatched, so
+/// the sched_ext watchdog (5 s for qmap) ejects it for a stall.
+const QMAP_STALL: Scheduler = Scheduler::new("scx_qmap_stall").binary("scx_qmap").args(&["-t", "2"]).ops_name("qmap");
+/// A real binary that exits (status 1) without ever attaching.
+const EXITS_AT_ONCE: Scheduler = Scheduler::new("exits_at_once").binary("/usr/bin/false");
+const MISSING: Scheduler = Scheduler::new("scx_not_built_anywhere");
+
+fn sched_ext_state() -> (String, String) {
+    let r = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+    (r("/sys/kernel/sched_ext/state"), r("/sys/kernel/sched_ext/root/ops"))
+}
+
+/// Spinners in two cgroups plus sleep/wake workers: nobody starves and
+/// the scheduler is still the one sched_ext runs at the end.
+fn workload(ctx: &Ctx, ops: &str) -> Result<()> {
+    let a = ctx.cgroup("a")?.cpus(ctx.all_cpus())?;
+    let b = ctx.cgroup("b")?.cpus(ctx.all_cpus())?;
+    let sleepy = ctx.sleepers(2, Duration::from_millis(2), Duration::from_millis(5));
+    let report = ctx.run(&[a.workers(2), b.workers(2), sleepy], Duration::from_secs(3))?;
+    println!("{report}");
+    report.assert_no_starvation()?.assert_in_cpuset()?;
+    let (state, now) = sched_ext_state();
+    ensure!(state == "enabled" && now == ops, "sched_ext state {state:?}, ops {now:?} after the workload; want {ops:?}");
+    Ok(())
+}
+
+#[ktstr_test(scheduler = SIMPLE, cpus = 2, memory_mib = 512, timeout_s = 60)]
+fn scx_simple_workload(ctx: &Ctx) -> Result<()> {
+    workload(ctx, "simple")
+}
+
+#[ktstr_test(scheduler = QMAP, cpus = 2, memory_mib = 512, timeout_s = 60)]
+fn scx_qmap_workload(ctx: &Ctx) -> Result<()> {
+    workload(ctx, "qmap")
+}
+
+/// One CPU: 6.12's scx_central calls scx_bpf_error("init from non-central
+/// CPU") when ops.init() runs off its central CPU, and 6.12 runs ops.init()
+/// in an unbound helper kthread (seen failing that way on 2 CPUs here).
+#[ktstr_test(scheduler = CENTRAL, cpus = 1, memory_mib = 512, timeout_s = 60)]
+fn scx_central_workload(ctx: &Ctx) -> Result<()> {
+    workload(ctx, "central")
+}
+
+#[ktstr_test(scheduler = FLATCG, cpus = 2, memory_mib = 512, timeout_s = 60)]
+fn scx_flatcg_workload(ctx: &Ctx) -> Result<()> {
+    workload(ctx, "flatcg")
+}
+
+/// Keeps the CPUs busy long enough for the injected fault to fire; the
+/// body itself succeeds, so only the scheduler watch can fail the test.
+fn busy_for(ctx: &Ctx, secs: u64) -> Result<()> {
+    let report = ctx.run(&[ctx.workers(2), ctx.sleepers(2, Duration::from_millis(1), Duration::from_millis(2))], Duration::from_secs(secs))?;
+    println!("{report}");
+    Ok(())
+}
+
+#[ktstr_test(scheduler = QMAP_BPF_ERROR, cpus = 2, memory_mib = 512, timeout_s = 60)]
+fn demo_scx_qmap_bpf_error(ctx: &Ctx) -> Result<()> {
+    busy_for(ctx, 6)
+}
+
+#[ktstr_test(scheduler = QMAP_STALL, cpus = 2, memory_mib = 512, timeout_s = 60)]
+fn demo_scx_qmap_stall(ctx: &Ctx) -> Result<()> {
+    busy_for(ctx, 12)
+}
+
+#[ktstr_test(scheduler = EXITS_AT_ONCE, cpus = 1, memory_mib = 256, timeout_s = 20)]
+fn demo_scheduler_exits_at_once(_ctx: &Ctx) -> Result<()> {
+    bail!("the body must not run when the scheduler never attached")
+}
+
+#[ktstr_test(scheduler = MISSING, cpus = 1, memory_mib = 256, timeout_s = 20)]
+fn demo_scheduler_binary_missing(_ctx: &Ctx) -> Result<()> {
+    Ok(())
+}
+
+/// Drives this binary like nextest does (`NEXTEST=1 --exact NAME`).
+mod driver {
+    use std::process::Command;
+
+    struct Run {
+        code: i32,
+        stderr: String,
+    }
+
+    /// Runs one ktstr test of this binary in single-kernel mode (the first
+    /// kernel of a multi-kernel run); `None` when it skipped (no kernel, or
+    /// one without sched_ext) so the caller can skip too.
+    fn run_exact(name: &str) -> Option<Run> {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", name, "--ignored", "--nocapture"]).env("NEXTEST", "1");
+        if let Ok(list) = std::env::var("KTSTR_KERNEL_LIST") {
+            let first = list.split(';').find(|e| !e.is_empty()).and_then(|e| e.split_once('=')).map(|(_, p)| p.to_string());
+            cmd.env_remove("KTSTR_KERNEL_LIST");
+            if let Some(p) = first {
+                cmd.env("KTSTR_KERNEL", p).env_remove("KTSTR_TEST_KERNEL");
+            }
+        }
+        cmd.env_remove("KTSTR_NO_SKIP_MODE");
+        let out = cmd.output().unwrap();
+        let r = Run { code: out.status.code().unwrap_or(-1), stderr: String::from_utf8_lossy(&out.stderr).into_owned() };
+        eprintln!("{name}: exit {}\n{}", r.code, r.stderr);
+        if r.code == 0 && r.stderr.contains("ktstr: SKIP:") {
+            eprintln!("skipping the check of {name}: it skipped");
+            return None;
+        }
+        Some(r)
+    }
+
+    fn fails_with(name: &str, needles: &[&str]) {
+        let Some(r) = run_exact(name) else { return };
+        assert_eq!(r.code, 1, "{name} must FAIL:\n{}", r.stderr);
+        let banner = r.stderr.lines().find(|l| l.starts_with("ktstr: FAIL: ")).unwrap_or_else(|| panic!("no FAIL banner:\n{}", r.stderr));
+        for n in needles {
+            assert!(banner.contains(n), "{name}: want {n:?} in the FAIL line {banner:?}\nfull stderr:\n{}", r.stderr);
+        }
+    }
+
+    #[test]
+    fn qmap_bpf_error_fails_with_its_reason() {
+        fails_with("ktstr/demo_scx_qmap_bpf_error", &["scheduler scx_qmap_error", "error_bpf (scx_bpf_error)", "qmap: test triggering error"]);
+    }
+
+    #[test]
+    fn qmap_stall_fails_as_a_stall() {
+        fails_with("ktstr/demo_scx_qmap_stall", &["scheduler scx_qmap_stall", "stall (runnable task stall)", "failed to run for"]);
+    }
+
+    #[test]
+    fn scheduler_exiting_at_once_fails_before_attaching() {
+        fails_with("ktstr/demo_scheduler_exits_at_once", &["scheduler exits_at_once", "exited before attaching", "exit status 1"]);
+    }
+
+    #[test]
+    fn missing_scheduler_binary_fails_naming_the_search() {
+        fails_with(
+            "ktstr/demo_scheduler_binary_missing",
+            &["scheduler scx_not_built_anywhere: binary `scx_not_built_anywhere` not found; looked in:", "(PATH)", "(test binary dir)"],
+        );
+    }
+}
