@@ -389,6 +389,18 @@ impl Running {
             // Give the kernel a moment to log why (e.g. ops.init() failing).
             std::thread::sleep(Duration::from_millis(100));
             probe.poll();
+            // The kernel logged it enabled, then an error exit: it attached and
+            // was ejected before this poll saw it (e.g. PID 1 itself stalled).
+            let attached_then_ejected = probe.log.enabled.as_deref().is_some_and(|o| sched.ops_matches(o));
+            if let Some(k) = probe.log.exit.clone().filter(|k| attached_then_ejected && k.kind.is_error()) {
+                return Err(SchedFail::Ejected(Ejection {
+                    scheduler: name,
+                    kind: EjectKind::Kernel(k),
+                    process: Some(status),
+                    output: probe.output(),
+                })
+                .into());
+            }
             return Err(SchedFail::ExitedBeforeAttach {
                 name,
                 status,

@@ -128,7 +128,11 @@ pub fn find_binary_in(s: &Scheduler, env: &SearchEnv) -> Result<PathBuf, SchedFa
         };
     }
     let mut looked = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (label, dir) in env.dirs() {
+        if !seen.insert(dir.clone()) {
+            continue;
+        }
         let cand = dir.join(s.binary);
         if is_executable_file(&cand) {
             return Ok(cand);
