@@ -1,0 +1,164 @@
+//! `cargo ktstr kernel build|list|clean`.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use kernel_build::{Base, Cache, Options};
+
+#[derive(Debug, Args)]
+pub struct KernelArgs {
+    #[command(subcommand)]
+    pub command: KernelCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KernelCommand {
+    /// Fetch, configure (base + ktstr.kconfig) and build a kernel into the cache.
+    Build(BuildArgs),
+    /// List cached kernels, newest first.
+    List {
+        /// Print JSON (an array of metadata.json objects plus dir and disk size).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove cached kernels (never ones whose lock is held).
+    Clean {
+        /// Keep the N newest entries, remove the rest.
+        #[arg(long, value_name = "N", conflicts_with = "keys")]
+        keep: Option<usize>,
+        /// Remove these entries only.
+        #[arg(value_name = "KEY")]
+        keys: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// VERSION, RANGE, TARBALL, git+URL#REF, PATH or CACHE-KEY (see docs).
+    #[arg(value_name = "SPEC", required = true)]
+    pub specs: Vec<String>,
+    /// Release mirror base URL in kernel.org layout (http(s):// or file://).
+    #[arg(long, value_name = "URL", env = "KTSTR_KERNEL_MIRROR")]
+    pub mirror: Option<String>,
+    /// Base config the ktstr fragment is merged onto.
+    #[arg(long, value_name = "BASE", value_parser = ["tinyconfig", "defconfig"], conflicts_with = "config")]
+    pub base: Option<String>,
+    /// Your own .config as the base.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Rebuild even if the kernel is cached.
+    #[arg(long)]
+    pub force: bool,
+    /// Parallel make jobs (default: CPU count).
+    #[arg(long, short = 'j')]
+    pub jobs: Option<usize>,
+}
+
+pub fn run(args: KernelArgs) -> Result<()> {
+    match args.command {
+        KernelCommand::Build(b) => build(b),
+        KernelCommand::List { json } => list(json),
+        KernelCommand::Clean { keep, keys } => clean(keep, &keys),
+    }
+}
+
+fn build(b: BuildArgs) -> Result<()> {
+    let base = match (&b.base, &b.config) {
+        (_, Some(f)) => {
+            if !f.is_file() {
+                bail!("--config {}: no such file", f.display());
+            }
+            Some(Base::File(f.clone()))
+        }
+        (Some(s), None) => Some(Base::parse(s)?),
+        (None, None) => None,
+    };
+    let opts = Options { mirror: b.mirror, base, force: b.force, jobs: b.jobs, ..Options::default() };
+    // Parse every spec first so a typo in the last one fails before any build.
+    for s in &b.specs {
+        kernel_build::KernelSpec::parse(s)?;
+    }
+    for s in &b.specs {
+        for k in kernel_build::resolve(s, &opts)? {
+            // stdout: `label=image`, the KTSTR_KERNEL_LIST entry format.
+            println!("{}={}", k.label, k.image.display());
+        }
+    }
+    Ok(())
+}
+
+fn age(secs: u64) -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let a = now.saturating_sub(secs);
+    match a {
+        0..=119 => format!("{a}s"),
+        120..=7199 => format!("{}m", a / 60),
+        7200..=172_799 => format!("{}h", a / 3600),
+        _ => format!("{}d", a / 86400),
+    }
+}
+
+fn size(bytes: u64) -> String {
+    let mib = bytes as f64 / (1u64 << 20) as f64;
+    if mib >= 1024.0 {
+        format!("{:.1}G", mib / 1024.0)
+    } else {
+        format!("{mib:.1}M")
+    }
+}
+
+fn list(json: bool) -> Result<()> {
+    let cache = Cache::open(None)?;
+    let entries = cache.list()?;
+    if json {
+        let v: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                let mut m = serde_json::to_value(&e.meta).unwrap_or_default();
+                if let Some(o) = m.as_object_mut() {
+                    o.insert("dir".into(), e.dir.display().to_string().into());
+                    o.insert("image".into(), e.image().display().to_string().into());
+                    o.insert("disk_size".into(), e.disk_size().into());
+                }
+                m
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if entries.is_empty() {
+        eprintln!("no cached kernels in {}", cache.root().display());
+        return Ok(());
+    }
+    let kw = entries.iter().map(|e| e.key.len()).max().unwrap_or(3).max(3);
+    let vw = entries.iter().map(|e| e.meta.version.len()).max().unwrap_or(7).max(7);
+    println!("{:kw$}  {:vw$}  {:5}  {:>7}  SOURCE", "KEY", "VERSION", "AGE", "SIZE");
+    for e in &entries {
+        println!(
+            "{:kw$}  {:vw$}  {:5}  {:>7}  {}",
+            e.key,
+            e.meta.version,
+            age(e.meta.build_time),
+            size(e.disk_size()),
+            e.meta.source
+        );
+    }
+    Ok(())
+}
+
+fn clean(keep: Option<usize>, keys: &[String]) -> Result<()> {
+    let cache = Cache::open(None)?;
+    let r = cache.clean(keep, keys)?;
+    for k in &r.removed {
+        println!("removed {k}");
+    }
+    for k in &r.locked {
+        eprintln!("kept {k}: its lock is held (a build or test is using it)");
+    }
+    if !r.missing.is_empty() {
+        bail!("no such cache entr{}: {}", if r.missing.len() == 1 { "y" } else { "ies" }, r.missing.join(", "));
+    }
+    Ok(())
+}

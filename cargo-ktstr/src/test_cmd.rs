@@ -1,0 +1,311 @@
+//! `cargo ktstr test`: resolve every `--kernel`, export the hand-off env
+//! vars of design.md, then replace this process with `cargo nextest run`.
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Result};
+use kernel_build::{KernelSpec, Options, ResolvedKernel};
+
+const EXAMPLES: &str = "\
+Examples:
+  cargo ktstr test                                   # kernel found by discovery (cache, ./linux, /boot)
+  cargo ktstr test --kernel 6.12                     # newest 6.12.x, built once and cached
+  cargo ktstr test --kernel 6.12 --kernel ../linux   # every VM test once per kernel
+  cargo ktstr test --kernel 6.10..6.12 -- -E 'test(kernel_6_11)'
+  cargo ktstr test -p my-sched-tests --release -- --no-fail-fast --retries 2
+
+Everything after `--` goes to `cargo nextest run` untouched.
+Environment: KTSTR_KERNEL_PARALLELISM (kernels resolved at once, default: CPU count),
+KTSTR_CACHE_DIR, KTSTR_KERNEL_MIRROR.";
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
+pub struct TestArgs {
+    /// Kernel to test against (repeatable): VERSION, RANGE, TARBALL, git+URL#REF, PATH or CACHE-KEY.
+    #[arg(long = "kernel", value_name = "SPEC")]
+    pub kernels: Vec<String>,
+    /// Build the test binaries in release mode.
+    #[arg(long)]
+    pub release: bool,
+    /// Package(s) whose tests to run (repeatable).
+    #[arg(short = 'p', long = "package", value_name = "PKG")]
+    pub packages: Vec<String>,
+    /// Mirror base URL for version and range specs.
+    #[arg(long, value_name = "URL")]
+    pub mirror: Option<String>,
+    /// Print the environment and the nextest command instead of running it.
+    #[arg(long, hide = true)]
+    pub print_env: bool,
+    /// Arguments for `cargo nextest run`.
+    #[arg(last = true, value_name = "NEXTEST ARGS", allow_hyphen_values = true)]
+    pub nextest_args: Vec<String>,
+}
+
+/// The env vars handed to the test binaries, from resolved kernels in order.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct KernelEnv {
+    /// `KTSTR_KERNEL`: the first kernel.
+    pub kernel: Option<PathBuf>,
+    /// `KTSTR_KERNEL_LIST`: `label=path;…`, only with two or more kernels.
+    pub list: Option<String>,
+}
+
+/// The consumer-side sanitizer of design.md, to catch two labels that
+/// would collide as test-name suffixes before nextest starts.
+pub fn sanitize(label: &str) -> String {
+    let mut out = String::from("kernel_");
+    let mut sep = false;
+    for c in label.chars() {
+        if c.is_ascii_alphanumeric() {
+            if sep && out.len() > "kernel_".len() {
+                out.push('_');
+            }
+            sep = false;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            sep = true;
+        }
+    }
+    out
+}
+
+/// `(spec, label, image)` triples → env vars. Duplicates of the same image
+/// under the same label collapse; distinct kernels whose labels sanitize
+/// alike are an error naming both specs.
+pub fn kernel_env(kernels: &[(String, String, PathBuf)]) -> Result<KernelEnv> {
+    let mut uniq: Vec<&(String, String, PathBuf)> = Vec::new();
+    for k in kernels {
+        if let Some(prev) = uniq.iter().find(|u| sanitize(&u.1) == sanitize(&k.1)) {
+            if prev.2 == k.2 {
+                continue;
+            }
+            bail!(
+                "--kernel {} and --kernel {} both get the test-name suffix {} (labels {:?} and {:?}); drop one of them",
+                prev.0,
+                k.0,
+                sanitize(&k.1),
+                prev.1,
+                k.1
+            );
+        }
+        for (what, s) in [("label", &k.1), ("image path", &k.2.to_string_lossy().into_owned())] {
+            if s.contains(';') || (what == "label" && s.contains('=')) {
+                bail!("--kernel {}: {what} {s:?} contains `;` or `=`, which KTSTR_KERNEL_LIST cannot carry", k.0);
+            }
+        }
+        uniq.push(k);
+    }
+    let mut env = KernelEnv { kernel: uniq.first().map(|k| k.2.clone()), list: None };
+    if uniq.len() >= 2 {
+        env.list = Some(uniq.iter().map(|k| format!("{}={}", k.1, k.2.display())).collect::<Vec<_>>().join(";"));
+    }
+    Ok(env)
+}
+
+/// `KTSTR_KERNEL_PARALLELISM`, else the CPU count.
+fn parallelism() -> Result<usize> {
+    match std::env::var("KTSTR_KERNEL_PARALLELISM") {
+        Ok(v) if !v.is_empty() => match v.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("KTSTR_KERNEL_PARALLELISM={v:?} is not a positive integer"),
+        },
+        _ => Ok(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+    }
+}
+
+/// Resolves every spec on at most `parallelism` threads, keeping the
+/// command-line order. The first failure is returned as one line naming
+/// its spec; the caller exits without waiting for other builds.
+pub fn resolve_all(specs: &[String], opts: &Options, parallelism: usize) -> Result<Vec<(String, ResolvedKernel)>> {
+    // Parse everything first: a typo must not wait behind a kernel build.
+    for s in specs {
+        KernelSpec::parse(s).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let slots: Arc<Mutex<Vec<Option<Result<Vec<ResolvedKernel>, String>>>>> =
+        Arc::new(Mutex::new(specs.iter().map(|_| None).collect()));
+    let next = Arc::new(Mutex::new(0usize));
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    let workers = parallelism.min(specs.len()).max(1);
+    for _ in 0..workers {
+        let (slots, next, tx, specs, opts) = (slots.clone(), next.clone(), tx.clone(), specs.to_vec(), opts.clone());
+        std::thread::spawn(move || loop {
+            let i = {
+                let mut n = next.lock().unwrap();
+                if *n >= specs.len() {
+                    return;
+                }
+                *n += 1;
+                *n - 1
+            };
+            let r = kernel_build::resolve(&specs[i], &opts).map_err(|e| one_line(&format!("{e:#}")));
+            slots.lock().unwrap()[i] = Some(r);
+            if tx.send(i).is_err() {
+                return;
+            }
+        });
+    }
+    drop(tx);
+    for _ in 0..specs.len() {
+        let i = rx.recv().map_err(|_| anyhow::anyhow!("a kernel resolver thread died"))?;
+        if let Some(Err(e)) = &slots.lock().unwrap()[i] {
+            let spec = &specs[i];
+            bail!("kernel {spec:?}: {}", e.strip_prefix(&format!("invalid kernel spec {spec:?}: ")).unwrap_or(e));
+        }
+    }
+    let slots = std::mem::take(&mut *slots.lock().unwrap());
+    let mut out = Vec::new();
+    for (spec, r) in specs.iter().zip(slots) {
+        for k in r.expect("every slot reported").expect("errors returned above") {
+            out.push((spec.clone(), k));
+        }
+    }
+    Ok(out)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Where cargo looks for `cargo-nextest`: PATH, then `$CARGO_HOME/bin`.
+pub fn find_nextest() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    dirs.extend(cargo_home.map(|h| h.join("bin")));
+    dirs.into_iter().map(|d| d.join("cargo-nextest")).find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The cargo that invoked us (`$CARGO`), else `cargo` from PATH.
+pub fn cargo() -> OsString {
+    std::env::var_os("CARGO").filter(|c| !c.is_empty()).unwrap_or_else(|| "cargo".into())
+}
+
+/// A shared lock on each cache entry that survives `exec`, so nextest (and
+/// every test it runs) keeps `kernel clean` off the images until it exits.
+fn inherit_entry_locks(kernels: &[(String, ResolvedKernel)]) -> Result<()> {
+    use std::os::fd::IntoRawFd;
+    for (_, k) in kernels {
+        if k.cache_key.is_none() {
+            continue;
+        }
+        let path = kernel_build::cache::entry_lock_path(&k.dir);
+        let f = std::fs::OpenOptions::new().read(true).open(&path)?;
+        let fd = f.into_raw_fd();
+        // SAFETY: fd is ours and open; flock/fcntl have no memory effects.
+        unsafe {
+            // We already hold a shared lock through `k.lock`, so this cannot block on a writer.
+            if libc::flock(fd, libc::LOCK_SH) != 0 {
+                bail!("locking {}: {}", path.display(), std::io::Error::last_os_error());
+            }
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+        }
+    }
+    Ok(())
+}
+
+/// The `cargo nextest run …` argument list (after the cargo binary).
+pub fn nextest_argv(args: &TestArgs) -> Vec<String> {
+    let mut v = vec!["nextest".to_string(), "run".to_string()];
+    if args.release {
+        v.push("--release".into());
+    }
+    for p in &args.packages {
+        v.push("-p".into());
+        v.push(p.clone());
+    }
+    v.extend(args.nextest_args.iter().cloned());
+    v
+}
+
+pub fn run(args: TestArgs) -> Result<std::convert::Infallible> {
+    let opts = Options { mirror: args.mirror.clone(), ..Options::default() };
+    let kernels = if args.kernels.is_empty() { Vec::new() } else { resolve_all(&args.kernels, &opts, parallelism()?)? };
+    let triples: Vec<(String, String, PathBuf)> =
+        kernels.iter().map(|(s, k)| (s.clone(), k.label.clone(), k.image.clone())).collect();
+    let env = kernel_env(&triples)?;
+
+    let mut cmd = Command::new(cargo());
+    cmd.args(nextest_argv(&args));
+    if let Some(k) = &env.kernel {
+        if std::env::var_os("KTSTR_TEST_KERNEL").is_some() {
+            eprintln!("ktstr: note: --kernel given, so KTSTR_TEST_KERNEL from the environment is ignored");
+        }
+        cmd.env("KTSTR_KERNEL", k).env_remove("KTSTR_TEST_KERNEL");
+        match &env.list {
+            Some(l) => cmd.env("KTSTR_KERNEL_LIST", l),
+            // A stale list from the caller's environment would override our single kernel.
+            None => cmd.env_remove("KTSTR_KERNEL_LIST"),
+        };
+    }
+    if args.print_env {
+        if let Some(k) = &env.kernel {
+            println!("KTSTR_KERNEL={}", k.display());
+        }
+        if let Some(l) = &env.list {
+            println!("KTSTR_KERNEL_LIST={l}");
+        }
+        println!("exec: {} {}", cargo().to_string_lossy(), nextest_argv(&args).join(" "));
+        std::process::exit(0);
+    }
+    if find_nextest().is_none() {
+        bail!("cargo-nextest is not installed; install it with: cargo install cargo-nextest --locked");
+    }
+    inherit_entry_locks(&kernels)?;
+    let err = cmd.exec();
+    bail!("running {} nextest run: {err}", cargo().to_string_lossy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitizer_matches_design() {
+        assert_eq!(sanitize("6.14.2"), "kernel_6_14_2");
+        assert_eq!(sanitize("6.15-rc3"), "kernel_6_15_rc3");
+        assert_eq!(sanitize("git_tj_sched_ext_for-next"), "kernel_git_tj_sched_ext_for_next");
+        assert_eq!(sanitize("-a--B-"), "kernel_a_b");
+    }
+
+    #[test]
+    fn env_from_kernels() {
+        let k = |s: &str, l: &str, p: &str| (s.to_string(), l.to_string(), PathBuf::from(p));
+        assert_eq!(kernel_env(&[]).unwrap(), KernelEnv::default());
+        let one = kernel_env(&[k("6.12", "6.12.9", "/c/a/bzImage")]).unwrap();
+        assert_eq!(one, KernelEnv { kernel: Some("/c/a/bzImage".into()), list: None });
+        let two = kernel_env(&[k("6.12", "6.12.9", "/c/a/bzImage"), k("../linux", "path_linux_abc123_dirty", "/l/bzImage")])
+            .unwrap();
+        assert_eq!(two.kernel, Some("/c/a/bzImage".into()));
+        assert_eq!(two.list.as_deref(), Some("6.12.9=/c/a/bzImage;path_linux_abc123_dirty=/l/bzImage"));
+        // The same kernel named twice collapses to single-kernel mode.
+        let dup = kernel_env(&[k("6.12", "6.12.9", "/c/a/bzImage"), k("6.12.9", "6.12.9", "/c/a/bzImage")]).unwrap();
+        assert_eq!(dup.list, None);
+        let clash = kernel_env(&[k("a", "6.12", "/a"), k("b", "6-12", "/b")]).unwrap_err().to_string();
+        assert!(clash.contains("--kernel a and --kernel b") && clash.contains("kernel_6_12"), "{clash}");
+        assert!(kernel_env(&[k("a", "x", "/a;b"), k("b", "y", "/c")]).is_err());
+    }
+
+    #[test]
+    fn argv_passes_nextest_args_untouched() {
+        let a = TestArgs {
+            kernels: vec![],
+            release: true,
+            packages: vec!["p1".into()],
+            mirror: None,
+            print_env: false,
+            nextest_args: vec!["-E".into(), "test(kernel_6_12)".into(), "--".into(), "--exact".into()],
+        };
+        assert_eq!(nextest_argv(&a), ["nextest", "run", "--release", "-p", "p1", "-E", "test(kernel_6_12)", "--", "--exact"]);
+    }
+}

@@ -1,0 +1,65 @@
+//! Producer-side kernel labels (design.md, "Kernel labels").
+
+use std::path::Path;
+
+/// A version or range member: the version itself, e.g. `6.12.9`.
+pub fn version_label(version: &str) -> String {
+    version.to_string()
+}
+
+/// A cache key: its version prefix (`6.12.9-tarball-…` → `6.12.9`,
+/// `v6.12-git-abc1234-…` → `v6.12`, `local-abc1234-…` → `local-abc1234`).
+pub fn cache_key_label(key: &str) -> String {
+    // Drop `-{arch}-kc{kc}`, then the source kind.
+    let head = key.rsplit_once("-kc").map(|(h, _)| h).unwrap_or(key);
+    let head = head.rsplit_once('-').map(|(h, _)| h).unwrap_or(head);
+    if let Some(v) = head.strip_suffix("-tarball") {
+        return v.to_string();
+    }
+    if let Some((r, hash)) = head.rsplit_once("-git-") {
+        if hash.len() == 7 {
+            return r.to_string();
+        }
+    }
+    head.to_string()
+}
+
+/// A git spec: `git_{owner}_{repo}_{ref}`.
+pub fn git_label(url: &str, git_ref: &str) -> String {
+    let (owner, repo) = crate::git::owner_repo(url);
+    format!("git_{owner}_{repo}_{git_ref}")
+}
+
+/// A path: `path_{basename}_{hash6}`, `_dirty` for a dirty or non-git tree.
+/// `hash6` is the first 6 hex digits of the CRC32 of the canonical path.
+pub fn path_label(path: &Path, dirty: bool) -> String {
+    let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let base = canon.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into());
+    let crc = format!("{:08x}", crc32fast::hash(canon.as_os_str().as_encoded_bytes()));
+    let mut l = format!("path_{base}_{}", &crc[..6]);
+    if dirty {
+        l.push_str("_dirty");
+    }
+    l
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels() {
+        assert_eq!(version_label("6.12.9"), "6.12.9");
+        assert_eq!(cache_key_label("6.12.9-tarball-x86_64-kc1a2b3c4d"), "6.12.9");
+        assert_eq!(cache_key_label("6.15-rc3-tarball-x86_64-kc1a2b3c4d"), "6.15-rc3");
+        assert_eq!(cache_key_label("for-next-git-abc1234-x86_64-kc1a2b3c4d"), "for-next");
+        assert_eq!(cache_key_label("local-abc1234-x86_64-kc1a2b3c4d"), "local-abc1234");
+        assert_eq!(git_label("https://git.kernel.org/pub/scm/linux/kernel/git/tj/sched_ext.git", "for-next"), "git_tj_sched_ext_for-next");
+        let d = tempfile::tempdir().unwrap();
+        let canon = d.path().canonicalize().unwrap();
+        let crc = format!("{:08x}", crc32fast::hash(canon.as_os_str().as_encoded_bytes()));
+        let base = canon.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(path_label(d.path(), false), format!("path_{base}_{}", &crc[..6]));
+        assert!(path_label(d.path(), true).ends_with("_dirty"));
+    }
+}
