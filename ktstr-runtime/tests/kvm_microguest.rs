@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ktstr_runtime::channel;
 use ktstr_runtime::vmm::kvm::acpi::{PM1A_CNT_PORT, RESET_PORT, S5_POWER_OFF};
-use ktstr_runtime::vmm::kvm::asm::{Asm, Cond, Reg};
+use ktstr_runtime::vmm::kvm::asm::{Asm, Reg};
 use ktstr_runtime::vmm::kvm::devices::TEST_PORT;
 use ktstr_runtime::vmm::kvm::memory::{RAW_CODE, SCRATCH_MMIO};
 use ktstr_runtime::vmm::kvm::serial::{COM1_BASE, COM2_BASE};
@@ -150,4 +150,47 @@ fn kvm_triple_fault() {
         power_off(a);
     }) else { return };
     assert_eq!(out.exit, ExitKind::TripleFault, "{:?}", out.cause);
+}
+
+#[test]
+fn kvm_selftest_measures_this_host() {
+    use ktstr_runtime::vmm::kvm::selftest;
+    let t = Instant::now();
+    let v = match selftest::measure() {
+        Ok(v) => v,
+        Err(e @ (VmError::KvmUnavailable(_) | VmError::Transient { .. })) => {
+            eprintln!("ktstr: SKIP: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    eprintln!("self-test verdict ({:?}): {v}", t.elapsed());
+    let text = v.to_string();
+    assert!(text.starts_with(if v.usable() { "usable:" } else { "unusable:" }), "{text}");
+    assert!(text.contains("CPL0 loop"), "{text}");
+    // The cached verdict agrees on usability with a fresh measurement.
+    assert_eq!(selftest::verdict().unwrap().usable(), v.usable());
+}
+
+#[test]
+fn kvm_console_panic_then_reset_is_panic() {
+    let Some(out) = run(Topology::cpus(1), |a| {
+        a.puts(COM1_BASE, "Kernel panic - not syncing: micro-guest\n");
+        a.outb(RESET_PORT, 0x06).halt_forever();
+    }) else { return };
+    assert_eq!(out.exit, ExitKind::Panic, "{:?}", out.cause);
+    assert_eq!(out.cause, Cause::Device(ktstr_runtime::vmm::kvm::devices::Stop::Reset));
+}
+
+#[test]
+fn kvm_console_panic_then_hang_ends_early() {
+    let t = Instant::now();
+    let Some(out) = run(Topology::cpus(1), |a| {
+        a.puts(COM1_BASE, "Kernel panic - not syncing: hung after panic\n");
+        let l = a.label();
+        a.bind(l).jmp(l);
+    }) else { return };
+    assert_eq!(out.exit, ExitKind::Panic, "{:?}", out.cause);
+    assert_eq!(out.cause, Cause::PanicSeen);
+    assert!(t.elapsed() < TIMEOUT / 2, "panic did not cut the wait short: {:?}", t.elapsed());
 }

@@ -229,6 +229,20 @@ impl Asm {
         self
     }
 
+    /// `opcode` with a `[base+disp32]` operand and `reg` in ModRM.reg
+    /// (a register number or an opcode extension).
+    pub fn op_mem(&mut self, opcode: &[u8], reg: u8, base: Reg, disp: i32) -> &mut Self {
+        self.rex(false, reg, base as u8);
+        self.code.extend_from_slice(opcode);
+        self.mem(reg, base, disp);
+        self
+    }
+
+    /// `out dx, eax` of a constant (clobbers rax, rdx).
+    pub fn outl(&mut self, port: u16, val: u32) -> &mut Self {
+        self.mov32(Reg::Rax, val).out_eax(port)
+    }
+
     pub fn cpuid(&mut self) -> &mut Self {
         self.bytes(&[0x0f, 0xa2])
     }

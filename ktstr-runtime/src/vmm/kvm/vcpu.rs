@@ -192,12 +192,14 @@ fn emulation_failure(index: usize, vcpu: &mut VcpuFd, shared: &Shared) -> Emulat
     let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
     let n = (internal.ndata as usize).min(16);
     let data = &internal.data[..n];
-    // With KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, data[1] is
-    // the length and data[2..] the bytes.
+    // `struct kvm_run.emulation_failure`: data[0] is flags; with
+    // KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, the next 16
+    // bytes are insn_size then up to 15 instruction bytes.
     let mut insn: Vec<u8> = Vec::new();
     if internal.suberror == 1 && n >= 3 && data[0] & 1 != 0 {
-        let len = (data[1] as usize).min(16);
-        insn = data[2..].iter().flat_map(|w| w.to_le_bytes()).take(len).collect();
+        let raw: Vec<u8> = data[1..3].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let len = (raw[0] as usize).min(15);
+        insn = raw[1..1 + len].to_vec();
     }
     if insn.is_empty() {
         if let Ok(t) = vcpu.translate_gva(rip) {
