@@ -5,6 +5,7 @@ pub use crate::cpuset::CpuSet;
 pub use crate::ctx::{Ctx, SeenTopology};
 pub use crate::guest::supervise::Skip;
 pub use crate::report::{Report, WorkerReport};
+pub use crate::scheduler::Scheduler;
 pub use crate::vmm::Topology;
 pub use crate::workers::{Work, WorkerGroup};
 pub use anyhow::{anyhow, bail, ensure, Context as _, Result};

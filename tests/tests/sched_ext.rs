@@ -7,7 +7,6 @@
 //! kernel message.
 
 use ktstr_runtime::prelude::*;
-use ktstr_runtime::scheduler::Scheduler;
 
 const SIMPLE: Scheduler = Scheduler::new("scx_simple").binary("scx_simple").args(&["-f"]);
 const QMAP: Scheduler = Scheduler::new("scx_qmap");
