@@ -86,7 +86,7 @@ impl SearchEnv {
                 .filter(|b| b.is_dir())
                 .map(|b| (b.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), b))
                 .collect();
-            entries.sort_by(|a, b| b.0.cmp(&a.0));
+            entries.sort_by_key(|e| std::cmp::Reverse(e.0));
             let matching = self.kernel_key.as_ref().map(|k| root.join(k).join("bin"));
             if let Some(m) = matching.as_ref().filter(|m| m.is_dir()) {
                 v.push(("scx fixture cache (this kernel)".into(), m.clone()));

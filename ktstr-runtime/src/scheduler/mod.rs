@@ -7,6 +7,9 @@
 //! const SIMPLE: Scheduler = Scheduler::new("scx_simple").binary("scx_simple").args(&["-f"]);
 //! ```
 
+// Failures carry the scheduler's output; they happen once per test, size is no concern.
+#![allow(clippy::result_large_err)]
+
 pub mod guest;
 pub mod host;
 pub mod kmsg;
@@ -336,6 +339,45 @@ mod tests {
         assert!(ExitKind::Stall.is_error() && ExitKind::ErrorBpf.is_error());
         assert!(!ExitKind::UnregUser.is_error());
         assert_eq!(ExitKind::from_reason("new reason"), ExitKind::Other("new reason".into()));
+    }
+
+    #[test]
+    fn failure_lines_name_scheduler_kind_and_message() {
+        let k = KernelExit {
+            ops: "qmap".into(),
+            kind: ExitKind::Stall,
+            msg: Some("init[47] failed to run for 7.360s".into()),
+            log: vec!["sched_ext: BPF scheduler \"qmap\" disabled (runnable task stall)".into(), "  trace+0x1".into()],
+        };
+        let e = Ejection {
+            scheduler: "scx_qmap_stall".into(),
+            kind: EjectKind::Kernel(k.clone()),
+            process: Some("exit status 0".into()),
+            output: Output { stderr: "EXIT: runnable task stall\n".into(), ..Default::default() },
+        };
+        let f = SchedFail::Ejected(e);
+        assert_eq!(
+            f.to_string(),
+            "scheduler scx_qmap_stall was ejected by the kernel: sched_ext exit kind stall (runnable task stall): \
+             qmap: init[47] failed to run for 7.360s; the scheduler process then ended (exit status 0)"
+        );
+        let d = f.details();
+        assert!(d.contains("  trace+0x1") && d.contains("EXIT: runnable task stall"), "{d}");
+
+        let f = SchedFail::ExitedBeforeAttach {
+            name: "exits_at_once".into(),
+            status: "exit status 1".into(),
+            kernel: None,
+            output: Output::default(),
+        };
+        assert_eq!(f.to_string(), "scheduler exits_at_once: exited before attaching (exit status 1)");
+        let died = Ejection {
+            scheduler: "s".into(),
+            kind: EjectKind::ProcessDied("killed by signal 9".into()),
+            process: Some("killed by signal 9".into()),
+            output: Output::default(),
+        };
+        assert_eq!(died.to_string(), "scheduler s died during the test (killed by signal 9); the kernel logged no sched_ext exit");
     }
 
     #[test]
