@@ -122,3 +122,86 @@ fn load_initrd(mem: &GuestMemoryMmap, cfg: &VmConfig, path: &Path, kernel_end: u
         .map_err(|e| VmError::Host(anyhow::anyhow!("writing the initramfs: {e}")))?;
     Ok(Initrd { addr, size })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::{ChannelRegion, Topology};
+    use std::time::Duration;
+
+    /// A bzImage-shaped file: boot sector + setup header, then a payload.
+    fn fake_bzimage(dir: &Path, xloadflags: u16) -> std::path::PathBuf {
+        let mut img = vec![0u8; 5 * 512];
+        img[0x1f1] = 4; // setup_sects
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x211] = 1; // loadflags: LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+        img[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+        img.extend_from_slice(&[0xf4; 4096]); // "kernel": hlt
+        let p = dir.join("bzImage");
+        std::fs::write(&p, img).unwrap();
+        p
+    }
+
+    fn cfg(kernel: std::path::PathBuf, initrd: Option<std::path::PathBuf>) -> VmConfig {
+        VmConfig {
+            kernel,
+            vmlinux: None,
+            initramfs: initrd,
+            cmdline: "console=ttyS0 ktstr.chan=0x3c00000:0x400000".into(),
+            topology: Topology::cpus(1),
+            memory_mib: 64,
+            timeout: Duration::from_secs(1),
+            channel: ChannelRegion { gpa: 0x3c0_0000, size: 0x40_0000 },
+        }
+    }
+
+    #[test]
+    fn bzimage_64bit_entry_with_initrd() {
+        let dir = tempfile::tempdir().unwrap();
+        let rd = dir.path().join("initrd");
+        std::fs::write(&rd, vec![0xab; 3 * 4096 + 5]).unwrap();
+        let c = cfg(fake_bzimage(dir.path(), XLF_KERNEL_64), Some(rd));
+        let mem = memory::create(64).unwrap();
+        let e = load(&mem, &c, 0xe_0000).unwrap();
+        assert_eq!(e, BootEntry { rip: 0x10_0200, long_mode: true, params: ZERO_PAGE });
+        let hlt: u8 = mem.read_obj(GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(hlt, 0xf4);
+        let rd_addr: u32 = mem.read_obj(GuestAddress(ZERO_PAGE + 0x218)).unwrap();
+        let rd_size: u32 = mem.read_obj(GuestAddress(ZERO_PAGE + 0x21c)).unwrap();
+        assert_eq!(rd_size, 3 * 4096 + 5);
+        assert!(rd_addr as u64 + rd_size as u64 <= c.channel.gpa, "initrd below the channel region");
+        assert_eq!(rd_addr % (2 << 20), 0);
+        let byte: u8 = mem.read_obj(GuestAddress(rd_addr as u64)).unwrap();
+        assert_eq!(byte, 0xab);
+        let mut line = vec![0u8; c.cmdline.len() + 1];
+        mem.read_slice(&mut line, GuestAddress(CMDLINE)).unwrap();
+        assert_eq!(&line[..c.cmdline.len()], c.cmdline.as_bytes());
+        assert_eq!(line[c.cmdline.len()], 0);
+        // The e820 map in the zero page reserves the channel.
+        let n: u8 = mem.read_obj(GuestAddress(ZERO_PAGE + 0x1e8)).unwrap();
+        let reserved = (0..n as u64).any(|i| {
+            let at = ZERO_PAGE + 0x2d0 + i * 20;
+            mem.read_obj::<u64>(GuestAddress(at)).unwrap() == c.channel.gpa
+                && mem.read_obj::<u32>(GuestAddress(at + 16)).unwrap() == memory::E820_RESERVED
+        });
+        assert!(reserved);
+    }
+
+    #[test]
+    fn rejects_32bit_only_bzimage_and_huge_initrd() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = memory::create(64).unwrap();
+        let err = load(&mem, &cfg(fake_bzimage(dir.path(), 0), None), 0).unwrap_err();
+        assert!(matches!(&err, VmError::BadImage(m) if m.contains("64-bit")), "{err}");
+        let rd = dir.path().join("big");
+        std::fs::write(&rd, vec![0u8; 80 << 20]).unwrap();
+        let err = load(&mem, &cfg(fake_bzimage(dir.path(), XLF_KERNEL_64), Some(rd)), 0).unwrap_err();
+        assert!(err.to_string().contains("raise memory_mib"), "{err}");
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, vec![0u8; 8192]).unwrap();
+        assert!(matches!(load(&mem, &cfg(junk, None), 0), Err(VmError::BadImage(_))));
+    }
+}
