@@ -240,18 +240,18 @@ mod tests {
     #[test]
     fn verify_names_dependency() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join(".config"), "CONFIG_A=y\n# CONFIG_B is not set\n").unwrap();
+        std::fs::write(d.path().join(".config"), "CONFIG_AA=y\n# CONFIG_BB is not set\n").unwrap();
         std::fs::create_dir(d.path().join("kernel")).unwrap();
         std::fs::write(
             d.path().join("kernel/Kconfig.x"),
-            "config C\n\tbool \"c\"\n\tdepends on B && A\n\nconfig D\n\tbool\n",
+            "config C\n\tbool \"c\"\n\tdepends on BB && AA\n\nconfig D\n\tbool\n",
         )
         .unwrap();
-        assert!(verify(d.path(), "CONFIG_A=y\n").is_ok());
-        let e = verify(d.path(), "CONFIG_A=y\nCONFIG_C=y\nCONFIG_D=y\n").unwrap_err();
+        assert!(verify(d.path(), "CONFIG_AA=y\n").is_ok());
+        let e = verify(d.path(), "CONFIG_AA=y\nCONFIG_C=y\nCONFIG_D=y\n").unwrap_err();
         assert_eq!(e.0.len(), 2);
         let msg = e.to_string();
-        assert!(msg.contains("CONFIG_C=y became unset (depends on B && A [B=n A=y])"), "{msg}");
+        assert!(msg.contains("CONFIG_C=y became unset (depends on BB && AA [BB=n AA=y])"), "{msg}");
         assert!(msg.contains("CONFIG_D=y became unset (no direct"), "{msg}");
         assert!(!msg.contains('\n'));
     }

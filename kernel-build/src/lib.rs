@@ -353,10 +353,11 @@ impl<'a> Resolver<'a> {
             image_size: 0,
         };
         let entry = self.cache.store(&lock, &tmp, &art, Some(&log), meta)?;
-        drop(tmp);
+        // Release waiters first; removing the multi-GB build dir takes a while.
         drop(lock);
-        note(format!("cached {} in {:.1} min: {}", entry.key, started.elapsed().as_secs_f64() / 60.0, entry.dir.display()));
         let lock = self.cache.lock_shared(&entry.key)?;
+        note(format!("cached {} in {:.1} min: {}", entry.key, started.elapsed().as_secs_f64() / 60.0, entry.dir.display()));
+        drop(tmp);
         Ok(ResolvedKernel {
             label: job.label,
             image: entry.image(),

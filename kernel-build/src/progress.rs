@@ -25,6 +25,7 @@ pub struct ProgressReader<R> {
     next_line: u64,
     start: Instant,
     what: String,
+    printed_at: Option<u64>,
 }
 
 impl<R: Read> ProgressReader<R> {
@@ -43,10 +44,14 @@ impl<R: Read> ProgressReader<R> {
         } else {
             ProgressBar::hidden()
         };
-        ProgressReader { inner, bar, tty, total, done: 0, next_line: 0, start: Instant::now(), what: what.to_string() }
+        ProgressReader { inner, bar, tty, total, done: 0, next_line: 0, start: Instant::now(), what: what.to_string(), printed_at: None }
     }
 
     fn plain_line(&mut self) {
+        if self.printed_at == Some(self.done) {
+            return;
+        }
+        self.printed_at = Some(self.done);
         let secs = self.start.elapsed().as_secs_f64().max(0.001);
         let mib = self.done as f64 / (1 << 20) as f64;
         let rate = mib / secs;

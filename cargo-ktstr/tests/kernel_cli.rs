@@ -1,0 +1,126 @@
+//! `cargo ktstr kernel …` through the real binary: bad specs, list, clean.
+//! Fast; always run.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn ktstr(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"))
+        .arg("ktstr")
+        .args(args)
+        .env("KTSTR_CACHE_DIR", cache)
+        .env_remove("KTSTR_KERNEL_MIRROR")
+        .output()
+        .expect("run cargo-ktstr")
+}
+
+/// Names in the cache root that are entries (not locks, logs or dot files).
+fn entries(cache: &Path) -> Vec<String> {
+    std::fs::read_dir(cache)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[track_caller]
+fn assert_fails_one_line(cache: &Path, args: &[&str], wants: &[&str]) {
+    let out = ktstr(cache, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("ktstr: ")).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: not one error line: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for w in wants {
+        assert!(lines[0].contains(w), "{args:?}: missing {w:?} in {err}");
+    }
+    assert!(entries(cache).is_empty(), "{args:?} left an entry: {:?}", entries(cache));
+}
+
+#[test]
+fn bad_specs_give_one_line_and_no_entry() {
+    let d = tempfile::tempdir().unwrap();
+    let c = d.path();
+    let forms = "accepted forms";
+    assert_fails_one_line(c, &["kernel", "build", ""], &["\"\"", "empty spec", forms]);
+    assert_fails_one_line(c, &["kernel", "build", "6.."], &["\"6..\"", "FROM..TO", forms]);
+    assert_fails_one_line(c, &["kernel", "build", "6.12..6.10"], &["\"6.12..6.10\"", "swap the endpoints", "6.10..6.12"]);
+    assert_fails_one_line(c, &["kernel", "build", "git+https://example.com/linux.git"], &["git+https://example.com/linux.git", "#REF", forms]);
+    assert_fails_one_line(c, &["kernel", "build", "ftp://example.com/linux-6.12.tar.xz"], &["ftp://", "unknown scheme", forms]);
+    assert_fails_one_line(c, &["kernel", "build", "no-such-thing"], &["no-such-thing", forms]);
+    // One bad spec among good ones fails before anything is fetched.
+    assert_fails_one_line(c, &["kernel", "build", "6.12.9", "6.12..6.10"], &["swap the endpoints"]);
+}
+
+#[test]
+fn unresolvable_inputs_fail_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let c = d.path().join("cache");
+    let key = format!("6.1.1-tarball-{}-kc{}", std::env::consts::ARCH, kernel_build::kconfig_hash());
+    assert_fails_one_line(&c, &["kernel", "build", &key], &[&key, "has no entry"]);
+    let junk = d.path().join("junk");
+    std::fs::write(&junk, b"not a kernel").unwrap();
+    assert_fails_one_line(&c, &["kernel", "build", junk.to_str().unwrap()], &["not a bootable kernel image"]);
+    let missing = d.path().join("missing.tar.xz");
+    assert_fails_one_line(&c, &["kernel", "build", missing.to_str().unwrap()], &["missing.tar.xz"]);
+    // A file:// mirror that lists no 6.12 release.
+    let mirror = d.path().join("mirror");
+    std::fs::create_dir_all(mirror.join("v6.x")).unwrap();
+    std::fs::write(mirror.join("v6.x/linux-6.11.3.tar.xz"), b"").unwrap();
+    let m = format!("file://{}", mirror.display());
+    assert_fails_one_line(&c, &["kernel", "build", "6.12", "--mirror", &m], &["lists no 6.12 release"]);
+    // A corrupt tarball: one line, and no temp dir left behind either.
+    let bad = d.path().join("linux-6.12.tar.xz");
+    std::fs::write(&bad, b"\xfd7zXZ\0garbage").unwrap();
+    assert_fails_one_line(&c, &["kernel", "build", bad.to_str().unwrap()], &["corrupt or truncated archive"]);
+    let leftovers: Vec<_> = std::fs::read_dir(&c).unwrap().flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().starts_with(".tmp")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn list_and_clean() {
+    let d = tempfile::tempdir().unwrap();
+    let c = d.path();
+    let out = ktstr(c, &["kernel", "list", "--json"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    // Two fake entries made by the library's own store format.
+    for (key, t) in [("6.12.1-tarball-x86_64-kc00000000", 100), ("6.12.2-tarball-x86_64-kc00000000", 200)] {
+        let e = c.join(key);
+        std::fs::create_dir_all(&e).unwrap();
+        std::fs::write(e.join(kernel_build::tree::image_name()), b"img").unwrap();
+        let meta = serde_json::json!({
+            "key": key, "spec": "s", "source": "/src.tar.xz", "version": key.split('-').next().unwrap(),
+            "arch": "x86_64", "kconfig_hash": "00000000", "base": "tinyconfig", "build_time": t,
+            "build_duration_secs": 1.0, "image_size": 3
+        });
+        std::fs::write(e.join("metadata.json"), meta.to_string()).unwrap();
+    }
+    let out = ktstr(c, &["kernel", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("KEY"), "{text}");
+    assert!(lines[1].starts_with("6.12.2-tarball"), "newest first: {text}");
+    let out = ktstr(c, &["kernel", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert_eq!(v[0]["version"], "6.12.2");
+
+    // A held lock keeps an entry; --keep 0 removes the rest.
+    let held = kernel_build::cache::lock_entry_shared(&c.join("6.12.1-tarball-x86_64-kc00000000")).unwrap();
+    let out = ktstr(c, &["kernel", "clean", "--keep", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lock is held"));
+    assert_eq!(entries(c), ["6.12.1-tarball-x86_64-kc00000000"]);
+    drop(held);
+    let out = ktstr(c, &["kernel", "clean", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "error: no such cache entry: nope");
+    let out = ktstr(c, &["kernel", "clean", "6.12.1-tarball-x86_64-kc00000000"]);
+    assert!(out.status.success());
+    assert!(entries(c).is_empty());
+}

@@ -1,0 +1,227 @@
+//! Real kernel builds through the real binary. Slow (minutes each, ccache
+//! helps): run only with KTSTR_SLOW_TESTS=1.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Instant;
+
+const TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
+
+fn slow_enabled(name: &str) -> bool {
+    if std::env::var("KTSTR_SLOW_TESTS").is_ok_and(|v| v == "1") {
+        if Path::new(TARBALL).is_file() {
+            return true;
+        }
+        panic!("{name}: KTSTR_SLOW_TESTS=1 but {TARBALL} is missing (apt-get install linux-source-6.12)");
+    }
+    eprintln!("SKIP {name}: set KTSTR_SLOW_TESTS=1 to run real kernel builds");
+    false
+}
+
+fn ktstr(cache: Option<&Path>, args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"));
+    c.arg("ktstr").args(args).env_remove("KTSTR_KERNEL_MIRROR");
+    if let Some(dir) = cache {
+        c.env("KTSTR_CACHE_DIR", dir);
+    }
+    c.output().expect("run cargo-ktstr")
+}
+
+#[track_caller]
+fn ok(out: &Output) -> (String, String) {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprint!("{stderr}");
+    assert!(out.status.success(), "cargo-ktstr failed: {stderr}");
+    (stdout, stderr)
+}
+
+/// The image path from stdout's `label=path` line, and the entry dir.
+fn image_of(stdout: &str) -> (String, PathBuf) {
+    let line = stdout.lines().last().expect("a label=image line");
+    let (label, path) = line.split_once('=').unwrap();
+    (label.to_string(), PathBuf::from(path))
+}
+
+fn assert_config(entry: &Path) {
+    let cfg = std::fs::read_to_string(entry.join(".config")).unwrap();
+    for want in ["CONFIG_SCHED_CLASS_EXT=y", "CONFIG_DEBUG_INFO_BTF=y"] {
+        assert!(cfg.lines().any(|l| l == want), "{want} missing in {}", entry.display());
+    }
+    for f in ["bzImage", "vmlinux", "metadata.json"] {
+        assert!(entry.join(f).is_file(), "{f} missing in {}", entry.display());
+    }
+}
+
+/// Acceptance 1: the Debian tarball builds into the default cache; again is a hit.
+#[test]
+fn tarball_builds_then_hits() {
+    if !slow_enabled("tarball_builds_then_hits") {
+        return;
+    }
+    let (stdout, _) = ok(&ktstr(None, &["kernel", "build", TARBALL]));
+    let (label, image) = image_of(&stdout);
+    let entry = image.parent().unwrap();
+    assert_config(entry);
+    let key = entry.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(key.contains("-tarball-") && key.starts_with(&label), "{key} / {label}");
+    let t = Instant::now();
+    let (stdout2, stderr2) = ok(&ktstr(None, &["kernel", "build", TARBALL]));
+    let hit = t.elapsed();
+    eprintln!("cache hit took {hit:?}");
+    assert_eq!(stdout, stdout2);
+    assert!(stderr2.contains("cache hit"), "{stderr2}");
+    assert!(hit.as_secs_f64() < 2.0, "cache hit took {hit:?}");
+    // The key spec names the same entry.
+    let (stdout3, _) = ok(&ktstr(None, &["kernel", "build", &key]));
+    assert_eq!(image_of(&stdout3).1, image);
+}
+
+/// A tiny HTTP/1.1 server: kernel.org layout with a directory listing.
+fn serve_mirror(version: String) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let version = version.clone();
+            std::thread::spawn(move || handle(s, &version));
+        }
+    });
+    format!("http://{addr}/")
+}
+
+fn handle(mut s: TcpStream, version: &str) {
+    let mut line = String::new();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    if r.read_line(&mut line).is_err() {
+        return;
+    }
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+            break;
+        }
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let tarball = format!("/v6.x/linux-{version}.tar.xz");
+    if path == "/v6.x/" {
+        let names = ["linux-6.11.11.tar.xz".to_string(), "linux-6.12.tar.xz".into(), "linux-6.12.1.tar.xz".into(), format!("linux-{version}.tar.xz")];
+        let mut body = String::from("<html><head><title>Index of /v6.x/</title></head><body><pre>\n");
+        for n in names {
+            body.push_str(&format!("<a href=\"{n}\">{n}</a>  01-Jan-2025 00:00  140M\n"));
+        }
+        body.push_str("</pre></body></html>\n");
+        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    } else if path == tarball {
+        let mut f = std::fs::File::open(TARBALL).unwrap();
+        let len = f.metadata().unwrap().len();
+        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/x-xz\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n");
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    } else {
+        let _ = write!(s, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    }
+}
+
+/// Acceptance 2 (+ concurrent builders): `6.12 --mirror http://127.0.0.1:PORT/`
+/// resolves through the listing, downloads, builds and caches in a fresh
+/// cache; two simultaneous builds of the key: one builds, the other waits and hits.
+#[test]
+fn mirror_version_downloads_builds_caches() {
+    if !slow_enabled("mirror_version_downloads_builds_caches") {
+        return;
+    }
+    let version = kernel_build::fetch::tarball_version(&kernel_build::TarballSource::Local(TARBALL.into()))
+        .unwrap()
+        .unwrap();
+    let url = serve_mirror(version.clone());
+    let cache = tempfile::tempdir().unwrap();
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"))
+            .args(["ktstr", "kernel", "build", "6.12", "--mirror", &url])
+            .env("KTSTR_CACHE_DIR", cache.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let b = spawn();
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    let res: Vec<(String, String)> = outs.iter().map(ok).collect();
+    assert_eq!(res[0].0, res[1].0);
+    let built: Vec<&(String, String)> = res.iter().filter(|(_, e)| e.contains("ktstr: cached ")).collect();
+    let waited: Vec<&(String, String)> = res.iter().filter(|(_, e)| e.contains("cache hit") && e.contains("after waiting")).collect();
+    assert_eq!((built.len(), waited.len()), (1, 1), "one builds, the other waits then hits");
+    assert!(built[0].1.contains("fetching http://"), "download progress shown");
+    let (label, image) = image_of(&res[0].0);
+    assert_eq!(label, version);
+    let entry = image.parent().unwrap();
+    assert_eq!(entry.parent().unwrap(), cache.path());
+    assert_eq!(entry.file_name().unwrap().to_string_lossy(), kernel_build::cache::tarball_key(&version));
+    assert_config(entry);
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(entry.join("metadata.json")).unwrap()).unwrap();
+    assert_eq!(meta["version"], version.as_str());
+    assert!(meta["source"].as_str().unwrap().starts_with(&url));
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    // Fixed identity and dates: the same tree gives the same commit id on
+    // every run, so CI hits the cache after its first run.
+    let st = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "ktstr")
+        .env("GIT_AUTHOR_EMAIL", "ktstr@localhost")
+        .env("GIT_COMMITTER_NAME", "ktstr")
+        .env("GIT_COMMITTER_EMAIL", "ktstr@localhost")
+        .env("GIT_AUTHOR_DATE", "2025-01-01T00:00:00Z")
+        .env("GIT_COMMITTER_DATE", "2025-01-01T00:00:00Z")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "git {args:?}");
+}
+
+/// Acceptance 3: `git+file://…#TAG` builds under a `-git-` key; a new commit
+/// on a branch spec rebuilds under a new key.
+#[test]
+fn git_tag_and_moving_branch() {
+    if !slow_enabled("git_tag_and_moving_branch") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let st = Command::new("tar").args(["-xJf", TARBALL, "-C"]).arg(d.path()).status().unwrap();
+    assert!(st.success());
+    let repo = d.path().join("linux-source-6.12");
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "import"]);
+    git(&repo, &["tag", "-a", "v6.12", "-m", "v6.12"]);
+    let url = format!("git+file://{}", repo.display());
+
+    let (out, _) = ok(&ktstr(None, &["kernel", "build", &format!("{url}#v6.12")]));
+    let (label, image) = image_of(&out);
+    assert_eq!(label, "git_linux-source-6.12_v6.12".replace("linux-source-6.12", &format!("{}_linux-source-6.12", d.path().file_name().unwrap().to_string_lossy())));
+    let key = image.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+    assert!(key.starts_with("v6.12-git-"), "{key}");
+    assert_config(image.parent().unwrap());
+
+    let (out1, _) = ok(&ktstr(None, &["kernel", "build", &format!("{url}#main")]));
+    let key1 = image_of(&out1).1.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::write(repo.join("ktstr-marker"), "moved\n").unwrap();
+    git(&repo, &["add", "ktstr-marker"]);
+    git(&repo, &["commit", "-q", "-m", "move main"]);
+    let (out2, err2) = ok(&ktstr(None, &["kernel", "build", &format!("{url}#main")]));
+    let key2 = image_of(&out2).1.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+    assert!(key1.starts_with("main-git-") && key2.starts_with("main-git-"), "{key1} {key2}");
+    assert_ne!(key1, key2, "a moved branch must miss the cache");
+    assert!(err2.contains("building") || err2.contains("cache hit"), "{err2}");
+}
