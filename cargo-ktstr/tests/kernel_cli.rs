@@ -124,3 +124,45 @@ fn list_and_clean() {
     assert!(out.status.success());
     assert!(entries(c).is_empty());
 }
+
+/// `kill -9` in the middle of extraction leaves no entry, and the next run
+/// removes the leftover temp dir. Needs the Debian tarball; a few seconds.
+#[test]
+fn kill_9_leaves_no_entry_and_next_run_cleans() {
+    let tarball = "/usr/src/linux-source-6.12.tar.xz";
+    if !Path::new(tarball).is_file() {
+        eprintln!("SKIP: {tarball} missing (apt-get install linux-source-6.12)");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let c = d.path();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"))
+        .args(["ktstr", "kernel", "build", tarball])
+        .env("KTSTR_CACHE_DIR", c)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let tmp_dirs = || -> Vec<String> {
+        std::fs::read_dir(c)
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".tmp-")).collect())
+            .unwrap_or_default()
+    };
+    let t = std::time::Instant::now();
+    // Wait until extraction has written some files.
+    while t.elapsed().as_secs() < 60 {
+        if tmp_dirs().iter().any(|n| c.join(n).join("src").is_dir()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!tmp_dirs().is_empty(), "the killed run left its temp dir (as expected)");
+    assert!(entries(c).is_empty(), "no entry after kill -9");
+    let out = ktstr(c, &["kernel", "list"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("removing leftover build dir"));
+    assert!(tmp_dirs().is_empty(), "leftover temp dir was cleaned: {:?}", tmp_dirs());
+}

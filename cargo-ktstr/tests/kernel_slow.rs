@@ -9,15 +9,22 @@ use std::time::Instant;
 
 const TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
 
-fn slow_enabled(name: &str) -> bool {
+/// Held for a whole slow test: nextest runs tests as parallel processes, and
+/// kernel builds side by side would only fight over the CPUs.
+fn serialize() -> kernel_build::EntryLock {
+    let dir = std::env::temp_dir().join("ktstr-slow-kernel-tests");
+    kernel_build::Cache::open(Some(&dir)).unwrap().lock_exclusive("serial").unwrap()
+}
+
+fn slow_enabled(name: &str) -> Option<kernel_build::EntryLock> {
     if std::env::var("KTSTR_SLOW_TESTS").is_ok_and(|v| v == "1") {
         if Path::new(TARBALL).is_file() {
-            return true;
+            return Some(serialize());
         }
         panic!("{name}: KTSTR_SLOW_TESTS=1 but {TARBALL} is missing (apt-get install linux-source-6.12)");
     }
     eprintln!("SKIP {name}: set KTSTR_SLOW_TESTS=1 to run real kernel builds");
-    false
+    None
 }
 
 fn ktstr(cache: Option<&Path>, args: &[&str]) -> Output {
@@ -58,9 +65,7 @@ fn assert_config(entry: &Path) {
 /// Acceptance 1: the Debian tarball builds into the default cache; again is a hit.
 #[test]
 fn tarball_builds_then_hits() {
-    if !slow_enabled("tarball_builds_then_hits") {
-        return;
-    }
+    let Some(_serial) = slow_enabled("tarball_builds_then_hits") else { return };
     let (stdout, _) = ok(&ktstr(None, &["kernel", "build", TARBALL]));
     let (label, image) = image_of(&stdout);
     let entry = image.parent().unwrap();
@@ -134,9 +139,7 @@ fn handle(mut s: TcpStream, version: &str) {
 /// cache; two simultaneous builds of the key: one builds, the other waits and hits.
 #[test]
 fn mirror_version_downloads_builds_caches() {
-    if !slow_enabled("mirror_version_downloads_builds_caches") {
-        return;
-    }
+    let Some(_serial) = slow_enabled("mirror_version_downloads_builds_caches") else { return };
     let version = kernel_build::fetch::tarball_version(&kernel_build::TarballSource::Local(TARBALL.into()))
         .unwrap()
         .unwrap();
@@ -194,9 +197,7 @@ fn git(dir: &Path, args: &[&str]) {
 /// on a branch spec rebuilds under a new key.
 #[test]
 fn git_tag_and_moving_branch() {
-    if !slow_enabled("git_tag_and_moving_branch") {
-        return;
-    }
+    let Some(_serial) = slow_enabled("git_tag_and_moving_branch") else { return };
     let d = tempfile::tempdir().unwrap();
     let st = Command::new("tar").args(["-xJf", TARBALL, "-C"]).arg(d.path()).status().unwrap();
     assert!(st.success());

@@ -77,6 +77,17 @@ pub fn run_logged(mut cmd: Command, log: &Path, what: &str) -> Result<()> {
         .with_context(|| format!("opening build log {}", log.display()))?;
     writeln!(logf, "### {what}: {cmd:?}")?;
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // If we are killed (even -9), make must not keep writing into a build dir
+    // that the next run deletes as stale.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().with_context(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
     let (tx, rx) = mpsc::channel::<String>();
     let mut readers = Vec::new();

@@ -376,6 +376,7 @@ impl Cache {
             let doomed = self.root.join(format!("{TMP_PREFIX}rm-{key}-{}", std::process::id()));
             std::fs::rename(self.entry_dir(&key), &doomed).with_context(|| format!("removing {key}"))?;
             let _ = std::fs::remove_dir_all(&doomed);
+            let _ = std::fs::remove_file(self.root.join(format!("{key}.log")));
             let _ = std::fs::remove_file(&lock.path);
             drop(lock);
             report.removed.push(key);
