@@ -113,6 +113,7 @@ fn boot(def: &'static TestDef, found: &Found) -> Result<Verdict, Verdict> {
     if let Some(s) = def.scheduler {
         // sched_ext: the scheduler binary (with its libraries) at its guest path.
         let bin = crate::scheduler::host::find_binary(s, Some(&found.image)).map_err(|e| Verdict::fail(e.to_string()))?;
+        eprintln!("ktstr: {}: scheduler {} from {}", def.name, s.name, bin.display());
         ir = ir
             .file(&bin, &s.guest_path())
             .map_err(|e| Verdict::fail(format!("scheduler {}: packing {}: {e:#}", s.name, bin.display())))?;
