@@ -45,6 +45,8 @@ pub struct Outcome {
     pub to_init: Option<Duration>,
     /// First vCPU start until the stop was seen.
     pub run_time: Duration,
+    /// Stopping and joining the vCPU threads and closing the VM.
+    pub teardown: Duration,
     /// Guest memory after the run, for inspection.
     pub memory: GuestMemoryMmap,
 }
@@ -321,8 +323,13 @@ impl Machine {
             }
         };
         let run_time = shared.started.elapsed();
+        let t = Instant::now();
         stop_all(&shared, threads);
+        // Closing the VM is most of the teardown: the kernel waits out an
+        // RCU grace period per in-kernel device (PIC, IOAPIC, PIT).
         drop(vm);
+        drop(_irq_evts);
+        let teardown = t.elapsed();
 
         let (port_writes, mmio_writes, doorbells) = {
             let d = shared.devices.lock().unwrap();
@@ -347,6 +354,7 @@ impl Machine {
             setup,
             to_init,
             run_time,
+            teardown,
             memory: mem,
         })
     }
