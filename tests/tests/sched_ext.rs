@@ -84,6 +84,23 @@ fn demo_scx_qmap_stall(ctx: &Ctx) -> Result<()> {
     busy_for(ctx, 12)
 }
 
+/// The body kills the scheduler and still returns Ok: the watch must fail it.
+#[ktstr_test(scheduler = SIMPLE, cpus = 2, memory_mib = 512, timeout_s = 30)]
+fn demo_scheduler_killed_during_body(_ctx: &Ctx) -> Result<()> {
+    let mut killed = 0;
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "scx_simple") {
+            // SAFETY: signalling a process by pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed += 1;
+        }
+    }
+    ensure!(killed == 1, "found {killed} scx_simple processes");
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(())
+}
+
 #[ktstr_test(scheduler = EXITS_AT_ONCE, cpus = 1, memory_mib = 256, timeout_s = 20)]
 fn demo_scheduler_exits_at_once(_ctx: &Ctx) -> Result<()> {
     bail!("the body must not run when the scheduler never attached")
@@ -149,6 +166,14 @@ mod driver {
         fails_with(
             "ktstr/demo_scx_qmap_stall",
             &["scheduler scx_qmap_stall was ejected by the kernel", "stall (runnable task stall)", "failed to run for"],
+        );
+    }
+
+    #[test]
+    fn scheduler_killed_during_the_body_fails() {
+        fails_with(
+            "ktstr/demo_scheduler_killed_during_body",
+            &["scheduler scx_simple died during the test (killed by signal 9", "unreg_user (unregistered from user space)"],
         );
     }
 

@@ -214,10 +214,15 @@ impl Probe {
         self.wait_for(EJECT_GRACE, |p| p.proc_.status.is_some());
         std::thread::sleep(Duration::from_millis(200));
         self.poll();
-        let kind = match (&self.log.exit, self.exited()) {
-            (Some(k), _) => EjectKind::Kernel(k.clone()),
-            (None, Some(s)) if died => EjectKind::ProcessDied(s),
-            _ => EjectKind::StateChanged(format!("{} (ops {:?})", state(), ops())),
+        // A kernel error explains everything; a process that died explains a
+        // plain "unregistered from user space"; anything else is as seen.
+        let kind = match (self.log.exit.clone(), self.exited()) {
+            (Some(k), _) if k.kind.is_error() => EjectKind::Kernel(k),
+            (k, Some(status)) if !k.as_ref().is_some_and(|k| k.kind != super::ExitKind::UnregUser) => {
+                EjectKind::ProcessDied { status, kernel: k }
+            }
+            (Some(k), _) => EjectKind::Kernel(k),
+            (None, _) => EjectKind::StateChanged(format!("{} (ops {:?})", state(), ops())),
         };
         Some(Ejection { scheduler: self.name.clone(), kind, process: self.exited(), output: self.output() })
     }

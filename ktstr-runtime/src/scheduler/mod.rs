@@ -218,8 +218,9 @@ impl Output {
 pub enum EjectKind {
     /// The kernel disabled it and logged why.
     Kernel(KernelExit),
-    /// The process died (status given) and the kernel logged no reason.
-    ProcessDied(String),
+    /// The process died (status given); the kernel logged no error, at
+    /// most the plain detach that follows a process exit.
+    ProcessDied { status: String, kernel: Option<KernelExit> },
     /// sched_ext left `enabled` (now this state) without a kernel message.
     StateChanged(String),
 }
@@ -236,9 +237,15 @@ pub struct Ejection {
 impl fmt::Display for Ejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            EjectKind::Kernel(k) => write!(f, "scheduler {} was ejected by the kernel: {k}", self.scheduler)?,
-            EjectKind::ProcessDied(st) => {
-                write!(f, "scheduler {} died during the test ({st}); the kernel logged no sched_ext exit", self.scheduler)?
+            EjectKind::Kernel(k) if k.kind.is_error() => {
+                write!(f, "scheduler {} was ejected by the kernel: {k}", self.scheduler)?
+            }
+            EjectKind::Kernel(k) => write!(f, "scheduler {} left sched_ext during the test: {k}", self.scheduler)?,
+            EjectKind::ProcessDied { status, kernel: None } => {
+                write!(f, "scheduler {} died during the test ({status}); the kernel logged no sched_ext exit", self.scheduler)?
+            }
+            EjectKind::ProcessDied { status, kernel: Some(k) } => {
+                write!(f, "scheduler {} died during the test ({status}); then {k}", self.scheduler)?
             }
             EjectKind::StateChanged(st) => {
                 write!(f, "scheduler {} lost: /sys/kernel/sched_ext/state became {st:?}", self.scheduler)?
@@ -373,7 +380,7 @@ mod tests {
         assert_eq!(f.to_string(), "scheduler exits_at_once: exited before attaching (exit status 1)");
         let died = Ejection {
             scheduler: "s".into(),
-            kind: EjectKind::ProcessDied("killed by signal 9".into()),
+            kind: EjectKind::ProcessDied { status: "killed by signal 9".into(), kernel: None },
             process: Some("killed by signal 9".into()),
             output: Output::default(),
         };
