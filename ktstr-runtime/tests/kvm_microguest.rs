@@ -105,7 +105,7 @@ fn kvm_data_channel_record() {
     let mut a = Asm::new(RAW_CODE);
     a.mov64(Reg::Rdi, ch.gpa);
     // Record first: [kind][len][crc][0] payload.
-    a.mov64(Reg::Rax, u64::from(channel::kind::TEXT) | (16 << 32)).store64(Reg::Rdi, 4096, Reg::Rax);
+    a.mov64(Reg::Rax, u64::from(channel::kind::INIT) | (16 << 32)).store64(Reg::Rdi, 4096, Reg::Rax);
     a.mov64(Reg::Rax, u64::from(crc)).store64(Reg::Rdi, 4104, Reg::Rax);
     a.mov64(Reg::Rax, word(&payload[..8])).store64(Reg::Rdi, 4112, Reg::Rax);
     a.mov64(Reg::Rax, word(&payload[8..])).store64(Reg::Rdi, 4120, Reg::Rax);
@@ -121,8 +121,9 @@ fn kvm_data_channel_record() {
     assert_eq!(out.doorbells, 1);
     let msgs = out.messages.expect("channel decodes");
     assert_eq!(msgs.len(), 1);
-    assert_eq!(msgs[0].kind, channel::kind::TEXT);
+    assert_eq!(msgs[0].kind, channel::kind::INIT);
     assert_eq!(msgs[0].payload, payload);
+    assert!(out.to_init.is_some_and(|t| t <= out.run_time), "INIT on the doorbell marks to_init");
 }
 
 #[test]
@@ -193,4 +194,32 @@ fn kvm_console_panic_then_hang_ends_early() {
     assert_eq!(out.exit, ExitKind::Panic, "{:?}", out.cause);
     assert_eq!(out.cause, Cause::PanicSeen);
     assert!(t.elapsed() < TIMEOUT / 2, "panic did not cut the wait short: {:?}", t.elapsed());
+}
+
+#[test]
+fn kvm_missing_device_is_kvm_unavailable_with_hint() {
+    let err = ktstr_runtime::vmm::kvm::machine::open_kvm_at(c"/nonexistent/kvm").err().expect("no such device");
+    let VmError::KvmUnavailable(msg) = &err else { panic!("{err:?}") };
+    assert!(msg.contains("enable KVM") && msg.contains("kvm group"), "{msg}");
+    assert!(!err.is_skip());
+}
+
+#[test]
+fn kvm_guest_sees_topology_cpuid() {
+    use ktstr_runtime::vmm::kvm::cpuid;
+    // 2 nodes x 2 LLCs x 2 cores x 2 threads; only the BSP runs.
+    let topo = Topology::new(2, 2, 2, 2);
+    let Some(out) = run(topo, |a| {
+        for (leaf, sub) in [(0xb, 0), (0xb, 1), (1, 0)] {
+            a.mov32(Reg::Rax, leaf).mov32(Reg::Rcx, sub).cpuid();
+            a.mov_rr(Reg::Rax, Reg::Rbx).out_eax(TEST_PORT);
+        }
+        power_off(a);
+    }) else { return };
+    assert_eq!(out.exit, ExitKind::PowerOff, "{:?}", out.cause);
+    let v = out.test_values();
+    assert_eq!(v[0] & 0xffff, 2, "threads per core (leaf 0xB SMT level)");
+    assert_eq!(v[1] & 0xffff, 4, "CPUs per package (leaf 0xB core level)");
+    assert_eq!(v[2] >> 24, cpuid::apic_id(&topo, 0));
+    assert_eq!((v[2] >> 16) & 0xff, 4, "leaf 1 EBX logical processors");
 }

@@ -88,14 +88,21 @@ fn kvm_err(what: &str, e: kvm_ioctls::Error) -> VmError {
 /// Opens `/dev/kvm`, telling a missing or inaccessible device (a setup
 /// failure with a fix) from host pressure (a skip).
 pub fn open_kvm() -> Result<Kvm, VmError> {
-    Kvm::new().map_err(|e| match e.errno() {
-        libc::ENOENT | libc::ENODEV | libc::ENXIO => VmError::KvmUnavailable(
-            "/dev/kvm does not exist: enable KVM (load kvm_intel/kvm_amd, or turn on nested virtualisation for this VM) \
-             / join the kvm group"
-                .into(),
-        ),
+    open_kvm_at(c"/dev/kvm")
+}
+
+/// `open_kvm` on another device node (tests).
+pub fn open_kvm_at(path: &std::ffi::CStr) -> Result<Kvm, VmError> {
+    Kvm::new_with_path(path).map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => VmError::KvmUnavailable(format!(
+            "{} does not exist: enable KVM (load kvm_intel/kvm_amd, or turn on nested virtualisation for this VM) \
+             / join the kvm group",
+            path.to_string_lossy()
+        )),
         libc::EACCES | libc::EPERM | libc::EROFS => VmError::KvmUnavailable(format!(
-            "/dev/kvm is not writable by this user: enable KVM / join the kvm group (sudo usermod -aG kvm $USER, then log in again): {e}"
+            "{} is not writable by this user: enable KVM / join the kvm group \
+             (sudo usermod -aG kvm $USER, then log in again): {e}",
+            path.to_string_lossy()
         )),
         errno => VmError::from_kvm_errno("open /dev/kvm", errno),
     })
