@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::kmsg::{Kmsg, ScxLog};
-use super::{EjectKind, Ejection, Output, SchedFail, Scheduler, StartError};
+use super::{EjectKind, Ejection, ExitKind, KernelExit, Output, SchedFail, Scheduler, StartError};
 use crate::verdict::{Outcome, Verdict};
 
 pub const SCX_DIR: &str = "/sys/kernel/sched_ext";
@@ -214,17 +214,22 @@ impl Probe {
         self.wait_for(EJECT_GRACE, |p| p.proc_.status.is_some());
         std::thread::sleep(Duration::from_millis(200));
         self.poll();
-        // A kernel error explains everything; a process that died explains a
-        // plain "unregistered from user space"; anything else is as seen.
-        let kind = match (self.log.exit.clone(), self.exited()) {
-            (Some(k), _) if k.kind.is_error() => EjectKind::Kernel(k),
-            (k, Some(status)) if !k.as_ref().is_some_and(|k| k.kind != super::ExitKind::UnregUser) => {
-                EjectKind::ProcessDied { status, kernel: k }
-            }
-            (Some(k), _) => EjectKind::Kernel(k),
-            (None, _) => EjectKind::StateChanged(format!("{} (ops {:?})", state(), ops())),
-        };
+        let kind = classify(self.log.exit.clone(), self.exited(), || format!("{} (ops {:?})", state(), ops()));
         Some(Ejection { scheduler: self.name.clone(), kind, process: self.exited(), output: self.output() })
+    }
+}
+
+/// How a lost scheduler is reported. A kernel error explains everything; a
+/// process that died explains a plain "unregistered from user space";
+/// anything else is reported as seen (`now` describes the sysfs state).
+fn classify(kernel: Option<KernelExit>, exited: Option<String>, now: impl FnOnce() -> String) -> EjectKind {
+    match (kernel, exited) {
+        (Some(k), _) if k.kind.is_error() => EjectKind::Kernel(k),
+        (k, Some(status)) if !k.as_ref().is_some_and(|k| k.kind != ExitKind::UnregUser) => {
+            EjectKind::ProcessDied { status, kernel: k }
+        }
+        (Some(k), _) => EjectKind::Kernel(k),
+        (None, _) => EjectKind::StateChanged(now()),
     }
 }
 
@@ -590,6 +595,23 @@ mod tests {
         assert_eq!(p.status, Some(256));
         assert_eq!(describe_status(256), "exit status 1");
         assert!(describe_status(9).starts_with("killed by signal 9"));
+    }
+
+    #[test]
+    fn classification() {
+        let k = |kind| Some(KernelExit { ops: "q".into(), kind, msg: None, log: vec![] });
+        let now = || "disabled (ops \"\")".to_string();
+        let st = || Some("exit status 0".to_string());
+        // A kernel error wins even when the process also exited.
+        assert!(matches!(classify(k(ExitKind::Stall), st(), now), EjectKind::Kernel(e) if e.kind == ExitKind::Stall));
+        assert!(matches!(classify(k(ExitKind::ErrorBpf), None, now), EjectKind::Kernel(_)));
+        // Death with the plain detach that follows it, or with nothing logged.
+        assert!(matches!(classify(k(ExitKind::UnregUser), st(), now), EjectKind::ProcessDied { kernel: Some(_), .. }));
+        assert!(matches!(classify(None, st(), now), EjectKind::ProcessDied { kernel: None, .. }));
+        // scx_bpf_exit() from BPF is the scheduler leaving, dead or not.
+        assert!(matches!(classify(k(ExitKind::UnregBpf), st(), now), EjectKind::Kernel(e) if e.kind == ExitKind::UnregBpf));
+        assert!(matches!(classify(k(ExitKind::UnregUser), None, now), EjectKind::Kernel(_)));
+        assert_eq!(classify(None, None, now), EjectKind::StateChanged("disabled (ops \"\")".into()));
     }
 
     /// The monitor reports pid and status of a real process, and stdio
