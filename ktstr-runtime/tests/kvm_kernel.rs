@@ -59,6 +59,8 @@ fn kvm_loads_a_real_kernel() {
         assert_eq!(regs.rsi, ZERO_PAGE);
         assert_eq!(cmd as u64, CMDLINE);
         assert_eq!(regs.rip & 0xfff, 0x200, "64-bit entry is startup_32 + 0x200");
+        assert_eq!((sregs.cs.selector, sregs.ds.selector, sregs.ss.selector), (0x10, 0x18, 0x18), "__BOOT_CS/__BOOT_DS");
+        assert_eq!(sregs.cs.l, 1);
     } else {
         // PVH: RBX → hvm_start_info.
         let magic: u32 = mem.read_obj(GuestAddress(ZERO_PAGE)).unwrap();

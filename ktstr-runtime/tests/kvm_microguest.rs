@@ -198,7 +198,7 @@ fn kvm_console_panic_then_hang_ends_early() {
 
 #[test]
 fn kvm_missing_device_is_kvm_unavailable_with_hint() {
-    let err = ktstr_runtime::vmm::kvm::machine::open_kvm_at(c"/nonexistent/kvm").err().expect("no such device");
+    let err = ktstr_runtime::vmm::kvm::machine::open_kvm_at(c"/nonexistent/kvm").map(drop).expect_err("no such device");
     let VmError::KvmUnavailable(msg) = &err else { panic!("{err:?}") };
     assert!(msg.contains("enable KVM") && msg.contains("kvm group"), "{msg}");
     assert!(!err.is_skip());

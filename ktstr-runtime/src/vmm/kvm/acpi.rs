@@ -85,9 +85,19 @@ pub fn dsdt() -> Vec<u8> {
     t.finish()
 }
 
-pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
+/// FACS: a full-hardware (non-reduced) ACPI platform has one; nothing
+/// in it is used (no S3, no global lock contention).
+pub fn facs() -> Vec<u8> {
+    let mut v = vec![0u8; 64];
+    v[..4].copy_from_slice(b"FACS");
+    v[4..8].copy_from_slice(&64u32.to_le_bytes());
+    v[32] = 2; // version
+    v
+}
+
+pub fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     let mut t = Sdt::new(b"FACP", 6);
-    t.u32(0) // FIRMWARE_CTRL: no FACS
+    t.u32(facs_addr as u32) // FIRMWARE_CTRL (X_FIRMWARE_CTRL stays 0)
         .u32(dsdt_addr as u32)
         .u8(0)
         .u8(0) // preferred PM profile: unspecified
@@ -230,8 +240,12 @@ pub fn build(t: &Topology, memory_mib: u64, base: u64) -> Tables {
         bytes.extend_from_slice(&table);
         at
     };
+    // The FACS must be 64-byte aligned.
+    bytes.resize((bytes.len() + 63) & !63, 0);
+    let facs_addr = base + bytes.len() as u64;
+    bytes.extend_from_slice(&facs());
     let dsdt_addr = place(&mut bytes, dsdt());
-    let mut entries = vec![place(&mut bytes, fadt(dsdt_addr)), place(&mut bytes, madt(t))];
+    let mut entries = vec![place(&mut bytes, fadt(dsdt_addr, facs_addr)), place(&mut bytes, madt(t))];
     if t.numa_nodes > 1 {
         entries.push(place(&mut bytes, srat(t, memory_mib)));
         entries.push(place(&mut bytes, slit(t)));
@@ -328,6 +342,9 @@ mod tests {
         assert_eq!(fadt.pm1a_event_block().unwrap().address, PM1A_EVT_PORT as u64);
         let reset = fadt.reset_register().unwrap();
         assert_eq!((reset.address, fadt.reset_value), (RESET_PORT as u64, RESET_VALUE));
+        let facs = fadt.facs_address().unwrap();
+        assert_eq!(facs % 64, 0);
+        assert_eq!(&_blob.0.bytes[facs - 0xe_0000..][..4], b"FACS");
         let flags = fadt.flags;
         assert!(flags.supports_system_reset_via_fadt());
         assert!(!flags.system_is_hw_reduced_acpi());

@@ -123,11 +123,7 @@ impl Devices {
             p if p == PM1A_EVT_PORT => self.pm1_sts &= !(v as u16), // write-1-to-clear
             p if p == PM1A_EVT_PORT + 2 => self.pm1_en = v as u16,
             // Bit 2 of the reset-control register starts the reset.
-            p if p == RESET_PORT && data.len() == 1 => {
-                if v & 0x4 != 0 {
-                    return Event::Stop(Stop::Reset);
-                }
-            }
+            p if p == RESET_PORT && data.len() == 1 && v & 0x4 != 0 => return Event::Stop(Stop::Reset),
             0x60 | 0x64 => {
                 let _ = self.i8042.write((port - I8042_BASE) as u8, data[0]);
                 if self.i8042.reset_evt().0.replace(false) {

@@ -9,9 +9,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::memory::{GDT_ADDR, IDT_ADDR};
 
-pub const CODE64_SEL: u16 = 0x08;
-pub const DATA_SEL: u16 = 0x10;
-pub const CODE32_SEL: u16 = 0x18;
+/// The 64-bit boot protocol wants __BOOT_CS = 0x10 and __BOOT_DS = 0x18,
+/// both flat; PVH only needs flat 32-bit code and data.
+pub const CODE32_SEL: u16 = 0x08;
+pub const CODE64_SEL: u16 = 0x10;
+pub const DATA_SEL: u16 = 0x18;
 pub const TSS_SEL: u16 = 0x20;
 
 /// flags(12 bits: G DB L AVL | P DPL S TYPE), base, limit → descriptor.
@@ -25,9 +27,9 @@ pub const fn descriptor(flags: u16, base: u32, limit: u32) -> u64 {
 
 pub const GDT: [u64; 6] = [
     0,
+    descriptor(0xc09b, 0, 0xfffff), // 32-bit code (PVH entry)
     descriptor(0xa09b, 0, 0xfffff), // 64-bit code
     descriptor(0xc093, 0, 0xfffff), // flat data
-    descriptor(0xc09b, 0, 0xfffff), // 32-bit code (PVH entry)
     descriptor(0x008b, 0, 0x67),    // busy TSS, low half
     0,                              // TSS high half
 ];
@@ -63,8 +65,8 @@ pub fn write(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
 /// Loads GDTR/IDTR, TR and the data segments; CS is 64-bit code when
 /// `long_mode`, else flat 32-bit code.
 pub fn load_segments(sregs: &mut kvm_sregs, long_mode: bool) {
-    let code = if long_mode { segment(CODE64_SEL, GDT[1]) } else { segment(CODE32_SEL, GDT[3]) };
-    let data = segment(DATA_SEL, GDT[2]);
+    let code = if long_mode { segment(CODE64_SEL, GDT[2]) } else { segment(CODE32_SEL, GDT[1]) };
+    let data = segment(DATA_SEL, GDT[3]);
     sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
     sregs.idt.base = IDT_ADDR;
@@ -84,10 +86,11 @@ mod tests {
 
     #[test]
     fn descriptors() {
-        assert_eq!(GDT[1], 0x00af_9b00_0000_ffff);
-        assert_eq!(GDT[2], 0x00cf_9300_0000_ffff);
-        assert_eq!(GDT[3], 0x00cf_9b00_0000_ffff);
-        let cs = segment(CODE64_SEL, GDT[1]);
+        assert_eq!(GDT[(CODE64_SEL >> 3) as usize], 0x00af_9b00_0000_ffff);
+        assert_eq!(GDT[(DATA_SEL >> 3) as usize], 0x00cf_9300_0000_ffff);
+        assert_eq!(GDT[(CODE32_SEL >> 3) as usize], 0x00cf_9b00_0000_ffff);
+        assert_eq!((CODE64_SEL, DATA_SEL), (0x10, 0x18), "__BOOT_CS/__BOOT_DS");
+        let cs = segment(CODE64_SEL, GDT[2]);
         assert_eq!((cs.l, cs.db, cs.present, cs.type_, cs.limit), (1, 0, 1, 0xb, 0xffff_ffff));
         let tr = segment(TSS_SEL, GDT[4]);
         assert_eq!((tr.type_, tr.limit, tr.s, tr.g), (0xb, 0x67, 0, 0));

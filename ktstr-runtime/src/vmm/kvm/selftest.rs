@@ -24,7 +24,7 @@ use crate::vmm::{Topology, VmError};
 
 /// Bump when the guest program or the criteria change: old cached
 /// verdicts then stop applying.
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub struct Verdict {
