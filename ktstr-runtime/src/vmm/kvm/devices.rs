@@ -152,6 +152,9 @@ impl Devices {
             p if p == PM1A_EVT_PORT + 2 => self.pm1_en.into(),
             0x60 | 0x64 => self.i8042.read((port - I8042_BASE) as u8).into(),
             TEST_PORT => self.test_last.wrapping_add(1),
+            // No CMOS/RTC: reading zeros keeps the update-in-progress bit
+            // clear, so the guest does not spin on it.
+            0x70 | 0x71 => 0,
             // No PCI host bridge: config reads float high.
             p if PCI_CONFIG.contains(&p) => u32::MAX,
             _ => u32::MAX,

@@ -57,7 +57,9 @@ impl Cause {
             Cause::Device(Stop::PowerOff) => ExitKind::PowerOff,
             Cause::Device(Stop::Reset) => ExitKind::Reboot,
             Cause::TripleFault { .. } => ExitKind::TripleFault,
-            Cause::Emulation(e) => ExitKind::HostError(e.to_string()),
+            Cause::Emulation(e) => ExitKind::HostError(format!(
+                "{e}; this host's KVM cannot run this guest (see the KVM self-test verdict; KTSTR_VMM=tcg boots under QEMU TCG)"
+            )),
             Cause::Timeout => ExitKind::Timeout,
             Cause::PanicSeen => ExitKind::Panic,
             Cause::Host(m) => ExitKind::HostError(m.clone()),

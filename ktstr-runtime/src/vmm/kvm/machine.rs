@@ -139,6 +139,13 @@ impl Machine {
     pub fn new(topo: Topology, memory_mib: u64) -> Result<Self, VmError> {
         let created = Instant::now();
         topo.validate().map_err(VmError::Topology)?;
+        // xAPIC ids are 8 bits and 0xff is the broadcast id.
+        if let Some(c) = (0..topo.total_cpus()).find(|&c| super::cpuid::apic_id(&topo, c) >= 0xff) {
+            return Err(VmError::Topology(format!(
+                "{topo:?}: CPU {c} would get APIC id {:#x}, beyond what xAPIC addresses; use power-of-two cores/threads",
+                super::cpuid::apic_id(&topo, c)
+            )));
+        }
         let kvm = open_kvm()?;
         let vm = create_vm(&kvm)?;
         let mem = memory::create(memory_mib)?;
