@@ -22,6 +22,8 @@ const QMAP_BPF_ERROR: Scheduler = Scheduler::new("scx_qmap_error").binary("scx_q
 const QMAP_STALL: Scheduler = Scheduler::new("scx_qmap_stall").binary("scx_qmap").args(&["-t", "30"]).ops_name("qmap");
 /// A real binary that exits (status 1) without ever attaching.
 const EXITS_AT_ONCE: Scheduler = Scheduler::new("exits_at_once").binary("/usr/bin/false");
+/// A real binary that stays alive but never registers with sched_ext.
+const NEVER_ATTACHES: Scheduler = Scheduler::new("never_attaches").binary("/usr/bin/sleep").args(&["600"]).attach_timeout_s(3);
 const MISSING: Scheduler = Scheduler::new("scx_not_built_anywhere");
 
 fn sched_ext_state() -> (String, String) {
@@ -106,6 +108,11 @@ fn demo_scheduler_exits_at_once(_ctx: &Ctx) -> Result<()> {
     bail!("the body must not run when the scheduler never attached")
 }
 
+#[ktstr_test(scheduler = NEVER_ATTACHES, cpus = 1, memory_mib = 256, timeout_s = 20)]
+fn demo_scheduler_never_attaches(_ctx: &Ctx) -> Result<()> {
+    bail!("the body must not run when the scheduler never attached")
+}
+
 #[ktstr_test(scheduler = MISSING, cpus = 1, memory_mib = 256, timeout_s = 20)]
 fn demo_scheduler_binary_missing(_ctx: &Ctx) -> Result<()> {
     Ok(())
@@ -180,6 +187,14 @@ mod driver {
     #[test]
     fn scheduler_exiting_at_once_fails_before_attaching() {
         fails_with("ktstr/demo_scheduler_exits_at_once", &["scheduler exits_at_once", "exited before attaching", "exit status 1"]);
+    }
+
+    #[test]
+    fn scheduler_that_never_attaches_times_out() {
+        fails_with(
+            "ktstr/demo_scheduler_never_attaches",
+            &["scheduler never_attaches: did not attach within 3", "sched_ext state \"disabled\"", "killed it"],
+        );
     }
 
     #[test]
