@@ -203,7 +203,8 @@ fn git_tag_and_moving_branch() {
     assert!(st.success());
     let repo = d.path().join("linux-source-6.12");
     git(&repo, &["init", "-q", "-b", "main"]);
-    git(&repo, &["add", "-A"]);
+    // -f: Debian's tree ships a .gitignore that ignores `/*`.
+    git(&repo, &["add", "-A", "-f", "."]);
     git(&repo, &["commit", "-q", "-m", "import"]);
     git(&repo, &["tag", "-a", "v6.12", "-m", "v6.12"]);
     let url = format!("git+file://{}", repo.display());
@@ -218,7 +219,7 @@ fn git_tag_and_moving_branch() {
     let (out1, _) = ok(&ktstr(None, &["kernel", "build", &format!("{url}#main")]));
     let key1 = image_of(&out1).1.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
     std::fs::write(repo.join("ktstr-marker"), "moved\n").unwrap();
-    git(&repo, &["add", "ktstr-marker"]);
+    git(&repo, &["add", "-f", "ktstr-marker"]);
     git(&repo, &["commit", "-q", "-m", "move main"]);
     let (out2, err2) = ok(&ktstr(None, &["kernel", "build", &format!("{url}#main")]));
     let key2 = image_of(&out2).1.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();

@@ -307,24 +307,39 @@ impl<'a> Resolver<'a> {
         fetch: impl FnOnce(&Path) -> Result<PathBuf>,
     ) -> Result<ResolvedKernel> {
         let started = Instant::now();
-        if !self.opts.force {
-            if let Some(r) = self.hit(&job.key, &job.label)? {
-                note(format!("cache hit {} ({:.2}s)", job.key, started.elapsed().as_secs_f64()));
-                return Ok(r);
-            }
-        }
-        let lock = self.cache.lock_exclusive(&job.key)?;
-        if !self.opts.force {
-            if self.cache.lookup(&job.key).is_some() {
-                // Another builder stored it while we waited.
-                drop(lock);
+        let mut waited = false;
+        let lock = loop {
+            if !self.opts.force {
                 if let Some(r) = self.hit(&job.key, &job.label)? {
-                    note(format!("cache hit {} after waiting ({:.1}s)", job.key, started.elapsed().as_secs_f64()));
+                    let after = if waited { " after waiting" } else { "" };
+                    note(format!("cache hit {}{after} ({:.2}s)", job.key, started.elapsed().as_secs_f64()));
                     return Ok(r);
                 }
-                bail!("cache entry {} vanished while waiting for its lock", job.key);
             }
-        }
+            if let Some(l) = self.cache.try_lock_exclusive(&job.key)? {
+                if !self.opts.force && self.cache.lookup(&job.key).is_some() {
+                    continue; // stored between our lookup and our lock
+                }
+                break l;
+            }
+            if self.opts.force {
+                // Replacing an entry must wait for its readers too.
+                break self.cache.lock_exclusive(&job.key)?;
+            }
+            // Someone holds the key: a shared lock waits out a writer without
+            // queueing behind readers (who never release while tests run).
+            note(format!("waiting for another build of {} (lock held)", job.key));
+            waited = true;
+            drop(self.cache.lock_shared(&job.key)?);
+            if self.cache.lookup(&job.key).is_none() {
+                // Not a builder after all (or it failed): build it ourselves.
+                let l = self.cache.lock_exclusive(&job.key)?;
+                if self.cache.lookup(&job.key).is_some() {
+                    continue;
+                }
+                break l;
+            }
+        };
         note(format!("building {} ({}) from {}", job.key, base, job.source));
         let (tmp, src) = match prefetched {
             Some(p) => p,
