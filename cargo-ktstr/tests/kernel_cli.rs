@@ -166,3 +166,49 @@ fn kill_9_leaves_no_entry_and_next_run_cleans() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("removing leftover build dir"));
     assert!(tmp_dirs().is_empty(), "leftover temp dir was cleaned: {:?}", tmp_dirs());
 }
+
+/// A file that starts like an x86 bzImage (boot protocol "HdrS" at 0x202).
+fn fake_bzimage(path: &Path) {
+    let mut img = vec![0u8; 4096];
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    std::fs::write(path, img).unwrap();
+}
+
+/// Path specs naming an image, or a directory holding one, are used as is
+/// (no build, no cache entry) and get `path_{basename}_{hash6}` labels.
+#[test]
+fn image_paths_are_used_as_is() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    let kdir = d.path().join("mykernel");
+    std::fs::create_dir(&kdir).unwrap();
+    let img = kdir.join("bzImage");
+    fake_bzimage(&img);
+    let hash6 = |p: &Path| format!("{:08x}", crc32fast_hash(p.canonicalize().unwrap().as_os_str().as_encoded_bytes()))[..6].to_string();
+
+    let out = ktstr(&cache, &["kernel", "build", img.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let canon = img.canonicalize().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("path_bzImage_{}={}", hash6(&img), canon.display()));
+
+    let out = ktstr(&cache, &["kernel", "build", kdir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("path_mykernel_{}={}", hash6(&kdir), canon.display()));
+    assert!(entries(&cache).is_empty());
+
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert_fails_one_line(&cache, &["kernel", "build", empty.to_str().unwrap()], &["neither a kernel source tree"]);
+}
+
+fn crc32fast_hash(b: &[u8]) -> u32 {
+    // Same CRC32 (IEEE) the label uses; computed here bit by bit to stay independent.
+    let mut crc = !0u32;
+    for &byte in b {
+        crc ^= byte as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}

@@ -44,8 +44,12 @@ impl Mirror {
         format!("{}v{major}.x/", self.base)
     }
 
-    /// Where the tarball of `v` lives; release candidates sit in `testing/`.
+    /// Where the tarball of `v` lives. kernel.org serves release candidates
+    /// only as git.kernel.org snapshots; other mirrors keep them in `testing/`.
     pub fn tarball_url(&self, v: &Version) -> String {
+        if v.rc.is_some() && self.base == DEFAULT_MIRROR {
+            return format!("https://git.kernel.org/torvalds/t/linux-{v}.tar.gz");
+        }
         let testing = if v.rc.is_some() { "testing/" } else { "" };
         format!("{}{testing}linux-{v}.tar.xz", self.series_url(v.major))
     }
@@ -179,6 +183,9 @@ mod tests {
         let m = Mirror::with_base("http://127.0.0.1:8000");
         assert_eq!(m.tarball_url(&v("6.12.9")), "http://127.0.0.1:8000/v6.x/linux-6.12.9.tar.xz");
         assert_eq!(m.tarball_url(&v("6.13-rc3")), "http://127.0.0.1:8000/v6.x/testing/linux-6.13-rc3.tar.xz");
+        let k = Mirror::with_base(DEFAULT_MIRROR);
+        assert_eq!(k.tarball_url(&v("6.12.9")), "https://cdn.kernel.org/pub/linux/kernel/v6.x/linux-6.12.9.tar.xz");
+        assert_eq!(k.tarball_url(&v("6.13-rc3")), "https://git.kernel.org/torvalds/t/linux-6.13-rc3.tar.gz");
     }
 
     #[test]
