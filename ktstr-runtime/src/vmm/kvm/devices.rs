@@ -19,6 +19,8 @@ pub const TEST_PORT: u16 = 0x5f0;
 const I8042_BASE: u16 = 0x60;
 const PCI_CONFIG: std::ops::RangeInclusive<u16> = 0xcf8..=0xcff;
 const SCI_EN: u16 = 1;
+/// Most test-port and MMIO writes kept in the logs.
+const LOG_CAP: usize = 1 << 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
@@ -136,6 +138,9 @@ impl Devices {
             }
             TEST_PORT => {
                 self.test_last = v;
+                if self.port_writes.len() >= LOG_CAP {
+                    return Event::None;
+                }
                 self.port_writes.push(PortWrite { vcpu, port, value: v, at: Instant::now() });
             }
             _ => {}
@@ -163,7 +168,10 @@ impl Devices {
     }
 
     pub fn mmio_write(&mut self, vcpu: usize, addr: u64, data: &[u8]) {
-        self.mmio_writes.push(MmioWrite { vcpu, addr, data: data.to_vec() });
+        // A kernel probing absent devices must not grow this without bound.
+        if self.mmio_writes.len() < LOG_CAP {
+            self.mmio_writes.push(MmioWrite { vcpu, addr, data: data.to_vec() });
+        }
         if let Some(off) = scratch_offset(addr, data.len()) {
             self.scratch[off..off + data.len()].copy_from_slice(data);
         }

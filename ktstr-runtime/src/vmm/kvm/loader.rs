@@ -77,6 +77,14 @@ pub fn load(mem: &GuestMemoryMmap, cfg: &VmConfig, rsdp: u64) -> Result<BootEntr
     }
     let entry = entry.expect("one loader ran");
 
+    if let Some(max) = header.map(|h| h.cmdline_size as usize).filter(|m| *m > 0) {
+        if cfg.cmdline.len() > max {
+            return Err(VmError::Host(anyhow::anyhow!(
+                "kernel command line is {} bytes; this kernel takes at most {max}",
+                cfg.cmdline.len()
+            )));
+        }
+    }
     let cmdline = Cmdline::try_from(&cfg.cmdline, CMDLINE_MAX)
         .map_err(|e| VmError::Host(anyhow::anyhow!("kernel command line: {e}")))?;
     load_cmdline(mem, GuestAddress(CMDLINE), &cmdline)
