@@ -67,4 +67,8 @@ fn main() {
     stats("run start -> power-off seen", run);
     stats("teardown (join, close VM)", teardown);
     stats("round trip total", total);
+    let api: Vec<Duration> = (0..10).filter_map(|_| ktstr_runtime::vmm::kvm::micro_guest_roundtrip().ok()).collect();
+    if !api.is_empty() {
+        stats("kvm::micro_guest_roundtrip()", api);
+    }
 }

@@ -47,3 +47,19 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         timings: Timings { setup: out.setup, to_init: out.to_init, total: start.elapsed() },
     })
 }
+
+/// One micro-guest round trip: create a 1-vCPU VM, run a guest that
+/// makes one PIO exit and powers off, tear it down. For benchmarks.
+pub fn micro_guest_roundtrip() -> Result<std::time::Duration, VmError> {
+    let t = std::time::Instant::now();
+    let mut code = asm::Asm::new(memory::RAW_CODE);
+    code.outl(devices::TEST_PORT, 1).outw(acpi::PM1A_CNT_PORT, acpi::S5_POWER_OFF).halt_forever();
+    let mut m = Machine::new(super::Topology::cpus(1), 64)?;
+    m.load_raw(&code.finish())?;
+    let out = m.run(std::time::Duration::from_secs(10))?;
+    if out.exit != super::ExitKind::PowerOff || out.test_values() != [1] {
+        return Err(VmError::Host(anyhow::anyhow!("micro-guest round trip ended with {:?}", out.cause)));
+    }
+    drop(out);
+    Ok(t.elapsed())
+}

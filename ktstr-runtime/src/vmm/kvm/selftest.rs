@@ -372,6 +372,32 @@ fn write_cache(path: &std::path::Path, v: &Verdict) {
     }
 }
 
+/// An exclusive flock on `{cache}.lock`, released on drop; best effort
+/// (without it, concurrent processes each measure, which is only slower).
+struct CacheLock(Option<std::fs::File>);
+
+impl CacheLock {
+    fn take(cache: &std::path::Path) -> Self {
+        use std::os::unix::io::AsRawFd;
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(cache.with_extension("lock")).ok();
+        if let Some(f) = &f {
+            // SAFETY: flock on a file we own; blocks until granted.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        }
+        CacheLock(f)
+    }
+}
+
+impl Drop for CacheLock {
+    fn drop(&mut self) {
+        use std::os::unix::io::AsRawFd;
+        if let Some(f) = &self.0 {
+            // SAFETY: unlocking the lock taken in `take`.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
+}
+
 /// The self-test verdict for this host boot: from the cache file when
 /// there is one, else measured (and cached).
 pub fn verdict() -> Result<Verdict, VmError> {
@@ -384,9 +410,17 @@ pub fn verdict() -> Result<Verdict, VmError> {
     let v = match read_cache(&path) {
         Some(v) => v,
         None => {
-            let v = measure()?;
-            write_cache(&path, &v);
-            v
+            // nextest starts many test processes at once: one measures,
+            // the others wait on the lock and read its verdict.
+            let _lock = CacheLock::take(&path);
+            match read_cache(&path) {
+                Some(v) => v,
+                None => {
+                    let v = measure()?;
+                    write_cache(&path, &v);
+                    v
+                }
+            }
         }
     };
     *memo = Some(v.clone());
