@@ -226,4 +226,19 @@ fn git_tag_and_moving_branch() {
     assert!(key1.starts_with("main-git-") && key2.starts_with("main-git-"), "{key1} {key2}");
     assert_ne!(key1, key2, "a moved branch must miss the cache");
     assert!(err2.contains("building") || err2.contains("cache hit"), "{err2}");
+
+    // The same repo as a path: a clean git tree builds in place and is cached
+    // under local-{hash7}; once dirty it builds in place and is never cached.
+    let (out, _) = ok(&ktstr(None, &["kernel", "build", repo.to_str().unwrap()]));
+    let (label, image) = image_of(&out);
+    assert!(label.starts_with("path_linux-source-6.12_") && !label.ends_with("_dirty"), "{label}");
+    let key = image.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+    assert!(key.starts_with("local-"), "{key}");
+    assert!(repo.join("arch/x86/boot/bzImage").is_file(), "built in place");
+    std::fs::write(repo.join("README"), "dirty\n").unwrap();
+    let (out, err) = ok(&ktstr(None, &["kernel", "build", repo.to_str().unwrap()]));
+    let (label, image) = image_of(&out);
+    assert!(label.ends_with("_dirty"), "{label}");
+    assert_eq!(image, repo.join("arch/x86/boot/bzImage"));
+    assert!(err.contains("not caching"), "{err}");
 }

@@ -63,6 +63,9 @@ fn fetch(repo: &Repository, url: &str, refspecs: &[String], depth: Option<i32>) 
 /// it out. `want` is the commit [`resolve_remote`] found, if any. Returns the
 /// commit id checked out.
 pub fn fetch_checkout(url: &str, git_ref: &str, want: Option<Oid>, dest: &Path) -> Result<Oid> {
+    if let Some(oid) = borrow_local(url, git_ref, want, dest)? {
+        return Ok(oid);
+    }
     let repo = Repository::init(dest).with_context(|| format!("git init {}", dest.display()))?;
     note(format!("fetching {git_ref} from {url}"));
     let narrow = match want {
@@ -100,6 +103,31 @@ pub fn fetch_checkout(url: &str, git_ref: &str, want: Option<Oid>, dest: &Path) 
         .with_context(|| format!("checking out {oid}"))?;
     repo.set_head_detached(oid)?;
     Ok(oid)
+}
+
+/// For a `file://` repository, borrow its objects through `alternates`
+/// (like `git clone --shared`) instead of packing and copying them: the
+/// checkout only lives as long as the build. `None` when `url` is not local.
+fn borrow_local(url: &str, git_ref: &str, want: Option<Oid>, dest: &Path) -> Result<Option<Oid>> {
+    let Some(path) = url.strip_prefix("file://") else { return Ok(None) };
+    let Ok(src) = Repository::open(path) else { return Ok(None) };
+    let oid = match want {
+        Some(o) => o,
+        None => find_commit(&src, git_ref, None).ok_or_else(|| anyhow!("git ref {git_ref:?} not found at {url}"))?,
+    };
+    let objects = src.path().join("objects").canonicalize()?;
+    Repository::init(dest).with_context(|| format!("git init {}", dest.display()))?;
+    let alternates = dest.join(".git/objects/info/alternates");
+    std::fs::create_dir_all(alternates.parent().unwrap())?;
+    std::fs::write(&alternates, format!("{}\n", objects.display()))?;
+    // Reopened so libgit2 reads the alternates file.
+    let repo = Repository::open(dest)?;
+    note(format!("checking out {oid} from {url} (shared objects)"));
+    let obj = repo.find_commit(oid).with_context(|| format!("commit {oid} not in {url}"))?.into_object();
+    repo.checkout_tree(&obj, Some(CheckoutBuilder::new().force()))
+        .with_context(|| format!("checking out {oid}"))?;
+    repo.set_head_detached(oid)?;
+    Ok(Some(oid))
 }
 
 fn find_commit(repo: &Repository, git_ref: &str, want: Option<Oid>) -> Option<Oid> {
@@ -173,6 +201,56 @@ mod tests {
         assert_eq!(owner_repo("https://git.kernel.org/pub/scm/linux/kernel/git/tj/sched_ext.git/"), ("tj".into(), "sched_ext".into()));
         assert_eq!(owner_repo("file:///srv/linux"), ("srv".into(), "linux".into()));
         assert_eq!(owner_repo("git@github.com:me/linux.git"), ("me".into(), "linux".into()));
+    }
+
+    fn commit_file(repo: &Repository, name: &str, body: &str, msg: &str) -> Oid {
+        let wd = repo.workdir().unwrap().to_path_buf();
+        std::fs::write(wd.join(name), body).unwrap();
+        let mut idx = repo.index().unwrap();
+        idx.add_path(Path::new(name)).unwrap();
+        idx.write().unwrap();
+        let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
+        let sig = git2::Signature::now("t", "t@t").unwrap();
+        let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+        let parents: Vec<&git2::Commit> = parent.iter().collect();
+        repo.commit(Some("HEAD"), &sig, &sig, msg, &tree, &parents).unwrap()
+    }
+
+    #[test]
+    fn resolve_and_fetch_refs() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        let repo = Repository::init(&src).unwrap();
+        let c0 = commit_file(&repo, "Makefile", "zero\n", "c0");
+        let c1 = commit_file(&repo, "Makefile", "one\n", "c1");
+        let sig = git2::Signature::now("t", "t@t").unwrap();
+        repo.tag("v1", &repo.find_object(c1, None).unwrap(), &sig, "annotated", false).unwrap();
+        let c2 = commit_file(&repo, "Makefile", "two\n", "c2");
+        let branch = repo.head().unwrap().shorthand().unwrap().to_string();
+        let file_url = format!("file://{}", src.display());
+        let plain_url = src.display().to_string();
+
+        assert_eq!(resolve_remote(&file_url, "v1").unwrap(), Some(c1), "annotated tag peels to its commit");
+        assert_eq!(resolve_remote(&file_url, &branch).unwrap(), Some(c2));
+        assert_eq!(resolve_remote(&file_url, &c1.to_string()).unwrap(), Some(c1));
+        assert_eq!(resolve_remote(&file_url, &c2.to_string()[..7]).unwrap(), Some(c2), "advertised short id");
+        assert_eq!(resolve_remote(&file_url, &c0.to_string()[..7]).unwrap(), None, "needs a fetch");
+        assert!(resolve_remote(&file_url, "no-such-ref").is_err());
+
+        for (i, (url, r, want, expect, body)) in [
+            (&file_url, "v1", Some(c1), c1, "one\n"),
+            (&file_url, &c0.to_string()[..7], None, c0, "zero\n"),
+            (&plain_url, "v1", Some(c1), c1, "one\n"),
+            (&plain_url, branch.as_str(), Some(c2), c2, "two\n"),
+            (&plain_url, &c0.to_string()[..7], None, c0, "zero\n"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let dest = d.path().join(format!("out{i}"));
+            assert_eq!(fetch_checkout(url, r, want, &dest).unwrap(), expect, "{url} {r}");
+            assert_eq!(std::fs::read_to_string(dest.join("Makefile")).unwrap(), body);
+        }
     }
 
     #[test]
