@@ -223,3 +223,25 @@ fn kvm_guest_sees_topology_cpuid() {
     assert_eq!(v[2] >> 24, cpuid::apic_id(&topo, 0));
     assert_eq!((v[2] >> 16) & 0xff, 4, "leaf 1 EBX logical processors");
 }
+
+#[test]
+fn kvm_emulation_failure_is_reported_with_the_instruction() {
+    // POPCNT: the kvm_pvm emulator cannot run it; a hardware-virtualised
+    // KVM runs it natively and the guest powers off.
+    let Some(out) = run(Topology::cpus(1), |a| {
+        a.mov32(Reg::Rax, 0xff).bytes(&[0xf3, 0x0f, 0xb8, 0xc8]).mov_rr(Reg::Rax, Reg::Rcx).out_eax(TEST_PORT);
+        power_off(a);
+    }) else { return };
+    match &out.cause {
+        Cause::Emulation(e) => {
+            assert_eq!(&e.insn[..4], &[0xf3, 0x0f, 0xb8, 0xc8], "{e}");
+            assert_eq!(e.rip, RAW_CODE + 5);
+            let ExitKind::HostError(msg) = &out.exit else { panic!("{:?}", out.exit) };
+            assert!(msg.contains("emulation failure") && msg.contains("KTSTR_VMM=tcg"), "{msg}");
+        }
+        _ => {
+            assert_eq!(out.exit, ExitKind::PowerOff, "{:?}", out.cause);
+            assert_eq!(out.test_values(), vec![8]);
+        }
+    }
+}

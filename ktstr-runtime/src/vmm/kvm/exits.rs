@@ -23,9 +23,17 @@ pub struct EmulationFailure {
 impl std::fmt::Display for EmulationFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let bytes: Vec<String> = self.insn.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        // KVM_INTERNAL_ERROR_* suberrors.
+        let what = match self.suberror {
+            1 => "emulation failure",
+            2 => "exception while delivering an exception",
+            3 => "event delivery failed",
+            4 => "unexpected exit",
+            _ => "internal error",
+        };
         write!(
             f,
-            "KVM emulation failure (suberror {}) on vCPU {} at RIP {:#x}, instruction bytes [{}]",
+            "KVM {what} (suberror {}) on vCPU {} at RIP {:#x}, instruction bytes [{}]",
             self.suberror,
             self.vcpu,
             self.rip,
