@@ -375,6 +375,28 @@ mod tests {
         assert_eq!(&l[36..], &[2, 0, 0, 0, 0, 0, 0, 0, 10, 20, 20, 10]);
     }
 
+    /// `KTSTR_ACPI_DUMP=DIR` writes each table to DIR/SIG.dat, for
+    /// checking with ACPICA's disassembler (`iasl -d`).
+    #[test]
+    fn dump_for_iasl() {
+        let Some(dir) = std::env::var_os("KTSTR_ACPI_DUMP") else { return };
+        let dir = std::path::PathBuf::from(dir);
+        let t = Topology::new(2, 2, 2, 1);
+        let (_blob, tables) = parse(t, 1024);
+        for h in tables.headers() {
+            let sig = h.signature.as_str().to_string();
+            let len = h.length as usize;
+            let at = _blob.0.bytes.windows(4).position(|w| w == sig.as_bytes()).unwrap();
+            std::fs::write(dir.join(format!("{sig}.dat")), &_blob.0.bytes[at..at + len]).unwrap();
+        }
+        let dsdt = dsdt();
+        std::fs::write(dir.join("DSDT.dat"), &dsdt).unwrap();
+        let b = &_blob.0.bytes;
+        std::fs::write(dir.join("RSDP.dat"), &b[..36]).unwrap();
+        let facs = b.windows(4).position(|w| w == b"FACS").unwrap();
+        std::fs::write(dir.join("FACS.dat"), &b[facs..facs + 64]).unwrap();
+    }
+
     #[test]
     fn numa_memory_spans_the_hole() {
         let t = Topology::new(3, 1, 1, 1);

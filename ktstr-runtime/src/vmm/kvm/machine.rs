@@ -320,8 +320,7 @@ impl Machine {
                     // Give the guest a moment to print the trace and reboot.
                     panic_deadline = Some(now + Duration::from_secs(1));
                 }
-                if let Some(p) = panic_deadline.filter(|p| now >= *p) {
-                    let _ = p;
+                if panic_deadline.is_some_and(|p| now >= p) {
                     break Cause::PanicSeen;
                 }
                 if now >= deadline {
