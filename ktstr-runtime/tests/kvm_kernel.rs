@@ -74,6 +74,39 @@ fn kvm_loads_a_real_kernel() {
 }
 
 #[test]
+fn kvm_loads_a_real_vmlinux_through_pvh() {
+    let Some(image) = kernel() else { return };
+    let vm = Vm::builder().kernel(&image).memory_mib(512).build().unwrap();
+    let Some(vmlinux) = vm.config.vmlinux.clone() else {
+        eprintln!("ktstr: SKIP: no vmlinux beside {}", image.display());
+        return;
+    };
+    let Some(mut m) = skip_unavailable(Machine::new(vm.config.topology, vm.config.memory_mib)) else { return };
+    match m.load_kernel(&vm.config) {
+        Ok(()) => {}
+        Err(e) => panic!("loading {}: {e}", vmlinux.display()),
+    }
+    let regs = m.bsp().get_regs().unwrap();
+    let sregs = m.bsp().get_sregs().unwrap();
+    if sregs.efer & 0x400 != 0 {
+        eprintln!("ktstr: SKIP: {} has no PVH entry; the bzImage path was used", vmlinux.display());
+        return;
+    }
+    // PVH: 32-bit protected mode, paging off, RBX → hvm_start_info.
+    assert_eq!(sregs.cr0 & 0x8000_0001, 1);
+    assert_eq!((sregs.cs.db, sregs.cs.l), (1, 0));
+    assert_eq!(regs.rbx, ZERO_PAGE);
+    let mem = m.memory();
+    let magic: u32 = mem.read_obj(GuestAddress(ZERO_PAGE)).unwrap();
+    let cmdline: u64 = mem.read_obj(GuestAddress(ZERO_PAGE + 24)).unwrap();
+    let rsdp: u64 = mem.read_obj(GuestAddress(ZERO_PAGE + 32)).unwrap();
+    assert_eq!((magic, cmdline), (0x336e_c578, CMDLINE));
+    let mut sig = [0u8; 8];
+    mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
+    assert_eq!(&sig, b"RSD PTR ");
+}
+
+#[test]
 fn kvm_boots_a_kernel_where_the_selftest_passes() {
     let Some(image) = kernel() else { return };
     let Some(verdict) = skip_unavailable(selftest::verdict()) else { return };
