@@ -7,6 +7,12 @@
 //! (port and MMIO devices), `vcpu` (setup + run loop), `exits` (stop
 //! causes), `machine` (the VM), `selftest` (can this KVM boot kernels?),
 //! `asm` (a tiny code emitter for micro-guests).
+//!
+//! Internal API for tests, the self-test and benches: `Machine::new(topo,
+//! mib)`, then `load_raw(code)` (64-bit, paging on, at `memory::RAW_CODE`)
+//! or `load_kernel(cfg)`, optionally `set_channel(region)`, then
+//! `run(timeout) -> Outcome` (stop cause, exit kind, both UARTs, test-port
+//! and MMIO write logs, doorbells, decoded channel, guest memory).
 
 pub mod acpi;
 pub mod asm;
