@@ -12,7 +12,7 @@ use std::time::Duration;
 use ktstr_runtime::discovery;
 use ktstr_runtime::vmm::kvm::memory::{CMDLINE, ZERO_PAGE};
 use ktstr_runtime::vmm::kvm::{selftest, Machine};
-use ktstr_runtime::vmm::{ExitKind, Topology, Vm, VmError};
+use ktstr_runtime::vmm::{ExitKind, Vm, VmError};
 use vm_memory::{Bytes, GuestAddress};
 
 fn kernel() -> Option<PathBuf> {
@@ -140,12 +140,24 @@ fn kvm_boots_a_kernel_where_the_selftest_passes() {
 fn kvm_kernel_boot_attempt() {
     let Some(image) = kernel() else { return };
     let secs = std::env::var("KTSTR_KVM_TRY_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
-    let mut vm = Vm::builder().kernel(&image).memory_mib(256).build().unwrap();
+    let args = std::env::var("KTSTR_KVM_TRY_ARGS").unwrap_or_default();
+    // KTSTR_KVM_TRY_TOPO=nodes,llcs,cores,threads
+    let topo: Vec<u32> = std::env::var("KTSTR_KVM_TRY_TOPO")
+        .unwrap_or_else(|_| "1,1,1,1".into())
+        .split(',')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let mut vm = Vm::builder()
+        .kernel(&image)
+        .memory_mib(512)
+        .cmdline(args)
+        .topology(topo[0], topo[1], topo[2], topo[3])
+        .build()
+        .unwrap();
     if let Some(v) = std::env::var_os("KTSTR_TEST_VMLINUX") {
         vm.config.vmlinux = Some(v.into());
     }
     vm.config.timeout = Duration::from_secs(secs);
-    vm.config.topology = Topology::cpus(1);
     let r = ktstr_runtime::vmm::kvm::run(&vm.config).unwrap();
-    eprintln!("exit: {:?}\n--- console ---\n{}", r.exit, r.console_tail(60));
+    eprintln!("exit: {:?}\n--- console ---\n{}", r.exit, r.console_tail(400));
 }
