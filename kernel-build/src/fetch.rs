@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::progress::{note, ProgressReader};
+use crate::progress::ProgressReader;
 use crate::spec::TarballSource;
 use crate::tree;
 
@@ -150,11 +150,6 @@ pub fn tarball_version(src: &TarballSource) -> Result<Option<String>> {
         Ok(None)
     })();
     scan.map_err(|e| anyhow!("corrupt or truncated archive {name}: {e}"))
-}
-
-/// Prints where the extracted tree went (debug aid for long runs).
-pub fn announce(src: &TarballSource, root: &Path) {
-    note(format!("extracted {} to {}", source_name(src), root.display()));
 }
 
 #[cfg(test)]
