@@ -1,7 +1,7 @@
 //! Wall time of a kernel build from one clean tarball: the default base
 //! (tinyconfig + ktstr.kconfig) versus `--base defconfig`.
 //!
-//! `cargo bench -p kernel-build --bench build_time -- [TARBALL] [--defconfig] [--ccache]`
+//! `cargo bench -p kernel-build --bench build_time -- [TARBALL] [--defconfig] [--defconfig-only] [--ccache]`
 //! Each build goes into a fresh temp cache. ccache is off unless `--ccache`
 //! (a warm ccache would time the cache, not the build); defconfig runs only
 //! with `--defconfig` because it takes far longer.
@@ -18,13 +18,17 @@ fn main() {
         .find(|a| !a.starts_with("--"))
         .cloned()
         .unwrap_or_else(|| "/usr/src/linux-source-6.12.tar.xz".into());
-    let with_defconfig = args.iter().any(|a| a == "--defconfig");
+    let defconfig_only = args.iter().any(|a| a == "--defconfig-only");
+    let with_defconfig = defconfig_only || args.iter().any(|a| a == "--defconfig");
     let ccache = args.iter().any(|a| a == "--ccache");
     if !PathBuf::from(&tarball).is_file() {
         eprintln!("build_time: {tarball} not found; skipping (apt-get install linux-source-6.12)");
         return;
     }
-    let mut runs = vec![("default (tinyconfig + ktstr.kconfig)", None)];
+    let mut runs = Vec::new();
+    if !defconfig_only {
+        runs.push(("default (tinyconfig + ktstr.kconfig)", None));
+    }
     if with_defconfig {
         runs.push(("defconfig + ktstr.kconfig", Some(Base::Defconfig)));
     }
