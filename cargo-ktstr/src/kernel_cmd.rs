@@ -7,7 +7,22 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use kernel_build::{Base, Cache, Options};
 
+const EXAMPLES: &str = "\
+Examples:
+  cargo ktstr kernel build 6.12                          # newest 6.12.x from kernel.org
+  cargo ktstr kernel build /usr/src/linux-source-6.12.tar.xz
+  cargo ktstr kernel build git+https://git.kernel.org/pub/scm/linux/kernel/git/tj/sched_ext.git#for-next
+  cargo ktstr kernel build ../linux --base defconfig     # build a tree in place
+  cargo ktstr kernel build 6.10..6.12 --mirror file:///srv/kernel.org/
+  cargo ktstr kernel list --json
+  cargo ktstr kernel clean --keep 2
+
+Spec forms: VERSION (6.12, 6.12.9, 6.13-rc3), RANGE (6.10..6.12), TARBALL (path or URL,
+.tar.xz/.tar.gz), git+URL#REF, PATH (source tree, image file, or a directory holding one),
+CACHE-KEY. Build prints `label=image` on stdout, one line per kernel.";
+
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
 pub struct KernelArgs {
     #[command(subcommand)]
     pub command: KernelCommand,
@@ -35,6 +50,7 @@ pub enum KernelCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
 pub struct BuildArgs {
     /// VERSION, RANGE, TARBALL, git+URL#REF, PATH or CACHE-KEY (see docs).
     #[arg(value_name = "SPEC", required = true)]

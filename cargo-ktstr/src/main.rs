@@ -2,12 +2,30 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
+mod completions;
+mod export_cmd;
 mod kernel_cmd;
+mod test_cmd;
+
+const EXAMPLES: &str = "\
+Examples:
+  cargo ktstr test --kernel 6.12 --kernel ../linux     # every VM test once per kernel
+  cargo ktstr kernel build /usr/src/linux-source-6.12.tar.xz
+  cargo ktstr kernel list
+  cargo ktstr export two_cgroups_share_cpu             # writes two_cgroups_share_cpu.run
+
+Docs: docs/ in the ktstr repository (kernel specs, env vars, exit codes).";
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo-ktstr", bin_name = "cargo ktstr", version, about = "Test Linux schedulers in throw-away VMs")]
+#[command(
+    name = "cargo-ktstr",
+    bin_name = "cargo ktstr",
+    version,
+    about = "Test Linux schedulers in throw-away VMs",
+    after_help = EXAMPLES
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -16,8 +34,14 @@ pub struct Cli {
 /// Top-level subcommands; each lives in its own module.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Resolve kernels, then run `cargo nextest run` with them.
+    Test(test_cmd::TestArgs),
     /// Build, list and clean cached kernels.
     Kernel(kernel_cmd::KernelArgs),
+    /// Write a self-contained NAME.run reproducer of one test.
+    Export(export_cmd::ExportArgs),
+    /// Print shell completions.
+    Completions(completions::CompletionsArgs),
 }
 
 /// Cargo runs us as `cargo-ktstr ktstr ARGS`: drop that extra word.
@@ -32,10 +56,16 @@ fn args() -> Vec<std::ffi::OsString> {
 fn main() -> ExitCode {
     let cli = Cli::parse_from(args());
     let res = match cli.command {
-        Command::Kernel(k) => kernel_cmd::run(k),
+        Command::Test(t) => test_cmd::run(t).map(|never| match never {}),
+        Command::Kernel(k) => kernel_cmd::run(k).map(|()| 0),
+        Command::Export(e) => export_cmd::run(e),
+        Command::Completions(c) => {
+            completions::run(c, Cli::command());
+            Ok(0)
+        }
     };
     match res {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             // One line, the whole context chain, no backtrace.
             let msg = format!("{e:#}").replace('\n', " ");

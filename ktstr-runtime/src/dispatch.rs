@@ -28,11 +28,10 @@ fn dispatch() {
         crate::guest::init();
     }
     let args: Vec<String> = std::env::args().collect();
-    // The .run exporter (export.rs) takes this over once it lands.
-    if let Some(name) = args.iter().find_map(|a| a.strip_prefix("--ktstr-export-test=")) {
-        exit(export(name));
+    if let Some(code) = crate::export::dispatch_registry(&args) {
+        exit(code);
     }
-    if let Some(name) = args.iter().find_map(|a| a.strip_prefix(RUN_HOST_FLAG)) {
+    if let Some(name) = args.iter().find_map(|a| a.strip_prefix(crate::export::RUN_HOST_FLAG)) {
         exit(run_on_host(name));
     }
     // Nothing to add to libtest's answers in a binary without ktstr tests.
@@ -58,26 +57,19 @@ fn dispatch() {
     }
 }
 
-/// Runs one test body on the host (what an exported `.run` invokes).
-pub const RUN_HOST_FLAG: &str = "--ktstr-run-host=";
-
-/// Export per the router contract: 1 = no such test here, 2 = refused.
-fn export(name: &str) -> i32 {
-    match registry::find(name.strip_prefix("ktstr/").unwrap_or(name)) {
-        None => 1,
-        Some(_) => {
-            eprintln!("ktstr: export of {name}: this ktstr-runtime build cannot write .run reproducers yet");
-            2
-        }
-    }
-}
-
 /// `--ktstr-run-host=NAME` (used by exported `.run` files): the body on
 /// this host, supervised like in the guest; exits with the verdict code.
 fn run_on_host(name: &str) -> i32 {
     let name = name.strip_prefix("ktstr/").unwrap_or(name);
     match registry::find(name) {
-        Some(def) => verdict::finish(&host::run_host_only(def)),
+        Some(def) => verdict::finish(&match def.scheduler {
+            // The .run names the binary it carries through KTSTR_SCHEDULER.
+            Some(s) => match crate::scheduler::host::find_binary(s, None) {
+                Ok(bin) => crate::scheduler::guest::run_under_at(s, &bin, || host::run_host_only(def)),
+                Err(e) => verdict::Verdict::fail(e.to_string()),
+            },
+            None => host::run_host_only(def),
+        }),
         None => {
             eprintln!("ktstr: FAIL: no ktstr test named {name} in this binary");
             1

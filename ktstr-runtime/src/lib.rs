@@ -6,6 +6,7 @@ pub mod cpuset;
 pub mod ctx;
 pub mod discovery;
 pub mod dispatch;
+pub mod export;
 pub mod guest;
 pub mod host;
 pub mod initramfs;

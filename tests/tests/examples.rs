@@ -16,6 +16,16 @@ fn two_cgroups_share_cpu(ctx: &Ctx) -> Result<()> {
     report.assert_no_starvation()?.assert_in_cpuset()?.assert_fair_share(0.25)
 }
 
+/// Three spinners on two CPUs, no cgroups: every one gets CPU time. Needs
+/// nothing but CPUs, so its exported `.run` also runs on hosts without
+/// cgroup v2 controllers.
+#[ktstr_test(cpus = 2, timeout_s = 20)]
+fn spinners_all_make_progress(ctx: &Ctx) -> Result<()> {
+    let report = ctx.run(&[ctx.workers(3)], Duration::from_secs(1))?;
+    println!("{report}");
+    report.assert_no_starvation()?.assert_in_cpuset()
+}
+
 /// The guest sees the topology the test asked for.
 #[ktstr_test(numa_nodes = 2, llcs = 1, cores = 2, threads = 1, timeout_s = 20)]
 fn topology_matches_request(ctx: &Ctx) -> Result<()> {

@@ -544,7 +544,12 @@ impl Drop for Running {
 /// the body, or does not detach fails the test whatever the body returned
 /// (`expect_err` only ever inverts the body's own result).
 pub fn run_under(sched: &Scheduler, body: impl FnOnce() -> Verdict) -> Verdict {
-    let running = match Running::start(sched) {
+    run_under_at(sched, Path::new(&sched.guest_path()), body)
+}
+
+/// [`run_under`] with the binary at `path` (an exported `.run` on the host).
+pub fn run_under_at(sched: &Scheduler, path: &Path, body: impl FnOnce() -> Verdict) -> Verdict {
+    let running = match Running::start_at(sched, path) {
         Ok(r) => r,
         Err(StartError::Skip(m)) => return Verdict::skip(m),
         Err(StartError::Fail(f)) => return Verdict::fail(f.to_string()).with_details(f.details()),

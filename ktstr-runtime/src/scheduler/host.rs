@@ -7,15 +7,22 @@
 //! of `scripts/build-scx.sh` (`$KTSTR_SCX_CACHE_DIR`, else
 //! `~/.cache/ktstr/scx`): the entry named like the booted kernel's cache
 //! key first, then the newest. A name containing `/` is a path.
+//! `$KTSTR_SCHEDULER` (a path) overrides all of it: an exported `.run`
+//! sets it to the binary it carries.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{SchedFail, Scheduler};
 
+/// Names the scheduler binary outright (set by exported `.run` files).
+pub const EXPLICIT_ENV: &str = "KTSTR_SCHEDULER";
+
 /// Where the lookup goes, in order, given the environment it reads.
 #[derive(Debug, Clone, Default)]
 pub struct SearchEnv {
+    /// `KTSTR_SCHEDULER`: the binary to use, whatever the test names.
+    pub explicit: Option<PathBuf>,
     pub scheduler_dir: Option<String>,
     pub current_exe: Option<PathBuf>,
     pub cwd: Option<PathBuf>,
@@ -42,6 +49,7 @@ impl SearchEnv {
             Some(dir.file_name()?.to_string_lossy().into_owned())
         });
         Self {
+            explicit: std::env::var_os(EXPLICIT_ENV).filter(|s| !s.is_empty()).map(PathBuf::from),
             scheduler_dir: std::env::var("KTSTR_SCHEDULER_DIR").ok().filter(|s| !s.is_empty()),
             current_exe: std::env::current_exe().ok(),
             cwd: std::env::current_dir().ok(),
@@ -115,8 +123,10 @@ pub fn find_binary_in(s: &Scheduler, env: &SearchEnv) -> Result<PathBuf, SchedFa
         binary: s.binary.to_string(),
         looked,
     };
-    if s.binary.contains('/') {
-        let p = PathBuf::from(s.binary);
+    let given = env.explicit.as_ref().map(|p| (p.clone(), EXPLICIT_ENV)).or_else(|| {
+        s.binary.contains('/').then(|| (PathBuf::from(s.binary), "given path"))
+    });
+    if let Some((p, how)) = given {
         let p = match (&env.cwd, p.is_relative()) {
             (Some(c), true) => c.join(p),
             _ => p,
@@ -124,7 +134,7 @@ pub fn find_binary_in(s: &Scheduler, env: &SearchEnv) -> Result<PathBuf, SchedFa
         return if is_executable_file(&p) {
             Ok(p)
         } else {
-            Err(not_found(vec![format!("{} (given path; missing or not executable)", p.display())]))
+            Err(not_found(vec![format!("{} ({how}; missing or not executable)", p.display())]))
         };
     }
     let mut looked = Vec::new();
@@ -165,6 +175,7 @@ mod tests {
         let root = t.path();
         let s = Scheduler::new("scx_x");
         let env = SearchEnv {
+            explicit: None,
             scheduler_dir: Some(format!("{}:{}", root.join("a").display(), root.join("b").display())),
             current_exe: Some(root.join("ws/target/debug/deps/tests-123")),
             cwd: Some(root.join("ws/tests")),
@@ -214,5 +225,12 @@ mod tests {
         const MISSING: Scheduler = Scheduler::new("s").binary("/nonexistent/sched");
         let e = find_binary_in(&MISSING, &env).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/sched (given path"), "{e}");
+        // KTSTR_SCHEDULER wins over the name and over a given path.
+        let env = SearchEnv { explicit: Some(p.clone()), ..env };
+        assert_eq!(find_binary_in(&MISSING, &env).unwrap(), p);
+        assert_eq!(find_binary_in(&Scheduler::new("scx_other"), &env).unwrap(), p);
+        let env = SearchEnv { explicit: Some(t.path().join("gone")), ..env };
+        let e = find_binary_in(&Scheduler::new("scx_other"), &env).unwrap_err().to_string();
+        assert!(e.contains("gone (KTSTR_SCHEDULER; missing"), "{e}");
     }
 }

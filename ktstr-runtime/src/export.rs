@@ -1,0 +1,567 @@
+//! `--ktstr-export-test=NAME`: writes `NAME.run`, a self-contained bash
+//! reproducer of one test (preamble, `__ARCHIVE__`, base64 gzip tarball).
+//!
+//! Protocol (design.md): exit 0 when the file was written, 1 when this
+//! binary has no such test, 2 when it has the test but refuses it (reason
+//! on stderr). Extensions beyond design.md: `--ktstr-export-vm` embeds a
+//! kernel image (`--ktstr-export-kernel=PATH`, else the runtime's kernel
+//! discovery) so the `.run` boots the test in a VM.
+//!
+//! What the `.run` runs, by mode:
+//! - host: `testbin --ktstr-run-host=NAME` (see [`RUN_HOST_FLAG`]), the
+//!   test body directly on this host, as root;
+//! - vm: `NEXTEST=1 testbin --exact ktstr/NAME --nocapture` with
+//!   `KTSTR_TEST_KERNEL` pointing at the embedded image, i.e. exactly what
+//!   nextest runs.
+//!
+//! Both set `KTSTR_INCLUDE_DIR` (the extracted include files, by basename)
+//! and, with a scheduler, `KTSTR_SCHEDULER` (the extracted binary), so the
+//! runtime finds them without the exporting host's paths and starts,
+//! watches and stops the scheduler as it does under nextest.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD;
+use flate2::write::GzEncoder;
+
+use crate::scheduler::Scheduler;
+
+pub const EXPORT_FLAG: &str = "--ktstr-export-test=";
+pub const OUTPUT_FLAG: &str = "--ktstr-export-output=";
+pub const VM_FLAG: &str = "--ktstr-export-vm";
+pub const KERNEL_FLAG: &str = "--ktstr-export-kernel=";
+/// `testbin --ktstr-run-host=NAME` runs one test body on the host (no VM)
+/// and exits with its verdict code; the host-mode `.run` depends on it.
+pub const RUN_HOST_FLAG: &str = "--ktstr-run-host=";
+/// The line between the preamble and the base64 payload.
+pub const ARCHIVE_MARKER: &str = "__ARCHIVE__";
+
+/// Parsed `--ktstr-export-*` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExportArgs {
+    pub name: String,
+    /// Where to write; default `./{name}.run`.
+    pub output: Option<PathBuf>,
+    pub vm: bool,
+    pub kernel: Option<PathBuf>,
+}
+
+impl ExportArgs {
+    /// `None` when the arguments hold no `--ktstr-export-test=` (not an
+    /// export invocation); `Some(Err)` for a malformed one.
+    pub fn from_args<I, S>(args: I) -> Option<Result<ExportArgs, String>>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut out = ExportArgs::default();
+        let mut seen = false;
+        for a in args {
+            let a = a.as_ref();
+            if let Some(n) = a.strip_prefix(EXPORT_FLAG) {
+                seen = true;
+                out.name = n.to_string();
+            } else if let Some(p) = a.strip_prefix(OUTPUT_FLAG) {
+                out.output = Some(PathBuf::from(p));
+            } else if a == VM_FLAG {
+                out.vm = true;
+            } else if let Some(p) = a.strip_prefix(KERNEL_FLAG) {
+                out.kernel = Some(PathBuf::from(p));
+            }
+        }
+        if !seen {
+            return None;
+        }
+        if out.name.is_empty() {
+            return Some(Err(format!("{EXPORT_FLAG} needs a test name")));
+        }
+        Some(Ok(out))
+    }
+}
+
+/// What the exporter needs to know about one registered test. Built by
+/// the dispatch from the registry, so this module needs no registry types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportTest {
+    pub name: String,
+    pub host_only: bool,
+    /// Ignored by default (`demo_`): the VM run passes `--ignored` like nextest.
+    pub ignored: bool,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub timeout_s: u64,
+    pub include_files: Vec<PathBuf>,
+    /// Its binary is looked up at export time, beside the kernel it will boot.
+    pub scheduler: Option<Scheduler>,
+}
+
+impl ExportTest {
+    pub fn from_def(def: &crate::registry::TestDef) -> Self {
+        ExportTest {
+            name: def.name.to_string(),
+            host_only: def.host_only,
+            ignored: def.ignored(),
+            cpus: def.topology.total_cpus(),
+            memory_mib: def.memory_mib,
+            timeout_s: def.timeout_s,
+            include_files: def.include_files.iter().map(PathBuf::from).collect(),
+            scheduler: def.scheduler.copied(),
+        }
+    }
+
+    pub fn new(name: impl Into<String>) -> Self {
+        ExportTest {
+            name: name.into(),
+            host_only: false,
+            ignored: false,
+            cpus: 1,
+            memory_mib: 512,
+            timeout_s: 30,
+            include_files: Vec::new(),
+            scheduler: None,
+        }
+    }
+}
+
+/// How an export ended, with its protocol exit code.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Written(PathBuf),
+    NotFound(String),
+    Refused(String),
+}
+
+impl Outcome {
+    pub fn code(&self) -> i32 {
+        match self {
+            Outcome::Written(_) => 0,
+            Outcome::NotFound(_) => 1,
+            Outcome::Refused(_) => 2,
+        }
+    }
+}
+
+/// Entry for the early-constructor dispatch: `None` when `args` is not an
+/// export invocation, else the exit code (0 written, 1 no such test,
+/// 2 refused or failed, reason on stderr).
+pub fn dispatch<I, S>(args: I, lookup: impl FnOnce(&str) -> Option<ExportTest>) -> Option<i32>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let outcome = match ExportArgs::from_args(args)? {
+        Ok(a) => export(&a, lookup(&a.name).as_ref()),
+        Err(e) => Outcome::Refused(e),
+    };
+    match &outcome {
+        Outcome::Written(p) => eprintln!("ktstr: export: wrote {}", p.display()),
+        Outcome::NotFound(m) | Outcome::Refused(m) => eprintln!("ktstr: export: {m}"),
+    }
+    Some(outcome.code())
+}
+
+/// [`dispatch`] against this binary's registry (`ktstr/NAME` or `NAME`).
+pub fn dispatch_registry<S: AsRef<str>>(args: &[S]) -> Option<i32> {
+    dispatch(args.iter().map(|a| a.as_ref()), |name| {
+        crate::registry::find(name.strip_prefix("ktstr/").unwrap_or(name)).map(ExportTest::from_def)
+    })
+}
+
+/// Exports `test` (or reports its absence) per the 0/1/2 protocol.
+pub fn export(args: &ExportArgs, test: Option<&ExportTest>) -> Outcome {
+    let Some(test) = test else {
+        let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
+        return Outcome::NotFound(format!("no test named {:?} in {exe}", args.name));
+    };
+    if let Err(reason) = refusal(test) {
+        return Outcome::Refused(reason);
+    }
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return Outcome::Refused(format!("cannot locate this test binary: {e}")),
+    };
+    let kernel = match args.vm.then(|| vm_kernel(args)).transpose() {
+        Ok(k) => k,
+        Err(e) => return Outcome::Refused(e),
+    };
+    let scheduler = match &test.scheduler {
+        Some(s) => match crate::scheduler::host::find_binary(s, kernel.as_deref()) {
+            Ok(bin) => Some(bin),
+            Err(e) => return Outcome::Refused(e.to_string()),
+        },
+        None => None,
+    };
+    let output = args.output.clone().unwrap_or_else(|| PathBuf::from(format!("{}.run", test.name)));
+    match write_run_file(test, &exe, scheduler.as_deref(), kernel.as_deref(), &output) {
+        Ok(()) => Outcome::Written(output),
+        Err(e) => Outcome::Refused(format!("writing {}: {e:#}", output.display())),
+    }
+}
+
+/// Why a test cannot be exported, if it cannot.
+pub fn refusal(test: &ExportTest) -> Result<(), String> {
+    if test.host_only {
+        return Err(format!(
+            "test {:?} is host_only: it already runs directly on the host, so a .run adds nothing; \
+             run it with `cargo nextest run -E 'test(=ktstr/{})'`",
+            test.name, test.name
+        ));
+    }
+    for f in &test.include_files {
+        if !f.is_file() {
+            return Err(format!("include file {} of test {:?} does not exist", f.display(), test.name));
+        }
+    }
+    Ok(())
+}
+
+/// `--ktstr-export-kernel=PATH`, else the same discovery a VM test uses
+/// (`KTSTR_TEST_KERNEL`, `KTSTR_KERNEL`, the cache, `./linux`, ...).
+fn vm_kernel(args: &ExportArgs) -> Result<PathBuf, String> {
+    let image = match &args.kernel {
+        Some(given) => crate::vmm::builder::find_image(given)
+            .ok_or_else(|| format!("{} does not exist or holds no kernel image (bzImage/vmlinuz)", given.display()))?,
+        None => crate::discovery::discover()
+            .map_err(|e| format!("--vm needs a kernel ({e}); pass `cargo ktstr export --vm --kernel SPEC NAME`"))?
+            .image,
+    };
+    crate::vmm::builder::check_image(&image).map_err(|e| e.to_string())?;
+    Ok(image)
+}
+
+/// POSIX shell single-quoting: safe for any byte string without NUL.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
+        return format!("'{s}'");
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn basename(p: &Path) -> io::Result<String> {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{} has no file name", p.display())))
+}
+
+/// One archive member: its name inside the tarball and where it comes from.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub name: String,
+    pub source: PathBuf,
+    pub executable: bool,
+}
+
+/// The archive layout: `testbin`, `sched/{base}`, `include/{base}`,
+/// `kernel/{base}`. Relative names only, so no host path leaks in.
+pub fn members(test: &ExportTest, exe: &Path, scheduler: Option<&Path>, kernel: Option<&Path>) -> io::Result<Vec<Member>> {
+    let mut m = vec![Member { name: "testbin".into(), source: exe.to_path_buf(), executable: true }];
+    if let Some(s) = scheduler {
+        m.push(Member { name: format!("sched/{}", basename(s)?), source: s.to_path_buf(), executable: true });
+    }
+    for f in &test.include_files {
+        let name = format!("include/{}", basename(f)?);
+        if m.iter().any(|x| x.name == name) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("two include files named {name}")));
+        }
+        let executable = std::fs::metadata(f)?.permissions().mode() & 0o111 != 0;
+        m.push(Member { name, source: f.clone(), executable });
+    }
+    if let Some(k) = kernel {
+        m.push(Member { name: format!("kernel/{}", basename(k)?), source: k.to_path_buf(), executable: false });
+    }
+    Ok(m)
+}
+
+/// Writes the preamble, then streams tar → gzip → base64 (76 columns).
+pub fn write_run_file(
+    test: &ExportTest,
+    exe: &Path,
+    scheduler: Option<&Path>,
+    kernel: Option<&Path>,
+    output: &Path,
+) -> io::Result<()> {
+    let members = members(test, exe, scheduler, kernel)?;
+    let mut sizes = Vec::new();
+    for m in &members {
+        sizes.push((m.name.clone(), std::fs::metadata(&m.source)?.len()));
+    }
+    let script = preamble(test, kernel.is_some(), &members, &sizes)?;
+    let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".ktstr-export").tempfile_in(dir)?;
+    {
+        let mut w = BufWriter::new(tmp.as_file_mut());
+        w.write_all(script.as_bytes())?;
+        let wrap = LineWrap { inner: w, col: 0 };
+        let b64 = base64::write::EncoderWriter::new(wrap, &STANDARD);
+        let gz = GzEncoder::new(b64, flate2::Compression::default());
+        let mut tar = tar::Builder::new(gz);
+        tar.mode(tar::HeaderMode::Deterministic);
+        for m in &members {
+            let mut f = File::open(&m.source)?;
+            let len = f.metadata()?.len();
+            let mut h = tar::Header::new_gnu();
+            h.set_size(len);
+            h.set_mode(if m.executable { 0o755 } else { 0o644 });
+            h.set_mtime(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            tar.append_data(&mut h, &m.name, (&mut f).take(len))?;
+        }
+        let gz = tar.into_inner()?;
+        let mut b64 = gz.finish()?;
+        let mut wrap = b64.finish()?;
+        if wrap.col != 0 {
+            wrap.inner.write_all(b"\n")?;
+        }
+        wrap.inner.flush()?;
+    }
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o755))?;
+    tmp.persist(output).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Breaks the base64 stream into 76-column lines (what `base64 -d` and
+/// editors handle comfortably).
+struct LineWrap<W: Write> {
+    inner: W,
+    col: usize,
+}
+
+impl<W: Write> Write for LineWrap<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let n = rest.len().min(76 - self.col);
+            self.inner.write_all(&rest[..n])?;
+            self.col += n;
+            rest = &rest[n..];
+            if self.col == 76 {
+                self.inner.write_all(b"\n")?;
+                self.col = 0;
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn human(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+/// Comment text is kept to one line and free of anything bash would read.
+fn comment(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
+}
+
+/// The bash preamble. Every value comes in through a quoted assignment.
+pub fn preamble(test: &ExportTest, vm: bool, members: &[Member], sizes: &[(String, u64)]) -> io::Result<String> {
+    let q = shell_quote;
+    let member = |prefix: &str| members.iter().find(|m| m.name.starts_with(prefix)).map(|m| m.name.clone());
+    let mut s = String::new();
+    s.push_str("#!/usr/bin/env bash\n");
+    s.push_str(&format!("# ktstr reproducer for test {} (ktstr-runtime {})\n", comment(&test.name), env!("CARGO_PKG_VERSION")));
+    if vm {
+        s.push_str("# Boots the embedded kernel in a VM (needs /dev/kvm, or QEMU) and runs the test in it.\n");
+    } else {
+        s.push_str("# Runs the test directly on this host: needs root, cgroup v2, no sched_ext scheduler\n");
+        s.push_str("# already loaded, and enough CPUs.\n");
+    }
+    s.push_str("# Usage: ./THIS.run            run it; exit 0 pass/skip, 1 fail, 2 inconclusive\n");
+    s.push_str("#                             or prerequisites not met (the test did not run)\n");
+    s.push_str("#        ./THIS.run --extract DIR   only unpack the archive into DIR\n");
+    s.push_str(&format!(
+        "# Test: cpus={} memory_mib={} timeout_s={}{}\n",
+        test.cpus,
+        test.memory_mib,
+        test.timeout_s,
+        if test.ignored { " (ignored by default)" } else { "" }
+    ));
+    if let Some(sc) = &test.scheduler {
+        s.push_str(&format!("# Scheduler: {} {}\n", comment(sc.name), comment(&sc.args.join(" "))));
+    }
+    s.push_str("# Archive:\n");
+    for (name, size) in sizes {
+        s.push_str(&format!("#   {:<40} {}\n", comment(name), human(*size)));
+    }
+    s.push_str("set -euo pipefail\n\n");
+    s.push_str(&format!("KTSTR_TEST={}\n", q(&test.name)));
+    s.push_str(&format!("KTSTR_MODE={}\n", q(if vm { "vm" } else { "host" })));
+    s.push_str(&format!("KTSTR_CPUS={}\n", q(&test.cpus.to_string())));
+    s.push_str(&format!("KTSTR_SCHED={}\n", q(member("sched/").as_deref().unwrap_or(""))));
+    s.push_str(&format!("KTSTR_KERNEL_IMAGE={}\n", q(member("kernel/").as_deref().unwrap_or(""))));
+    s.push_str(&format!("KTSTR_IGNORED={}\n", q(if test.ignored { "1" } else { "" })));
+    s.push_str(PREAMBLE_BODY);
+    s.push_str(ARCHIVE_MARKER);
+    s.push('\n');
+    Ok(s)
+}
+
+/// The fixed part of the preamble; values come from the assignments above.
+const PREAMBLE_BODY: &str = r#"
+die() { printf 'ktstr: %s\n' "$*" >&2; exit 2; }
+
+extract() {
+    local line
+    line=$(awk '/^__ARCHIVE__$/ { print NR + 1; exit }' "$0")
+    [ -n "$line" ] || die "no __ARCHIVE__ line in $0; the file is truncated"
+    tail -n +"$line" -- "$0" | base64 -d | tar -xzf - -C "$1" \
+        || die "the archive in $0 is corrupt or truncated; export it again"
+}
+
+for tool in awk base64 tar gzip mktemp; do
+    command -v "$tool" >/dev/null 2>&1 || die "missing tool '$tool'; install it (coreutils, tar, gzip, gawk/mawk)"
+done
+
+case "${1:-}" in
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    --extract)
+        [ -n "${2:-}" ] || die "--extract needs a directory"
+        mkdir -p -- "$2"
+        extract "$2"
+        echo "extracted into $2"
+        exit 0 ;;
+    "") ;;
+    *) die "unknown argument '$1' (try --help)" ;;
+esac
+
+if [ "$KTSTR_MODE" = host ]; then
+    [ "$(id -u)" = 0 ] || die "must run as root (the test creates cgroups and may load a sched_ext scheduler): sudo $0"
+    if [ "$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" != cgroup2fs ]; then
+        # A v1 or hybrid host: give the test a cgroup v2 mount of its own,
+        # in a private mount namespace that ends with this script.
+        if [ -z "${KTSTR_RUN_PRIVATE_CGROUP:-}" ] && grep -qw cgroup2 /proc/filesystems && command -v unshare >/dev/null; then
+            export KTSTR_RUN_PRIVATE_CGROUP=1
+            exec unshare --mount --propagation private -- \
+                bash -c 'mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$0" "$@"' "$0" "$@"
+        fi
+        die "cgroup v2 is not mounted at /sys/fs/cgroup and could not be mounted privately; boot with systemd.unified_cgroup_hierarchy=1, or export the VM variant (cargo ktstr export --vm)"
+    fi
+    if [ -n "${KTSTR_RUN_PRIVATE_CGROUP:-}" ]; then
+        echo "ktstr: note: /sys/fs/cgroup is not cgroup v2 here; the test runs on a private cgroup v2 mount (controllers: $(cat /sys/fs/cgroup/cgroup.controllers))" >&2
+    fi
+    state=$(cat /sys/kernel/sched_ext/state 2>/dev/null || echo missing)
+    if [ -n "$KTSTR_SCHED" ] && [ "$state" = missing ]; then
+        die "this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT=y, 6.12+ needed); export the VM variant (cargo ktstr export --vm)"
+    fi
+    if [ "$state" != missing ] && [ "$state" != disabled ]; then
+        ops=$(cat /sys/kernel/sched_ext/root/ops 2>/dev/null || echo unknown)
+        die "a sched_ext scheduler ($ops) is already loaded (state: $state); stop it first (kill its scx_* process or systemctl stop scx)"
+    fi
+    ncpu=$(getconf _NPROCESSORS_ONLN)
+    [ "$ncpu" -ge "$KTSTR_CPUS" ] || die "the test needs $KTSTR_CPUS CPUs, this host has $ncpu online"
+elif ! [ -w /dev/kvm ]; then
+    command -v qemu-system-x86_64 >/dev/null 2>&1 \
+        || die "no write access to /dev/kvm and no qemu-system-x86_64: enable KVM and join the kvm group (sudo usermod -aG kvm \$USER, then log in again), or install qemu-system-x86"
+    echo "ktstr: note: /dev/kvm not writable; the VM falls back to QEMU TCG (slow)" >&2
+fi
+
+dir=$(mktemp -d "${TMPDIR:-/tmp}/ktstr-$KTSTR_TEST.XXXXXX")
+trap 'rm -rf -- "$dir"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+extract "$dir"
+export KTSTR_INCLUDE_DIR="$dir/include"
+# The runtime starts, watches and stops the scheduler it carries.
+[ -z "$KTSTR_SCHED" ] || export KTSTR_SCHEDULER="$dir/$KTSTR_SCHED"
+
+set +e
+if [ "$KTSTR_MODE" = host ]; then
+    "$dir/testbin" "--ktstr-run-host=$KTSTR_TEST"
+else
+    ignored=()
+    [ -z "$KTSTR_IGNORED" ] || ignored=(--ignored)
+    env -u KTSTR_KERNEL_LIST -u KTSTR_KERNEL NEXTEST=1 KTSTR_TEST_KERNEL="$dir/$KTSTR_KERNEL_IMAGE" \
+        "$dir/testbin" --exact "ktstr/$KTSTR_TEST" --nocapture ${ignored[@]+"${ignored[@]}"}
+fi
+rc=$?
+set -e
+exit "$rc"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args() {
+        assert_eq!(ExportArgs::from_args(["--list"]), None);
+        let a = ExportArgs::from_args(["x", "--ktstr-export-test=t1", "--ktstr-export-output=/o/t.run", "--ktstr-export-vm"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(a, ExportArgs { name: "t1".into(), output: Some("/o/t.run".into()), vm: true, kernel: None });
+        assert!(ExportArgs::from_args(["--ktstr-export-test="]).unwrap().is_err());
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("abc"), "'abc'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("it's $(x)"), r"'it'\''s $(x)'");
+    }
+
+    #[test]
+    fn protocol_codes() {
+        let a = ExportArgs { name: "nope".into(), ..Default::default() };
+        assert_eq!(export(&a, None).code(), 1);
+        let mut t = ExportTest::new("h");
+        t.host_only = true;
+        let refused = export(&a, Some(&t));
+        assert!(matches!(&refused, Outcome::Refused(m) if m.contains("host_only")), "{refused:?}");
+        assert_eq!(refused.code(), 2);
+        let mut t = ExportTest::new("s");
+        t.scheduler = Some(Scheduler::new("scx_ktstr_no_such_binary"));
+        let refused = export(&a, Some(&t));
+        assert!(matches!(&refused, Outcome::Refused(m) if m.contains("scx_ktstr_no_such_binary")), "{refused:?}");
+        let mut t = ExportTest::new("i");
+        t.include_files = vec!["/nonexistent/ktstr-include".into()];
+        assert!(matches!(export(&a, Some(&t)), Outcome::Refused(m) if m.contains("/nonexistent/ktstr-include")));
+        assert_eq!(dispatch(["--exact", "x"], |_| None), None);
+        assert_eq!(dispatch(["--ktstr-export-test=x"], |_| None), Some(1));
+    }
+
+    #[test]
+    fn archive_roundtrip_and_syntax() {
+        let d = tempfile::tempdir().unwrap();
+        let inc = d.path().join("it's data.txt");
+        std::fs::write(&inc, "hello").unwrap();
+        let sched = d.path().join("scx_fake");
+        std::fs::write(&sched, "#!/bin/sh\n").unwrap();
+        let mut t = ExportTest::new("weird_name");
+        t.include_files = vec![inc];
+        t.scheduler = Some(Scheduler::new("scx_fake").args(&["--slice", "a b'c"]));
+        let exe = std::env::current_exe().unwrap();
+        let out = d.path().join("o.run");
+        write_run_file(&t, &exe, Some(&sched), None, &out).unwrap();
+        let text = std::fs::read(&out).unwrap();
+        let head = String::from_utf8_lossy(&text[..4096.min(text.len())]).to_string();
+        assert!(head.contains("KTSTR_SCHED='sched/scx_fake'"), "{head}");
+        assert!(head.contains("# Scheduler: scx_fake --slice a b'c"), "{head}");
+        assert!(!head.contains(d.path().to_str().unwrap()), "preamble leaks a host path");
+        let st = std::process::Command::new("bash").arg("-n").arg(&out).status().unwrap();
+        assert!(st.success());
+        let x = d.path().join("x");
+        let o = std::process::Command::new(&out).arg("--extract").arg(&x).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(std::fs::read_to_string(x.join("include/it's data.txt")).unwrap(), "hello");
+        assert_eq!(std::fs::read(x.join("testbin")).unwrap(), std::fs::read(&exe).unwrap());
+        assert!(x.join("sched/scx_fake").is_file());
+
+        // A truncated archive fails with one line and exit 2.
+        let cut = d.path().join("cut.run");
+        std::fs::write(&cut, &text[..text.len() - 200]).unwrap();
+        std::fs::set_permissions(&cut, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let o = std::process::Command::new(&cut).arg("--extract").arg(d.path().join("y")).output().unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("corrupt or truncated"), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
