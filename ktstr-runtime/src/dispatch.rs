@@ -62,14 +62,18 @@ fn dispatch() {
 fn run_on_host(name: &str) -> i32 {
     let name = name.strip_prefix("ktstr/").unwrap_or(name);
     match registry::find(name) {
-        Some(def) => verdict::finish(&match def.scheduler {
-            // The .run names the binary it carries through KTSTR_SCHEDULER.
-            Some(s) => match crate::scheduler::host::find_binary(s, None) {
-                Ok(bin) => crate::scheduler::guest::run_under_at(s, &bin, || host::run_host_only(def)),
-                Err(e) => verdict::Verdict::fail(e.to_string()),
-            },
-            None => host::run_host_only(def),
-        }),
+        Some(def) => {
+            let v = match def.scheduler {
+                // The .run names the binary it carries through KTSTR_SCHEDULER.
+                Some(s) => match crate::scheduler::host::find_binary(s, None) {
+                    Ok(bin) => crate::scheduler::guest::run_under_at(s, &bin, || host::run_host_only(def)),
+                    Err(e) => verdict::Verdict::fail(e.to_string()),
+                },
+                None => host::run_host_only(def),
+            };
+            nextest::print_pass(&format!("ktstr/{name}"), &v);
+            verdict::finish(&v)
+        }
         None => {
             eprintln!("ktstr: FAIL: no ktstr test named {name} in this binary");
             1

@@ -171,7 +171,8 @@ pub fn run_exact(name: &str) -> i32 {
     verdict::finish(&verdict)
 }
 
-fn print_pass(name: &str, v: &Verdict) {
+/// `ktstr: PASS: NAME[: message]` on stderr for a pass; nothing otherwise.
+pub fn print_pass(name: &str, v: &Verdict) {
     if v.outcome == verdict::Outcome::Pass {
         if v.message.is_empty() {
             eprintln!("ktstr: PASS: {name}");

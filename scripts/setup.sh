@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Sourced by .ci/run and scripts/quickstart.sh: installs what ktstr needs on
+# Debian (packages, cargo-nextest), fetches the Debian 6.12 cloud kernel,
+# builds the ktstr 6.12 kernel and the sched_ext example schedulers, all
+# cached under ~/.cache/ktstr (a second run reuses everything). Exports
+# DEB_KERNEL, KTSTR_KERNEL_DIR and SCX_BIN for the caller.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/ktstr
+
+step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)"; }
+
+# --- Debian packages: kernel build deps, QEMU, BPF toolchain -------------
+step "packages"
+PKGS=(linux-source-6.12 qemu-system-x86 flex bison bc libelf-dev libssl-dev
+      dwarves cpio ccache clang-16 llvm-16 bpftool lz4 zstd xz-utils
+      pkg-config zlib1g-dev make gcc libc6-dev git util-linux)
+missing=()
+for p in "${PKGS[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+	export DEBIAN_FRONTEND=noninteractive
+	$SUDO apt-get update -qq
+	$SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
+
+# --- The Debian 6.12 cloud kernel (prebuilt, no sched_ext) ----------------
+step "debian cloud kernel"
+DEB_DIR=$CACHE/debian
+DEB_KERNEL=$(ls -1 "$DEB_DIR"/x/boot/vmlinuz-6.12.*-cloud-amd64 2>/dev/null | sort -V | tail -n1 || true)
+if [ -z "$DEB_KERNEL" ]; then
+	mkdir -p "$DEB_DIR" && rm -rf "$DEB_DIR/dl" && mkdir "$DEB_DIR/dl"
+	pkg=$(apt-cache search --names-only '^linux-image-6\.12\..*-cloud-amd64-unsigned$' | awk '{print $1}' | sort -V | tail -n1)
+	(cd "$DEB_DIR/dl" && apt-get download "$pkg")
+	rm -rf "$DEB_DIR/x.tmp" && dpkg-deb -x "$DEB_DIR"/dl/*.deb "$DEB_DIR/x.tmp"
+	rm -rf "$DEB_DIR/x" && mv "$DEB_DIR/x.tmp" "$DEB_DIR/x" && rm -rf "$DEB_DIR/dl"
+	DEB_KERNEL=$(ls -1 "$DEB_DIR"/x/boot/vmlinuz-6.12.*-cloud-amd64 | sort -V | tail -n1)
+fi
+echo "debian kernel: $DEB_KERNEL"
+
+# --- Workspace build -------------------------------------------------------
+step "cargo build"
+cargo build --workspace --all-targets
+
+# --- The ktstr 6.12 kernel (cache hit after the first run on a machine) ----
+step "ktstr kernel"
+# Prints `label=image` on stdout; a cache hit after the first run.
+KTSTR_IMAGE=$(./target/debug/cargo-ktstr ktstr kernel build /usr/src/linux-source-6.12.tar.xz | tail -n1 | cut -d= -f2-)
+KTSTR_KERNEL_DIR=$(dirname "$KTSTR_IMAGE")
+echo "ktstr kernel: $KTSTR_KERNEL_DIR"
+
+# --- sched_ext example schedulers, built against that kernel's BTF ---------
+step "sched_ext fixtures"
+SCX_BIN=$(scripts/build-scx.sh --vmlinux "$KTSTR_KERNEL_DIR/vmlinux" | tail -n1)
+echo "schedulers: $SCX_BIN"
+
+export DEB_KERNEL KTSTR_KERNEL_DIR SCX_BIN
