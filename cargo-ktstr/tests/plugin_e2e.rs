@@ -62,6 +62,11 @@ fn is_root() -> bool {
 #[test]
 fn test_and_export_end_to_end() {
     let Some((tarball, deb)) = kernels() else { return };
+    // Not beside kernel_slow.rs's in-place kernel builds: both want the CPUs.
+    let _serial = kernel_build::Cache::open(Some(&std::env::temp_dir().join("ktstr-slow-kernel-tests")))
+        .unwrap()
+        .lock_exclusive("serial")
+        .unwrap();
     let f = Fixture::new();
 
     // Acceptance 1: every VM test once per kernel, with kernel_ suffixes;
