@@ -24,9 +24,11 @@ fn kernels() -> Option<(String, PathBuf)> {
     Some((TARBALL.to_string(), deb))
 }
 
-/// `(status, test name)` of each nextest result line for the fixture.
+/// `(status, test name)` of each nextest result line for the fixture
+/// (before the summary, which repeats the failures).
 fn results(out: &str) -> Vec<(String, String)> {
     out.lines()
+        .take_while(|l| !l.trim_start().starts_with("Summary ["))
         .filter_map(|l| {
             let l = l.trim_start();
             let status = l.split_whitespace().next()?;

@@ -290,6 +290,7 @@ pub fn write_run_file(
     }
     let script = preamble(test, kernel.is_some(), &members, &sizes)?;
     let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
     let mut tmp = tempfile::Builder::new().prefix(".ktstr-export").tempfile_in(dir)?;
     {
         let mut w = BufWriter::new(tmp.as_file_mut());
