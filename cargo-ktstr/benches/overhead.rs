@@ -61,11 +61,12 @@ fn main() {
         r.push(timed(|| f.cargo_ktstr(&["test", "--kernel", TARBALL, "--print-env"])));
     }
     let (a, b, r) = (median(a), median(b), median(r));
-    let over = a.saturating_sub(b);
+    // Signed: on a noisy machine the medians can come out either way.
+    let over_ms = (a.as_secs_f64() - b.as_secs_f64()) * 1e3;
     println!("cargo ktstr test overhead, warm cache, {iters} rounds (medians)");
     println!("  cargo ktstr test --kernel {TARBALL} -- -E '{filter}'  {}", ms(a));
     println!("  KTSTR_KERNEL=… cargo nextest run -E '{filter}'               {}", ms(b));
-    println!("  difference                                                    {}", ms(over));
+    println!("  difference                                                    {over_ms:+.1} ms");
     println!("  resolve only (--print-env: parse, cache lookup, labels)       {}", ms(r));
-    println!("  goal < 100 ms: {}", if over < Duration::from_millis(100) { "met" } else { "NOT met" });
+    println!("  goal < 100 ms: {}", if over_ms < 100.0 { "met" } else { "NOT met" });
 }
