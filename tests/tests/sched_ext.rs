@@ -204,4 +204,59 @@ mod driver {
             &["scheduler scx_not_built_anywhere: binary `scx_not_built_anywhere` not found; looked in:", "(PATH)", "(test binary dir)"],
         );
     }
+
+    /// `.run` reproducers of a scheduler test carry the scheduler binary: in
+    /// a VM it boots and the runtime uses the carried binary (every other
+    /// place it could look is emptied); on a host without sched_ext the
+    /// prerequisite check refuses with exit 2.
+    #[test]
+    fn exported_run_carries_the_scheduler() {
+        let kernel = std::env::var("KTSTR_TEST_KERNEL").ok().filter(|k| !k.is_empty());
+        let Some(kernel) = kernel else {
+            eprintln!("skipping: needs KTSTR_TEST_KERNEL (a ktstr-built kernel; .ci/run sets it)");
+            return;
+        };
+        let d = tempfile::tempdir().unwrap();
+        let export = |extra: &[String], out: &std::path::Path| {
+            let o = Command::new(std::env::current_exe().unwrap())
+                .arg("--ktstr-export-test=scx_simple_workload")
+                .arg(format!("--ktstr-export-output={}", out.display()))
+                .args(extra)
+                .env_remove("NEXTEST")
+                .output()
+                .unwrap();
+            assert_eq!(o.status.code(), Some(0), "export: {}", String::from_utf8_lossy(&o.stderr));
+        };
+        // The .run runs with nothing of ours in its environment.
+        let run = |file: &std::path::Path| {
+            let mut c = Command::new(file);
+            c.current_dir(d.path());
+            for (k, _) in std::env::vars() {
+                if k.starts_with("KTSTR_") || k.starts_with("NEXTEST") {
+                    c.env_remove(k);
+                }
+            }
+            let o = c.env("KTSTR_SCX_CACHE_DIR", d.path().join("no-scx-cache")).output().unwrap();
+            (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+        };
+
+        let host = d.path().join("host.run");
+        export(&[], &host);
+        let x = d.path().join("x");
+        assert!(Command::new(&host).arg("--extract").arg(&x).status().unwrap().success());
+        assert!(x.join("sched/scx_simple").is_file() && x.join("testbin").is_file());
+        if !std::path::Path::new("/sys/kernel/sched_ext").exists() {
+            let (code, err) = run(&host);
+            assert_eq!(code, Some(2), "{err}");
+            assert!(err.contains("this kernel has no sched_ext"), "{err}");
+        }
+
+        let vm = d.path().join("vm.run");
+        export(&["--ktstr-export-vm".into(), format!("--ktstr-export-kernel={kernel}")], &vm);
+        let (code, err) = run(&vm);
+        eprintln!("{err}");
+        assert_eq!(code, Some(0), "{err}");
+        assert!(err.contains("ktstr: PASS: ktstr/scx_simple_workload: scheduler scx_simple attached in"), "{err}");
+        assert!(err.contains("/sched/scx_simple") && !err.contains("scx fixture cache"), "the carried binary was used: {err}");
+    }
 }
