@@ -5,7 +5,8 @@ use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use kernel_build::{KernelSpec, Options, ResolvedKernel};
@@ -125,45 +126,40 @@ pub fn resolve_all(specs: &[String], opts: &Options, parallelism: usize) -> Resu
     for s in specs {
         KernelSpec::parse(s).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    let slots: Arc<Mutex<Vec<Option<Result<Vec<ResolvedKernel>, String>>>>> =
-        Arc::new(Mutex::new(specs.iter().map(|_| None).collect()));
-    let next = Arc::new(Mutex::new(0usize));
-    let (tx, rx) = std::sync::mpsc::channel::<usize>();
-    let workers = parallelism.min(specs.len()).max(1);
-    for _ in 0..workers {
-        let (slots, next, tx, specs, opts) = (slots.clone(), next.clone(), tx.clone(), specs.to_vec(), opts.clone());
+    let specs: Arc<Vec<String>> = Arc::new(specs.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    type Resolved = Result<Vec<ResolvedKernel>, String>;
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Resolved)>();
+    // Detached workers: on the first failure we return (and exit) without
+    // waiting for the other builds.
+    for _ in 0..parallelism.min(specs.len()).max(1) {
+        let (specs, next, tx, opts) = (specs.clone(), next.clone(), tx.clone(), opts.clone());
         std::thread::spawn(move || loop {
-            let i = {
-                let mut n = next.lock().unwrap();
-                if *n >= specs.len() {
-                    return;
-                }
-                *n += 1;
-                *n - 1
-            };
-            let r = kernel_build::resolve(&specs[i], &opts).map_err(|e| one_line(&format!("{e:#}")));
-            slots.lock().unwrap()[i] = Some(r);
-            if tx.send(i).is_err() {
+            let i = next.fetch_add(1, Ordering::SeqCst);
+            let Some(spec) = specs.get(i) else { return };
+            let r = kernel_build::resolve(spec, &opts).map_err(|e| one_line(&format!("{e:#}")));
+            if tx.send((i, r)).is_err() {
                 return;
             }
         });
     }
     drop(tx);
+    let mut slots: Vec<Option<Vec<ResolvedKernel>>> = specs.iter().map(|_| None).collect();
     for _ in 0..specs.len() {
-        let i = rx.recv().map_err(|_| anyhow::anyhow!("a kernel resolver thread died"))?;
-        if let Some(Err(e)) = &slots.lock().unwrap()[i] {
-            let spec = &specs[i];
-            bail!("kernel {spec:?}: {}", e.strip_prefix(&format!("invalid kernel spec {spec:?}: ")).unwrap_or(e));
+        let (i, r) = rx.recv().map_err(|_| anyhow::anyhow!("a kernel resolver thread died"))?;
+        match r {
+            Ok(ks) => slots[i] = Some(ks),
+            Err(e) => {
+                let spec = &specs[i];
+                bail!("kernel {spec:?}: {}", e.strip_prefix(&format!("invalid kernel spec {spec:?}: ")).unwrap_or(&e));
+            }
         }
     }
-    let slots = std::mem::take(&mut *slots.lock().unwrap());
-    let mut out = Vec::new();
-    for (spec, r) in specs.iter().zip(slots) {
-        for k in r.expect("every slot reported").expect("errors returned above") {
-            out.push((spec.clone(), k));
-        }
-    }
-    Ok(out)
+    Ok(specs
+        .iter()
+        .zip(slots)
+        .flat_map(|(spec, ks)| ks.expect("every spec reported").into_iter().map(move |k| (spec.clone(), k)))
+        .collect())
 }
 
 fn one_line(s: &str) -> String {

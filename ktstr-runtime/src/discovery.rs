@@ -65,7 +65,7 @@ pub fn newest_cache_entry(root: &Path) -> Option<PathBuf> {
             continue;
         }
         let t = std::fs::metadata(&meta).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
-        if best.as_ref().map_or(true, |(bt, _)| t > *bt) {
+        if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
             best = Some((t, image));
         }
     }

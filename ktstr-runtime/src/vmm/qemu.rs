@@ -98,7 +98,7 @@ fn channel_location(cfg: &VmConfig, dir: &Path) -> (PathBuf, u64) {
 
 pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
     let start = Instant::now();
-    if cfg.memory_mib % cfg.topology.numa_nodes as u64 != 0 {
+    if !cfg.memory_mib.is_multiple_of(cfg.topology.numa_nodes as u64) {
         return Err(VmError::Topology(format!(
             "{} MiB of memory does not split evenly over {} NUMA nodes",
             cfg.memory_mib, cfg.topology.numa_nodes
