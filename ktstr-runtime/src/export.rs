@@ -459,10 +459,8 @@ if [ "$KTSTR_MODE" = host ]; then
     fi
     ncpu=$(getconf _NPROCESSORS_ONLN)
     [ "$ncpu" -ge "$KTSTR_CPUS" ] || die "the test needs $KTSTR_CPUS CPUs, this host has $ncpu online"
-elif ! [ -w /dev/kvm ]; then
-    command -v qemu-system-x86_64 >/dev/null 2>&1 \
-        || die "no write access to /dev/kvm and no qemu-system-x86_64: enable KVM and join the kvm group (sudo usermod -aG kvm \$USER, then log in again), or install qemu-system-x86"
-    echo "ktstr: note: /dev/kvm not writable; the VM falls back to QEMU TCG (slow)" >&2
+elif [ "${KTSTR_VMM:-auto}" != tcg ] && ! [ -w /dev/kvm ]; then
+    die "no write access to /dev/kvm: enable KVM and join the kvm group (sudo usermod -aG kvm \$USER, then log in again); or run with KTSTR_VMM=tcg to use QEMU TCG (slow)"
 fi
 
 dir=$(mktemp -d "${TMPDIR:-/tmp}/ktstr-$KTSTR_TEST.XXXXXX")

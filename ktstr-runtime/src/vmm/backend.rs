@@ -56,6 +56,17 @@ pub fn select(choice: BackendChoice) -> Result<BackendKind, VmError> {
             }
         }
         BackendChoice::Auto => {
+            // design.md: /dev/kvm missing or not writable is a FAIL with the
+            // fix, even though QEMU could run; the cached self-test verdict
+            // (per host boot, maybe another user's) must not hide that.
+            if let Err(e) = kvm::machine::open_kvm() {
+                return Err(match e {
+                    VmError::KvmUnavailable(m) => {
+                        VmError::KvmUnavailable(format!("{m}; or set KTSTR_VMM=tcg to run under QEMU TCG (slow)"))
+                    }
+                    e => e,
+                });
+            }
             let verdict = kvm::selftest::verdict();
             match verdict {
                 Ok(v) if v.usable() => Ok(BackendKind::Kvm),

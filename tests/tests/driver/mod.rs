@@ -250,3 +250,45 @@ fn multi_kernel_runs_the_named_kernel() {
         eprintln!("note: both kernels report {}; they cannot be told apart by uname", releases[0]);
     }
 }
+
+/// design.md: `/dev/kvm` not writable is a FAIL with the kvm-group hint,
+/// not a silent fall-back (run as `nobody`, who has no access here).
+#[test]
+fn kvm_without_access_fails_with_the_group_hint() {
+    let Some(k) = need_kernels(1) else { return };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skipping: needs root and setpriv to run as another user");
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let home = scratch.path();
+    std::fs::set_permissions(home, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let image = home.join("bzImage");
+    std::fs::copy(&k[0], &image).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let as_nobody = |args: &[&str]| {
+        Command::new("/usr/bin/setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/env", "-i"])
+            .arg(format!("HOME={}", home.display()))
+            .args(["PATH=/usr/bin:/bin", "NEXTEST=1"])
+            .arg(format!("KTSTR_TEST_KERNEL={}", image.display()))
+            .args(args)
+            .current_dir(home)
+            .output()
+            .unwrap()
+    };
+    if !as_nobody(&["/usr/bin/test", "-x", exe.to_str().unwrap()]).status.success() {
+        eprintln!("skipping: nobody cannot reach {} (a parent directory is private)", exe.display());
+        return;
+    }
+    if as_nobody(&["/usr/bin/test", "-w", "/dev/kvm"]).status.success() {
+        eprintln!("skipping: nobody can write /dev/kvm on this host");
+        return;
+    }
+    let o = as_nobody(&[exe.to_str().unwrap(), "--exact", "ktstr/demo_uname", "--ignored"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let fail = err.lines().find(|l| l.starts_with("ktstr: FAIL: ")).unwrap_or_else(|| panic!("no FAIL line:\n{err}"));
+    assert!(fail.contains("/dev/kvm") && fail.contains("join the kvm group") && fail.contains("KTSTR_VMM=tcg"), "{fail}");
+}
