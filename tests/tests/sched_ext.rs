@@ -211,9 +211,9 @@ mod driver {
     /// prerequisite check refuses with exit 2.
     #[test]
     fn exported_run_carries_the_scheduler() {
-        let kernel = std::env::var("KTSTR_TEST_KERNEL").ok().filter(|k| !k.is_empty());
-        let Some(kernel) = kernel else {
-            eprintln!("skipping: needs KTSTR_TEST_KERNEL (a ktstr-built kernel; .ci/run sets it)");
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let Some(kernel) = var("KTSTR_TEST_KERNEL").or_else(|| var("KTSTR_KERNEL")) else {
+            eprintln!("skipping: needs KTSTR_TEST_KERNEL or KTSTR_KERNEL (a ktstr-built kernel; .ci/run sets it)");
             return;
         };
         let d = tempfile::tempdir().unwrap();
