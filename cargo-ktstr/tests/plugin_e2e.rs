@@ -48,11 +48,7 @@ fn names_with(rs: &[(String, String)], status: &str, base: &str) -> Vec<String> 
 fn run_file(path: &Path, cwd: &Path) -> Output {
     let mut c = std::process::Command::new(path);
     c.current_dir(cwd);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KTSTR_") || k.starts_with("NEXTEST") {
-            c.env_remove(k);
-        }
-    }
+    fixture::scrub_env(&mut c);
     c.output().unwrap()
 }
 

@@ -3,6 +3,8 @@
 //! with: the hand-off env vars, nextest's argv, and that bad input never
 //! reaches it. Fast; always run. The real nextest run is plugin_e2e.rs.
 
+mod fixture;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -31,15 +33,17 @@ impl Fake {
     }
 
     fn run(&self, args: &[&str], with_nextest: bool) -> Output {
+        self.run_env(args, with_nextest, &[])
+    }
+
+    /// [`Fake::run`] with `env` set on top of a scrubbed environment.
+    fn run_env(&self, args: &[&str], with_nextest: bool, env: &[(&str, &str)]) -> Output {
         let bin = self.dir.path().join("bin");
         let path = if with_nextest { format!("{}:/usr/bin:/bin", bin.display()) } else { "/usr/bin:/bin".into() };
         let mut c = Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"));
         c.arg("ktstr").args(args).current_dir(self.dir.path());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("KTSTR_") || k.starts_with("NEXTEST") {
-                c.env_remove(k);
-            }
-        }
+        fixture::scrub_env(&mut c);
+        c.envs(env.iter().copied());
         c.env("CARGO", bin.join("cargo"))
             .env("PATH", path)
             .env("CARGO_HOME", self.dir.path().join("no-cargo-home"))
@@ -124,15 +128,11 @@ fn hands_kernels_to_nextest_and_passes_args_untouched() {
     assert!(entries[1].0.starts_with("path_beta_") && entries[1].1 == b.to_str().unwrap(), "{list}");
 
     // One kernel: KTSTR_KERNEL only, and a stale list from the caller is dropped.
-    let o = Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"))
-        .args(["ktstr", "test", "--kernel", a.to_str().unwrap()])
-        .current_dir(f.dir.path())
-        .env("CARGO", f.dir.path().join("bin/cargo"))
-        .env("PATH", format!("{}:/usr/bin:/bin", f.dir.path().join("bin").display()))
-        .env("KTSTR_KERNEL_LIST", "stale=/nowhere")
-        .env("KTSTR_TEST_KERNEL", "/nowhere/bzImage")
-        .output()
-        .unwrap();
+    let o = f.run_env(
+        &["test", "--kernel", a.to_str().unwrap()],
+        true,
+        &[("KTSTR_KERNEL_LIST", "stale=/nowhere"), ("KTSTR_TEST_KERNEL", "/nowhere/bzImage")],
+    );
     assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
     let rec = f.record().unwrap();
     assert!(rec.contains(&format!("KTSTR_KERNEL={}\n", a.display())), "{rec}");

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use base64::engine::general_purpose::STANDARD;
 use flate2::write::GzEncoder;
 
-use crate::scheduler::Scheduler;
+use crate::registry::TestDef;
 
 pub const EXPORT_FLAG: &str = "--ktstr-export-test=";
 pub const OUTPUT_FLAG: &str = "--ktstr-export-output=";
@@ -82,50 +82,6 @@ impl ExportArgs {
     }
 }
 
-/// What the exporter needs to know about one registered test. Built by
-/// the dispatch from the registry, so this module needs no registry types.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportTest {
-    pub name: String,
-    pub host_only: bool,
-    /// Ignored by default (`demo_`): the VM run passes `--ignored` like nextest.
-    pub ignored: bool,
-    pub cpus: u32,
-    pub memory_mib: u64,
-    pub timeout_s: u64,
-    pub include_files: Vec<PathBuf>,
-    /// Its binary is looked up at export time, beside the kernel it will boot.
-    pub scheduler: Option<Scheduler>,
-}
-
-impl ExportTest {
-    pub fn from_def(def: &crate::registry::TestDef) -> Self {
-        ExportTest {
-            name: def.name.to_string(),
-            host_only: def.host_only,
-            ignored: def.ignored(),
-            cpus: def.topology.total_cpus(),
-            memory_mib: def.memory_mib,
-            timeout_s: def.timeout_s,
-            include_files: def.include_files.iter().map(PathBuf::from).collect(),
-            scheduler: def.scheduler.copied(),
-        }
-    }
-
-    pub fn new(name: impl Into<String>) -> Self {
-        ExportTest {
-            name: name.into(),
-            host_only: false,
-            ignored: false,
-            cpus: 1,
-            memory_mib: 512,
-            timeout_s: 30,
-            include_files: Vec::new(),
-            scheduler: None,
-        }
-    }
-}
-
 /// How an export ended, with its protocol exit code.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -147,13 +103,13 @@ impl Outcome {
 /// Entry for the early-constructor dispatch: `None` when `args` is not an
 /// export invocation, else the exit code (0 written, 1 no such test,
 /// 2 refused or failed, reason on stderr).
-pub fn dispatch<I, S>(args: I, lookup: impl FnOnce(&str) -> Option<ExportTest>) -> Option<i32>
+pub fn dispatch<I, S>(args: I, lookup: impl FnOnce(&str) -> Option<&'static TestDef>) -> Option<i32>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
 {
     let outcome = match ExportArgs::from_args(args)? {
-        Ok(a) => export(&a, lookup(&a.name).as_ref()),
+        Ok(a) => export(&a, lookup(&a.name)),
         Err(e) => Outcome::Refused(e),
     };
     match &outcome {
@@ -166,12 +122,12 @@ where
 /// [`dispatch`] against this binary's registry (`ktstr/NAME` or `NAME`).
 pub fn dispatch_registry<S: AsRef<str>>(args: &[S]) -> Option<i32> {
     dispatch(args.iter().map(|a| a.as_ref()), |name| {
-        crate::registry::find(name.strip_prefix("ktstr/").unwrap_or(name)).map(ExportTest::from_def)
+        crate::registry::find(name.strip_prefix("ktstr/").unwrap_or(name))
     })
 }
 
 /// Exports `test` (or reports its absence) per the 0/1/2 protocol.
-pub fn export(args: &ExportArgs, test: Option<&ExportTest>) -> Outcome {
+pub fn export(args: &ExportArgs, test: Option<&TestDef>) -> Outcome {
     let Some(test) = test else {
         let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
         return Outcome::NotFound(format!("no test named {:?} in {exe}", args.name));
@@ -187,7 +143,7 @@ pub fn export(args: &ExportArgs, test: Option<&ExportTest>) -> Outcome {
         Ok(k) => k,
         Err(e) => return Outcome::Refused(e),
     };
-    let scheduler = match &test.scheduler {
+    let scheduler = match test.scheduler {
         Some(s) => match crate::scheduler::host::find_binary(s, kernel.as_deref()) {
             Ok(bin) => Some(bin),
             Err(e) => return Outcome::Refused(e.to_string()),
@@ -202,7 +158,7 @@ pub fn export(args: &ExportArgs, test: Option<&ExportTest>) -> Outcome {
 }
 
 /// Why a test cannot be exported, if it cannot.
-pub fn refusal(test: &ExportTest) -> Result<(), String> {
+pub fn refusal(test: &TestDef) -> Result<(), String> {
     if test.host_only {
         return Err(format!(
             "test {:?} is host_only: it already runs directly on the host, so a .run adds nothing; \
@@ -210,9 +166,9 @@ pub fn refusal(test: &ExportTest) -> Result<(), String> {
             test.name, test.name
         ));
     }
-    for f in &test.include_files {
-        if !f.is_file() {
-            return Err(format!("include file {} of test {:?} does not exist", f.display(), test.name));
+    for f in test.include_files {
+        if !Path::new(f).is_file() {
+            return Err(format!("include file {f} of test {:?} does not exist", test.name));
         }
     }
     Ok(())
@@ -234,9 +190,6 @@ fn vm_kernel(args: &ExportArgs) -> Result<PathBuf, String> {
 
 /// POSIX shell single-quoting: safe for any byte string without NUL.
 pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b)) {
-        return format!("'{s}'");
-    }
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
@@ -252,43 +205,47 @@ pub struct Member {
     pub name: String,
     pub source: PathBuf,
     pub executable: bool,
+    pub size: u64,
+}
+
+impl Member {
+    fn new(name: String, source: &Path, executable: Option<bool>) -> io::Result<Member> {
+        let meta = std::fs::metadata(source)?;
+        let executable = executable.unwrap_or(meta.permissions().mode() & 0o111 != 0);
+        Ok(Member { name, source: source.to_path_buf(), executable, size: meta.len() })
+    }
 }
 
 /// The archive layout: `testbin`, `sched/{base}`, `include/{base}`,
 /// `kernel/{base}`. Relative names only, so no host path leaks in.
-pub fn members(test: &ExportTest, exe: &Path, scheduler: Option<&Path>, kernel: Option<&Path>) -> io::Result<Vec<Member>> {
-    let mut m = vec![Member { name: "testbin".into(), source: exe.to_path_buf(), executable: true }];
+pub fn members(test: &TestDef, exe: &Path, scheduler: Option<&Path>, kernel: Option<&Path>) -> io::Result<Vec<Member>> {
+    let mut m = vec![Member::new("testbin".into(), exe, Some(true))?];
     if let Some(s) = scheduler {
-        m.push(Member { name: format!("sched/{}", basename(s)?), source: s.to_path_buf(), executable: true });
+        m.push(Member::new(format!("sched/{}", basename(s)?), s, Some(true))?);
     }
-    for f in &test.include_files {
+    for f in test.include_files.iter().map(Path::new) {
         let name = format!("include/{}", basename(f)?);
         if m.iter().any(|x| x.name == name) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("two include files named {name}")));
         }
-        let executable = std::fs::metadata(f)?.permissions().mode() & 0o111 != 0;
-        m.push(Member { name, source: f.clone(), executable });
+        m.push(Member::new(name, f, None)?);
     }
     if let Some(k) = kernel {
-        m.push(Member { name: format!("kernel/{}", basename(k)?), source: k.to_path_buf(), executable: false });
+        m.push(Member::new(format!("kernel/{}", basename(k)?), k, Some(false))?);
     }
     Ok(m)
 }
 
 /// Writes the preamble, then streams tar → gzip → base64 (76 columns).
 pub fn write_run_file(
-    test: &ExportTest,
+    test: &TestDef,
     exe: &Path,
     scheduler: Option<&Path>,
     kernel: Option<&Path>,
     output: &Path,
 ) -> io::Result<()> {
     let members = members(test, exe, scheduler, kernel)?;
-    let mut sizes = Vec::new();
-    for m in &members {
-        sizes.push((m.name.clone(), std::fs::metadata(&m.source)?.len()));
-    }
-    let script = preamble(test, kernel.is_some(), &members, &sizes)?;
+    let script = preamble(test, kernel.is_some(), &members);
     let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let mut tmp = tempfile::Builder::new().prefix(".ktstr-export").tempfile_in(dir)?;
@@ -301,14 +258,15 @@ pub fn write_run_file(
         let mut tar = tar::Builder::new(gz);
         tar.mode(tar::HeaderMode::Deterministic);
         for m in &members {
-            let mut f = File::open(&m.source)?;
-            let len = f.metadata()?.len();
+            // The size the preamble announced; a file that changed since is cut or fails.
+            let f = File::open(&m.source)?;
+            let len = m.size;
             let mut h = tar::Header::new_gnu();
             h.set_size(len);
             h.set_mode(if m.executable { 0o755 } else { 0o644 });
             h.set_mtime(0);
             h.set_entry_type(tar::EntryType::Regular);
-            tar.append_data(&mut h, &m.name, (&mut f).take(len))?;
+            tar.append_data(&mut h, &m.name, f.take(len))?;
         }
         let gz = tar.into_inner()?;
         let mut b64 = gz.finish()?;
@@ -364,12 +322,12 @@ fn comment(s: &str) -> String {
 }
 
 /// The bash preamble. Every value comes in through a quoted assignment.
-pub fn preamble(test: &ExportTest, vm: bool, members: &[Member], sizes: &[(String, u64)]) -> io::Result<String> {
+pub fn preamble(test: &TestDef, vm: bool, members: &[Member]) -> String {
     let q = shell_quote;
     let member = |prefix: &str| members.iter().find(|m| m.name.starts_with(prefix)).map(|m| m.name.clone());
     let mut s = String::new();
     s.push_str("#!/usr/bin/env bash\n");
-    s.push_str(&format!("# ktstr reproducer for test {} (ktstr-runtime {})\n", comment(&test.name), env!("CARGO_PKG_VERSION")));
+    s.push_str(&format!("# ktstr reproducer for test {} (ktstr-runtime {})\n", comment(test.name), env!("CARGO_PKG_VERSION")));
     if vm {
         s.push_str("# Boots the embedded kernel in a VM (needs /dev/kvm, or QEMU) and runs the test in it.\n");
     } else {
@@ -381,29 +339,29 @@ pub fn preamble(test: &ExportTest, vm: bool, members: &[Member], sizes: &[(Strin
     s.push_str("#        ./THIS.run --extract DIR   only unpack the archive into DIR\n");
     s.push_str(&format!(
         "# Test: cpus={} memory_mib={} timeout_s={}{}\n",
-        test.cpus,
+        test.topology.total_cpus(),
         test.memory_mib,
         test.timeout_s,
-        if test.ignored { " (ignored by default)" } else { "" }
+        if test.ignored() { " (ignored by default)" } else { "" }
     ));
-    if let Some(sc) = &test.scheduler {
+    if let Some(sc) = test.scheduler {
         s.push_str(&format!("# Scheduler: {} {}\n", comment(sc.name), comment(&sc.args.join(" "))));
     }
     s.push_str("# Archive:\n");
-    for (name, size) in sizes {
-        s.push_str(&format!("#   {:<40} {}\n", comment(name), human(*size)));
+    for m in members {
+        s.push_str(&format!("#   {:<40} {}\n", comment(&m.name), human(m.size)));
     }
     s.push_str("set -euo pipefail\n\n");
-    s.push_str(&format!("KTSTR_TEST={}\n", q(&test.name)));
+    s.push_str(&format!("KTSTR_TEST={}\n", q(test.name)));
     s.push_str(&format!("KTSTR_MODE={}\n", q(if vm { "vm" } else { "host" })));
-    s.push_str(&format!("KTSTR_CPUS={}\n", q(&test.cpus.to_string())));
+    s.push_str(&format!("KTSTR_CPUS={}\n", q(&test.topology.total_cpus().to_string())));
     s.push_str(&format!("KTSTR_SCHED={}\n", q(member("sched/").as_deref().unwrap_or(""))));
     s.push_str(&format!("KTSTR_KERNEL_IMAGE={}\n", q(member("kernel/").as_deref().unwrap_or(""))));
-    s.push_str(&format!("KTSTR_IGNORED={}\n", q(if test.ignored { "1" } else { "" })));
+    s.push_str(&format!("KTSTR_IGNORED={}\n", q(if test.ignored() { "1" } else { "" })));
     s.push_str(PREAMBLE_BODY);
     s.push_str(ARCHIVE_MARKER);
     s.push('\n');
-    Ok(s)
+    s
 }
 
 /// The fixed part of the preamble; values come from the assignments above.
@@ -490,6 +448,7 @@ exit "$rc"
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::Scheduler;
 
     #[test]
     fn args() {
@@ -512,18 +471,16 @@ mod tests {
     fn protocol_codes() {
         let a = ExportArgs { name: "nope".into(), ..Default::default() };
         assert_eq!(export(&a, None).code(), 1);
-        let mut t = ExportTest::new("h");
-        t.host_only = true;
-        let refused = export(&a, Some(&t));
+        static HOST: TestDef = TestDef { name: "h", host_only: true, ..TestDef::DEFAULT };
+        let refused = export(&a, Some(&HOST));
         assert!(matches!(&refused, Outcome::Refused(m) if m.contains("host_only")), "{refused:?}");
         assert_eq!(refused.code(), 2);
-        let mut t = ExportTest::new("s");
-        t.scheduler = Some(Scheduler::new("scx_ktstr_no_such_binary"));
-        let refused = export(&a, Some(&t));
+        static NO_BIN: Scheduler = Scheduler::new("scx_ktstr_no_such_binary");
+        static SCHED: TestDef = TestDef { name: "s", scheduler: Some(&NO_BIN), ..TestDef::DEFAULT };
+        let refused = export(&a, Some(&SCHED));
         assert!(matches!(&refused, Outcome::Refused(m) if m.contains("scx_ktstr_no_such_binary")), "{refused:?}");
-        let mut t = ExportTest::new("i");
-        t.include_files = vec!["/nonexistent/ktstr-include".into()];
-        assert!(matches!(export(&a, Some(&t)), Outcome::Refused(m) if m.contains("/nonexistent/ktstr-include")));
+        static INC: TestDef = TestDef { name: "i", include_files: &["/nonexistent/ktstr-include"], ..TestDef::DEFAULT };
+        assert!(matches!(export(&a, Some(&INC)), Outcome::Refused(m) if m.contains("/nonexistent/ktstr-include")));
         assert_eq!(dispatch(["--exact", "x"], |_| None), None);
         assert_eq!(dispatch(["--ktstr-export-test=x"], |_| None), Some(1));
     }
@@ -535,12 +492,17 @@ mod tests {
         std::fs::write(&inc, "hello").unwrap();
         let sched = d.path().join("scx_fake");
         std::fs::write(&sched, "#!/bin/sh\n").unwrap();
-        let mut t = ExportTest::new("weird_name");
-        t.include_files = vec![inc];
-        t.scheduler = Some(Scheduler::new("scx_fake").args(&["--slice", "a b'c"]));
+        static FAKE: Scheduler = Scheduler::new("scx_fake").args(&["--slice", "a b'c"]);
+        let inc: &'static str = Box::leak(inc.display().to_string().into_boxed_str());
+        let t: &'static TestDef = Box::leak(Box::new(TestDef {
+            name: "weird_name",
+            include_files: Box::leak(vec![inc].into_boxed_slice()),
+            scheduler: Some(&FAKE),
+            ..TestDef::DEFAULT
+        }));
         let exe = std::env::current_exe().unwrap();
         let out = d.path().join("o.run");
-        write_run_file(&t, &exe, Some(&sched), None, &out).unwrap();
+        write_run_file(t, &exe, Some(&sched), None, &out).unwrap();
         let text = std::fs::read(&out).unwrap();
         let head = String::from_utf8_lossy(&text[..4096.min(text.len())]).to_string();
         assert!(head.contains("KTSTR_SCHED='sched/scx_fake'"), "{head}");
