@@ -1,7 +1,10 @@
-//! Boot benchmark: for each kernel in `KTSTR_BENCH_KERNELS` (`;`-separated),
-//! ktstr's backend booting the probe init (boot → /init, total) side by
-//! side with plain `qemu-system-x86_64 -accel tcg` booting the same
-//! kernel with a static C init that powers off.
+//! Boot benchmark: for each kernel in `KTSTR_BENCH_KERNELS` (`;`-separated)
+//! and vCPU count in `KTSTR_BENCH_CPUS` (default `1,2,4`), ktstr's backend
+//! booting the probe init (boot → /init, total) side by side with plain
+//! `qemu-system-x86_64` booting the same kernel with a static C init that
+//! powers off. Under TCG, multi-vCPU rows run twice: single-threaded TCG
+//! (ktstr's default) and multi-threaded (`KTSTR_TCG_THREAD=multi`), the
+//! cost of the text-patching crash fix (docs/vmm.md).
 //!
 //! `KTSTR_BENCH_KERNELS=... cargo bench -p ktstr-runtime --bench boot`
 
@@ -11,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ktstr_runtime::initramfs::Initramfs;
+use ktstr_runtime::vmm::qemu::{TcgThread, TCG_THREAD_ENV};
 use ktstr_runtime::vmm::{Topology, Vm};
 
 const RUNS: usize = 3;
@@ -35,10 +39,12 @@ fn static_initramfs(dir: &Path) -> PathBuf {
 }
 
 /// Plain QEMU: time to the init's line on the console, and to exit.
-fn plain_qemu(kernel: &Path, initrd: &Path) -> (Duration, Duration) {
+fn plain_qemu(kernel: &Path, initrd: &Path, cpus: u32, mode: TcgThread) -> (Duration, Duration) {
+    let accel = mode.accel();
     let t0 = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1", "-nographic", "-no-reboot", "-kernel"])
+        .args(["-accel", accel, "-cpu", "max", "-m", "256", "-smp", &cpus.to_string(), "-nographic", "-no-reboot"])
+        .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
@@ -68,42 +74,60 @@ fn main() {
         println!("boot bench: set KTSTR_BENCH_KERNELS to ';'-separated kernel images");
         return;
     };
+    let cpu_list: Vec<u32> = std::env::var("KTSTR_BENCH_CPUS")
+        .unwrap_or_else(|_| "1,2,4".into())
+        .split(',')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
     let tmp = tempfile::tempdir().unwrap();
     let plain = static_initramfs(tmp.path());
     let probe = Initramfs::new(env!("CARGO_BIN_EXE_ktstr-probe-init")).unwrap().build_cached().unwrap();
-    println!("{:<48} {:>10} {:>14} {:>10} {:>14} {:>10}", "kernel", "backend", "ktstr→/init", "total", "plain→/init", "total");
+    println!(
+        "{:<40} {:>5} {:>8} {:>10} {:>13} {:>9} {:>13} {:>9}",
+        "kernel", "vcpus", "tcg", "backend", "ktstr→/init", "total", "plain→/init", "total"
+    );
     for k in list.split(';').map(PathBuf::from) {
-        let (mut ki, mut kt, mut pi, mut pt) = (vec![], vec![], vec![], vec![]);
-        let mut backend = String::new();
-        for _ in 0..RUNS {
-            let r = Vm::builder()
-                .kernel(&k)
-                .initramfs(&probe)
-                .topo(Topology::cpus(1))
-                .memory_mib(256)
-                .timeout(Duration::from_secs(120))
-                .build()
-                .unwrap()
-                .run()
-                .unwrap();
-            backend = r.backend.to_string();
-            ki.push(r.timings.to_init.expect("probe init never announced itself"));
-            kt.push(r.timings.total);
-            let (i, t) = plain_qemu(&k, &plain);
-            pi.push(i);
-            pt.push(t);
+        for &cpus in &cpu_list {
+            let modes: &[TcgThread] = if cpus > 1 { &[TcgThread::Single, TcgThread::Multi] } else { &[TcgThread::Single] };
+            for &mode in modes {
+                // The backend reads the mode from the environment; nothing else runs yet.
+                std::env::set_var(TCG_THREAD_ENV, if mode == TcgThread::Single { "single" } else { "multi" });
+                let (mut ki, mut kt, mut pi, mut pt) = (vec![], vec![], vec![], vec![]);
+                let mut backend = String::new();
+                for _ in 0..RUNS {
+                    let r = Vm::builder()
+                        .kernel(&k)
+                        .initramfs(&probe)
+                        .topo(Topology::cpus(cpus))
+                        .memory_mib(256)
+                        .timeout(Duration::from_secs(120))
+                        .build()
+                        .unwrap()
+                        .run()
+                        .unwrap();
+                    backend = r.backend.to_string();
+                    ki.push(r.timings.to_init.expect("probe init never announced itself"));
+                    kt.push(r.timings.total);
+                    let (i, t) = plain_qemu(&k, &plain, cpus, mode);
+                    pi.push(i);
+                    pt.push(t);
+                }
+                let name = k.file_name().unwrap().to_string_lossy().into_owned();
+                let name = if name == "bzImage" { k.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned() } else { name };
+                println!(
+                    "{:<40} {:>5} {:>8} {:>10} {:>11}ms {:>7}ms {:>11}ms {:>7}ms",
+                    name,
+                    cpus,
+                    format!("{mode:?}").to_lowercase(),
+                    backend,
+                    median(ki).as_millis(),
+                    median(kt).as_millis(),
+                    median(pi).as_millis(),
+                    median(pt).as_millis()
+                );
+            }
         }
-        let name = k.file_name().unwrap().to_string_lossy().into_owned();
-        let name = if name == "bzImage" { k.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned() } else { name };
-        println!(
-            "{:<48} {:>10} {:>12}ms {:>8}ms {:>12}ms {:>8}ms",
-            name,
-            backend,
-            median(ki).as_millis(),
-            median(kt).as_millis(),
-            median(pi).as_millis(),
-            median(pt).as_millis()
-        );
     }
-    println!("(medians of {RUNS} runs, 1 vCPU, 256 MiB)");
+    std::env::remove_var(TCG_THREAD_ENV);
+    println!("(medians of {RUNS} runs, 256 MiB; `tcg` is QEMU's TCG threading, for ktstr and plain alike)");
 }

@@ -1,6 +1,9 @@
 //! A minimal guest `/init` for VMM tests and benchmarks: reports what the
 //! guest sees, optionally streams test data over the data channel, then
 //! powers off (or misbehaves on request: `probe.mode=panic|hang|reboot`).
+//! `probe.spin_ms=N` first spins a pinned thread on every online CPU for N ms
+//! (the TCG stress benchmark's body: timer interrupts and idle wake-ups on
+//! all vCPUs while the kernel is still patching its text).
 
 use std::io::Write;
 
@@ -30,6 +33,31 @@ fn arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline.split_whitespace().find_map(|a| a.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// One busy thread per online CPU, each pinned to its CPU, for `ms`.
+/// Returns the iterations each thread managed (all must be non-zero).
+fn spin_all(ncpus: usize, ms: u64) -> Vec<u64> {
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+    let threads: Vec<_> = (0..ncpus)
+        .map(|cpu| {
+            std::thread::spawn(move || {
+                // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and
+                // sched_setaffinity only touch that local set.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                }
+                let mut n = 0u64;
+                while std::time::Instant::now() < until {
+                    n = std::hint::black_box(n + 1);
+                }
+                n
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap_or(0)).collect()
+}
+
 fn main() {
     mount("proc", "/proc", "proc");
     mount("sysfs", "/sys", "sysfs");
@@ -49,6 +77,14 @@ fn main() {
     let line = format!("ktstr-probe: cpus={ncpus} online={} nodes={nodes} release={}", cpus.trim(), release.trim());
     println!("{line}");
     let _ = std::io::stdout().flush();
+    if let Some(ms) = arg(&cmdline, "probe.spin_ms").and_then(|v| v.parse::<u64>().ok()) {
+        let iters = spin_all(ncpus.max(1) as usize, ms);
+        let spin = format!("ktstr-probe: spin ms={ms} iterations={iters:?}");
+        println!("{spin}");
+        if let Ok(ch) = ch.as_mut() {
+            let _ = ch.send(kind::TEXT, spin.as_bytes());
+        }
+    }
     match &mut ch {
         Ok(ch) => {
             let _ = ch.send(kind::TEXT, line.as_bytes());

@@ -21,10 +21,43 @@ use crate::channel;
 
 const QEMU: &str = "qemu-system-x86_64";
 const POLL: Duration = Duration::from_millis(5);
+/// `KTSTR_TCG_THREAD=multi` opts back into multi-threaded TCG (see [`TcgThread`]).
+pub const TCG_THREAD_ENV: &str = "KTSTR_TCG_THREAD";
+
+/// How QEMU runs the vCPUs. Multi-threaded TCG (one host thread per vCPU)
+/// lets a vCPU keep executing a translation of kernel text that another
+/// vCPU has just re-patched (`text_poke_bp`'s int3 protocol for static keys
+/// and alternatives): the stale int3 fires after the patch is done and the
+/// guest dies with "Oops: int3". One thread round-robins the vCPUs, so a
+/// code write invalidates every translation before any other vCPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcgThread {
+    Single,
+    Multi,
+}
+
+impl TcgThread {
+    /// `KTSTR_TCG_THREAD`: `single` (default) or `multi`.
+    pub fn from_env() -> Result<Self, VmError> {
+        match std::env::var(TCG_THREAD_ENV).as_deref() {
+            Err(_) | Ok("") | Ok("single") => Ok(TcgThread::Single),
+            Ok("multi") => Ok(TcgThread::Multi),
+            Ok(other) => Err(VmError::Host(anyhow!("{TCG_THREAD_ENV}={other:?} is not a TCG mode; use single or multi"))),
+        }
+    }
+
+    /// The `-accel` value.
+    pub fn accel(self) -> &'static str {
+        match self {
+            TcgThread::Single => "tcg,thread=single",
+            TcgThread::Multi => "tcg,thread=multi",
+        }
+    }
+}
 
 /// The QEMU argument list for a config (without the per-run file paths
 /// that [`run`] adds). Public for tests and for `--dry-run` style output.
-pub fn args(cfg: &VmConfig, dir: &Path) -> Vec<String> {
+pub fn args(cfg: &VmConfig, dir: &Path, threads: TcgThread) -> Vec<String> {
     let t = cfg.topology;
     let mut a: Vec<String> = vec![
         "-nodefaults".into(),
@@ -34,7 +67,7 @@ pub fn args(cfg: &VmConfig, dir: &Path) -> Vec<String> {
         "-machine".into(),
         "pc".into(),
         "-accel".into(),
-        "tcg".into(),
+        threads.accel().into(),
         "-cpu".into(),
         "max".into(),
         "-no-reboot".into(),
@@ -104,13 +137,14 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
             cfg.memory_mib, cfg.topology.numa_nodes
         )));
     }
+    let threads = TcgThread::from_env()?;
     let shm = Path::new("/dev/shm");
     let dir = tempfile::Builder::new()
         .prefix("ktstr-vm-")
         .tempdir_in(if shm.is_dir() { shm } else { Path::new("/tmp") })
         .context("creating the VM's scratch directory")?;
     let mut child = Command::new(QEMU)
-        .args(args(cfg, dir.path()))
+        .args(args(cfg, dir.path(), threads))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -303,13 +337,15 @@ mod tests {
 
     #[test]
     fn smp_and_numa_args() {
-        let a = args(&cfg(Topology::new(2, 2, 2, 2), 512), Path::new("/d")).join(" ");
+        let a = args(&cfg(Topology::new(2, 2, 2, 2), 512), Path::new("/d"), TcgThread::Single).join(" ");
+        assert!(a.contains("-accel tcg,thread=single"), "{a}");
         assert!(a.contains("-smp 16,sockets=4,cores=2,threads=2"), "{a}");
         assert!(a.contains("node,nodeid=0,cpus=0-7,memdev=m0"), "{a}");
         assert!(a.contains("node,nodeid=1,cpus=8-15,memdev=m1"), "{a}");
         assert!(a.contains("size=256M,mem-path=/d/ram1"), "{a}");
         assert!(!a.contains("memory-backend=m0"));
-        let one = args(&cfg(Topology::cpus(4), 256), Path::new("/d")).join(" ");
+        let one = args(&cfg(Topology::cpus(4), 256), Path::new("/d"), TcgThread::Multi).join(" ");
+        assert!(one.contains("-accel tcg,thread=multi"), "{one}");
         assert!(one.contains("-smp 4,sockets=1,cores=4,threads=1"));
         assert!(one.contains("memory-backend=m0") && !one.contains("-numa"));
     }
