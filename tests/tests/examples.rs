@@ -62,6 +62,46 @@ fn guest_gets_cmdline_and_files(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Guest init mounts what kernel tools expect: devpts (a pty pair carries
+/// bytes), debugfs, tracefs (with the sched_switch event) and bpffs.
+#[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 20)]
+fn guest_has_tool_filesystems(_ctx: &Ctx) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    for (dir, fs) in [("/dev/pts", "devpts"), ("/sys/kernel/debug", "debugfs"), ("/sys/kernel/tracing", "tracefs"), ("/sys/fs/bpf", "bpf")] {
+        ensure!(
+            mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(dir) && l.split_whitespace().nth(2) == Some(fs)),
+            "{fs} is not mounted at {dir}; /proc/mounts:\n{mounts}"
+        );
+    }
+    ensure!(std::path::Path::new("/sys/kernel/tracing/events/sched/sched_switch/enable").exists(), "no sched_switch event in tracefs");
+    let echoed = pty_roundtrip(b"ktstr-pty\n")?;
+    ensure!(echoed.starts_with(b"ktstr-pty"), "pty carried {:?}", String::from_utf8_lossy(&echoed));
+    Ok(())
+}
+
+/// Writes `msg` into a new pty's master and reads it back from its slave.
+fn pty_roundtrip(msg: &[u8]) -> Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    // SAFETY: posix_openpt/grantpt/unlockpt/ptsname on a descriptor we own;
+    // ptsname's static buffer is copied before any other call.
+    let (master, slave_path) = unsafe {
+        let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        ensure!(fd >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+        let master = std::fs::File::from_raw_fd(fd);
+        ensure!(libc::grantpt(fd) == 0 && libc::unlockpt(fd) == 0, "grantpt/unlockpt: {}", std::io::Error::last_os_error());
+        let name = libc::ptsname(fd);
+        ensure!(!name.is_null(), "ptsname: {}", std::io::Error::last_os_error());
+        (master, std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned())
+    };
+    let mut slave = std::fs::OpenOptions::new().read(true).write(true).open(&slave_path).with_context(|| format!("opening {slave_path}"))?;
+    let mut master = master;
+    master.write_all(msg)?;
+    let mut buf = vec![0u8; msg.len()];
+    slave.read_exact(&mut buf).with_context(|| format!("reading {slave_path}"))?;
+    Ok(buf)
+}
+
 /// Fails on purpose: two spinners squeezed onto CPU 0 against one alone on
 /// CPU 1 cannot get equal CPU time, and the fairness check must say so.
 #[ktstr_test(cpus = 2, timeout_s = 20, expect_err)]

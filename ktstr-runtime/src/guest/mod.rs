@@ -1,6 +1,7 @@
 //! The guest side: the test binary as `/init` (PID 1) inside the VM.
 //!
-//! Mounts the usual filesystems, runs the test body named by
+//! Mounts the usual filesystems (and devpts, debugfs, tracefs and bpffs
+//! where the kernel has them), runs the test body named by
 //! `ktstr.test=NAME` in a supervised child, sends the verdict over the
 //! data channel (and prints it on the console as a fallback), then powers
 //! off. Every path ends in a power-off so the host never waits for a hang.
@@ -85,6 +86,10 @@ pub fn init() -> ! {
     for p in &problems {
         println!("ktstr: guest: {p}");
     }
+    let absent = mount_tool_filesystems();
+    if !absent.is_empty() {
+        println!("ktstr: guest: this kernel offers no {} (tools that need them will not work)", absent.join(", "));
+    }
     let verdict = std::panic::catch_unwind(run_named_test).unwrap_or_else(|p| {
         Verdict::fail(format!("ktstr guest init panicked: {}", supervise::panic_message(&*p)))
     });
@@ -99,6 +104,24 @@ pub fn init() -> ! {
     }
     println!("{CONSOLE_MARKER}{json}");
     power_off()
+}
+
+/// The filesystems kernel tools expect beyond the basics (ptys for anything
+/// that spawns a terminal, debugfs/tracefs for tracing, bpffs for pinned BPF
+/// objects). Returns the ones this kernel cannot offer: a note, not a failure.
+fn mount_tool_filesystems() -> Vec<String> {
+    let mut absent = Vec::new();
+    for (src, dst, fs, data) in [
+        ("devpts", "/dev/pts", "devpts", Some("gid=5,mode=0620,ptmxmode=0666")),
+        ("debugfs", "/sys/kernel/debug", "debugfs", None),
+        ("tracefs", "/sys/kernel/tracing", "tracefs", None),
+        ("bpf", "/sys/fs/bpf", "bpf", Some("mode=0700")),
+    ] {
+        if let Err(e) = mount(src, dst, fs, data) {
+            absent.push(format!("{fs} ({})", e.rsplit(": ").next().unwrap_or(&e)));
+        }
+    }
+    absent
 }
 
 fn run_named_test() -> Verdict {
