@@ -33,10 +33,10 @@ fn arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline.split_whitespace().find_map(|a| a.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// One busy thread per online CPU, each pinned to its CPU, for `ms`.
+/// One busy thread per online CPU, each pinned to its CPU, for `ms` from
+/// the moment it first runs there (a vCPU may not be scheduled at once).
 /// Returns the iterations each thread managed (all must be non-zero).
 fn spin_all(ncpus: usize, ms: u64) -> Vec<u64> {
-    let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
     let threads: Vec<_> = (0..ncpus)
         .map(|cpu| {
             std::thread::spawn(move || {
@@ -47,6 +47,7 @@ fn spin_all(ncpus: usize, ms: u64) -> Vec<u64> {
                     libc::CPU_SET(cpu, &mut set);
                     libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
                 }
+                let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
                 let mut n = 0u64;
                 while std::time::Instant::now() < until {
                     n = std::hint::black_box(n + 1);
