@@ -12,8 +12,7 @@ use std::process::Output;
 use fixture::{text, Fixture, TARBALL};
 
 fn kernels() -> Option<(String, PathBuf)> {
-    if std::env::var("KTSTR_SLOW_TESTS").map_or(true, |v| v != "1") {
-        eprintln!("SKIP: set KTSTR_SLOW_TESTS=1 (and KTSTR_DEBIAN_KERNEL) to run the end-to-end plugin tests");
+    if !ktstr_runtime::testing::slow_tests_enabled() {
         return None;
     }
     assert!(Path::new(TARBALL).is_file(), "KTSTR_SLOW_TESTS=1 but {TARBALL} is missing (apt-get install linux-source-6.12)");
