@@ -174,6 +174,9 @@ pub fn run_exact(name: &str) -> i32 {
         (false, None) => host::run_vm(listed.def, &KernelChoice::Discover),
     };
     print_pass(name, &verdict);
+    if verdict.outcome == verdict::Outcome::Skip && !verdict::no_skip_mode() {
+        crate::testing::record_skip(name, &verdict.message);
+    }
     verdict::finish(&verdict)
 }
 
