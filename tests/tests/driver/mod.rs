@@ -193,6 +193,26 @@ fn host_only_named_like_a_kernel_label_runs() {
     assert!(r.stderr.contains("needs a kernel suffix"), "{}", r.stderr);
 }
 
+/// A non-UTF-8 argument gets a one-line error, not a panic in the early
+/// constructor (which aborts the process).
+#[test]
+fn non_utf8_argument_is_an_error_not_a_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"ktstr/\xff");
+    for nextest in [true, false] {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.arg("--exact").arg(bad).env_remove("NEXTEST");
+        if nextest {
+            cmd.env("NEXTEST", "1");
+        }
+        let o = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "exit 1, not an abort (nextest={nextest}): {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.contains("ktstr: FAIL: argument \"ktstr/\u{fffd}\" is not valid UTF-8"), "{err}");
+    }
+}
+
 #[test]
 fn plain_cargo_test_mode() {
     let scratch = tempfile::tempdir().unwrap();
