@@ -46,3 +46,27 @@ fn ci_run_sets_no_skip_mode_and_reports() {
     }
     assert!(run.trim_end().ends_with("exit \"$rc\""), "the report is the last output");
 }
+
+/// The README's one-kernel filter, applied by nextest itself to this
+/// crate's listing for the quick start's kernels plus look-alikes, selects
+/// exactly the ktstr-built 6.12.
+#[test]
+fn readme_kernel_filter_selects_one_kernel() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let filter = readme.split("scripts/quickstart.sh -E '").nth(1).and_then(|r| r.split('\'').next()).expect("a quickstart -E filter in README.md");
+    let list = "6.12.117=/a;path_vmlinuz_6_12_117_deb12_cloud_amd64_4be0c1=/b;6.12.117-rc1=/c;6.12.117_a1b2c3=/d";
+    let mut c = Command::new("cargo");
+    c.args(["nextest", "list", "--offline", "-p", "ktstr-tests", "--test", "examples", "-E"])
+        .arg(format!("({filter}) & test(two_cgroups_share_cpu)"))
+        .current_dir(&root)
+        .env("KTSTR_KERNEL_LIST", list);
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("NEXTEST") || (k.starts_with("KTSTR_") && k != "KTSTR_KERNEL_LIST")) {
+        c.env_remove(k);
+    }
+    let o = c.output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    let names: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().nth(1)).collect();
+    assert_eq!(names, ["ktstr/two_cgroups_share_cpu/kernel_6_12_117"], "{filter:?} selected: {out}");
+}
