@@ -3,9 +3,10 @@
 //! under `KTSTR_NO_SKIP_MODE=1` it fails instead of passing vacuously.
 //!
 //! - `KTSTR_NO_SKIP_MODE=1`: a missing premise panics (the test fails)
-//!   naming what is missing and the fix, unless the test is listed in the
-//!   file `KTSTR_EXPECTED_SKIPS` names (one test name per line, `#`
-//!   comments): a premise this host is known not to give.
+//!   naming what is missing and the fix, unless the file
+//!   `KTSTR_EXPECTED_SKIPS` names lists it: a premise this host is known
+//!   not to give. Each line is a test name, optionally followed by text
+//!   the skip reason must contain; `#` starts a comment.
 //! - Otherwise it prints `ktstr: SKIP: <test>: <what is missing>; <fix>`
 //!   on stderr and the caller returns.
 //! - Every skip that happens is appended to `KTSTR_SKIP_LOG` when set
@@ -25,16 +26,19 @@ pub fn current_test() -> String {
     }
 }
 
-/// True when `test` is named in the `KTSTR_EXPECTED_SKIPS` file.
-pub fn skip_expected(test: &str) -> bool {
+/// True when the `KTSTR_EXPECTED_SKIPS` file lists `test` skipping for `reason`.
+pub fn skip_expected(test: &str, reason: &str) -> bool {
     let Some(path) = std::env::var_os("KTSTR_EXPECTED_SKIPS").filter(|p| !p.is_empty()) else { return false };
     let list = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("KTSTR_EXPECTED_SKIPS={}: {e}", std::path::Path::new(&path).display()));
-    expected_in(&list, test)
+    expected_in(&list, test, reason)
 }
 
-fn expected_in(list: &str, test: &str) -> bool {
-    list.lines().map(|l| l.split('#').next().unwrap_or("").trim()).any(|l| l == test)
+fn expected_in(list: &str, test: &str, reason: &str) -> bool {
+    list.lines().map(|l| l.split('#').next().unwrap_or("").trim()).any(|l| {
+        let (name, needle) = l.split_once(char::is_whitespace).map_or((l, ""), |(n, r)| (n, r.trim()));
+        !name.is_empty() && name == test && reason.contains(needle)
+    })
 }
 
 /// Appends one skip to `KTSTR_SKIP_LOG` (one `write` of one line, so
@@ -55,7 +59,7 @@ pub fn record_skip(test: &str, reason: &str) {
 pub fn skip(what: &str, fix: &str) {
     let test = current_test();
     let reason = if fix.is_empty() { what.to_string() } else { format!("{what}; {fix}") };
-    if crate::verdict::no_skip_mode() && !skip_expected(&test) {
+    if crate::verdict::no_skip_mode() && !skip_expected(&test, &reason) {
         panic!("ktstr: FAIL: {test}: premise missing under KTSTR_NO_SKIP_MODE=1: {reason}");
     }
     eprintln!("ktstr: SKIP: {test}: {reason}");
@@ -114,11 +118,12 @@ mod tests {
 
     #[test]
     fn expected_list_matches_whole_names() {
-        let list = "# comment\nkvm_boots_x  # why\n\ndriver::a\n";
-        assert!(expected_in(list, "kvm_boots_x"));
-        assert!(expected_in(list, "driver::a"));
-        assert!(!expected_in(list, "kvm_boots"));
-        assert!(!expected_in(list, "comment"));
+        let list = "# comment\nkvm_boots_x  a KVM that passes # why\n\ndriver::a\n";
+        assert!(expected_in(list, "kvm_boots_x", "needs a KVM that passes the self-test"));
+        assert!(!expected_in(list, "kvm_boots_x", "no kernel found"), "only for the reason given");
+        assert!(expected_in(list, "driver::a", "anything"));
+        assert!(!expected_in(list, "kvm_boots", "a KVM that passes"));
+        assert!(!expected_in(list, "comment", ""));
     }
 
     #[test]

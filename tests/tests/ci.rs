@@ -19,7 +19,7 @@ fn report(log: &str, expected: &str) -> (Option<i32>, String) {
 
 #[test]
 fn skip_report_counts_lists_and_fails_on_unexpected() {
-    let expected = "# host limits\nkvm_boots_x  # kvm_pvm\n";
+    let expected = "# host limits\nkvm_boots_x  no usable  # kvm_pvm\n";
     let (code, out) = report("", expected);
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(out.lines().last(), Some("ktstr CI: 0 test(s) skipped (0 unexpected)"), "{out}");
@@ -29,11 +29,15 @@ fn skip_report_counts_lists_and_fails_on_unexpected() {
     assert!(out.contains("expected:   kvm_boots_x\tno usable KVM"), "{out}");
     assert_eq!(out.lines().last(), Some("ktstr CI: 1 test(s) skipped (0 unexpected)"), "a retried skip counts once: {out}");
 
-    let (code, out) = report("kvm_boots_x\tno usable KVM\ndriver::vm_verdicts\tno kernel\nkvm_boots\tprefix only\n", expected);
+    let (code, out) = report("kvm_boots_x\tno usable KVM\ndriver::vm_verdicts\tno kernel\nkvm_boots\tno usable KVM\n", expected);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("UNEXPECTED: driver::vm_verdicts\tno kernel"), "{out}");
-    assert!(out.contains("UNEXPECTED: kvm_boots\tprefix only"), "whole names only: {out}");
+    assert!(out.contains("UNEXPECTED: kvm_boots\tno usable KVM"), "whole names only: {out}");
     assert_eq!(out.lines().last(), Some("ktstr CI: 3 test(s) skipped (2 unexpected)"), "{out}");
+
+    let (code, out) = report("kvm_boots_x\tno kernel found\n", expected);
+    assert_eq!(code, Some(1), "expected only for the reason listed: {out}");
+    assert!(out.contains("UNEXPECTED: kvm_boots_x\tno kernel found"), "{out}");
 }
 
 /// `.ci/run` runs the suite with skips turned into failures and hands the
