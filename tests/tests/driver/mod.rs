@@ -271,6 +271,8 @@ fn vm_topology_and_cpusets() {
     for name in ["ktstr/topology_matches_request", "ktstr/sleepers_stay_in_their_cpuset", "ktstr/guest_gets_cmdline_and_files"] {
         let r = run(&["--exact", name], &env);
         assert_eq!(r.code, 0, "{name}:\n{}", r.stderr);
+        // Exit 0 is also a skip: only the PASS banner says it ran.
+        assert!(r.stderr.contains(&format!("ktstr: PASS: {name}")), "{name} did not pass:\n{}", r.stderr);
     }
 }
 
