@@ -92,7 +92,7 @@ impl std::fmt::Display for CpuSet {
     }
 }
 
-/// Serialized in the list format (`"0-3,200"`): readable in result.json
+/// Serialized in the list format (`"0-3,200"`): readable in JSON reports
 /// and independent of the CPU count.
 impl Serialize for CpuSet {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
