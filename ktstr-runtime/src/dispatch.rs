@@ -119,6 +119,9 @@ pub fn cargo_test(def: &'static TestDef) {
             if let Some(b) = banner {
                 eprintln!("{b}");
             }
+            if v.outcome == Outcome::Skip {
+                crate::testing::record_skip(&format!("ktstr/{}", def.name), &v.message);
+            }
         }
         _ if v.outcome == Outcome::Inconclusive => panic!("{}", banner.unwrap_or_default()),
         _ => panic!("{}", banner.unwrap_or_default()),
