@@ -140,14 +140,20 @@ fn list_multi_kernel() {
 
 #[test]
 fn no_kernel_skips_and_no_skip_mode_fails() {
-    let r = run(&["--exact", "ktstr/two_cgroups_share_cpu", "--nocapture"], &[]);
+    let d = tempfile::tempdir().unwrap();
+    let log = d.path().join("skips");
+    let log_env = ("KTSTR_SKIP_LOG", log.to_str().unwrap());
+    let r = run(&["--exact", "ktstr/two_cgroups_share_cpu", "--nocapture"], &[log_env]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("ktstr: SKIP: harness not configured"), "{}", r.stderr);
     assert!(r.stderr.contains("cargo ktstr test --kernel"), "the skip names the fix: {}", r.stderr);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.starts_with("ktstr/two_cgroups_share_cpu\tharness not configured"), "the skip is counted: {logged}");
 
-    let r = run(&["--exact", "ktstr/two_cgroups_share_cpu"], &[("KTSTR_NO_SKIP_MODE", "1")]);
+    let r = run(&["--exact", "ktstr/two_cgroups_share_cpu"], &[("KTSTR_NO_SKIP_MODE", "1"), log_env]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("ktstr: FAIL: skip not allowed (KTSTR_NO_SKIP_MODE=1): harness not configured"), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), logged, "a failure is not a skip");
 
     let r = run(&["--exact", "ktstr/demo_uname"], &[("KTSTR_TEST_KERNEL", "/nonexistent/bzImage")]);
     assert_eq!(r.code, 1, "a named but missing kernel fails: {}", r.stderr);
