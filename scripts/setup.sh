@@ -8,7 +8,29 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/ktstr
 
-step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)"; }
+# Phases: `step NAME` starts one (and ends the previous one, printing its
+# duration); `step_done` ends the last; `phase_summary` prints them all.
+PHASES=()
+STEP_NAME=
+STEP_T0=0
+step_done() {
+	[ -n "$STEP_NAME" ] || return 0
+	local took=$((SECONDS - STEP_T0))
+	printf '=== %s took %dm%02ds\n' "$STEP_NAME" $((took / 60)) $((took % 60))
+	PHASES+=("$(printf '%-20s %4dm%02ds' "$STEP_NAME" $((took / 60)) $((took % 60)))")
+	STEP_NAME=
+}
+step() {
+	step_done
+	STEP_NAME="$*"
+	STEP_T0=$SECONDS
+	printf '\n=== %s (%s)\n' "$*" "$(date +%T)"
+}
+phase_summary() {
+	step_done
+	echo "=== phase times"
+	printf '  %s\n' "${PHASES[@]}"
+}
 
 # --- Debian packages: kernel build deps, QEMU, BPF toolchain -------------
 step "packages"
@@ -57,4 +79,5 @@ step "sched_ext fixtures"
 SCX_BIN=$(scripts/build-scx.sh --vmlinux "$KTSTR_KERNEL_DIR/vmlinux" | tail -n1)
 echo "schedulers: $SCX_BIN"
 
+step_done
 export DEB_KERNEL KTSTR_KERNEL_DIR SCX_BIN

@@ -130,8 +130,7 @@ fn list_and_clean() {
 #[test]
 fn kill_9_leaves_no_entry_and_next_run_cleans() {
     let tarball = "/usr/src/linux-source-6.12.tar.xz";
-    if !Path::new(tarball).is_file() {
-        eprintln!("SKIP: {tarball} missing (apt-get install linux-source-6.12)");
+    if !ktstr_runtime::testing::premise(Path::new(tarball).is_file(), tarball, "apt-get install linux-source-6.12") {
         return;
     }
     let d = tempfile::tempdir().unwrap();

@@ -16,15 +16,13 @@ fn serialize() -> kernel_build::EntryLock {
     kernel_build::Cache::open(Some(&dir)).unwrap().lock_exclusive("serial").unwrap()
 }
 
+/// The slow gate (fails instead of skipping under KTSTR_NO_SKIP_MODE=1).
 fn slow_enabled(name: &str) -> Option<kernel_build::EntryLock> {
-    if std::env::var("KTSTR_SLOW_TESTS").is_ok_and(|v| v == "1") {
-        if Path::new(TARBALL).is_file() {
-            return Some(serialize());
-        }
-        panic!("{name}: KTSTR_SLOW_TESTS=1 but {TARBALL} is missing (apt-get install linux-source-6.12)");
+    if !ktstr_runtime::testing::slow_tests_enabled() {
+        return None;
     }
-    eprintln!("SKIP {name}: set KTSTR_SLOW_TESTS=1 to run real kernel builds");
-    None
+    assert!(Path::new(TARBALL).is_file(), "{name}: KTSTR_SLOW_TESTS=1 but {TARBALL} is missing (apt-get install linux-source-6.12)");
+    Some(serialize())
 }
 
 fn ktstr(cache: Option<&Path>, args: &[&str]) -> Output {

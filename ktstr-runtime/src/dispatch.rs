@@ -27,7 +27,20 @@ fn dispatch() {
     if unsafe { libc::getpid() } == 1 && !registry::TESTS.is_empty() {
         crate::guest::init();
     }
-    let args: Vec<String> = std::env::args().collect();
+    // std::env::args() would panic on a non-UTF-8 argument, and a panic in
+    // a constructor aborts the process.
+    let args = match utf8_args(std::env::args_os()) {
+        Ok(a) => a,
+        // Not a ktstr test binary: its own main decides what to make of it.
+        Err(_) if registry::TESTS.is_empty() => return,
+        Err(bad) => {
+            eprintln!(
+                "ktstr: FAIL: argument {:?} is not valid UTF-8; test names, filters and ktstr flags must be UTF-8",
+                bad.to_string_lossy()
+            );
+            exit(1);
+        }
+    };
     if let Some(code) = crate::export::dispatch_registry(&args) {
         exit(code);
     }
@@ -55,6 +68,11 @@ fn dispatch() {
              variants do not expand (use `cargo ktstr test` or `cargo nextest run`; KTSTR_CARGO_TEST_MODE=1 silences this)"
         );
     }
+}
+
+/// The arguments as strings, or the first that is not UTF-8.
+fn utf8_args(args: impl Iterator<Item = std::ffi::OsString>) -> Result<Vec<String>, std::ffi::OsString> {
+    args.map(|a| a.into_string()).collect()
 }
 
 /// `--ktstr-run-host=NAME` (used by exported `.run` files): the body on
@@ -101,8 +119,27 @@ pub fn cargo_test(def: &'static TestDef) {
             if let Some(b) = banner {
                 eprintln!("{b}");
             }
+            if v.outcome == Outcome::Skip {
+                crate::testing::record_skip(&format!("ktstr/{}", def.name), &v.message);
+            }
         }
         _ if v.outcome == Outcome::Inconclusive => panic!("{}", banner.unwrap_or_default()),
         _ => panic!("{}", banner.unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+
+    #[test]
+    fn non_utf8_arguments_are_reported_not_panicked_on() {
+        let ok = utf8_args(["bin", "--exact", "ktstr/x"].into_iter().map(OsString::from)).unwrap();
+        assert_eq!(ok, ["bin", "--exact", "ktstr/x"]);
+        let bad = OsString::from_vec(b"ktstr/\xff".to_vec());
+        let err = utf8_args([OsString::from("bin"), bad.clone()].into_iter()).unwrap_err();
+        assert_eq!(err, bad);
     }
 }

@@ -218,7 +218,10 @@ mod tests {
         });
         assert_eq!(v.outcome, Outcome::Skip);
         assert!(v.message.contains("fds=5, vmrss=2MiB, threads=1, near_limit=false"), "{}", v.message);
-        assert_eq!(vm_error(VmError::Topology("8 CPUs".into())).outcome, Outcome::Skip);
+        let v = vm_error(VmError::Topology("512 MiB of memory does not split evenly over 3 NUMA nodes".into()));
+        assert_eq!(v.outcome, Outcome::Fail, "an impossible definition is not a skip");
+        assert!(v.message.contains("fix the test definition"), "{}", v.message);
+        assert_eq!(vm_error(VmError::HostLimit("96 vCPUs; this host's KVM allows 64".into())).outcome, Outcome::Skip);
         assert_eq!(vm_error(VmError::BadImage("not a kernel".into())).outcome, Outcome::Fail);
     }
 }

@@ -16,6 +16,7 @@ pub mod prelude;
 pub mod registry;
 pub mod report;
 pub mod scheduler;
+pub mod testing;
 pub mod verdict;
 pub mod vmm;
 pub mod workers;

@@ -136,38 +136,47 @@ pub fn list(args: &[String]) -> i32 {
     child.status.code().unwrap_or(1)
 }
 
+/// The listed test `--exact NAME` names, or why there is none. Names are
+/// matched whole against the listing, so a `host_only` test whose own
+/// name looks like a kernel suffix is still found; suffix peeling only
+/// explains a miss.
+pub fn resolve(name: &str, tests: &[&'static TestDef], kernels: Option<&[KernelEntry]>) -> Result<Listed, String> {
+    if let Some(l) = expand(tests, kernels).into_iter().find(|l| l.name == name) {
+        return Ok(l);
+    }
+    let labels: Vec<String> = kernels.iter().flat_map(|ks| ks.iter()).map(|k| k.sanitized.clone()).collect();
+    let (base, label) = peel_suffix(name, &labels);
+    let def = tests.iter().find(|d| Some(d.name) == name.strip_prefix("ktstr/"));
+    let peeled = tests.iter().find(|d| Some(d.name) == base.strip_prefix("ktstr/"));
+    Err(match (def, peeled, label) {
+        (Some(d), ..) if !d.host_only && kernels.is_some() => format!(
+            "multi-kernel mode (KTSTR_KERNEL_LIST): {name} needs a kernel suffix, one of: {}",
+            labels.join(", ")
+        ),
+        (None, Some(d), Some(_)) if d.host_only => format!("{name} is host_only and has no kernel suffix; run ktstr/{}", d.name),
+        _ => format!("no ktstr test named {name} in this binary (list them with --list)"),
+    })
+}
+
 /// Answers `--exact NAME` for a `ktstr/…` name. Returns the exit code.
 pub fn run_exact(name: &str) -> i32 {
     let kernels = kernels_or_exit();
-    let labels: Vec<String> = kernels.iter().flatten().map(|k| k.sanitized.clone()).collect();
-    let (base, label) = peel_suffix(name, &labels);
-    let Some(def) = base.strip_prefix("ktstr/").and_then(registry::find) else {
-        eprintln!("ktstr: FAIL: no ktstr test named {name} in this binary (list them with --list)");
-        return 1;
-    };
-    let verdict = if def.host_only {
-        if label.is_some() {
-            eprintln!("ktstr: FAIL: {} is host_only and has no kernel suffix; run ktstr/{}", name, def.name);
+    let listed = match resolve(name, &registry::tests(), kernels.as_deref()) {
+        Ok(l) => l,
+        Err(m) => {
+            eprintln!("ktstr: FAIL: {m}");
             return 1;
         }
-        host::run_host_only(def)
-    } else {
-        match (&kernels, label) {
-            (Some(ks), Some(l)) => {
-                let entry = ks.iter().find(|k| k.sanitized == l).cloned().expect("peeled label is known");
-                host::run_vm(def, &KernelChoice::Entry(entry))
-            }
-            (Some(_), None) => {
-                eprintln!(
-                    "ktstr: FAIL: multi-kernel mode (KTSTR_KERNEL_LIST): {name} needs a kernel suffix, one of: {}",
-                    labels.join(", ")
-                );
-                return 1;
-            }
-            (None, _) => host::run_vm(def, &KernelChoice::Discover),
-        }
+    };
+    let verdict = match (listed.def.host_only, listed.kernel) {
+        (true, _) => host::run_host_only(listed.def),
+        (false, Some(entry)) => host::run_vm(listed.def, &KernelChoice::Entry(entry)),
+        (false, None) => host::run_vm(listed.def, &KernelChoice::Discover),
     };
     print_pass(name, &verdict);
+    if verdict.outcome == verdict::Outcome::Skip && !verdict::no_skip_mode() {
+        crate::testing::record_skip(name, &verdict.message);
+    }
     verdict::finish(&verdict)
 }
 
@@ -208,6 +217,22 @@ mod tests {
                 "ktstr/demo_x/kernel_6_13_rc1"
             ]
         );
+    }
+
+    #[test]
+    fn exact_names_resolve_whole() {
+        static LOOKALIKE: TestDef = TestDef { name: "kernel_6_12", host_only: true, ..TestDef::DEFAULT };
+        let tests = [&VM, &HOST, &LOOKALIKE];
+        let ks = parse_kernel_list("6.12=/a;6.13=/b").unwrap();
+        let r = resolve("ktstr/kernel_6_12", &tests, Some(&ks)).unwrap();
+        assert_eq!((r.def.name, r.kernel), ("kernel_6_12", None), "a host_only test named like a label runs");
+        let r = resolve("ktstr/vm/kernel_6_13", &tests, Some(&ks)).unwrap();
+        assert_eq!(r.kernel.unwrap().sanitized, "kernel_6_13");
+        assert!(resolve("ktstr/vm", &tests, Some(&ks)).unwrap_err().contains("needs a kernel suffix"));
+        assert!(resolve("ktstr/h/kernel_6_12", &tests, Some(&ks)).unwrap_err().contains("host_only"));
+        assert!(resolve("ktstr/nope/kernel_6_12", &tests, Some(&ks)).unwrap_err().contains("no ktstr test named"));
+        assert!(resolve("ktstr/vm/kernel_6_12", &tests, None).unwrap_err().contains("no ktstr test named"));
+        assert!(resolve("ktstr/vm", &tests, None).unwrap().kernel.is_none());
     }
 
     #[test]

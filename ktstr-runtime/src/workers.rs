@@ -53,22 +53,32 @@ fn current_cpu() -> u32 {
     c.max(0) as u32
 }
 
-/// CPUs this process may run on (its affinity mask).
+/// CPUs this process may run on (its affinity mask), however many the
+/// host has: the mask grows until the kernel's CPU count fits.
 pub fn affinity() -> CpuSet {
-    // SAFETY: sched_getaffinity fills the zeroed set we pass.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+    let mut words = std::mem::size_of::<libc::cpu_set_t>() / 8;
+    loop {
+        let mut mask = vec![0u64; words];
+        // SAFETY: the kernel writes at most `words * 8` bytes into `mask`.
+        let r = unsafe { libc::sched_getaffinity(0, words * 8, mask.as_mut_ptr().cast::<libc::cpu_set_t>()) };
+        if r == 0 {
+            return from_mask(&mask);
+        }
+        // EINVAL: the kernel's mask is larger than ours.
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) || words >= 1 << 14 {
             return CpuSet::empty();
         }
-        let mut out = CpuSet::empty();
-        for c in 0..64 {
-            if libc::CPU_ISSET(c as usize, &set) {
-                out.insert(c);
-            }
-        }
-        out
+        words *= 2;
     }
+}
+
+/// The CPUs of a kernel CPU mask (bit `c % 64` of word `c / 64`).
+fn from_mask(mask: &[u64]) -> CpuSet {
+    let mut out = CpuSet::empty();
+    for (i, w) in mask.iter().enumerate() {
+        (0..64).filter(|b| w & (1 << b) != 0).for_each(|b| out.insert(i as u32 * 64 + b));
+    }
+    out
 }
 
 #[derive(Default)]
@@ -251,8 +261,8 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, kids: &mut Vec<Child>) -> Re
                 .ok()
                 .and_then(|s| CpuSet::parse(&s).ok())
                 .filter(|s| !s.is_empty())
-                .unwrap_or(all),
-            None => all,
+                .unwrap_or_else(|| all.clone()),
+            None => all.clone(),
         };
     }
     // A little headroom so every worker is waiting when the clock starts.
@@ -304,9 +314,30 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, kids: &mut Vec<Child>) -> Re
         r.group = groups[k.group].label.clone();
         r.index = k.index;
         r.pid = k.pid;
-        r.allowed = k.allowed;
+        r.allowed = k.allowed.clone();
         r.spinner = groups[k.group].work == Work::Spin;
         workers.push(r);
     }
     Ok(Report { duration: dur, workers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn affinity_masks_beyond_64_cpus() {
+        // A 256-CPU host's mask with CPUs 0, 64 and 200 allowed.
+        let mut mask = vec![0u64; 4];
+        mask[0] = 1;
+        mask[1] = 1;
+        mask[3] = 1 << (200 - 192);
+        let s = from_mask(&mask);
+        assert_eq!(s.iter().collect::<Vec<_>>(), [0, 64, 200]);
+        assert!(CpuSet::empty().with(200).is_subset(&s), "a worker seen on CPU 200 is inside its cpuset");
+        let here = affinity();
+        assert!(!here.is_empty() && here.iter().all(|c| c < 1 << 16), "{here}");
+        // SAFETY: no preconditions.
+        assert!(here.contains(unsafe { libc::sched_getcpu() } as u32), "{here}");
+    }
 }

@@ -10,19 +10,13 @@ use ktstr_runtime::vmm::kvm::acpi::{PM1A_CNT_PORT, S5_POWER_OFF};
 use ktstr_runtime::vmm::kvm::asm::{Asm, Reg};
 use ktstr_runtime::vmm::kvm::memory::{MIB, RAW_CODE};
 use ktstr_runtime::vmm::kvm::Machine;
-use ktstr_runtime::vmm::{ChannelRegion, ExitKind, Topology, VmError};
+use ktstr_runtime::testing;
+use ktstr_runtime::vmm::{ChannelRegion, ExitKind, Topology};
 use vm_memory::{Bytes, GuestAddress};
 
 #[test]
 fn kvm_channel_carries_16_mib() {
-    let mut m = match Machine::new(Topology::cpus(1), 64) {
-        Ok(m) => m,
-        Err(e @ (VmError::KvmUnavailable(_) | VmError::Transient { .. })) => {
-            eprintln!("ktstr: SKIP: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
-    };
+    let Some(mut m) = testing::kvm(Machine::new(Topology::cpus(1), 64)) else { return };
     let ch = ChannelRegion { gpa: 32 * MIB, size: 20 * MIB };
     m.set_channel(ch);
     // The guest's source: a staged copy of the region with one record.

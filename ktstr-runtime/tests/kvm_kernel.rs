@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ktstr_runtime::discovery;
+use ktstr_runtime::testing;
 use ktstr_runtime::vmm::kvm::memory::{CMDLINE, ZERO_PAGE};
 use ktstr_runtime::vmm::kvm::{selftest, Machine};
 use ktstr_runtime::vmm::{ExitKind, Vm, VmError};
@@ -19,20 +20,9 @@ fn kernel() -> Option<PathBuf> {
     match discovery::discover() {
         Ok(found) => Some(found.image),
         Err(e) => {
-            eprintln!("ktstr: SKIP: {e}");
+            testing::skip(&format!("a kernel ({e})"), "set KTSTR_TEST_KERNEL (.ci/run does)");
             None
         }
-    }
-}
-
-fn skip_unavailable<T>(r: Result<T, VmError>) -> Option<T> {
-    match r {
-        Ok(v) => Some(v),
-        Err(e @ (VmError::KvmUnavailable(_) | VmError::Transient { .. })) => {
-            eprintln!("ktstr: SKIP: {e}");
-            None
-        }
-        Err(e) => panic!("{e}"),
     }
 }
 
@@ -42,7 +32,7 @@ fn kvm_loads_a_real_kernel() {
     let vm = Vm::builder().kernel(&image).memory_mib(256).cmdline("ktstr.test=1").build().unwrap();
     let mut cfg = vm.config.clone();
     cfg.vmlinux = None; // the bzImage path: 64-bit boot protocol
-    let Some(mut m) = skip_unavailable(Machine::new(cfg.topology, cfg.memory_mib)) else { return };
+    let Some(mut m) = testing::kvm(Machine::new(cfg.topology, cfg.memory_mib)) else { return };
     if let Err(VmError::BadImage(e)) = m.load_kernel(&cfg) {
         // An ELF image without a PVH note is a legitimate refusal.
         assert!(e.contains("PVH"), "{e}");
@@ -77,19 +67,22 @@ fn kvm_loads_a_real_kernel() {
 fn kvm_loads_a_real_vmlinux_through_pvh() {
     let Some(image) = kernel() else { return };
     let vm = Vm::builder().kernel(&image).memory_mib(512).build().unwrap();
-    let Some(vmlinux) = vm.config.vmlinux.clone() else {
-        eprintln!("ktstr: SKIP: no vmlinux beside {}", image.display());
+    let Some(vmlinux) = testing::require(
+        vm.config.vmlinux.clone(),
+        &format!("a vmlinux beside {}", image.display()),
+        "use a ktstr-built kernel (its cache entry keeps vmlinux)",
+    ) else {
         return;
     };
-    let Some(mut m) = skip_unavailable(Machine::new(vm.config.topology, vm.config.memory_mib)) else { return };
+    let Some(mut m) = testing::kvm(Machine::new(vm.config.topology, vm.config.memory_mib)) else { return };
     match m.load_kernel(&vm.config) {
         Ok(()) => {}
         Err(e) => panic!("loading {}: {e}", vmlinux.display()),
     }
     let regs = m.bsp().get_regs().unwrap();
     let sregs = m.bsp().get_sregs().unwrap();
-    if sregs.efer & 0x400 != 0 {
-        eprintln!("ktstr: SKIP: {} has no PVH entry; the bzImage path was used", vmlinux.display());
+    let pvh = sregs.efer & 0x400 == 0;
+    if !testing::premise(pvh, &format!("a PVH entry in {} (the bzImage path was used)", vmlinux.display()), "build with CONFIG_PVH=y") {
         return;
     }
     // PVH: 32-bit protected mode, paging off, RBX → hvm_start_info.
@@ -109,13 +102,14 @@ fn kvm_loads_a_real_vmlinux_through_pvh() {
 #[test]
 fn kvm_boots_a_kernel_where_the_selftest_passes() {
     let Some(image) = kernel() else { return };
-    let Some(verdict) = skip_unavailable(selftest::verdict()) else { return };
-    if !verdict.usable() {
-        eprintln!("ktstr: SKIP: ==================================================================");
-        eprintln!("ktstr: SKIP: KVM kernel boot skipped: this host's KVM failed the ktstr self-test");
-        eprintln!("ktstr: SKIP: {verdict}");
-        eprintln!("ktstr: SKIP: (kernels run under QEMU TCG here; see KTSTR_VMM)");
-        eprintln!("ktstr: SKIP: ==================================================================");
+    let Some(verdict) = testing::kvm(selftest::verdict()) else { return };
+    // Expected on kvm_pvm hosts (listed in .ci/expected-skips): kernels
+    // run under QEMU TCG there.
+    if !testing::premise(
+        verdict.usable(),
+        &format!("a KVM that passes the ktstr self-test ({verdict})"),
+        "run on a host with hardware virtualisation",
+    ) {
         return;
     }
     // No initramfs: the kernel boots until it cannot mount a root fs and

@@ -7,7 +7,8 @@ use ktstr_runtime::vmm::kvm::asm::Asm;
 use ktstr_runtime::vmm::kvm::memory::RAW_CODE;
 use ktstr_runtime::vmm::kvm::serial::COM1_BASE;
 use ktstr_runtime::vmm::kvm::{Cause, Machine};
-use ktstr_runtime::vmm::{ExitKind, Topology, VmError};
+use ktstr_runtime::testing;
+use ktstr_runtime::vmm::{ExitKind, Topology};
 
 fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -19,14 +20,8 @@ fn thread_count() -> usize {
 
 #[test]
 fn kvm_timeout_stops_every_vcpu_without_leaks() {
-    match Machine::new(Topology::cpus(3), 64) {
-        Ok(m) => drop(m),
-        Err(e @ (VmError::KvmUnavailable(_) | VmError::Transient { .. })) => {
-            eprintln!("ktstr: SKIP: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
-    }
+    let Some(m) = testing::kvm(Machine::new(Topology::cpus(3), 64)) else { return };
+    drop(m);
     let (fds, threads) = (fd_count(), thread_count());
     for round in 0..3 {
         let mut m = Machine::new(Topology::cpus(3), 64).unwrap();

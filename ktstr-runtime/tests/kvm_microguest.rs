@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use ktstr_runtime::channel;
+use ktstr_runtime::testing;
 use ktstr_runtime::vmm::kvm::acpi::{PM1A_CNT_PORT, RESET_PORT, S5_POWER_OFF};
 use ktstr_runtime::vmm::kvm::asm::{Asm, Reg};
 use ktstr_runtime::vmm::kvm::devices::TEST_PORT;
@@ -16,16 +17,10 @@ use ktstr_runtime::vmm::{ChannelRegion, ExitKind, Topology, VmError};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// None (and a SKIP line) when this host has no usable /dev/kvm.
+/// None (and a SKIP line, or a failure under KTSTR_NO_SKIP_MODE=1) when
+/// this host has no usable /dev/kvm.
 fn machine(topo: Topology) -> Option<Machine> {
-    match Machine::new(topo, 64) {
-        Ok(m) => Some(m),
-        Err(e @ (VmError::KvmUnavailable(_) | VmError::Transient { .. })) => {
-            eprintln!("ktstr: SKIP: {e}");
-            None
-        }
-        Err(e) => panic!("creating a KVM machine: {e}"),
-    }
+    testing::kvm(Machine::new(topo, 64))
 }
 
 fn run(topo: Topology, build: impl FnOnce(&mut Asm)) -> Option<Outcome> {
@@ -157,14 +152,7 @@ fn kvm_triple_fault() {
 fn kvm_selftest_measures_this_host() {
     use ktstr_runtime::vmm::kvm::selftest;
     let t = Instant::now();
-    let v = match selftest::measure() {
-        Ok(v) => v,
-        Err(e @ (VmError::KvmUnavailable(_) | VmError::Transient { .. })) => {
-            eprintln!("ktstr: SKIP: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
-    };
+    let Some(v) = testing::kvm(selftest::measure()) else { return };
     eprintln!("self-test verdict ({:?}): {v}", t.elapsed());
     let text = v.to_string();
     assert!(text.starts_with(if v.usable() { "usable:" } else { "unusable:" }), "{text}");

@@ -10,7 +10,8 @@ use ktstr_runtime::channel::{self, kind};
 use ktstr_runtime::vmm::kvm::acpi::{PM1A_CNT_PORT, S5_POWER_OFF};
 use ktstr_runtime::vmm::kvm::asm::{Asm, Cond, Reg};
 use ktstr_runtime::vmm::kvm::serial::{COM1_BASE, COM2_BASE};
-use ktstr_runtime::vmm::{BackendKind, ChannelRegion, ExitKind, Vm, VmError};
+use ktstr_runtime::testing;
+use ktstr_runtime::vmm::{BackendKind, ChannelRegion, ExitKind, Vm};
 
 const LOAD: u64 = 0x10_0000;
 
@@ -69,14 +70,7 @@ fn kvm_run_boots_a_stand_in_kernel() {
         .build()
         .unwrap();
     std::fs::write(&path, bzimage(&guest(vm.config.channel))).unwrap();
-    let r = match vm.run() {
-        Ok(r) => r,
-        Err(e @ (VmError::KvmUnavailable(_) | VmError::Transient { .. })) => {
-            eprintln!("ktstr: SKIP: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
-    };
+    let Some(r) = testing::kvm(vm.run()) else { return };
     assert_eq!(r.backend, BackendKind::Kvm);
     assert_eq!(r.exit, ExitKind::PowerOff, "{}", r.console);
     assert_eq!(r.console, format!("{}\n", vm.config.cmdline));
@@ -144,14 +138,7 @@ fn kvm_run_enters_a_vmlinux_through_pvh() {
         .backend(BackendKind::Kvm)
         .build()
         .unwrap();
-    let r = match vm.run() {
-        Ok(r) => r,
-        Err(e @ (VmError::KvmUnavailable(_) | VmError::Transient { .. })) => {
-            eprintln!("ktstr: SKIP: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
-    };
+    let Some(r) = testing::kvm(vm.run()) else { return };
     assert_eq!(r.exit, ExitKind::PowerOff, "{}", r.console);
     assert_eq!(r.console, "pvh ok\n");
 }

@@ -10,7 +10,8 @@ use ktstr_runtime::vmm::kvm::cpuid;
 use ktstr_runtime::vmm::kvm::devices::TEST_PORT;
 use ktstr_runtime::vmm::kvm::memory::{LAPIC_ADDR, RAW_CODE};
 use ktstr_runtime::vmm::kvm::Machine;
-use ktstr_runtime::vmm::{ExitKind, Topology, VmError};
+use ktstr_runtime::testing;
+use ktstr_runtime::vmm::{ExitKind, Topology};
 use vm_memory::{Bytes, GuestAddress};
 
 const TRAMPOLINE: u64 = 0x8000;
@@ -41,14 +42,7 @@ fn ap_trampoline(aps: u8) -> Vec<u8> {
 }
 
 fn wake_all(topo: Topology) {
-    let mut m = match Machine::new(topo, 64) {
-        Ok(m) => m,
-        Err(e @ (VmError::KvmUnavailable(_) | VmError::Transient { .. })) => {
-            eprintln!("ktstr: SKIP: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
-    };
+    let Some(mut m) = testing::kvm(Machine::new(topo, 64)) else { return };
     let n = topo.total_cpus();
     m.memory().write_slice(&ap_trampoline(n as u8 - 1), GuestAddress(TRAMPOLINE)).unwrap();
     let mut a = Asm::new(RAW_CODE);

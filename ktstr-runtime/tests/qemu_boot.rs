@@ -1,21 +1,20 @@
 //! Full-kernel boots through the QEMU TCG backend with the probe init.
 //! Kernels come from `KTSTR_TEST_KERNELS` (`;`-separated image paths, set
-//! by .ci/run); without it these tests print a skip line and return.
+//! by .ci/run); without it these tests skip (and fail under
+//! KTSTR_NO_SKIP_MODE=1).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use ktstr_runtime::initramfs::Initramfs;
+use ktstr_runtime::testing;
 use ktstr_runtime::vmm::{BackendKind, ExitKind, Topology, Vm, VmResult};
 
-fn kernels() -> Vec<PathBuf> {
-    match std::env::var("KTSTR_TEST_KERNELS") {
-        Ok(v) if !v.is_empty() => v.split(';').map(PathBuf::from).collect(),
-        _ => {
-            eprintln!("skipping: KTSTR_TEST_KERNELS is not set (.ci/run sets it)");
-            Vec::new()
-        }
-    }
+/// The kernels to boot, or `None` (a skip) when none are named.
+fn kernels() -> Option<Vec<PathBuf>> {
+    let list = std::env::var("KTSTR_TEST_KERNELS").ok().filter(|v| !v.is_empty());
+    let ks = list.map(|v| v.split(';').filter(|s| !s.is_empty()).map(PathBuf::from).collect::<Vec<_>>());
+    testing::require(ks, "kernels in KTSTR_TEST_KERNELS", "set KTSTR_TEST_KERNELS=img1;img2 (.ci/run does)")
 }
 
 fn probe_initramfs() -> PathBuf {
@@ -48,7 +47,8 @@ fn probe_line(r: &VmResult) -> String {
 
 #[test]
 fn boots_with_requested_topology() {
-    for k in kernels() {
+    let Some(ks) = kernels() else { return };
+    for k in ks {
         for (topo, cpus, nodes) in [
             (Topology::cpus(1), 1, 1),
             (Topology::cpus(2), 2, 1),
@@ -73,7 +73,8 @@ fn boots_with_requested_topology() {
 
 #[test]
 fn sixteen_mib_over_the_channel() {
-    for k in kernels().into_iter().take(1) {
+    let Some(ks) = kernels() else { return };
+    for k in ks.into_iter().take(1) {
         let r = boot(&k, Topology::cpus(1), 512, "probe.blob_mib=16", 180);
         assert_eq!(r.exit, ExitKind::PowerOff, "console:\n{}", r.console_tail(30));
         let blobs: Vec<_> = r.messages.iter().filter(|m| m.kind == ktstr_runtime::channel::kind::BLOB).collect();
@@ -86,7 +87,8 @@ fn sixteen_mib_over_the_channel() {
 
 #[test]
 fn panic_hang_and_reboot_end_with_the_right_kind() {
-    for k in kernels().into_iter().take(1) {
+    let Some(ks) = kernels() else { return };
+    for k in ks.into_iter().take(1) {
         let r = boot(&k, Topology::cpus(1), 256, "probe.mode=panic", 120);
         assert_eq!(r.exit, ExitKind::Panic, "console:\n{}", r.console_tail(30));
         assert!(r.console_tail(40).contains("Kernel panic"));

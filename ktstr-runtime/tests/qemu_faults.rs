@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use ktstr_runtime::testing;
 use ktstr_runtime::vmm::{BackendKind, ExitKind, Vm};
 
 /// 1 setup sector after the boot sector, header fields per the x86 boot
@@ -38,8 +39,7 @@ fn triple_fault_and_missing_qemu() {
 }
 
 fn triple_fault_is_classified() {
-    if !have_qemu() {
-        eprintln!("skipping: qemu-system-x86_64 not installed");
+    if !testing::premise(have_qemu(), "qemu-system-x86_64", "apt-get install qemu-system-x86") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

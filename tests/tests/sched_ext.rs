@@ -122,33 +122,78 @@ fn demo_scheduler_binary_missing(_ctx: &Ctx) -> Result<()> {
 mod driver {
     use std::process::Command;
 
+    use ktstr_runtime::testing;
+
     struct Run {
         code: i32,
         stderr: String,
     }
 
-    /// Runs one ktstr test of this binary in single-kernel mode (the first
-    /// kernel of a multi-kernel run); `None` when it skipped (no kernel, or
-    /// one without sched_ext) so the caller can skip too.
-    fn run_exact(name: &str) -> Option<Run> {
+    /// `name` in a child of this binary, with our environment minus the
+    /// skip settings (so a skip shows as one, whatever the caller's mode),
+    /// changed by `env` (an empty value removes the variable). Its stderr
+    /// is echoed indented, so its SKIP lines are not taken for ours.
+    fn child(name: &str, env: &[(&str, &str)]) -> Run {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args(["--exact", name, "--ignored", "--nocapture"]).env("NEXTEST", "1");
-        if let Ok(list) = std::env::var("KTSTR_KERNEL_LIST") {
-            let first = list.split(';').find(|e| !e.is_empty()).and_then(|e| e.split_once('=')).map(|(_, p)| p.to_string());
-            cmd.env_remove("KTSTR_KERNEL_LIST");
-            if let Some(p) = first {
-                cmd.env("KTSTR_KERNEL", p).env_remove("KTSTR_TEST_KERNEL");
+        for k in ["KTSTR_NO_SKIP_MODE", "KTSTR_SKIP_LOG", "KTSTR_EXPECTED_SKIPS"] {
+            cmd.env_remove(k);
+        }
+        for (k, v) in env {
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
             }
         }
-        cmd.env_remove("KTSTR_NO_SKIP_MODE");
         let out = cmd.output().unwrap();
         let r = Run { code: out.status.code().unwrap_or(-1), stderr: String::from_utf8_lossy(&out.stderr).into_owned() };
-        eprintln!("{name}: exit {}\n{}", r.code, r.stderr);
-        if r.code == 0 && r.stderr.contains("ktstr: SKIP:") {
-            eprintln!("skipping the check of {name}: it skipped");
+        eprintln!("{name}: exit {}", r.code);
+        for l in r.stderr.lines() {
+            eprintln!("  | {l}");
+        }
+        r
+    }
+
+    /// Runs one ktstr test of this binary in single-kernel mode (the first
+    /// kernel of a multi-kernel run). `None` when it skipped (no kernel,
+    /// or one without sched_ext): a missing premise of the caller, so the
+    /// caller fails under KTSTR_NO_SKIP_MODE=1 instead of passing.
+    fn run_exact(name: &str) -> Option<Run> {
+        let first = std::env::var("KTSTR_KERNEL_LIST").ok().and_then(|list| {
+            list.split(';').find(|e| !e.is_empty()).and_then(|e| e.split_once('=')).map(|(_, p)| p.to_string())
+        });
+        let r = match &first {
+            Some(p) => child(name, &[("KTSTR_KERNEL_LIST", ""), ("KTSTR_KERNEL", p), ("KTSTR_TEST_KERNEL", "")]),
+            None => child(name, &[]),
+        };
+        let skipped = r.stderr.lines().find_map(|l| l.strip_prefix("ktstr: SKIP: "));
+        if let (0, Some(why)) = (r.code, skipped) {
+            testing::skip(
+                &format!("{name} to run (it skipped: {why})"),
+                "point KTSTR_TEST_KERNEL at a ktstr-built kernel with sched_ext (.ci/run does)",
+            );
             return None;
         }
         Some(r)
+    }
+
+    /// The skip path itself: a scheduler test on a kernel without
+    /// sched_ext (the Debian cloud image) skips, naming the missing
+    /// option. This is why no scheduler test skips in CI: the one place
+    /// it happens is asserted here.
+    #[test]
+    fn scheduler_test_skips_on_a_kernel_without_sched_ext() {
+        let deb = std::env::var("KTSTR_DEBIAN_KERNEL").ok().filter(|v| !v.is_empty());
+        let Some(deb) = testing::require(deb, "a kernel without sched_ext in KTSTR_DEBIAN_KERNEL", "set it to the Debian 6.12 cloud vmlinuz (.ci/run does)")
+        else {
+            return;
+        };
+        let r = child("ktstr/scx_simple_workload", &[("KTSTR_KERNEL_LIST", ""), ("KTSTR_KERNEL", ""), ("KTSTR_TEST_KERNEL", &deb)]);
+        assert_eq!(r.code, 0, "a skip exits 0:\n{}", r.stderr);
+        let skip = r.stderr.lines().find(|l| l.starts_with("ktstr: SKIP: ")).unwrap_or_else(|| panic!("no SKIP line:\n{}", r.stderr));
+        assert!(skip.contains("lacks CONFIG_SCHED_CLASS_EXT") && skip.contains("cloud-amd64"), "{skip}");
+        assert!(!r.stderr.contains("ktstr: PASS:"), "{}", r.stderr);
     }
 
     fn fails_with(name: &str, needles: &[&str]) {
@@ -212,8 +257,11 @@ mod driver {
     #[test]
     fn exported_run_carries_the_scheduler() {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let Some(kernel) = var("KTSTR_TEST_KERNEL").or_else(|| var("KTSTR_KERNEL")) else {
-            eprintln!("skipping: needs KTSTR_TEST_KERNEL or KTSTR_KERNEL (a ktstr-built kernel; .ci/run sets it)");
+        let Some(kernel) = testing::require(
+            var("KTSTR_TEST_KERNEL").or_else(|| var("KTSTR_KERNEL")),
+            "a ktstr-built kernel in KTSTR_TEST_KERNEL or KTSTR_KERNEL",
+            "set KTSTR_TEST_KERNEL (.ci/run does)",
+        ) else {
             return;
         };
         let d = tempfile::tempdir().unwrap();

@@ -162,6 +162,17 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
             return Err(syn::Error::new(span, format!("topology asks for {total} CPUs; ktstr supports at most {MAX_CPUS}")));
         }
     }
+    // Guest RAM is split evenly over the NUMA nodes; a split no backend
+    // can give is the test's bug, so a compile error rather than a skip.
+    if let (Some(n), Some(m)) = (a.numa_nodes, a.memory_mib) {
+        if m % n as u64 != 0 {
+            let span = metas.iter().find(|x| x.path().is_ident("memory_mib")).map(|x| x.span()).unwrap_or_else(Span::call_site);
+            return Err(syn::Error::new(
+                span,
+                format!("memory_mib = {m} does not split evenly over {n} NUMA nodes; use a multiple of {n}"),
+            ));
+        }
+    }
     if a.host_only && (a.cpus.is_some() || topo_span.is_some() || a.memory_mib.is_some() || a.cmdline.is_some() || a.scheduler.is_some()) {
         let span = metas.iter().find(|m| m.path().is_ident("host_only")).map(|m| m.span()).unwrap_or_else(Span::call_site);
         return Err(syn::Error::new(span, "`host_only` tests never boot a VM; drop the topology/memory_mib/cmdline/scheduler keys"));
@@ -239,10 +250,24 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
         let path: syn::ExprPath = syn::parse_str(s)?;
         fields.push(quote!(scheduler: ::core::option::Option::Some(&#path)));
     }
+    // Without memory_mib the default must split over the nodes too: a
+    // const check on the runtime's default, so the two cannot drift.
+    let memory_check = match (attrs.numa_nodes, attrs.memory_mib) {
+        (Some(n), None) if n > 1 => {
+            let msg = format!(
+                "#[ktstr_test] {name}: the default memory_mib does not split evenly over {n} NUMA nodes; give a memory_mib that is a multiple of {n}"
+            );
+            let n = n as u64;
+            quote!(const _: () = ::core::assert!(::ktstr_runtime::registry::TestDef::DEFAULT.memory_mib % #n == 0, #msg);)
+        }
+        _ => quote!(),
+    };
     let ignore = if name.starts_with("demo_") { quote!(#[ignore = "demo_ tests are ignored by default"]) } else { quote!() };
 
     Ok(quote! {
         #func
+
+        #memory_check
 
         #[::ktstr_runtime::__private::linkme::distributed_slice(::ktstr_runtime::registry::TESTS)]
         #[linkme(crate = ::ktstr_runtime::__private::linkme)]
@@ -315,6 +340,8 @@ mod tests {
         assert!(err("host_only, cpus = 2").contains("never boot a VM"));
         assert!(err("scheduler = \"scx_simple\"").contains("const Scheduler"));
         assert!(err("host_only, scheduler = SIMPLE").contains("never boot a VM"));
+        assert!(err("numa_nodes = 3, memory_mib = 512").contains("does not split evenly over 3 NUMA nodes"));
+        assert!(parse_attrs("numa_nodes = 2, memory_mib = 512".parse().unwrap()).is_ok());
         assert_eq!(parse_attrs("scheduler = crate::SIMPLE".parse().unwrap()).unwrap().scheduler.as_deref(), Some("crate :: SIMPLE"));
     }
 
@@ -333,5 +360,14 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(chained.contains("let __ktstr_tail = r . a () ? . b (0.25)"), "{chained}");
+        // The default memory is checked against the nodes at compile time.
+        let three = expand("numa_nodes = 3".parse().unwrap(), "fn t(ctx: &Ctx) -> Result<()> { Ok(()) }".parse().unwrap())
+            .unwrap()
+            .to_string();
+        assert!(three.contains("TestDef :: DEFAULT . memory_mib % 3u64 == 0"), "{three}");
+        let two = expand("numa_nodes = 2, memory_mib = 512".parse().unwrap(), "fn t(ctx: &Ctx) -> Result<()> { Ok(()) }".parse().unwrap())
+            .unwrap()
+            .to_string();
+        assert!(!two.contains("DEFAULT . memory_mib"), "{two}");
     }
 }

@@ -59,28 +59,30 @@ pub fn select(choice: BackendChoice) -> Result<BackendKind, VmError> {
             // design.md: /dev/kvm missing or not writable is a FAIL with the
             // fix, even though QEMU could run; the cached self-test verdict
             // (per host boot, maybe another user's) must not hide that.
-            if let Err(e) = kvm::machine::open_kvm() {
-                return Err(match e {
-                    VmError::KvmUnavailable(m) => {
-                        VmError::KvmUnavailable(format!("{m}; or set KTSTR_VMM=tcg to run under QEMU TCG (slow)"))
-                    }
-                    e => e,
-                });
-            }
-            let verdict = kvm::selftest::verdict();
-            match verdict {
-                Ok(v) if v.usable() => Ok(BackendKind::Kvm),
-                Ok(v) => {
-                    notice_once(&format!("KVM unusable for kernels here ({v}); using QEMU TCG"));
-                    Ok(BackendKind::QemuTcg)
-                }
-                Err(e) if e.is_skip() => Err(e),
-                Err(e) => {
-                    notice_once(&format!("KVM unavailable ({e}); using QEMU TCG"));
-                    Ok(BackendKind::QemuTcg)
-                }
-            }
+            let opened = kvm::machine::open_kvm().map(drop);
+            auto(opened.and_then(|()| kvm::selftest::verdict()))
         }
+    }
+}
+
+/// `KTSTR_VMM=auto` given opening /dev/kvm and the self-test: KVM when it
+/// passed, QEMU TCG only when the self-test says KVM cannot boot kernels
+/// here. Any error is the verdict's to give (a skip class skips, the rest
+/// fail): falling back to TCG would hide a broken KVM setup.
+fn auto(selftest: Result<kvm::selftest::Verdict, VmError>) -> Result<BackendKind, VmError> {
+    match selftest {
+        Ok(v) if v.usable() => Ok(BackendKind::Kvm),
+        Ok(v) => {
+            notice_once(&format!("KVM unusable for kernels here ({v}); using QEMU TCG"));
+            Ok(BackendKind::QemuTcg)
+        }
+        Err(VmError::KvmUnavailable(m)) => {
+            Err(VmError::KvmUnavailable(format!("{m}; or set KTSTR_VMM=tcg to run under QEMU TCG (slow)")))
+        }
+        Err(e) if e.is_skip() => Err(e),
+        Err(e) => Err(VmError::Host(anyhow::anyhow!(
+            "KTSTR_VMM=auto: the KVM self-test failed: {e}; fix KVM, or set KTSTR_VMM=tcg to run under QEMU TCG"
+        ))),
     }
 }
 
@@ -93,5 +95,29 @@ pub fn run(kind: BackendKind, cfg: &VmConfig) -> Result<VmResult, VmError> {
     match kind {
         BackendKind::Kvm => kvm::run(cfg),
         BackendKind::QemuTcg => qemu::run(cfg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::error::ResourceSnapshot;
+
+    #[test]
+    fn auto_falls_back_only_on_the_selftest_verdict() {
+        let v = |ok| kvm::selftest::Verdict { ok, detail: "d".into() };
+        assert_eq!(auto(Ok(v(true))).unwrap(), BackendKind::Kvm);
+        assert_eq!(auto(Ok(v(false))).unwrap(), BackendKind::QemuTcg);
+        let e = auto(Err(VmError::Host(anyhow::anyhow!("KVM_CREATE_VCPU: Invalid argument")))).unwrap_err();
+        assert!(!e.is_skip(), "another KVM error is a FAIL, not a silent switch to TCG: {e}");
+        assert!(e.to_string().contains("KVM_CREATE_VCPU: Invalid argument") && e.to_string().contains("KTSTR_VMM=tcg"), "{e}");
+        let busy = VmError::Transient {
+            what: "KVM_CREATE_VM".into(),
+            errno: std::io::Error::from_raw_os_error(libc::EBUSY),
+            snapshot: ResourceSnapshot { fds: 1, vmrss_kib: 0, threads: 1, near_limit: false },
+        };
+        assert!(auto(Err(busy)).unwrap_err().is_skip(), "transient pressure stays a skip");
+        let e = auto(Err(VmError::KvmUnavailable("/dev/kvm does not exist".into()))).unwrap_err();
+        assert!(matches!(e, VmError::KvmUnavailable(ref m) if m.contains("KTSTR_VMM=tcg")), "{e}");
     }
 }

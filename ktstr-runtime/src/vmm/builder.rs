@@ -138,6 +138,7 @@ impl VmBuilder {
         let dir = kernel.parent().map(Path::to_path_buf).unwrap_or_default();
         let vmlinux = Some(dir.join("vmlinux")).filter(|p| p.is_file() && *p != kernel);
         self.topology.validate().map_err(VmError::Topology)?;
+        self.topology.check_memory(self.memory_mib).map_err(VmError::Topology)?;
         if self.memory_mib < 64 {
             return Err(VmError::Host(anyhow::anyhow!("memory_mib {} is too small; use at least 64", self.memory_mib)));
         }
@@ -194,5 +195,9 @@ mod tests {
         let vm = Vm::builder().kernel(dir.path()).memory_mib(256).build().unwrap();
         assert!(vm.config.cmdline.contains("ktstr.chan=0xfc00000:0x400000"), "{}", vm.config.cmdline);
         assert!(matches!(Vm::builder().kernel("/nonexistent").build(), Err(VmError::BadImage(_))));
+        // Memory that does not split over the nodes: a definition error (FAIL) for every backend.
+        let err = Vm::builder().kernel(dir.path()).topology(3, 1, 1, 1).memory_mib(512).build().unwrap_err();
+        assert!(matches!(err, VmError::Topology(ref m) if m.contains("does not split evenly over 3 NUMA nodes")), "{err}");
+        assert!(!err.is_skip());
     }
 }

@@ -63,9 +63,16 @@ pub enum VmError {
     /// The image is not a kernel we can boot.
     #[error("{0}")]
     BadImage(String),
-    /// The topology cannot be given on this host.
-    #[error("topology not available: {0}")]
+    /// The test's definition (topology, memory split over NUMA nodes)
+    /// is one the backend cannot honour on any host: a FAIL, the fix is
+    /// in the test. (The macro rejects most such definitions at compile
+    /// time.)
+    #[error("the test's topology/memory cannot be honoured: {0}; fix the test definition")]
     Topology(String),
+    /// A valid topology this host cannot give (more vCPUs than its KVM
+    /// allows, say): a SKIP.
+    #[error("topology not available on this host: {0}")]
+    HostLimit(String),
     /// Any other host-side failure.
     #[error(transparent)]
     Host(#[from] anyhow::Error),
@@ -94,7 +101,7 @@ impl VmError {
 
     /// True when the right verdict is SKIP rather than FAIL.
     pub fn is_skip(&self) -> bool {
-        matches!(self, VmError::Transient { .. } | VmError::Topology(_))
+        matches!(self, VmError::Transient { .. } | VmError::HostLimit(_))
     }
 }
 
@@ -110,6 +117,12 @@ mod tests {
         assert!(!is_transient_errno(libc::EINVAL));
         assert!(!is_transient_errno(libc::EACCES));
         assert!(!VmError::from_kvm_errno("KVM_CREATE_VM", libc::EINVAL).is_skip());
+    }
+
+    #[test]
+    fn impossible_definitions_fail_host_limits_skip() {
+        assert!(!VmError::Topology("512 MiB does not split evenly over 3 NUMA nodes".into()).is_skip());
+        assert!(VmError::HostLimit("96 vCPUs, KVM allows 64".into()).is_skip());
     }
 
     #[test]

@@ -35,6 +35,18 @@ impl Topology {
         cpu / (self.llcs * self.cores * self.threads)
     }
 
+    /// Every backend splits guest RAM evenly over the NUMA nodes (QEMU
+    /// takes whole MiB per node).
+    pub fn check_memory(&self, memory_mib: u64) -> Result<(), String> {
+        let nodes = self.numa_nodes.max(1) as u64;
+        if !memory_mib.is_multiple_of(nodes) {
+            return Err(format!(
+                "{memory_mib} MiB of memory does not split evenly over {nodes} NUMA nodes; use a memory_mib that is a multiple of {nodes}"
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.numa_nodes == 0 || self.llcs == 0 || self.cores == 0 || self.threads == 0 {
             return Err(format!("topology {self:?}: every dimension must be at least 1"));
@@ -65,5 +77,7 @@ mod tests {
         assert_eq!(t.node_of(8), 1);
         assert!(Topology::new(1, 0, 1, 1).validate().is_err());
         assert!(Topology::cpus(65).validate().is_err());
+        assert!(Topology::new(3, 1, 1, 1).check_memory(512).unwrap_err().contains("multiple of 3"));
+        assert!(Topology::new(2, 1, 1, 1).check_memory(512).is_ok());
     }
 }

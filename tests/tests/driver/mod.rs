@@ -2,11 +2,14 @@
 //! `--list --format terse`, `--exact NAME`) and checks names, verdicts,
 //! banners and exit codes. VM-booting checks need kernels from
 //! `KTSTR_TEST_KERNELS` (`;`-separated images) or `KTSTR_TEST_KERNEL`;
-//! without them they print a skip line and return.
+//! without them they skip (and fail under `KTSTR_NO_SKIP_MODE=1`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+
+use ktstr_runtime::prelude::{ensure, ktstr_test, Ctx, Result};
+use ktstr_runtime::testing;
 
 struct Run {
     code: i32,
@@ -60,11 +63,11 @@ fn kernels() -> Vec<PathBuf> {
 
 fn need_kernels(n: usize) -> Option<Vec<PathBuf>> {
     let k = kernels();
-    if k.len() < n {
-        eprintln!("skipping: needs {n} kernel(s) in KTSTR_TEST_KERNELS (or KTSTR_TEST_KERNEL); .ci/run sets them");
-        return None;
-    }
-    Some(k)
+    testing::require(
+        Some(k).filter(|k| k.len() >= n),
+        &format!("{n} kernel(s) in KTSTR_TEST_KERNELS (or KTSTR_TEST_KERNEL)"),
+        "set them to kernel images (.ci/run does)",
+    )
 }
 
 /// The version string a bzImage carries in its setup header.
@@ -100,7 +103,7 @@ fn list_single_kernel() {
         assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
     assert!(!names.iter().any(|n| n.ends_with("::ktstr")), "cargo-test wrappers leak into the list: {names:?}");
-    assert!(!names.iter().any(|n| n.contains("/kernel_")), "{names:?}");
+    assert!(!names.iter().any(|n| n.matches('/').count() > 1), "no kernel suffixes in single-kernel mode: {names:?}");
 
     let r = run(&["--list", "--format", "terse", "--ignored"], &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -137,14 +140,20 @@ fn list_multi_kernel() {
 
 #[test]
 fn no_kernel_skips_and_no_skip_mode_fails() {
-    let r = run(&["--exact", "ktstr/two_cgroups_share_cpu", "--nocapture"], &[]);
+    let d = tempfile::tempdir().unwrap();
+    let log = d.path().join("skips");
+    let log_env = ("KTSTR_SKIP_LOG", log.to_str().unwrap());
+    let r = run(&["--exact", "ktstr/two_cgroups_share_cpu", "--nocapture"], &[log_env]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("ktstr: SKIP: harness not configured"), "{}", r.stderr);
     assert!(r.stderr.contains("cargo ktstr test --kernel"), "the skip names the fix: {}", r.stderr);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.starts_with("ktstr/two_cgroups_share_cpu\tharness not configured"), "the skip is counted: {logged}");
 
-    let r = run(&["--exact", "ktstr/two_cgroups_share_cpu"], &[("KTSTR_NO_SKIP_MODE", "1")]);
+    let r = run(&["--exact", "ktstr/two_cgroups_share_cpu"], &[("KTSTR_NO_SKIP_MODE", "1"), log_env]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("ktstr: FAIL: skip not allowed (KTSTR_NO_SKIP_MODE=1): harness not configured"), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), logged, "a failure is not a skip");
 
     let r = run(&["--exact", "ktstr/demo_uname"], &[("KTSTR_TEST_KERNEL", "/nonexistent/bzImage")]);
     assert_eq!(r.code, 1, "a named but missing kernel fails: {}", r.stderr);
@@ -163,6 +172,51 @@ fn host_only_and_plain_tests_run() {
     let r = run(&["--exact", "plain_test_still_runs", "--nocapture"], &[]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("1 passed"), "libtest ran it: {}", r.stdout);
+}
+
+/// A `host_only` test whose name is also a kernel label of the run.
+#[ktstr_test(host_only, timeout_s = 10)]
+fn kernel_lookalike(ctx: &Ctx) -> Result<()> {
+    ensure!(!ctx.in_guest());
+    Ok(())
+}
+
+/// Suffix peeling must not eat a `host_only` test's own name: with a
+/// kernel labelled `lookalike` (suffix `kernel_lookalike`), the host_only
+/// test `ktstr/kernel_lookalike` is listed once and runs.
+#[test]
+fn host_only_named_like_a_kernel_label_runs() {
+    let list = [("KTSTR_KERNEL_LIST", "lookalike=/nonexistent/a;other=/nonexistent/b")];
+    let names = listed(&run(&["--list", "--format", "terse"], &list));
+    let lookalike: Vec<&String> = names.iter().filter(|n| n.starts_with("ktstr/kernel_lookalike")).collect();
+    assert_eq!(lookalike, ["ktstr/kernel_lookalike"], "listed once, without a suffix: {names:?}");
+    let r = run(&["--exact", "ktstr/kernel_lookalike", "--nocapture"], &list);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("ktstr: PASS: ktstr/kernel_lookalike"), "{}", r.stderr);
+    // A VM test named without a suffix still gets the multi-kernel error.
+    let r = run(&["--exact", "ktstr/demo_uname"], &list);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("needs a kernel suffix"), "{}", r.stderr);
+}
+
+/// A non-UTF-8 argument gets a one-line error, not a panic in the early
+/// constructor (which aborts the process).
+#[test]
+fn non_utf8_argument_is_an_error_not_a_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"ktstr/\xff");
+    for nextest in [true, false] {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.arg("--exact").arg(bad).env_remove("NEXTEST");
+        if nextest {
+            cmd.env("NEXTEST", "1");
+        }
+        let o = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "exit 1, not an abort (nextest={nextest}): {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.contains("ktstr: FAIL: argument \"ktstr/\u{fffd}\" is not valid UTF-8"), "{err}");
+    }
 }
 
 #[test]
@@ -223,6 +277,8 @@ fn vm_topology_and_cpusets() {
     for name in ["ktstr/topology_matches_request", "ktstr/sleepers_stay_in_their_cpuset", "ktstr/guest_gets_cmdline_and_files"] {
         let r = run(&["--exact", name], &env);
         assert_eq!(r.code, 0, "{name}:\n{}", r.stderr);
+        // Exit 0 is also a skip: only the PASS banner says it ran.
+        assert!(r.stderr.contains(&format!("ktstr: PASS: {name}")), "{name} did not pass:\n{}", r.stderr);
     }
 }
 
@@ -257,8 +313,8 @@ fn multi_kernel_runs_the_named_kernel() {
 fn kvm_without_access_fails_with_the_group_hint() {
     let Some(k) = need_kernels(1) else { return };
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/bin/setpriv").exists() {
-        eprintln!("skipping: needs root and setpriv to run as another user");
+    let root = unsafe { libc::geteuid() } == 0;
+    if !testing::premise(root && Path::new("/usr/bin/setpriv").exists(), "root and setpriv, to run as another user", "run as root on a host with util-linux") {
         return;
     }
     let scratch = tempfile::tempdir().unwrap();
@@ -266,7 +322,9 @@ fn kvm_without_access_fails_with_the_group_hint() {
     std::fs::set_permissions(home, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let image = home.join("bzImage");
     std::fs::copy(&k[0], &image).unwrap();
-    let exe = std::env::current_exe().unwrap();
+    // A copy nobody can reach, wherever the target dir lives.
+    let exe = home.join("testbin");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
     let as_nobody = |args: &[&str]| {
         Command::new("/usr/bin/setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/env", "-i"])
@@ -278,12 +336,12 @@ fn kvm_without_access_fails_with_the_group_hint() {
             .output()
             .unwrap()
     };
-    if !as_nobody(&["/usr/bin/test", "-x", exe.to_str().unwrap()]).status.success() {
-        eprintln!("skipping: nobody cannot reach {} (a parent directory is private)", exe.display());
-        return;
-    }
-    if as_nobody(&["/usr/bin/test", "-w", "/dev/kvm"]).status.success() {
-        eprintln!("skipping: nobody can write /dev/kvm on this host");
+    assert!(as_nobody(&["/usr/bin/test", "-x", exe.to_str().unwrap()]).status.success(), "nobody cannot run {}", exe.display());
+    if !testing::premise(
+        !as_nobody(&["/usr/bin/test", "-w", "/dev/kvm"]).status.success(),
+        "a /dev/kvm that user nobody cannot write",
+        "run on a host whose /dev/kvm is not world-writable",
+    ) {
         return;
     }
     let o = as_nobody(&[exe.to_str().unwrap(), "--exact", "ktstr/demo_uname", "--ignored"]);

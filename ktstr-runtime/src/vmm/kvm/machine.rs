@@ -147,6 +147,11 @@ impl Machine {
             )));
         }
         let kvm = open_kvm()?;
+        // A valid topology this host's KVM cannot give is a skip, not a fail.
+        let max = kvm.get_max_vcpus();
+        if topo.total_cpus() as usize > max {
+            return Err(VmError::HostLimit(format!("{} vCPUs asked; this host's KVM allows {max}", topo.total_cpus())));
+        }
         let vm = create_vm(&kvm)?;
         let mem = memory::create(memory_mib)?;
         for (slot, region) in mem.iter().enumerate() {
