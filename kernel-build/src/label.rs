@@ -8,6 +8,7 @@ pub fn version_label(version: &str) -> String {
 }
 
 /// A cache key: its version prefix (`6.12.9-tarball-…` → `6.12.9`,
+/// `6.12.9-tarball-abcdef0-…` → `6.12.9`,
 /// `v6.12-git-abc1234-…` → `v6.12`, `local-abc1234-…` → `local-abc1234`).
 pub fn cache_key_label(key: &str) -> String {
     // Drop `-{arch}-kc{kc}`, then the source kind.
@@ -15,6 +16,11 @@ pub fn cache_key_label(key: &str) -> String {
     let head = head.rsplit_once('-').map(|(h, _)| h).unwrap_or(head);
     if let Some(v) = head.strip_suffix("-tarball") {
         return v.to_string();
+    }
+    if let Some((v, src7)) = head.rsplit_once("-tarball-") {
+        if src7.len() == 7 && src7.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return v.to_string();
+        }
     }
     if let Some((r, hash)) = head.rsplit_once("-git-") {
         if hash.len() == 7 {
@@ -52,6 +58,7 @@ mod tests {
         assert_eq!(version_label("6.12.9"), "6.12.9");
         assert_eq!(cache_key_label("6.12.9-tarball-x86_64-kc1a2b3c4d"), "6.12.9");
         assert_eq!(cache_key_label("6.15-rc3-tarball-x86_64-kc1a2b3c4d"), "6.15-rc3");
+        assert_eq!(cache_key_label("6.12.9-tarball-abcdef0-x86_64-kc1a2b3c4d"), "6.12.9");
         assert_eq!(cache_key_label("for-next-git-abc1234-x86_64-kc1a2b3c4d"), "for-next");
         assert_eq!(cache_key_label("local-abc1234-x86_64-kc1a2b3c4d"), "local-abc1234");
         assert_eq!(git_label("https://git.kernel.org/pub/scm/linux/kernel/git/tj/sched_ext.git", "for-next"), "git_tj_sched_ext_for-next");
