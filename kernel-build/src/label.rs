@@ -49,6 +49,12 @@ pub fn path_label(path: &Path, dirty: bool) -> String {
     l
 }
 
+/// `label` made unique within a run: `_{hash6}` appended, the first 6 hex
+/// digits of the CRC32 of `id` (the kernel's cache key, or its image path).
+pub fn with_hash6(label: &str, id: &str) -> String {
+    format!("{label}_{}", &format!("{:08x}", crc32fast::hash(id.as_bytes()))[..6])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +74,7 @@ mod tests {
         let base = canon.file_name().unwrap().to_string_lossy().into_owned();
         assert_eq!(path_label(d.path(), false), format!("path_{base}_{}", &crc[..6]));
         assert!(path_label(d.path(), true).ends_with("_dirty"));
+        let k = "6.12.9-tarball-abcdef0-x86_64-kc1a2b3c4d";
+        assert_eq!(with_hash6("6.12.9", k), format!("6.12.9_{}", &format!("{:08x}", crc32fast::hash(k.as_bytes()))[..6]));
     }
 }
