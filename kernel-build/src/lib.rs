@@ -195,7 +195,7 @@ enum Pinned {
     /// A release on the mirror.
     Mirror(mirror::Mirror, Version),
     /// A cached entry, because we are offline or the mirror is unreachable.
-    Cached(CacheEntry),
+    Cached(Box<CacheEntry>),
 }
 
 impl<'a> Resolver<'a> {
@@ -318,13 +318,13 @@ impl<'a> Resolver<'a> {
     /// be reached, takes the newest matching cached entry instead.
     fn pin(&self, v: &Version) -> Result<Pinned> {
         if self.opts.offline {
-            return self.from_cache(v, &format!("--offline / {OFFLINE_ENV}=1"), None).map(Pinned::Cached);
+            return self.cached_version(v, &format!("--offline / {OFFLINE_ENV}=1"), None).map(|e| Pinned::Cached(Box::new(e)));
         }
         let m = mirror::Mirror::new(self.opts.mirror.as_deref());
         match m.resolve(v) {
             Ok(pinned) => Ok(Pinned::Mirror(m, pinned)),
             Err(e) if fetch::is_unreachable(&e) => {
-                self.from_cache(v, &format!("mirror {} unreachable", m.base()), Some(e)).map(Pinned::Cached)
+                self.cached_version(v, &format!("mirror {} unreachable", m.base()), Some(e)).map(|e| Pinned::Cached(Box::new(e)))
             }
             Err(e) => Err(e),
         }
@@ -332,7 +332,7 @@ impl<'a> Resolver<'a> {
 
     /// The newest non-stale tarball entry of `v` (exact, or newest of the
     /// series) built with the current configuration inputs.
-    fn from_cache(&self, v: &Version, why: &str, cause: Option<anyhow::Error>) -> Result<CacheEntry> {
+    fn cached_version(&self, v: &Version, why: &str, cause: Option<anyhow::Error>) -> Result<CacheEntry> {
         let kc = self.digest(&self.base(), None)?.kc();
         let suffix = format!("-{}-kc{kc}", tree::arch());
         let matches = |e: &CacheEntry| {
@@ -408,7 +408,7 @@ impl<'a> Resolver<'a> {
         });
         match r {
             Err(e) if fetch::is_unreachable(&e) => {
-                let entry = self.from_cache(v, &format!("mirror {} unreachable", m.base()), Some(e))?;
+                let entry = self.cached_version(v, &format!("mirror {} unreachable", m.base()), Some(e))?;
                 self.cache_entry(&entry)
             }
             r => r,
@@ -599,7 +599,7 @@ impl<'a> Resolver<'a> {
         }
     }
 
-    /// An entry found by [`Resolver::from_cache`], under a shared lock.
+    /// An entry found by [`Resolver::cached_version`], under a shared lock.
     fn cache_entry(&self, e: &CacheEntry) -> Result<ResolvedKernel> {
         self.hit(&e.key, &label::version_label(&e.meta.version))?
             .ok_or_else(|| anyhow!("cache entry {} vanished while resolving {} (removed by `kernel clean`?)", e.key, self.raw))
@@ -764,5 +764,80 @@ impl<'a> Resolver<'a> {
                 let _ = f.persist(&path);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `.tar.xz` holding just a Makefile (version 6.12.9) and `extra`.
+    fn tarball(dir: &Path, name: &str, extra: &str) -> PathBuf {
+        let mut b = tar::Builder::new(xz2::write::XzEncoder::new(Vec::new(), 1));
+        for (path, data) in [("linux/Makefile", "VERSION = 6\nPATCHLEVEL = 12\nSUBLEVEL = 9\n"), ("linux/x", extra)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, path, data.as_bytes()).unwrap();
+        }
+        let p = dir.join(name);
+        std::fs::write(&p, b.into_inner().unwrap().finish().unwrap()).unwrap();
+        p
+    }
+
+    fn key(spec: &Path, opts: &Options) -> String {
+        let p = plan(spec.to_str().unwrap(), opts).unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].status, PlanStatus::Miss);
+        assert_eq!(p[0].label, "6.12.9");
+        p[0].key.clone().unwrap()
+    }
+
+    #[test]
+    fn tarball_keys_follow_content_and_config() {
+        let d = tempfile::tempdir().unwrap();
+        let opts = Options { cache_root: Some(d.path().join("cache")), ..Options::default() };
+        let a = tarball(d.path(), "a.tar.xz", "vanilla");
+        let b = tarball(d.path(), "b.tar.xz", "patched");
+        let (ka, kb) = (key(&a, &opts), key(&b, &opts));
+        assert_ne!(ka, kb, "same version, different bytes");
+        let src7 = &fetch::sha256_file(&a).unwrap()[..7];
+        assert!(ka.starts_with(&format!("6.12.9-tarball-{src7}-")), "{ka}");
+        // Memoized: the same answer without re-reading (and a copy hashes alike).
+        assert_eq!(key(&a, &opts), ka);
+        let a2 = d.path().join("copy.tar.xz");
+        std::fs::copy(&a, &a2).unwrap();
+        assert_eq!(key(&a2, &opts), ka);
+        let defconfig = Options { base: Some(Base::Defconfig), ..opts.clone() };
+        assert_ne!(key(&a, &defconfig), ka);
+        let frag = d.path().join("f");
+        std::fs::write(&frag, "CONFIG_X=y\n").unwrap();
+        let extra = Options { extra_kconfig: Some(Fragment::read(&frag).unwrap()), ..opts.clone() };
+        assert_ne!(key(&a, &extra), ka);
+        assert_ne!(key(&a, &extra), key(&a, &defconfig));
+    }
+
+    #[test]
+    fn ranges_over_the_limit_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("m/v6.x")).unwrap();
+        for p in 1..=17 {
+            std::fs::write(d.path().join(format!("m/v6.x/linux-6.12.{p}.tar.xz")), b"").unwrap();
+        }
+        let opts = Options {
+            cache_root: Some(d.path().join("cache")),
+            mirror: Some(format!("file://{}", d.path().join("m").display())),
+            ..Options::default()
+        };
+        let e = plan("6.12.1..6.12.17", &opts).unwrap_err();
+        match e.downcast_ref::<ResolveError>() {
+            Some(ResolveError::TooManyKernels { count: 17, max: 16, .. }) => {}
+            _ => panic!("{e:#}"),
+        }
+        let e = resolve("6.12.1..6.12.17", &opts).unwrap_err().to_string();
+        assert!(e.contains("expands to 17 kernels") && e.contains("--max-kernels 17"), "{e}");
+        assert_eq!(plan("6.12.1..6.12.17", &Options { max_kernels: 17, ..opts.clone() }).unwrap().len(), 17);
+        assert_eq!(plan("6.12.1..6.12.16", &opts).unwrap().len(), 16);
     }
 }
