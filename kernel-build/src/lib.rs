@@ -42,6 +42,11 @@ pub const DEFAULT_MAX_KERNELS: usize = 16;
 /// Environment variable that turns on offline mode (`1`).
 pub const OFFLINE_ENV: &str = "KTSTR_OFFLINE";
 
+/// The [`fetch::Unreachable`] in `e`'s chain as text, else its root cause.
+fn fetch_cause(e: &anyhow::Error) -> String {
+    e.chain().find(|c| c.is::<fetch::Unreachable>()).unwrap_or(e.root_cause()).to_string()
+}
+
 /// Errors callers branch on; everything else is an `anyhow` chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -55,7 +60,7 @@ pub enum ResolveError {
     NotAnImage { path: PathBuf },
     #[error("{spec} expands to {count} kernels, more than the limit of {max}; pass --max-kernels {count} to build them all, or narrow the range")]
     TooManyKernels { spec: String, count: usize, max: usize },
-    #[error("{spec}: offline ({why}) and no cached build matches it (kc {kc}); run once with the network, or give a TARBALL, PATH or CACHE-KEY spec")]
+    #[error("{spec}: {why}, and no cached build matches it (kc {kc}); run once with the network, or give a TARBALL, PATH or CACHE-KEY spec")]
     OfflineMiss { spec: String, why: String, kc: String },
 }
 
@@ -318,7 +323,7 @@ impl<'a> Resolver<'a> {
     /// be reached, takes the newest matching cached entry instead.
     fn pin(&self, v: &Version) -> Result<Pinned> {
         if self.opts.offline {
-            return self.cached_version(v, &format!("--offline / {OFFLINE_ENV}=1"), None).map(|e| Pinned::Cached(Box::new(e)));
+            return self.cached_version(v, &format!("offline (--offline / {OFFLINE_ENV}=1)"), None).map(|e| Pinned::Cached(Box::new(e)));
         }
         let m = mirror::Mirror::new(self.opts.mirror.as_deref());
         match m.resolve(v) {
@@ -355,7 +360,7 @@ impl<'a> Resolver<'a> {
             }
             None => {
                 let why = match cause {
-                    Some(c) => format!("{why}: {}", c.root_cause()),
+                    Some(c) => format!("{why} ({})", fetch_cause(&c)),
                     None => why.to_string(),
                 };
                 Err(ResolveError::OfflineMiss { spec: self.raw.to_string(), why, kc }.into())
