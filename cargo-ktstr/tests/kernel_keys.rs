@@ -399,6 +399,11 @@ fn old_key_shape_is_listed_stale_and_cleanable() {
     let plan = dry_run(&cache, &[tarball.to_str().unwrap()]);
     assert_ne!(plan[0].0, old);
     assert_eq!(plan[0].1, "miss");
+    // A real build attempt says why the old entry is not reused (then fails in
+    // `make tinyconfig`: the tree is fake) and leaves the old entry alone.
+    let o = ktstr(&cache, &["kernel", "build", tarball.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains(&format!("not reusing stale {old} (old key shape")), "{}", text(&o.stderr));
     let line = one_error_line(&ktstr(&cache, &["kernel", "build", &old], &[]));
     assert!(line.contains("stale") && line.contains("clean --stale"), "{line}");
 

@@ -687,6 +687,12 @@ impl<'a> Resolver<'a> {
                 break l;
             }
         };
+        // Say why an old build of the same source is not reused (it never is).
+        for e in self.cache.list().unwrap_or_default() {
+            if let (true, Some(why)) = (e.meta.source == job.source, e.meta.stale_reason()) {
+                note(format!("not reusing stale {} ({why}); `cargo ktstr kernel clean --stale` removes it", e.key));
+            }
+        }
         note(format!("building {} ({}) from {}", job.key, base, job.source));
         let tmp = match prefetched {
             Some(t) => t,
