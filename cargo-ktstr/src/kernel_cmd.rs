@@ -14,12 +14,17 @@ Examples:
   cargo ktstr kernel build git+https://git.kernel.org/pub/scm/linux/kernel/git/tj/sched_ext.git#for-next
   cargo ktstr kernel build ../linux --base defconfig     # build a tree in place
   cargo ktstr kernel build 6.10..6.12 --mirror file:///srv/kernel.org/
+  cargo ktstr kernel build --dry-run 6.12 --base defconfig  # key and hit/miss, builds nothing
+  cargo ktstr kernel build 6.12 --extra-kconfig debug.kconfig
+  cargo ktstr kernel build --offline 6.12                # newest cached 6.12.x, no network
   cargo ktstr kernel list --json
   cargo ktstr kernel clean --keep 2
+  cargo ktstr kernel clean --stale                       # entries a resolve will not reuse
 
 Spec forms: VERSION (6.12, 6.12.9, 6.13-rc3), RANGE (6.10..6.12), TARBALL (path or URL,
 .tar.xz/.tar.gz), git+URL#REF, PATH (source tree, image file, or a directory holding one),
-CACHE-KEY. Build prints `label=image` on stdout, one line per kernel.";
+CACHE-KEY. Build prints `label=image` on stdout, one line per kernel; --dry-run prints
+`SPEC KEY hit|miss` instead.";
 
 #[derive(Debug, Args)]
 #[command(after_help = EXAMPLES)]
@@ -32,7 +37,7 @@ pub struct KernelArgs {
 pub enum KernelCommand {
     /// Fetch, configure (base + ktstr.kconfig) and build a kernel into the cache.
     Build(BuildArgs),
-    /// List cached kernels, newest first.
+    /// List cached kernels, newest first (STALE: a resolve will not reuse it).
     List {
         /// Print JSON (an array of metadata.json objects plus dir and disk size).
         #[arg(long)]
@@ -41,8 +46,11 @@ pub enum KernelCommand {
     /// Remove cached kernels (never ones whose lock is held).
     Clean {
         /// Keep the N newest entries, remove the rest.
-        #[arg(long, value_name = "N", conflicts_with = "keys")]
+        #[arg(long, value_name = "N", conflicts_with_all = ["keys", "stale"])]
         keep: Option<usize>,
+        /// Remove only the entries `kernel list` marks STALE (old key shape, other inputs).
+        #[arg(long, conflicts_with = "keys")]
+        stale: bool,
         /// Remove these entries only.
         #[arg(value_name = "KEY")]
         keys: Vec<String>,
@@ -70,13 +78,44 @@ pub struct BuildArgs {
     /// Parallel make jobs (default: CPU count).
     #[arg(long, short = 'j')]
     pub jobs: Option<usize>,
+    /// Print each spec's cache key and `hit` or `miss`; fetch and build nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Options `kernel build` and `test` share.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Kconfig fragment merged after ktstr.kconfig (part of the cache key).
+    #[arg(long, value_name = "FILE")]
+    pub extra_kconfig: Option<PathBuf>,
+    /// Never touch the network: version specs resolve to cached builds only.
+    #[arg(long, env = "KTSTR_OFFLINE", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0, default_missing_value = "true")]
+    pub offline: bool,
+    /// Most kernels one range may expand to.
+    #[arg(long, value_name = "N", default_value_t = kernel_build::DEFAULT_MAX_KERNELS)]
+    pub max_kernels: usize,
+}
+
+impl CommonArgs {
+    /// Applies these flags to `opts` (reads the extra fragment).
+    pub fn apply(&self, opts: &mut Options) -> Result<()> {
+        if let Some(p) = &self.extra_kconfig {
+            opts.extra_kconfig = Some(kernel_build::Fragment::read(p)?);
+        }
+        opts.offline = self.offline;
+        opts.max_kernels = self.max_kernels;
+        Ok(())
+    }
 }
 
 pub fn run(args: KernelArgs) -> Result<()> {
     match args.command {
         KernelCommand::Build(b) => build(b),
         KernelCommand::List { json } => list(json),
-        KernelCommand::Clean { keep, keys } => clean(keep, &keys),
+        KernelCommand::Clean { keep, stale, keys } => clean(keep, stale, &keys),
     }
 }
 
@@ -91,10 +130,19 @@ fn build(b: BuildArgs) -> Result<()> {
         (Some(s), None) => Some(Base::parse(s)?),
         (None, None) => None,
     };
-    let opts = Options { mirror: b.mirror, base, force: b.force, jobs: b.jobs, ..Options::default() };
+    let mut opts = Options { mirror: b.mirror, base, force: b.force, jobs: b.jobs, ..Options::default() };
+    b.common.apply(&mut opts)?;
     // Parse every spec first so a typo in the last one fails before any build.
     for s in &b.specs {
         kernel_build::KernelSpec::parse(s)?;
+    }
+    if b.dry_run {
+        for s in &b.specs {
+            for p in kernel_build::plan(s, &opts)? {
+                println!("{s} {} {}", p.key.as_deref().unwrap_or("-"), p.status);
+            }
+        }
+        return Ok(());
     }
     for s in &b.specs {
         for k in kernel_build::resolve(s, &opts)? {
@@ -137,6 +185,7 @@ fn list(json: bool) -> Result<()> {
                     o.insert("dir".into(), e.dir.display().to_string().into());
                     o.insert("image".into(), e.image().display().to_string().into());
                     o.insert("disk_size".into(), e.disk_size().into());
+                    o.insert("stale".into(), e.meta.stale_reason().into());
                 }
                 m
             })
@@ -151,9 +200,17 @@ fn list(json: bool) -> Result<()> {
     let kw = entries.iter().map(|e| e.key.len()).max().unwrap_or(3).max(3);
     let vw = entries.iter().map(|e| e.meta.version.len()).max().unwrap_or(7).max(7);
     println!("{:kw$}  {:vw$}  {:5}  {:>7}  SOURCE", "KEY", "VERSION", "AGE", "SIZE");
+    let mut stale = 0;
     for e in &entries {
+        let mark = match e.meta.stale_reason() {
+            Some(r) => {
+                stale += 1;
+                format!("  STALE: {r}")
+            }
+            None => String::new(),
+        };
         println!(
-            "{:kw$}  {:vw$}  {:5}  {:>7}  {}",
+            "{:kw$}  {:vw$}  {:5}  {:>7}  {}{mark}",
             e.key,
             e.meta.version,
             age(e.meta.build_time),
@@ -161,12 +218,24 @@ fn list(json: bool) -> Result<()> {
             e.meta.source
         );
     }
+    if stale > 0 {
+        eprintln!("{stale} stale entr{} (never reused): remove with `cargo ktstr kernel clean --stale`", if stale == 1 { "y" } else { "ies" });
+    }
     Ok(())
 }
 
-fn clean(keep: Option<usize>, keys: &[String]) -> Result<()> {
+fn clean(keep: Option<usize>, stale: bool, keys: &[String]) -> Result<()> {
     let cache = Cache::open(None)?;
-    let r = cache.clean(keep, keys)?;
+    let r = if stale {
+        let keys = cache.stale_keys()?;
+        if keys.is_empty() {
+            eprintln!("no stale entries in {}", cache.root().display());
+            return Ok(());
+        }
+        cache.clean(None, &keys)?
+    } else {
+        cache.clean(keep, keys)?
+    };
     for k in &r.removed {
         println!("removed {k}");
     }

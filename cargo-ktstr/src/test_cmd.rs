@@ -18,10 +18,11 @@ Examples:
   cargo ktstr test --kernel 6.12 --kernel ../linux   # every VM test once per kernel
   cargo ktstr test --kernel 6.10..6.12 -- -E 'test(kernel_6_11)'
   cargo ktstr test -p my-sched-tests --release -- --no-fail-fast --retries 2
+  cargo ktstr test --offline --kernel 6.12              # newest cached 6.12.x, no network
 
 Everything after `--` goes to `cargo nextest run` untouched.
 Environment: KTSTR_KERNEL_PARALLELISM (kernels resolved at once, default: CPU count),
-KTSTR_CACHE_DIR, KTSTR_KERNEL_MIRROR.";
+KTSTR_CACHE_DIR, KTSTR_KERNEL_MIRROR, KTSTR_OFFLINE.";
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]
@@ -41,6 +42,8 @@ pub struct TestArgs {
     /// Print the environment and the nextest command instead of running it.
     #[arg(long, hide = true)]
     pub print_env: bool,
+    #[command(flatten)]
+    pub common: crate::kernel_cmd::CommonArgs,
     /// Arguments for `cargo nextest run`.
     #[arg(last = true, value_name = "NEXTEST ARGS", allow_hyphen_values = true)]
     pub nextest_args: Vec<String>,
@@ -74,35 +77,55 @@ pub fn sanitize(label: &str) -> String {
     out
 }
 
-/// `(spec, label, image)` triples → env vars. Duplicates of the same image
-/// under the same label collapse; distinct kernels whose labels sanitize
-/// alike are an error naming both specs.
-pub fn kernel_env(kernels: &[(String, String, PathBuf)]) -> Result<KernelEnv> {
-    let mut uniq: Vec<&(String, String, PathBuf)> = Vec::new();
+/// One resolved kernel as the hand-off sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handoff {
+    pub spec: String,
+    pub label: String,
+    pub image: PathBuf,
+    /// What tells it apart: its cache key, else its image path.
+    pub id: String,
+}
+
+/// Resolved kernels → env vars. The same image named twice collapses;
+/// distinct kernels whose labels sanitize alike each get `_{hash6}` of
+/// their id (design.md: labels are unique within one run).
+pub fn kernel_env(kernels: &[Handoff]) -> Result<KernelEnv> {
+    let mut distinct: Vec<Handoff> = Vec::new();
     for k in kernels {
-        if let Some(prev) = uniq.iter().find(|u| sanitize(&u.1) == sanitize(&k.1)) {
-            if prev.2 == k.2 {
-                continue;
-            }
+        if !distinct.iter().any(|u| u.image == k.image) {
+            distinct.push(k.clone());
+        }
+    }
+    let clashing: Vec<bool> =
+        distinct.iter().map(|k| distinct.iter().filter(|u| sanitize(&u.label) == sanitize(&k.label)).count() > 1).collect();
+    for (k, clash) in distinct.iter_mut().zip(clashing) {
+        if clash {
+            k.label = kernel_build::label::with_hash6(&k.label, &k.id);
+        }
+    }
+    let mut uniq: Vec<&Handoff> = Vec::new();
+    for k in &distinct {
+        if let Some(prev) = uniq.iter().find(|u| sanitize(&u.label) == sanitize(&k.label)) {
             bail!(
                 "--kernel {} and --kernel {} both get the test-name suffix {} (labels {:?} and {:?}); drop one of them",
-                prev.0,
-                k.0,
-                sanitize(&k.1),
-                prev.1,
-                k.1
+                prev.spec,
+                k.spec,
+                sanitize(&k.label),
+                prev.label,
+                k.label
             );
         }
-        for (what, s) in [("label", &k.1), ("image path", &k.2.to_string_lossy().into_owned())] {
+        for (what, s) in [("label", &k.label), ("image path", &k.image.to_string_lossy().into_owned())] {
             if s.contains(';') || (what == "label" && s.contains('=')) {
-                bail!("--kernel {}: {what} {s:?} contains `;` or `=`, which KTSTR_KERNEL_LIST cannot carry", k.0);
+                bail!("--kernel {}: {what} {s:?} contains `;` or `=`, which KTSTR_KERNEL_LIST cannot carry", k.spec);
             }
         }
         uniq.push(k);
     }
-    let mut env = KernelEnv { kernel: uniq.first().map(|k| k.2.clone()), list: None };
+    let mut env = KernelEnv { kernel: uniq.first().map(|k| k.image.clone()), list: None };
     if uniq.len() >= 2 {
-        env.list = Some(uniq.iter().map(|k| format!("{}={}", k.1, k.2.display())).collect::<Vec<_>>().join(";"));
+        env.list = Some(uniq.iter().map(|k| format!("{}={}", k.label, k.image.display())).collect::<Vec<_>>().join(";"));
     }
     Ok(env)
 }
@@ -126,7 +149,14 @@ pub fn resolve_all(specs: &[String], opts: &Options, parallelism: usize) -> Resu
     for s in specs {
         KernelSpec::parse(s).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    let specs: Arc<Vec<String>> = Arc::new(specs.to_vec());
+    // `--kernel X --kernel X`: resolve X once.
+    let mut once: Vec<String> = Vec::new();
+    for s in specs {
+        if !once.contains(s) {
+            once.push(s.clone());
+        }
+    }
+    let specs: Arc<Vec<String>> = Arc::new(once);
     let next = Arc::new(AtomicUsize::new(0));
     type Resolved = Result<Vec<ResolvedKernel>, String>;
     let (tx, rx) = std::sync::mpsc::channel::<(usize, Resolved)>();
@@ -225,11 +255,19 @@ pub fn nextest_argv(args: &TestArgs) -> Vec<String> {
 }
 
 pub fn run(args: TestArgs) -> Result<std::convert::Infallible> {
-    let opts = Options { mirror: args.mirror.clone(), ..Options::default() };
+    let mut opts = Options { mirror: args.mirror.clone(), ..Options::default() };
+    args.common.apply(&mut opts)?;
     let kernels = if args.kernels.is_empty() { Vec::new() } else { resolve_all(&args.kernels, &opts, parallelism()?)? };
-    let triples: Vec<(String, String, PathBuf)> =
-        kernels.iter().map(|(s, k)| (s.clone(), k.label.clone(), k.image.clone())).collect();
-    let env = kernel_env(&triples)?;
+    let handoff: Vec<Handoff> = kernels
+        .iter()
+        .map(|(s, k)| Handoff {
+            spec: s.clone(),
+            label: k.label.clone(),
+            image: k.image.clone(),
+            id: k.cache_key.clone().unwrap_or_else(|| k.image.display().to_string()),
+        })
+        .collect();
+    let env = kernel_env(&handoff)?;
 
     let mut cmd = Command::new(cargo());
     cmd.args(nextest_argv(&args));
@@ -276,7 +314,7 @@ mod tests {
 
     #[test]
     fn env_from_kernels() {
-        let k = |s: &str, l: &str, p: &str| (s.to_string(), l.to_string(), PathBuf::from(p));
+        let k = |s: &str, l: &str, p: &str| Handoff { spec: s.into(), label: l.into(), image: p.into(), id: p.into() };
         assert_eq!(kernel_env(&[]).unwrap(), KernelEnv::default());
         let one = kernel_env(&[k("6.12", "6.12.9", "/c/a/bzImage")]).unwrap();
         assert_eq!(one, KernelEnv { kernel: Some("/c/a/bzImage".into()), list: None });
@@ -287,8 +325,17 @@ mod tests {
         // The same kernel named twice collapses to single-kernel mode.
         let dup = kernel_env(&[k("6.12", "6.12.9", "/c/a/bzImage"), k("6.12.9", "6.12.9", "/c/a/bzImage")]).unwrap();
         assert_eq!(dup.list, None);
-        let clash = kernel_env(&[k("a", "6.12", "/a"), k("b", "6-12", "/b")]).unwrap_err().to_string();
-        assert!(clash.contains("--kernel a and --kernel b") && clash.contains("kernel_6_12"), "{clash}");
+        // Two kernels that would share a label each get `_{hash6}` of their id.
+        let h6 = |id: &str| kernel_build::label::with_hash6("", id);
+        let two = kernel_env(&[k("a.tar.xz", "6.12.9", "/c/a/bzImage"), k("b.tar.xz", "6.12.9", "/c/b/bzImage"), k("6.11", "6.11.3", "/c/c/bzImage")])
+            .unwrap();
+        assert_eq!(
+            two.list.as_deref().unwrap(),
+            format!("6.12.9{}=/c/a/bzImage;6.12.9{}=/c/b/bzImage;6.11.3=/c/c/bzImage", h6("/c/a/bzImage"), h6("/c/b/bzImage"))
+        );
+        // Labels that differ only in punctuation sanitize alike: disambiguated too.
+        let sim = kernel_env(&[k("a", "6.12", "/a"), k("b", "6-12", "/b")]).unwrap();
+        assert_eq!(sim.list.unwrap(), format!("6.12{}=/a;6-12{}=/b", h6("/a"), h6("/b")));
         assert!(kernel_env(&[k("a", "x", "/a;b"), k("b", "y", "/c")]).is_err());
     }
 
@@ -300,6 +347,7 @@ mod tests {
             packages: vec!["p1".into()],
             mirror: None,
             print_env: false,
+            common: crate::kernel_cmd::CommonArgs { extra_kconfig: None, offline: false, max_kernels: 16 },
             nextest_args: vec!["-E".into(), "test(kernel_6_12)".into(), "--".into(), "--exact".into()],
         };
         assert_eq!(nextest_argv(&a), ["nextest", "run", "--release", "-p", "p1", "-E", "test(kernel_6_12)", "--", "--exact"]);

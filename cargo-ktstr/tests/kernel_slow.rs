@@ -109,7 +109,12 @@ fn handle(mut s: TcpStream, version: &str) {
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let tarball = format!("/v6.x/linux-{version}.tar.xz");
-    if path == "/v6.x/" {
+    if path == "/v6.x/sha256sums.asc" {
+        // kernel.org's format: clear-signed `<sha256>  <file>` lines.
+        let sum = kernel_build::fetch::sha256_file(Path::new(TARBALL)).unwrap();
+        let body = format!("-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\n{sum}  linux-{version}.tar.xz\n-----BEGIN PGP SIGNATURE-----\n\nAAAA\n-----END PGP SIGNATURE-----\n");
+        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    } else if path == "/v6.x/" {
         let names = ["linux-6.11.11.tar.xz".to_string(), "linux-6.12.tar.xz".into(), "linux-6.12.1.tar.xz".into(), format!("linux-{version}.tar.xz")];
         let mut body = String::from("<html><head><title>Index of /v6.x/</title></head><body><pre>\n");
         for n in names {
@@ -164,13 +169,16 @@ fn mirror_version_downloads_builds_caches() {
     assert!(built[0].1.contains("fetching http://"), "download progress shown");
     let (label, image) = image_of(&res[0].0);
     assert_eq!(label, version);
+    let kc = kernel_build::InputDigest::new(&kernel_build::Base::Tinyconfig, None, None).unwrap().kc();
     let entry = image.parent().unwrap();
     assert_eq!(entry.parent().unwrap(), cache.path());
-    assert_eq!(entry.file_name().unwrap().to_string_lossy(), kernel_build::cache::tarball_key(&version));
+    assert_eq!(entry.file_name().unwrap().to_string_lossy(), kernel_build::cache::tarball_key(&version, &kc));
     assert_config(entry);
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(entry.join("metadata.json")).unwrap()).unwrap();
     assert_eq!(meta["version"], version.as_str());
     assert!(meta["source"].as_str().unwrap().starts_with(&url));
+    assert_eq!(meta["source_kind"], "mirror");
+    assert_eq!(meta["source_sha256"].as_str().unwrap(), kernel_build::fetch::sha256_file(Path::new(TARBALL)).unwrap());
 }
 
 fn git(dir: &Path, args: &[&str]) {

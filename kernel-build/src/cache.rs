@@ -39,20 +39,30 @@ pub fn default_root() -> PathBuf {
     }
 }
 
-/// `{version}-tarball-{arch}-kc{kc}`
-pub fn tarball_key(version: &str) -> String {
-    format!("{}-tarball-{}-kc{}", sanitize_key_part(version), tree::arch(), crate::kconfig_hash())
+/// `{version}-tarball-{arch}-kc{kc}`: a release tarball from the mirror,
+/// verified against the mirror's SHA-256 sums.
+pub fn tarball_key(version: &str, kc: &str) -> String {
+    format!("{}-tarball-{}-kc{kc}", sanitize_key_part(version), tree::arch())
+}
+
+/// `{version}-tarball-{src7}-{arch}-kc{kc}`: any other tarball, by content.
+pub fn source_tarball_key(version: &str, sha256: &str, kc: &str) -> String {
+    format!("{}-tarball-{}-{}-kc{kc}", sanitize_key_part(version), &sha256[..7.min(sha256.len())], tree::arch())
 }
 
 /// `{ref}-git-{hash7}-{arch}-kc{kc}`
-pub fn git_key(git_ref: &str, commit: &str) -> String {
-    format!("{}-git-{}-{}-kc{}", sanitize_key_part(git_ref), &commit[..7.min(commit.len())], tree::arch(), crate::kconfig_hash())
+pub fn git_key(git_ref: &str, commit: &str, kc: &str) -> String {
+    format!("{}-git-{}-{}-kc{kc}", sanitize_key_part(git_ref), &commit[..7.min(commit.len())], tree::arch())
 }
 
 /// `local-{hash7}-{arch}-kc{kc}`
-pub fn local_key(commit: &str) -> String {
-    format!("local-{}-{}-kc{}", &commit[..7.min(commit.len())], tree::arch(), crate::kconfig_hash())
+pub fn local_key(commit: &str, kc: &str) -> String {
+    format!("local-{}-{}-kc{kc}", &commit[..7.min(commit.len())], tree::arch())
 }
+
+/// Key schema of entries whose `kc` covers every configuration input and
+/// whose non-mirror tarballs are keyed by content. Older entries have none.
+pub const KEY_SCHEMA: u32 = 2;
 
 /// Keys are directory names: a ref like `for-next/x` becomes `for-next_x`.
 fn sanitize_key_part(s: &str) -> String {
@@ -78,6 +88,54 @@ pub struct Metadata {
     pub build_duration_secs: f64,
     /// Size of the boot image in bytes.
     pub image_size: u64,
+    /// [`KEY_SCHEMA`] when the key covers every input; 0 (absent) in older entries.
+    #[serde(default)]
+    pub key_schema: u32,
+    /// `mirror`, `tarball`, `git` or `local`.
+    #[serde(default)]
+    pub source_kind: String,
+    /// SHA-256 of the source tarball, when the source was one.
+    #[serde(default)]
+    pub source_sha256: Option<String>,
+    /// The base as hashed into `kc`: `tinyconfig`, `defconfig`, `config-sha256:…`.
+    #[serde(default)]
+    pub base_digest: String,
+    /// SHA-256 of the ktstr.kconfig the entry was built with.
+    #[serde(default)]
+    pub kconfig_sha256: String,
+    /// The `--extra-kconfig` file and the SHA-256 of its bytes.
+    #[serde(default)]
+    pub extra_kconfig: Option<String>,
+    #[serde(default)]
+    pub extra_kconfig_sha256: Option<String>,
+}
+
+impl Metadata {
+    /// Why a resolve must not reuse this entry, or `None` when its key is
+    /// what today's key function gives for its recorded inputs.
+    pub fn stale_reason(&self) -> Option<String> {
+        if self.key_schema != KEY_SCHEMA {
+            return Some("old key shape (built before keys covered every build input)".into());
+        }
+        let digest = crate::config::InputDigest {
+            base: self.base_digest.clone(),
+            kconfig_sha256: self.kconfig_sha256.clone(),
+            extra_sha256: self.extra_kconfig_sha256.clone(),
+        };
+        if !self.key.ends_with(&format!("-kc{}", digest.kc())) {
+            return Some("kc does not match the recorded configuration inputs".into());
+        }
+        if self.kconfig_sha256 != crate::sha256_hex(crate::KCONFIG.as_bytes()) {
+            return Some("built with another ktstr.kconfig".into());
+        }
+        if self.source_kind == "tarball" {
+            let src7 = self.source_sha256.as_deref().map(|s| &s[..7.min(s.len())]).unwrap_or("?");
+            if !self.key.contains(&format!("-tarball-{src7}-")) {
+                return Some("tarball entry not keyed by its SHA-256".into());
+            }
+        }
+        None
+    }
 }
 
 /// One complete entry of the cache.
@@ -345,9 +403,15 @@ impl Cache {
         Ok(out)
     }
 
-    /// The newest entry, e.g. for discovery when no kernel was named.
+    /// The newest entry a resolve may reuse, e.g. for discovery when no
+    /// kernel was named (stale entries are skipped).
     pub fn newest(&self) -> Option<CacheEntry> {
-        self.list().ok()?.into_iter().next()
+        self.list().ok()?.into_iter().find(|e| e.meta.stale_reason().is_none())
+    }
+
+    /// Keys of every entry a resolve will not reuse (see [`Metadata::stale_reason`]).
+    pub fn stale_keys(&self) -> Result<Vec<String>> {
+        Ok(self.list()?.into_iter().filter(|e| e.meta.stale_reason().is_some()).map(|e| e.key).collect())
     }
 
     /// Removes the named entries, or all but the `keep` newest, or everything.
@@ -389,11 +453,9 @@ impl Cache {
 mod tests {
     use super::*;
 
-    fn fake_entry(c: &Cache, key: &str, t: u64) {
-        let d = c.entry_dir(key);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join(tree::image_name()), b"img").unwrap();
-        let meta = Metadata {
+    fn meta(key: &str, t: u64) -> Metadata {
+        let d = crate::config::InputDigest::new(&crate::Base::Tinyconfig, None, None).unwrap();
+        Metadata {
             key: key.into(),
             spec: "s".into(),
             source: "src".into(),
@@ -404,18 +466,78 @@ mod tests {
             build_time: t,
             build_duration_secs: 1.0,
             image_size: 3,
-        };
-        std::fs::write(d.join(METADATA), serde_json::to_vec(&meta).unwrap()).unwrap();
+            key_schema: KEY_SCHEMA,
+            source_kind: "mirror".into(),
+            source_sha256: None,
+            base_digest: d.base,
+            kconfig_sha256: d.kconfig_sha256,
+            extra_kconfig: None,
+            extra_kconfig_sha256: None,
+        }
+    }
+
+    fn fake_entry(c: &Cache, key: &str, t: u64) {
+        write_entry(c, &meta(key, t));
+    }
+
+    fn write_entry(c: &Cache, meta: &Metadata) {
+        let d = c.entry_dir(&meta.key);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(tree::image_name()), b"img").unwrap();
+        std::fs::write(d.join(METADATA), serde_json::to_vec(meta).unwrap()).unwrap();
     }
 
     #[test]
     fn keys() {
-        let kc = crate::kconfig_hash();
+        let kc = "0123abcd";
         let a = tree::arch();
-        assert_eq!(tarball_key("6.12.9"), format!("6.12.9-tarball-{a}-kc{kc}"));
-        assert_eq!(git_key("for-next/x", "0123456789abcdef"), format!("for-next_x-git-0123456-{a}-kc{kc}"));
-        assert_eq!(local_key("0123456789abcdef"), format!("local-0123456-{a}-kc{kc}"));
-        assert!(crate::spec::looks_like_cache_key(&tarball_key("6.12.9")));
+        assert_eq!(tarball_key("6.12.9", kc), format!("6.12.9-tarball-{a}-kc{kc}"));
+        assert_eq!(source_tarball_key("6.12.9", "abcdef0123", kc), format!("6.12.9-tarball-abcdef0-{a}-kc{kc}"));
+        assert_eq!(git_key("for-next/x", "0123456789abcdef", kc), format!("for-next_x-git-0123456-{a}-kc{kc}"));
+        assert_eq!(local_key("0123456789abcdef", kc), format!("local-0123456-{a}-kc{kc}"));
+        assert!(crate::spec::looks_like_cache_key(&tarball_key("6.12.9", kc)));
+        assert!(crate::spec::looks_like_cache_key(&source_tarball_key("6.12.9", "abcdef0123", kc)));
+    }
+
+    #[test]
+    fn stale_entries_are_flagged_and_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Cache::open(Some(d.path())).unwrap();
+        let kc = crate::config::InputDigest::new(&crate::Base::Tinyconfig, None, None).unwrap().kc();
+        let good = meta(&tarball_key("6.12.9", &kc), 1);
+        assert_eq!(good.stale_reason(), None);
+        // An entry written before key_schema existed (the old `kc` = CRC32 of ktstr.kconfig).
+        let mut old = meta(&format!("6.12.117-tarball-{}-kc{}", tree::arch(), crate::kconfig_hash()), 5);
+        old.key_schema = 0;
+        old.source = "/usr/src/linux-source-6.12.tar.xz".into();
+        assert!(old.stale_reason().unwrap().contains("old key shape"));
+        // A key whose kc does not match the recorded base.
+        let mut wrong_kc = meta(&tarball_key("6.12.8", &kc), 4);
+        wrong_kc.base_digest = "defconfig".into();
+        assert!(wrong_kc.stale_reason().unwrap().contains("kc does not match"));
+        // A local tarball stored under the mirror shape.
+        let mut unkeyed = meta(&tarball_key("6.12.7", &kc), 3);
+        unkeyed.source_kind = "tarball".into();
+        unkeyed.source_sha256 = Some("abcdef0123".into());
+        assert!(unkeyed.stale_reason().unwrap().contains("SHA-256"));
+        let mut keyed = unkeyed.clone();
+        keyed.key = source_tarball_key("6.12.7", "abcdef0123", &kc);
+        assert_eq!(keyed.stale_reason(), None);
+        // Old JSON without the new fields still parses (as stale).
+        let json = r#"{"key":"k","spec":"s","source":"x","version":"6.12","arch":"x86_64","kconfig_hash":"00000000","base":"tinyconfig","build_time":1,"build_duration_secs":1.0,"image_size":3}"#;
+        let m: Metadata = serde_json::from_str(json).unwrap();
+        assert!(m.stale_reason().is_some());
+
+        for m in [&good, &old, &wrong_kc, &unkeyed] {
+            write_entry(&c, m);
+        }
+        // The old entry is the newest, yet discovery takes the good one.
+        assert_eq!(c.newest().unwrap().key, good.key);
+        let mut stale = c.stale_keys().unwrap();
+        stale.sort();
+        let mut want = vec![old.key.clone(), wrong_kc.key.clone(), unkeyed.key.clone()];
+        want.sort();
+        assert_eq!(stale, want);
     }
 
     #[test]

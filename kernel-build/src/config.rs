@@ -87,7 +87,7 @@ pub struct DroppedOptions(pub Vec<Dropped>);
 
 impl fmt::Display for DroppedOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ktstr.kconfig options dropped by olddefconfig: ")?;
+        f.write_str("ktstr.kconfig/--extra-kconfig options dropped by olddefconfig: ")?;
         for (i, d) in self.0.iter().enumerate() {
             if i > 0 {
                 f.write_str("; ")?;
@@ -103,7 +103,15 @@ pub fn verify(src: &Path, fragment: &str) -> Result<(), DroppedOptions> {
     let final_cfg: HashMap<String, String> =
         parse_config(&std::fs::read_to_string(src.join(".config")).unwrap_or_default()).into_iter().collect();
     let mut dropped = Vec::new();
+    // Later lines win (an extra fragment may override ktstr.kconfig), as in merge_config.sh.
+    let mut wanted: Vec<(String, String)> = Vec::new();
     for (opt, want) in parse_config(fragment) {
+        match wanted.iter_mut().find(|(o, _)| *o == opt) {
+            Some(slot) => slot.1 = want,
+            None => wanted.push((opt, want)),
+        }
+    }
+    for (opt, want) in wanted {
         let got = final_cfg.get(&opt).cloned().unwrap_or_else(|| "n".to_string());
         if got != want {
             dropped.push(Dropped { option: opt, wanted: want, got, depends: None });
@@ -195,9 +203,9 @@ impl KconfigIndex {
     }
 }
 
-/// Produces `src/.config`: base, then the fragment merged with
-/// `merge_config.sh -m`, then `make olddefconfig`, then [`verify`].
-pub fn configure(src: &Path, base: &Base, fragment: &str, make: &Make, log: &Path) -> Result<()> {
+/// Produces `src/.config`: base, then the fragments merged in order with
+/// `merge_config.sh -m`, then `make olddefconfig`, then [`verify`] of them all.
+pub fn configure(src: &Path, base: &Base, fragments: &[&str], make: &Make, log: &Path) -> Result<()> {
     match base {
         Base::Tinyconfig => make.run(src, &["tinyconfig"], log, "tinyconfig")?,
         Base::Defconfig => make.run(src, &["defconfig"], log, "defconfig")?,
@@ -210,17 +218,89 @@ pub fn configure(src: &Path, base: &Base, fragment: &str, make: &Make, log: &Pat
             }
         }
     }
-    // The fragment lives outside the tree so a clean git tree stays clean.
-    let mut frag = tempfile::Builder::new().prefix("ktstr-kconfig-").tempfile()?;
-    frag.write_all(fragment.as_bytes())?;
-    frag.flush()?;
+    // The fragments live outside the tree so a clean git tree stays clean.
+    let mut files = Vec::new();
+    for text in fragments {
+        let mut frag = tempfile::Builder::new().prefix("ktstr-kconfig-").tempfile()?;
+        frag.write_all(text.as_bytes())?;
+        frag.flush()?;
+        files.push(frag);
+    }
     let merge = src.join("scripts/kconfig/merge_config.sh");
     let mut cmd = std::process::Command::new("sh");
-    cmd.arg(&merge).arg("-m").arg(".config").arg(frag.path()).current_dir(src);
+    cmd.arg(&merge).arg("-m").arg(".config").current_dir(src);
+    for f in &files {
+        cmd.arg(f.path());
+    }
     crate::build::run_logged(cmd, log, "merge ktstr.kconfig")?;
     make.run(src, &["olddefconfig"], log, "olddefconfig")?;
-    verify(src, fragment)?;
+    verify(src, &fragments.join("\n"))?;
     Ok(())
+}
+
+/// An extra Kconfig fragment (`--extra-kconfig FILE`), merged after ktstr.kconfig.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fragment {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl Fragment {
+    pub fn read(path: &Path) -> Result<Fragment> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--extra-kconfig {}: cannot read it (give a Kconfig fragment file)", path.display()))?;
+        if parse_config(&text).is_empty() {
+            bail!("--extra-kconfig {}: no CONFIG_ lines (expected CONFIG_X=y or `# CONFIG_X is not set`)", path.display());
+        }
+        Ok(Fragment { path: path.to_path_buf(), text })
+    }
+}
+
+/// What a cache key's `kc` stands for: the base, the embedded
+/// ktstr.kconfig and the extra fragment, each by content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputDigest {
+    /// `tinyconfig`, `defconfig`, or `config-sha256:{hex}` (a config file's bytes).
+    pub base: String,
+    pub kconfig_sha256: String,
+    pub extra_sha256: Option<String>,
+}
+
+impl InputDigest {
+    /// Digest of `base` (a `.config` read from `tree` for [`Base::Existing`]),
+    /// [`crate::KCONFIG`] and `extra`.
+    pub fn new(base: &Base, extra: Option<&Fragment>, tree: Option<&Path>) -> Result<InputDigest> {
+        let base = match base {
+            Base::Tinyconfig => "tinyconfig".to_string(),
+            Base::Defconfig => "defconfig".to_string(),
+            Base::File(p) => {
+                let bytes = std::fs::read(p).with_context(|| format!("--config {}: cannot read it", p.display()))?;
+                format!("config-sha256:{}", crate::sha256_hex(&bytes))
+            }
+            Base::Existing => {
+                let p = tree.map(|t| t.join(".config")).unwrap_or_default();
+                let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                format!("config-sha256:{}", crate::sha256_hex(&bytes))
+            }
+        };
+        Ok(InputDigest {
+            base,
+            kconfig_sha256: crate::sha256_hex(crate::KCONFIG.as_bytes()),
+            extra_sha256: extra.map(|f| crate::sha256_hex(f.text.as_bytes())),
+        })
+    }
+
+    /// CRC32 (8 lowercase hex digits) of the canonical input text: one
+    /// `name=value` line per input, so no two input sets share the text.
+    pub fn kc(&self) -> String {
+        let text = format!(
+            "base={}\nktstr.kconfig={}\nextra={}\n",
+            self.base,
+            self.kconfig_sha256,
+            self.extra_sha256.as_deref().unwrap_or("none")
+        );
+        format!("{:08x}", crc32fast::hash(text.as_bytes()))
+    }
 }
 
 #[cfg(test)]
@@ -254,5 +334,58 @@ mod tests {
         assert!(msg.contains("CONFIG_C=y became unset (depends on BB && AA [BB=n AA=y])"), "{msg}");
         assert!(msg.contains("CONFIG_D=y became unset (no direct"), "{msg}");
         assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn later_fragment_wins_in_verify() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(".config"), "# CONFIG_AA is not set\nCONFIG_BB=y\n").unwrap();
+        // ktstr.kconfig says AA=y, the extra fragment turns it off: no drop.
+        assert!(verify(d.path(), &["CONFIG_AA=y\n", "# CONFIG_AA is not set\nCONFIG_BB=y\n"].join("\n")).is_ok());
+        let e = verify(d.path(), &["CONFIG_BB=y\n", "CONFIG_AA=y\n"].join("\n")).unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert_eq!(e.0[0].option, "CONFIG_AA");
+    }
+
+    #[test]
+    fn kc_covers_every_input() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a.config"), d.path().join("b.config"));
+        std::fs::write(&a, "CONFIG_A=y\nCONFIG_B=y\n").unwrap();
+        std::fs::write(&b, "CONFIG_A=y\nCONFIG_B=m\n").unwrap();
+        let frag = d.path().join("extra");
+        std::fs::write(&frag, "CONFIG_X=y\n").unwrap();
+        let extra = Fragment::read(&frag).unwrap();
+        let kc = |base: Base, extra: Option<&Fragment>| InputDigest::new(&base, extra, None).unwrap().kc();
+        let all = [
+            kc(Base::Tinyconfig, None),
+            kc(Base::Defconfig, None),
+            kc(Base::File(a.clone()), None),
+            kc(Base::File(b.clone()), None),
+            kc(Base::Tinyconfig, Some(&extra)),
+            kc(Base::Defconfig, Some(&extra)),
+        ];
+        for (i, x) in all.iter().enumerate() {
+            assert_eq!(x.len(), 8);
+            assert!(x.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{x}");
+            for y in &all[i + 1..] {
+                assert_ne!(x, y, "{all:?}");
+            }
+        }
+        // Same inputs, same kc; the config file counts by content, not by name.
+        assert_eq!(kc(Base::Tinyconfig, None), kc(Base::Tinyconfig, None));
+        let a2 = d.path().join("copy-of-a");
+        std::fs::copy(&a, &a2).unwrap();
+        assert_eq!(kc(Base::File(a), None), kc(Base::File(a2), None));
+        // The kc of the defaults is not the bare CRC32 of ktstr.kconfig that
+        // older keys used, so an old entry can never be taken for a new one.
+        assert_ne!(kc(Base::Tinyconfig, None), crate::kconfig_hash());
+        // A tree's own .config counts by content too.
+        std::fs::write(d.path().join(".config"), "CONFIG_A=y\n").unwrap();
+        let e = InputDigest::new(&Base::Existing, None, Some(d.path())).unwrap();
+        assert!(e.base.starts_with("config-sha256:"));
+        assert!(Fragment::read(&d.path().join("nope")).is_err());
+        std::fs::write(&frag, "hello\n").unwrap();
+        assert!(Fragment::read(&frag).unwrap_err().to_string().contains("no CONFIG_ lines"));
     }
 }

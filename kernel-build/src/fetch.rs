@@ -8,9 +8,33 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use sha2::{Digest, Sha256};
+
 use crate::progress::ProgressReader;
 use crate::spec::TarballSource;
 use crate::tree;
+
+/// The server could not be reached at all (no HTTP answer): callers with a
+/// cache to fall back on branch on this.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach {url}: {reason}")]
+pub struct Unreachable {
+    pub url: String,
+    pub reason: String,
+}
+
+/// The server answered with an HTTP error status.
+#[derive(Debug, thiserror::Error)]
+#[error("GET {url}: HTTP {status}")]
+pub struct HttpStatus {
+    pub url: String,
+    pub status: u16,
+}
+
+/// True when `e` (or anything in its chain) is [`Unreachable`].
+pub fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Unreachable>())
+}
 
 /// GET with no overall timeout (kernel tarballs are large), failing on HTTP errors.
 pub fn http_get(url: &str) -> Result<reqwest::blocking::Response> {
@@ -19,12 +43,86 @@ pub fn http_get(url: &str) -> Result<reqwest::blocking::Response> {
         .timeout(None)
         .user_agent(concat!("ktstr-kernel-build/", env!("CARGO_PKG_VERSION")))
         .build()?;
-    let resp = client.get(url).send().with_context(|| format!("GET {url}"))?;
+    let resp = client.get(url).send().map_err(|e| {
+        // Innermost cause, e.g. "Connection refused (os error 111)".
+        let reason = std::error::Error::source(&e)
+            .map(|mut s| {
+                while let Some(n) = s.source() {
+                    s = n;
+                }
+                s.to_string()
+            })
+            .unwrap_or_else(|| e.to_string());
+        Unreachable { url: url.to_string(), reason }
+    })?;
     let status = resp.status();
     if !status.is_success() {
-        bail!("GET {url}: HTTP {status}");
+        return Err(HttpStatus { url: url.to_string(), status: status.as_u16() }.into());
     }
     Ok(resp)
+}
+
+/// A downloaded tarball's SHA-256 does not match what the mirror publishes.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: SHA-256 mismatch: the mirror's sha256sums.asc says {expected}, the download is {actual}; nothing was cached")]
+pub struct ChecksumMismatch {
+    pub file: String,
+    pub expected: String,
+    pub actual: String,
+}
+
+/// Hashes every byte read through it.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader { inner, hasher: Sha256::new() }
+    }
+
+    /// Lowercase hex SHA-256 of what was read so far.
+    pub fn hex(self) -> String {
+        hex(&self.hasher.finalize())
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// Lowercase hex SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let f = File::open(path).with_context(|| format!("cannot open tarball {}", path.display()))?;
+    let mut h = HashingReader::new(BufReader::with_capacity(1 << 20, f));
+    std::io::copy(&mut h, &mut std::io::sink()).with_context(|| format!("reading {}", path.display()))?;
+    Ok(h.hex())
+}
+
+/// Downloads `url` (http(s) or file://) to the new file `dest`, showing
+/// progress, and returns the SHA-256 of the bytes.
+pub fn download(url: &str, dest: &Path) -> Result<String> {
+    let (raw, len) = open_raw(&TarballSource::Url(url.to_string()))?;
+    let mut hashed = HashingReader::new(ProgressReader::new(raw, len, &format!("fetching {url}")));
+    let mut out = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
+    std::io::copy(&mut hashed, &mut out).with_context(|| format!("downloading {url}"))?;
+    out.sync_all().ok();
+    hashed.inner.finish();
+    Ok(hashed.hex())
 }
 
 /// Human name of a source, for messages.
@@ -163,5 +261,27 @@ mod tests {
         assert!(check_member(Path::new("../evil")).is_err());
         assert!(check_member(Path::new("linux/../../evil")).is_err());
         assert!(check_member(Path::new("/etc/passwd")).is_err());
+    }
+
+    #[test]
+    fn sha256_known_answers() {
+        assert_eq!(sha256_hex(b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, b"abc").unwrap();
+        assert_eq!(sha256_file(&p).unwrap(), sha256_hex(b"abc"));
+        let out = d.path().join("copy");
+        assert_eq!(download(&format!("file://{}", p.display()), &out).unwrap(), sha256_hex(b"abc"));
+        assert_eq!(std::fs::read(&out).unwrap(), b"abc");
+    }
+
+    #[test]
+    fn closed_port_is_unreachable() {
+        // Bind then drop: nothing listens on the port any more.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let e = http_get(&format!("http://127.0.0.1:{port}/v6.x/")).unwrap_err();
+        assert!(is_unreachable(&e), "{e:#}");
+        assert!(!is_unreachable(&anyhow!("other")));
     }
 }

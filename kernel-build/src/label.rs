@@ -8,6 +8,7 @@ pub fn version_label(version: &str) -> String {
 }
 
 /// A cache key: its version prefix (`6.12.9-tarball-…` → `6.12.9`,
+/// `6.12.9-tarball-abcdef0-…` → `6.12.9`,
 /// `v6.12-git-abc1234-…` → `v6.12`, `local-abc1234-…` → `local-abc1234`).
 pub fn cache_key_label(key: &str) -> String {
     // Drop `-{arch}-kc{kc}`, then the source kind.
@@ -15,6 +16,11 @@ pub fn cache_key_label(key: &str) -> String {
     let head = head.rsplit_once('-').map(|(h, _)| h).unwrap_or(head);
     if let Some(v) = head.strip_suffix("-tarball") {
         return v.to_string();
+    }
+    if let Some((v, src7)) = head.rsplit_once("-tarball-") {
+        if src7.len() == 7 && src7.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return v.to_string();
+        }
     }
     if let Some((r, hash)) = head.rsplit_once("-git-") {
         if hash.len() == 7 {
@@ -43,6 +49,12 @@ pub fn path_label(path: &Path, dirty: bool) -> String {
     l
 }
 
+/// `label` made unique within a run: `_{hash6}` appended, the first 6 hex
+/// digits of the CRC32 of `id` (the kernel's cache key, or its image path).
+pub fn with_hash6(label: &str, id: &str) -> String {
+    format!("{label}_{}", &format!("{:08x}", crc32fast::hash(id.as_bytes()))[..6])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,6 +64,7 @@ mod tests {
         assert_eq!(version_label("6.12.9"), "6.12.9");
         assert_eq!(cache_key_label("6.12.9-tarball-x86_64-kc1a2b3c4d"), "6.12.9");
         assert_eq!(cache_key_label("6.15-rc3-tarball-x86_64-kc1a2b3c4d"), "6.15-rc3");
+        assert_eq!(cache_key_label("6.12.9-tarball-abcdef0-x86_64-kc1a2b3c4d"), "6.12.9");
         assert_eq!(cache_key_label("for-next-git-abc1234-x86_64-kc1a2b3c4d"), "for-next");
         assert_eq!(cache_key_label("local-abc1234-x86_64-kc1a2b3c4d"), "local-abc1234");
         assert_eq!(git_label("https://git.kernel.org/pub/scm/linux/kernel/git/tj/sched_ext.git", "for-next"), "git_tj_sched_ext_for-next");
@@ -61,5 +74,7 @@ mod tests {
         let base = canon.file_name().unwrap().to_string_lossy().into_owned();
         assert_eq!(path_label(d.path(), false), format!("path_{base}_{}", &crc[..6]));
         assert!(path_label(d.path(), true).ends_with("_dirty"));
+        let k = "6.12.9-tarball-abcdef0-x86_64-kc1a2b3c4d";
+        assert_eq!(with_hash6("6.12.9", k), format!("6.12.9_{}", &format!("{:08x}", crc32fast::hash(k.as_bytes()))[..6]));
     }
 }

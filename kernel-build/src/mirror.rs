@@ -113,6 +113,64 @@ impl Mirror {
     }
 }
 
+/// Where the mirror publishes the SHA-256 sums of the tarball at `tarball_url`:
+/// `sha256sums.asc` in the same directory (kernel.org layout).
+pub fn sums_url(tarball_url: &str) -> String {
+    let dir = tarball_url.rsplit_once('/').map(|(d, _)| d).unwrap_or(tarball_url);
+    format!("{dir}/sha256sums.asc")
+}
+
+impl Mirror {
+    /// True when `v` comes from this mirror's release tree (and so can be
+    /// checked against its sums); kernel.org's rc snapshots do not.
+    pub fn publishes_sums(&self, v: &Version) -> bool {
+        !(v.rc.is_some() && self.base == DEFAULT_MIRROR)
+    }
+
+    /// The SHA-256 the mirror publishes for `v`'s tarball. The PGP signature
+    /// of `sha256sums.asc` is not checked: this guards against corrupt or
+    /// swapped downloads, not against a compromised mirror.
+    pub fn expected_sha256(&self, v: &Version) -> Result<String> {
+        let url = self.tarball_url(v);
+        let file = url.rsplit('/').next().unwrap_or(&url).to_string();
+        let sums = sums_url(&url);
+        let hint = "use a mirror in kernel.org layout that publishes sha256sums.asc (--mirror / KTSTR_KERNEL_MIRROR), \
+                    or pass the tarball itself as a TARBALL spec (keyed by its own SHA-256)";
+        let text = match fetch_file(&sums) {
+            Ok(t) => t,
+            Err(e) if crate::fetch::is_unreachable(&e) => return Err(e),
+            Err(e) => bail!("cannot verify {file}: no checksum list at {sums} ({e:#}); {hint}"),
+        };
+        match parse_sums(&text).into_iter().find(|(_, f)| *f == file) {
+            Some((sum, _)) => Ok(sum),
+            None => bail!("cannot verify {file}: {sums} has no line for it; {hint}"),
+        }
+    }
+}
+
+/// `(sha256, file name)` pairs of a sums file (`<hex>  <name>` lines; the
+/// clear-signed armour and blank lines are skipped).
+pub fn parse_sums(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (sum, name) = (it.next()?, it.next()?);
+            (sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit()) && it.next().is_none())
+                .then(|| (sum.to_ascii_lowercase(), name.trim_start_matches('*').to_string()))
+        })
+        .collect()
+}
+
+/// The body of a small file: http(s) GET or a `file://` read.
+fn fetch_file(url: &str) -> Result<String> {
+    if let Some(path) = url.strip_prefix("file://") {
+        return std::fs::read_to_string(path).with_context(|| format!("reading {path}"));
+    }
+    let mut body = String::new();
+    crate::fetch::http_get(url)?.read_to_string(&mut body).with_context(|| format!("reading {url}"))?;
+    Ok(body)
+}
+
 /// Reads a directory listing: HTTP(S) index page, or a `file://` directory.
 fn fetch_text(url: &str) -> Result<String> {
     if let Some(path) = url.strip_prefix("file://") {
@@ -186,6 +244,30 @@ mod tests {
         let k = Mirror::with_base(DEFAULT_MIRROR);
         assert_eq!(k.tarball_url(&v("6.12.9")), "https://cdn.kernel.org/pub/linux/kernel/v6.x/linux-6.12.9.tar.xz");
         assert_eq!(k.tarball_url(&v("6.13-rc3")), "https://git.kernel.org/torvalds/t/linux-6.13-rc3.tar.gz");
+    }
+
+    #[test]
+    fn sums() {
+        let text = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\n\
+            0123456789abcdef0123456789abcdef0123456789abcdef0123456789ABCDEF  linux-6.12.9.tar.xz\n\
+            1111111111111111111111111111111111111111111111111111111111111111  linux-6.12.9.tar.gz\n\
+            -----BEGIN PGP SIGNATURE-----\n\niQIzBAEBCAAdFiEE\n-----END PGP SIGNATURE-----\n";
+        let s = parse_sums(text);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0], ("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into(), "linux-6.12.9.tar.xz".into()));
+        assert_eq!(sums_url("http://m/v6.x/linux-6.12.9.tar.xz"), "http://m/v6.x/sha256sums.asc");
+
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("v6.x")).unwrap();
+        let m = Mirror::with_base(&format!("file://{}", d.path().display()));
+        let e = m.expected_sha256(&v("6.12.9")).unwrap_err().to_string();
+        assert!(e.contains("cannot verify linux-6.12.9.tar.xz") && e.contains("--mirror"), "{e}");
+        std::fs::write(d.path().join("v6.x/sha256sums.asc"), text).unwrap();
+        assert_eq!(m.expected_sha256(&v("6.12.9")).unwrap(), s[0].0);
+        let e = m.expected_sha256(&v("6.12.8")).unwrap_err().to_string();
+        assert!(e.contains("has no line for it"), "{e}");
+        assert!(!Mirror::with_base(DEFAULT_MIRROR).publishes_sums(&v("6.13-rc3")));
+        assert!(Mirror::with_base(DEFAULT_MIRROR).publishes_sums(&v("6.12.9")));
     }
 
     #[test]
