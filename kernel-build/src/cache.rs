@@ -200,6 +200,7 @@ pub struct Cache {
     root: PathBuf,
 }
 
+#[cfg_attr(not(feature = "fetch"), allow(dead_code))]
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -286,6 +287,7 @@ impl Cache {
         }
     }
 
+    #[cfg(feature = "fetch")]
     /// Moves a finished build into place as `key`. The caller holds the
     /// exclusive lock. Files under the temp dir are moved, others copied
     /// (in-place builds of a local tree). An existing entry is replaced.
@@ -382,6 +384,27 @@ impl Cache {
             report.removed.push(key);
         }
         Ok(report)
+    }
+}
+
+/// Read-side helpers for consumers that never build (test binaries).
+impl Cache {
+    /// The cache at `root` or [`default_root`] as it is: nothing is created
+    /// or cleaned, so a missing root just has no entries.
+    pub fn at(root: Option<&Path>) -> Cache {
+        Cache { root: root.map(Path::to_path_buf).unwrap_or_else(default_root) }
+    }
+
+    /// The key of the entry directory directly holding `file` (an image),
+    /// when that directory is an entry of this cache.
+    pub fn key_of(&self, file: &Path) -> Option<String> {
+        let dir = file.parent()?.canonicalize().ok()?;
+        let root = self.root.canonicalize().ok()?;
+        if dir.parent() != Some(root.as_path()) {
+            return None;
+        }
+        let key = dir.file_name()?.to_str()?.to_string();
+        (!key.starts_with('.')).then_some(key)
     }
 }
 

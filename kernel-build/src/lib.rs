@@ -2,28 +2,42 @@
 //!
 //! The entry point is [`resolve`]: it turns one `--kernel` spec into one or
 //! more bootable images, building and caching as needed.
+//!
+//! Without the default `fetch` feature only the cache, labels, specs and
+//! tree facts remain: what test binaries need, without HTTP, git or xz.
 
+#[cfg(feature = "fetch")]
 pub mod build;
 pub mod cache;
+#[cfg(feature = "fetch")]
 pub mod config;
+#[cfg(feature = "fetch")]
 pub mod fetch;
+#[cfg(feature = "fetch")]
 pub mod git;
 pub mod label;
+#[cfg(feature = "fetch")]
 pub mod mirror;
 pub mod progress;
 pub mod spec;
 pub mod tree;
 
+#[cfg(feature = "fetch")]
 use std::path::{Path, PathBuf};
+#[cfg(feature = "fetch")]
 use std::sync::Arc;
+#[cfg(feature = "fetch")]
 use std::time::Instant;
 
+#[cfg(feature = "fetch")]
 use anyhow::{anyhow, bail, Context, Result};
 
 pub use cache::{Cache, CacheEntry, EntryLock, Metadata};
+#[cfg(feature = "fetch")]
 pub use config::Base;
 pub use spec::{KernelSpec, SpecError, TarballSource, Version};
 
+#[cfg(feature = "fetch")]
 use progress::note;
 
 /// The ktstr kernel config fragment, embedded at compile time.
@@ -34,6 +48,7 @@ pub fn kconfig_hash() -> String {
     format!("{:08x}", crc32fast::hash(KCONFIG.as_bytes()))
 }
 
+#[cfg(feature = "fetch")]
 /// Errors callers branch on; everything else is an `anyhow` chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -45,6 +60,7 @@ pub enum ResolveError {
     NotAnImage { path: PathBuf },
 }
 
+#[cfg(feature = "fetch")]
 /// How to resolve specs.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -62,12 +78,14 @@ pub struct Options {
     pub ccache: bool,
 }
 
+#[cfg(feature = "fetch")]
 impl Default for Options {
     fn default() -> Self {
         Options { mirror: None, base: None, force: false, cache_root: None, jobs: None, ccache: true }
     }
 }
 
+#[cfg(feature = "fetch")]
 /// One bootable kernel a spec resolved to.
 #[derive(Debug, Clone)]
 pub struct ResolvedKernel {
@@ -87,6 +105,7 @@ pub struct ResolvedKernel {
     pub lock: Option<Arc<EntryLock>>,
 }
 
+#[cfg(feature = "fetch")]
 /// Resolves one spec string. A range gives one kernel per member; every
 /// other form gives exactly one.
 pub fn resolve(spec: &str, opts: &Options) -> Result<Vec<ResolvedKernel>> {
@@ -94,6 +113,7 @@ pub fn resolve(spec: &str, opts: &Options) -> Result<Vec<ResolvedKernel>> {
     Resolver::new(spec, opts)?.resolve(&parsed)
 }
 
+#[cfg(feature = "fetch")]
 /// [`resolve`] for a spec that must name exactly one kernel.
 pub fn resolve_one(spec: &str, opts: &Options) -> Result<ResolvedKernel> {
     let mut v = resolve(spec, opts)?;
@@ -103,6 +123,7 @@ pub fn resolve_one(spec: &str, opts: &Options) -> Result<ResolvedKernel> {
     Ok(v.remove(0))
 }
 
+#[cfg(feature = "fetch")]
 struct Resolver<'a> {
     raw: &'a str,
     opts: &'a Options,
@@ -110,6 +131,7 @@ struct Resolver<'a> {
     make: build::Make,
 }
 
+#[cfg(feature = "fetch")]
 /// Work for one cacheable kernel.
 struct Job {
     key: String,
@@ -117,6 +139,7 @@ struct Job {
     source: String,
 }
 
+#[cfg(feature = "fetch")]
 impl<'a> Resolver<'a> {
     fn new(raw: &'a str, opts: &'a Options) -> Result<Self> {
         let cache = Cache::open(opts.cache_root.as_deref())?;
