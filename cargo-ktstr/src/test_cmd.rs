@@ -111,7 +111,9 @@ pub fn resolve_all(specs: &[String], opts: &Options, parallelism: usize) -> Resu
     for s in specs {
         KernelSpec::parse(s).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    let specs: Arc<Vec<String>> = Arc::new(specs.to_vec());
+    let all = specs;
+    let (unique, slot_of) = dedupe(all);
+    let specs: Arc<Vec<String>> = Arc::new(unique);
     let next = Arc::new(AtomicUsize::new(0));
     type Resolved = Result<Vec<ResolvedKernel>, String>;
     let (tx, rx) = std::sync::mpsc::channel::<(usize, Resolved)>();
@@ -140,11 +142,44 @@ pub fn resolve_all(specs: &[String], opts: &Options, parallelism: usize) -> Resu
             }
         }
     }
-    Ok(specs
+    Ok(all
         .iter()
-        .zip(slots)
-        .flat_map(|(spec, ks)| ks.expect("every spec reported").into_iter().map(move |k| (spec.clone(), k)))
+        .zip(slot_of)
+        .flat_map(|(spec, j)| slots[j].clone().expect("every spec reported").into_iter().map(move |k| (spec.clone(), k)))
         .collect())
+}
+
+/// What makes two specs the same kernel before resolving: a path by its
+/// canonical form (`../linux` and `$PWD/../linux` are one tree, built
+/// once), anything else by its text.
+fn identity(spec: &str) -> String {
+    match KernelSpec::parse(spec) {
+        Ok(KernelSpec::Path(p)) => match p.canonicalize() {
+            Ok(c) => format!("path:{}", c.display()),
+            Err(_) => spec.to_string(),
+        },
+        _ => spec.to_string(),
+    }
+}
+
+/// The specs to resolve (first of each identity, in order) and, for every
+/// given spec, the index of the one that resolves it.
+fn dedupe(specs: &[String]) -> (Vec<String>, Vec<usize>) {
+    let mut ids: Vec<String> = Vec::new();
+    let mut unique = Vec::new();
+    let mut slot_of = Vec::new();
+    for s in specs {
+        let id = identity(s);
+        match ids.iter().position(|u| *u == id) {
+            Some(j) => slot_of.push(j),
+            None => {
+                ids.push(id);
+                unique.push(s.clone());
+                slot_of.push(unique.len() - 1);
+            }
+        }
+    }
+    (unique, slot_of)
 }
 
 fn one_line(s: &str) -> String {
@@ -250,6 +285,19 @@ pub fn run(args: TestArgs) -> Result<std::convert::Infallible> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_tree_named_two_ways_resolves_once() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("work")).unwrap();
+        std::fs::create_dir_all(d.path().join("linux")).unwrap();
+        let abs = d.path().join("linux").to_string_lossy().into_owned();
+        let dotted = format!("{}/work/../linux/", d.path().display());
+        let specs: Vec<String> = vec![abs.clone(), "6.12".into(), dotted, "6.12".into(), "/no/such/dir".into()];
+        let (unique, slot_of) = dedupe(&specs);
+        assert_eq!(unique, [abs, "6.12".to_string(), "/no/such/dir".into()]);
+        assert_eq!(slot_of, [0, 1, 0, 1, 2]);
+    }
 
     #[test]
     fn env_from_kernels() {

@@ -212,3 +212,126 @@ fn crc32fast_hash(b: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// A dirty (non-git) source tree whose `make` is a stand-in: each configure
+/// and build step appends `start`/`end` around a sleep to `record`, so
+/// two builds running at once show up as two `start`s in a row.
+fn fake_tree(dir: &Path, record: &Path) {
+    std::fs::create_dir_all(dir.join("scripts/kconfig")).unwrap();
+    std::fs::write(dir.join("Kconfig"), "").unwrap();
+    let step = |what: &str, secs: &str| {
+        format!("\t@echo '{what} start' >> {r}\n\t@sleep {secs}\n\t@echo '{what} end' >> {r}\n", r = record.display())
+    };
+    let makefile = format!(
+        "VERSION = 6\nPATCHLEVEL = 12\nSUBLEVEL = 0\nEXTRAVERSION =\n\n\
+         tinyconfig defconfig:\n{}\t@echo '# fake' > .config\n\n\
+         olddefconfig:\n{}\n\
+         bzImage:\n{}\t@mkdir -p arch/x86/boot && echo image > arch/x86/boot/bzImage\n",
+        step("config", "0.2"),
+        step("olddefconfig", "0.3"),
+        step("build", "1.5"),
+    );
+    std::fs::write(dir.join("Makefile"), makefile).unwrap();
+    // merge_config.sh -m .config FRAGMENT: the fragment wins by coming last.
+    std::fs::write(dir.join("scripts/kconfig/merge_config.sh"), "cat \"$3\" >> \"$2\"\n").unwrap();
+}
+
+/// `start`/`end` lines of the fake tree's record, checked for overlap.
+fn steps(record: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(record).unwrap_or_default();
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    for pair in lines.chunks(2) {
+        let [a, b] = pair else { panic!("unfinished step in {lines:?}") };
+        assert!(a.ends_with(" start") && b.ends_with(" end") && a.split(' ').next() == b.split(' ').next(), "steps overlap: {lines:?}");
+    }
+    lines
+}
+
+fn need_make() -> bool {
+    if Command::new("make").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    assert!(std::env::var("KTSTR_NO_SKIP_MODE").map_or(true, |v| v != "1"), "KTSTR_NO_SKIP_MODE=1 but `make` is not installed");
+    eprintln!("SKIP: `make` is not installed");
+    false
+}
+
+/// Two runs building one dirty tree take turns on the tree's lock: no
+/// configure or make step of one overlaps the other's, the second says
+/// it waits, and both end with the tree's image (never cached).
+#[test]
+fn in_place_builds_of_one_tree_take_turns() {
+    if !need_make() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let tree = d.path().join("linux");
+    let record = d.path().join("record");
+    fake_tree(&tree, &record);
+    let cache = d.path().join("cache");
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"))
+            .args(["ktstr", "kernel", "build"])
+            .arg(&tree)
+            .env("KTSTR_CACHE_DIR", &cache)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn();
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(&record).unwrap_or_default().contains("start") {
+        assert!(t.elapsed().as_secs() < 30, "the first build never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let b = spawn();
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    for o in &outs {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let lines = steps(&record);
+    assert_eq!(lines.iter().filter(|l| *l == "build start").count(), 2, "each run builds: {lines:?}");
+    let waits: Vec<usize> = outs
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stderr).lines().filter(|l| l.contains("waiting for another in-place build")).count())
+        .collect();
+    assert_eq!(waits, [0, 1], "the second run says once that it waits");
+    let image = tree.join("arch/x86/boot/bzImage").canonicalize().unwrap();
+    for o in &outs {
+        assert!(String::from_utf8_lossy(&o.stdout).trim_end().ends_with(&format!("_dirty={}", image.display())));
+    }
+    assert!(entries(&cache).is_empty(), "a dirty tree is never cached");
+}
+
+/// `--kernel ../linux --kernel $PWD/../linux` is one tree: resolved (and
+/// built) once, and the run is single-kernel.
+#[test]
+fn one_tree_named_twice_builds_once() {
+    if !need_make() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let tree = d.path().join("linux");
+    let record = d.path().join("record");
+    fake_tree(&tree, &record);
+    let work = d.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let abs = work.join("../linux");
+    let out = Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"))
+        .args(["ktstr", "test", "--print-env", "--kernel", "../linux", "--kernel"])
+        .arg(&abs)
+        .current_dir(&work)
+        .env("KTSTR_CACHE_DIR", d.path().join("cache"))
+        .env("KTSTR_KERNEL_PARALLELISM", "2")
+        .env_remove("KTSTR_KERNEL_LIST")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = steps(&record);
+    assert_eq!(lines.iter().filter(|l| *l == "build start").count(), 1, "one build: {lines:?}");
+    let image = tree.join("arch/x86/boot/bzImage").canonicalize().unwrap();
+    assert!(stdout.lines().any(|l| l == format!("KTSTR_KERNEL={}", image.display())), "{stdout}");
+    assert!(!stdout.contains("KTSTR_KERNEL_LIST"), "single-kernel mode: {stdout}");
+}

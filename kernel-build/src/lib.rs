@@ -15,6 +15,8 @@ pub mod config;
 pub mod fetch;
 #[cfg(feature = "fetch")]
 pub mod git;
+#[cfg(feature = "fetch")]
+pub mod inplace;
 pub mod label;
 #[cfg(feature = "fetch")]
 pub mod mirror;
@@ -269,6 +271,8 @@ impl<'a> Resolver<'a> {
             }
             _ => {
                 note(format!("{} is a dirty or non-git tree: building in place, not caching", src.display()));
+                // Another run building this tree goes first; we rebuild after it.
+                let _turn = inplace::lock(src)?;
                 let log = src.join(".ktstr-build.log");
                 let _ = std::fs::remove_file(&log);
                 config::configure(src, &base, KCONFIG, &self.make, &log)?;
