@@ -1,17 +1,13 @@
 //! `cargo ktstr kernel …` through the real binary: bad specs, list, clean.
 //! Fast; always run.
 
+mod fixture;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
 fn ktstr(cache: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"))
-        .arg("ktstr")
-        .args(args)
-        .env("KTSTR_CACHE_DIR", cache)
-        .env_remove("KTSTR_KERNEL_MIRROR")
-        .output()
-        .expect("run cargo-ktstr")
+    fixture::cargo_ktstr(cache).args(args).output().expect("run cargo-ktstr")
 }
 
 /// Names in the cache root that are entries (not locks, logs or dot files).
@@ -136,9 +132,8 @@ fn kill_9_leaves_no_entry_and_next_run_cleans() {
     }
     let d = tempfile::tempdir().unwrap();
     let c = d.path();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"))
-        .args(["ktstr", "kernel", "build", tarball])
-        .env("KTSTR_CACHE_DIR", c)
+    let mut child = fixture::cargo_ktstr(c)
+        .args(["kernel", "build", tarball])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -270,10 +265,9 @@ fn in_place_builds_of_one_tree_take_turns() {
     fake_tree(&tree, &record);
     let cache = d.path().join("cache");
     let spawn = || {
-        Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"))
-            .args(["ktstr", "kernel", "build"])
+        fixture::cargo_ktstr(&cache)
+            .args(["kernel", "build"])
             .arg(&tree)
-            .env("KTSTR_CACHE_DIR", &cache)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -318,13 +312,11 @@ fn one_tree_named_twice_builds_once() {
     let work = d.path().join("work");
     std::fs::create_dir(&work).unwrap();
     let abs = work.join("../linux");
-    let out = Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"))
-        .args(["ktstr", "test", "--print-env", "--kernel", "../linux", "--kernel"])
+    let out = fixture::cargo_ktstr(&d.path().join("cache"))
+        .args(["test", "--print-env", "--kernel", "../linux", "--kernel"])
         .arg(&abs)
         .current_dir(&work)
-        .env("KTSTR_CACHE_DIR", d.path().join("cache"))
         .env("KTSTR_KERNEL_PARALLELISM", "2")
-        .env_remove("KTSTR_KERNEL_LIST")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -334,4 +326,132 @@ fn one_tree_named_twice_builds_once() {
     let image = tree.join("arch/x86/boot/bzImage").canonicalize().unwrap();
     assert!(stdout.lines().any(|l| l == format!("KTSTR_KERNEL={}", image.display())), "{stdout}");
     assert!(!stdout.contains("KTSTR_KERNEL_LIST"), "single-kernel mode: {stdout}");
+}
+
+/// Tests leave the user's kernel cache alone: every spawn of cargo-ktstr
+/// in this crate's tests and benches goes through `fixture::cargo_ktstr`,
+/// which sets `KTSTR_CACHE_DIR` (and refuses the user's cache).
+#[test]
+fn every_cargo_ktstr_spawn_goes_through_the_fixture() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let needle = concat!("CARGO_BIN_EXE_", "cargo-ktstr");
+    let mut offenders = Vec::new();
+    let mut seen = 0;
+    let mut stack = vec![root.join("tests"), root.join("benches")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                seen += 1;
+                let text = std::fs::read_to_string(&p).unwrap();
+                if text.contains(needle) && !p.ends_with("tests/fixture/mod.rs") {
+                    offenders.push(p.display().to_string());
+                }
+            }
+        }
+    }
+    assert!(seen >= 5, "scanned only {seen} files under {}", root.display());
+    assert!(offenders.is_empty(), "spawn cargo-ktstr with fixture::cargo_ktstr(cache) instead: {offenders:?}");
+    let fixture = std::fs::read_to_string(root.join("tests/fixture/mod.rs")).unwrap();
+    assert_eq!(fixture.matches(needle).count(), 1, "one spawn site, the one that sets KTSTR_CACHE_DIR");
+}
+
+/// `git` with a fixed identity and dates, so commit ids are reproducible.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "ktstr")
+        .env("GIT_AUTHOR_EMAIL", "ktstr@localhost")
+        .env("GIT_COMMITTER_NAME", "ktstr")
+        .env("GIT_COMMITTER_EMAIL", "ktstr@localhost")
+        .env("GIT_AUTHOR_DATE", "2025-01-01T00:00:00Z")
+        .env("GIT_COMMITTER_DATE", "2025-01-01T00:00:00Z")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `label=image` from a `kernel build` run, and the image's directory name
+/// (the cache key when the image is in the cache).
+#[track_caller]
+fn built(out: &Output) -> (String, std::path::PathBuf, String) {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (label, image) = stdout.lines().last().expect("a label=image line").split_once('=').unwrap();
+    let image = std::path::PathBuf::from(image);
+    let key = image.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+    (label.to_string(), image, key)
+}
+
+/// Git tags and branches, clean and dirty trees, on a stand-in kernel tree
+/// in a real git repo (the real-kernel check of this path is the slow
+/// `git_tag_builds_a_real_kernel`): a tag builds under `{tag}-git-{commit7}`
+/// and hits after; a moved branch misses; a clean tree is cached under
+/// `local-{commit7}` and hits without building; a dirty tree is built in
+/// place and never cached.
+#[test]
+fn git_refs_and_clean_or_dirty_trees() {
+    if !need_make() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("linux");
+    let record = d.path().join("record");
+    let cache = d.path().join("cache");
+    fake_tree(&repo, &record);
+    // What a kernel tree's own .gitignore does for its build outputs.
+    std::fs::write(repo.join(".gitignore"), "/.config\n/arch/\n/.ktstr-*\n").unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A", "."]);
+    git(&repo, &["commit", "-q", "-m", "import"]);
+    git(&repo, &["tag", "-a", "v6.12", "-m", "v6.12"]);
+    let c1 = git(&repo, &["rev-parse", "HEAD"]);
+    let url = format!("git+file://{}", repo.display());
+    let builds = || steps(&record).iter().filter(|l| *l == "build start").count();
+
+    let (label, image, key) = built(&ktstr(&cache, &["kernel", "build", &format!("{url}#v6.12")]));
+    let owner = d.path().file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(label, format!("git_{owner}_linux_v6.12"));
+    assert!(key.starts_with(&format!("v6.12-git-{}-", &c1[..7])), "{key}");
+    assert_eq!(image.parent().unwrap().parent().unwrap(), cache.canonicalize().unwrap());
+    assert_eq!(builds(), 1);
+    let out = ktstr(&cache, &["kernel", "build", &format!("{url}#v6.12")]);
+    assert_eq!(built(&out).2, key);
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cache hit {key}")));
+    assert_eq!(builds(), 1, "a hit builds nothing");
+
+    let (_, _, main1) = built(&ktstr(&cache, &["kernel", "build", &format!("{url}#main")]));
+    assert!(main1.starts_with(&format!("main-git-{}-", &c1[..7])), "{main1}");
+    std::fs::write(repo.join("marker"), "moved\n").unwrap();
+    git(&repo, &["add", "marker"]);
+    git(&repo, &["commit", "-q", "-m", "move main"]);
+    let c2 = git(&repo, &["rev-parse", "HEAD"]);
+    let (_, _, main2) = built(&ktstr(&cache, &["kernel", "build", &format!("{url}#main")]));
+    assert!(main2.starts_with(&format!("main-git-{}-", &c2[..7])), "a moved branch misses the cache: {main1} {main2}");
+    assert_eq!(builds(), 3);
+
+    // The repo as a path: clean → built in place once, cached under local-{commit7}.
+    let (label, _, local) = built(&ktstr(&cache, &["kernel", "build", repo.to_str().unwrap()]));
+    assert!(label.starts_with("path_linux_") && !label.ends_with("_dirty"), "{label}");
+    assert!(local.starts_with(&format!("local-{}-", &c2[..7])), "{local}");
+    assert_eq!(builds(), 4);
+    let out = ktstr(&cache, &["kernel", "build", repo.to_str().unwrap()]);
+    assert_eq!(built(&out).2, local);
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cache hit {local}")));
+    assert_eq!(builds(), 4, "a clean tree already cached is not rebuilt");
+
+    // Dirty: built in place every time, never cached.
+    let before = entries(&cache).len();
+    std::fs::write(repo.join("README"), "dirty\n").unwrap();
+    let out = ktstr(&cache, &["kernel", "build", repo.to_str().unwrap()]);
+    let (label, image, _) = built(&out);
+    assert!(label.ends_with("_dirty"), "{label}");
+    assert_eq!(image, repo.canonicalize().unwrap().join("arch/x86/boot/bzImage"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not caching"));
+    assert_eq!(builds(), 5);
+    assert_eq!(entries(&cache).len(), before, "a dirty tree adds no entry");
 }
