@@ -6,6 +6,8 @@ mod fixture;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use fixture::git;
+
 fn ktstr(cache: &Path, args: &[&str]) -> Output {
     fixture::cargo_ktstr(cache).args(args).output().expect("run cargo-ktstr")
 }
@@ -358,23 +360,6 @@ fn every_cargo_ktstr_spawn_goes_through_the_fixture() {
     assert_eq!(fixture.matches(needle).count(), 1, "one spawn site, the one that sets KTSTR_CACHE_DIR");
 }
 
-/// `git` with a fixed identity and dates, so commit ids are reproducible.
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "ktstr")
-        .env("GIT_AUTHOR_EMAIL", "ktstr@localhost")
-        .env("GIT_COMMITTER_NAME", "ktstr")
-        .env("GIT_COMMITTER_EMAIL", "ktstr@localhost")
-        .env("GIT_AUTHOR_DATE", "2025-01-01T00:00:00Z")
-        .env("GIT_COMMITTER_DATE", "2025-01-01T00:00:00Z")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// `label=image` from a `kernel build` run, and the image's directory name
 /// (the cache key when the image is in the cache).
 #[track_caller]
@@ -454,4 +439,44 @@ fn git_refs_and_clean_or_dirty_trees() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not caching"));
     assert_eq!(builds(), 5);
     assert_eq!(entries(&cache).len(), before, "a dirty tree adds no entry");
+}
+
+/// The slow real-kernel git test imports the Debian tarball into a bare
+/// repo once and reuses it: made on first use, reused as is (not re-made)
+/// while the tarball is unchanged, replaced when it changes; and
+/// cargo-ktstr builds its tag.
+#[test]
+fn tarball_git_repo_is_made_once_and_reused() {
+    if !need_make() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let record = d.path().join("record");
+    fake_tree(&d.path().join("linux-x"), &record);
+    let tarball = d.path().join("linux-x.tar.xz");
+    let st = Command::new("tar").arg("-cJf").arg(&tarball).arg("-C").arg(d.path()).arg("linux-x").status().unwrap();
+    assert!(st.success());
+    let root = d.path().join("test-git");
+    let repo = fixture::tarball_git_repo(&tarball, "v6.12", &root);
+    let commit = git(&repo, &["rev-parse", "v6.12^{commit}"]);
+    assert!(git(&repo, &["ls-tree", "--name-only", "v6.12"]).lines().any(|l| l == "Makefile"), "the tree's files are at the top");
+    std::fs::write(repo.join("ktstr-reuse-marker"), "").unwrap();
+    assert_eq!(fixture::tarball_git_repo(&tarball, "v6.12", &root), repo);
+    assert!(repo.join("ktstr-reuse-marker").is_file(), "reused, not made again");
+    let leftovers: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(leftovers.len(), 1, "no temp dirs left: {leftovers:?}");
+
+    let cache = d.path().join("cache");
+    let (label, _, key) = built(&ktstr(&cache, &["kernel", "build", &format!("git+file://{}#v6.12", repo.display())]));
+    let stem = repo.file_stem().unwrap().to_string_lossy().into_owned();
+    assert_eq!(label, format!("git_test-git_{stem}_v6.12"));
+    assert!(key.starts_with(&format!("v6.12-git-{}-", &commit[..7])), "{key}");
+
+    // A new tarball (here: a new mtime) makes a new repo and drops the old one.
+    let f = std::fs::File::options().write(true).open(&tarball).unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5)).unwrap();
+    let repo2 = fixture::tarball_git_repo(&tarball, "v6.12", &root);
+    assert_ne!(repo2, repo);
+    assert!(!repo.exists());
+    assert_eq!(git(&repo2, &["rev-parse", "v6.12^{commit}"]), commit, "same tree, same commit");
 }

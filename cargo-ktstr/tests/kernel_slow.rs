@@ -8,7 +8,7 @@ mod fixture;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Instant;
 
 const TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
@@ -176,53 +176,28 @@ fn mirror_version_downloads_builds_caches() {
     assert!(meta["source"].as_str().unwrap().starts_with(&url));
 }
 
-fn git(dir: &Path, args: &[&str]) {
-    // Fixed identity and dates: the same tree gives the same commit id on
-    // every run, so CI hits the cache after its first run.
-    let st = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "ktstr")
-        .env("GIT_AUTHOR_EMAIL", "ktstr@localhost")
-        .env("GIT_COMMITTER_NAME", "ktstr")
-        .env("GIT_COMMITTER_EMAIL", "ktstr@localhost")
-        .env("GIT_AUTHOR_DATE", "2025-01-01T00:00:00Z")
-        .env("GIT_COMMITTER_DATE", "2025-01-01T00:00:00Z")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "git {args:?}");
-}
-
 /// Acceptance 3 on a real kernel: `git+file://…#v6.12` of the Debian
 /// tree checks out and builds under a `v6.12-git-{commit7}` key with the
-/// ktstr options. Fixed commit dates give the same key every run, so in
-/// the suite's persistent cache only a machine's first run builds. Moving
-/// branches, clean and dirty trees (in-place builds) are proven every run
-/// on a stand-in tree by kernel_cli.rs `git_refs_and_clean_or_dirty_trees`.
+/// ktstr options. The repo is imported once per machine
+/// (`fixture::tarball_git_repo`, fixed commit dates) and the build lands
+/// in the suite's persistent cache, so only a machine's first run imports
+/// and builds. Moving branches, clean and dirty trees (in-place builds)
+/// are proven every run on a stand-in tree by kernel_cli.rs
+/// `git_refs_and_clean_or_dirty_trees`.
 #[test]
 fn git_tag_builds_a_real_kernel() {
     let Some(_serial) = slow_enabled("git_tag_builds_a_real_kernel") else { return };
     let t = Instant::now();
-    let d = tempfile::tempdir().unwrap();
-    let st = Command::new("tar").args(["-xJf", TARBALL, "-C"]).arg(d.path()).status().unwrap();
-    assert!(st.success());
-    let repo = d.path().join("linux-source-6.12");
-    git(&repo, &["init", "-q", "-b", "main"]);
-    // -f: Debian's tree ships a .gitignore that ignores `/*`.
-    git(&repo, &["add", "-A", "-f", "."]);
-    git(&repo, &["commit", "-q", "-m", "import"]);
-    git(&repo, &["tag", "-a", "v6.12", "-m", "v6.12"]);
-    let url = format!("git+file://{}", repo.display());
-    eprintln!("git repo ready in {:.1}s", t.elapsed().as_secs_f64());
-
+    let repo = fixture::tarball_git_repo(Path::new(TARBALL), "v6.12", &fixture::test_git_root());
+    eprintln!("git repo {} ready in {:.1}s", repo.display(), t.elapsed().as_secs_f64());
     let cache = fixture::test_cache();
-    let (out, _) = ok(&ktstr(&cache, &["kernel", "build", &format!("{url}#v6.12")]));
+    let (out, _) = ok(&ktstr(&cache, &["kernel", "build", &format!("git+file://{}#v6.12", repo.display())]));
     let (label, image) = image_of(&out);
-    let owner = d.path().file_name().unwrap().to_string_lossy().into_owned();
-    assert_eq!(label, format!("git_{owner}_linux-source-6.12_v6.12"));
+    let stem = repo.file_stem().unwrap().to_string_lossy().into_owned();
+    assert_eq!(label, format!("git_test-git_{stem}_v6.12"));
     let key = image.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
-    assert!(key.starts_with("v6.12-git-"), "{key}");
+    let commit = fixture::git(&repo, &["rev-parse", "v6.12^{commit}"]);
+    assert!(key.starts_with(&format!("v6.12-git-{}-", &commit[..7])), "{key}");
     assert_eq!(image.parent().unwrap().parent().unwrap(), cache.canonicalize().unwrap());
     assert_config(image.parent().unwrap());
     eprintln!("git_tag_builds_a_real_kernel: {:.1}s", t.elapsed().as_secs_f64());
