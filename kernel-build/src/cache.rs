@@ -200,7 +200,6 @@ pub struct Cache {
     root: PathBuf,
 }
 
-#[cfg_attr(not(feature = "fetch"), allow(dead_code))]
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -287,7 +286,6 @@ impl Cache {
         }
     }
 
-    #[cfg(feature = "fetch")]
     /// Moves a finished build into place as `key`. The caller holds the
     /// exclusive lock. Files under the temp dir are moved, others copied
     /// (in-place builds of a local tree). An existing entry is replaced.

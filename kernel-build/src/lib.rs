@@ -3,19 +3,17 @@
 //! The entry point is [`resolve`]: it turns one `--kernel` spec into one or
 //! more bootable images, building and caching as needed.
 //!
-//! Without the default `fetch` feature only the cache, labels, specs and
-//! tree facts remain: what test binaries need, without HTTP, git or xz.
+//! Without the default `fetch` feature (mirror, download, git, [`resolve`])
+//! the cache, labels, specs, configure and build remain: what test binaries
+//! need, without HTTP, git or xz.
 
-#[cfg(feature = "fetch")]
 pub mod build;
 pub mod cache;
-#[cfg(feature = "fetch")]
 pub mod config;
 #[cfg(feature = "fetch")]
 pub mod fetch;
 #[cfg(feature = "fetch")]
 pub mod git;
-#[cfg(feature = "fetch")]
 pub mod inplace;
 pub mod label;
 #[cfg(feature = "fetch")]
@@ -35,7 +33,6 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 
 pub use cache::{Cache, CacheEntry, EntryLock, Metadata};
-#[cfg(feature = "fetch")]
 pub use config::Base;
 pub use spec::{KernelSpec, SpecError, TarballSource, Version};
 
@@ -50,8 +47,8 @@ pub fn kconfig_hash() -> String {
     format!("{:08x}", crc32fast::hash(KCONFIG.as_bytes()))
 }
 
-#[cfg(feature = "fetch")]
 /// Errors callers branch on; everything else is an `anyhow` chain.
+#[cfg(feature = "fetch")]
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     #[error(transparent)]
@@ -62,8 +59,8 @@ pub enum ResolveError {
     NotAnImage { path: PathBuf },
 }
 
-#[cfg(feature = "fetch")]
 /// How to resolve specs.
+#[cfg(feature = "fetch")]
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Mirror base URL; `None` uses `KTSTR_KERNEL_MIRROR` or kernel.org.
@@ -87,8 +84,8 @@ impl Default for Options {
     }
 }
 
-#[cfg(feature = "fetch")]
 /// One bootable kernel a spec resolved to.
+#[cfg(feature = "fetch")]
 #[derive(Debug, Clone)]
 pub struct ResolvedKernel {
     /// Producer-side label (design.md), e.g. `6.12.9`, `git_tj_sched_ext_for-next`.
@@ -107,16 +104,16 @@ pub struct ResolvedKernel {
     pub lock: Option<Arc<EntryLock>>,
 }
 
-#[cfg(feature = "fetch")]
 /// Resolves one spec string. A range gives one kernel per member; every
 /// other form gives exactly one.
+#[cfg(feature = "fetch")]
 pub fn resolve(spec: &str, opts: &Options) -> Result<Vec<ResolvedKernel>> {
     let parsed = KernelSpec::parse(spec).map_err(ResolveError::from)?;
     Resolver::new(spec, opts)?.resolve(&parsed)
 }
 
-#[cfg(feature = "fetch")]
 /// [`resolve`] for a spec that must name exactly one kernel.
+#[cfg(feature = "fetch")]
 pub fn resolve_one(spec: &str, opts: &Options) -> Result<ResolvedKernel> {
     let mut v = resolve(spec, opts)?;
     if v.len() != 1 {
@@ -133,8 +130,8 @@ struct Resolver<'a> {
     make: build::Make,
 }
 
-#[cfg(feature = "fetch")]
 /// Work for one cacheable kernel.
+#[cfg(feature = "fetch")]
 struct Job {
     key: String,
     label: String,

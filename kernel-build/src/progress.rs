@@ -1,13 +1,9 @@
 //! Progress display: indicatif on a terminal, sparse plain lines otherwise
 //! (so CI and test logs still show that something is moving).
 
-use std::io::IsTerminal;
-#[cfg(feature = "fetch")]
-use std::io::Read;
-#[cfg(feature = "fetch")]
+use std::io::{IsTerminal, Read};
 use std::time::{Duration, Instant};
 
-#[cfg(feature = "fetch")]
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub fn stderr_is_tty() -> bool {
@@ -19,7 +15,6 @@ pub fn note(msg: impl AsRef<str>) {
     eprintln!("ktstr: {}", msg.as_ref());
 }
 
-#[cfg(feature = "fetch")]
 /// Counts bytes through a reader, drawing a bytes/rate/ETA bar.
 pub struct ProgressReader<R> {
     inner: R,
@@ -33,7 +28,6 @@ pub struct ProgressReader<R> {
     printed_at: Option<u64>,
 }
 
-#[cfg(feature = "fetch")]
 impl<R: Read> ProgressReader<R> {
     pub fn new(inner: R, total: Option<u64>, what: &str) -> Self {
         let tty = stderr_is_tty();
@@ -79,7 +73,6 @@ impl<R: Read> ProgressReader<R> {
     }
 }
 
-#[cfg(feature = "fetch")]
 impl<R: Read> Read for ProgressReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
@@ -98,7 +91,6 @@ impl<R: Read> Read for ProgressReader<R> {
     }
 }
 
-#[cfg(feature = "fetch")]
 /// A one-line "current step, elapsed" display for long commands.
 pub struct StepLine {
     bar: Option<ProgressBar>,
@@ -107,7 +99,6 @@ pub struct StepLine {
     what: String,
 }
 
-#[cfg(feature = "fetch")]
 impl StepLine {
     pub fn new(what: &str) -> Self {
         let bar = stderr_is_tty().then(|| {
