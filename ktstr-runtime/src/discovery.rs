@@ -119,17 +119,25 @@ pub fn entry_image(e: &KernelEntry) -> Result<Found, DiscoveryError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use kernel_build::Metadata;
 
-    /// An entry as `Cache::store` writes it, built at `t` (unix seconds).
-    fn entry(root: &Path, key: &str, t: u64) -> PathBuf {
-        let d = root.join(key);
+    /// `{name}-{arch}-kc{kc}`: a key the cache takes as current.
+    pub(crate) fn key(name: &str) -> String {
+        format!("{name}-{}-kc{}", kernel_build::tree::arch(), kernel_build::kconfig_hash())
+    }
+
+    /// A complete entry `key(name)` as `Cache::store` writes it, built at
+    /// `t` (unix seconds); returns its image. The one place the runtime's
+    /// tests spell out cache metadata.
+    pub(crate) fn entry(root: &Path, name: &str, t: u64) -> PathBuf {
+        let key = key(name);
+        let d = root.join(&key);
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join(kernel_build::tree::image_name()), b"img").unwrap();
         let meta = Metadata {
-            key: key.into(),
+            key: key.clone(),
             spec: "s".into(),
             source: "src".into(),
             version: "6.12".into(),
@@ -155,7 +163,7 @@ mod tests {
         std::fs::remove_file(entry(r, "newer-but-no-image", 200)).unwrap();
         std::fs::write(entry(r, "newer-bad-meta", 300).with_file_name("metadata.json"), "not json").unwrap();
         entry(r, ".tmp-in-flight", 400);
-        assert_eq!(newest_cache_entry(r), Some(r.join("old").join(kernel_build::tree::image_name())));
+        assert_eq!(newest_cache_entry(r), Some(r.join(key("old")).join(kernel_build::tree::image_name())));
         assert!(!r.join("missing").exists(), "discovery creates nothing");
     }
 
@@ -171,7 +179,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         entry(r, "c-built-second", 200);
         let newest = Cache::at(Some(r)).newest().unwrap();
-        assert_eq!(newest.key, "b-built-last");
+        assert_eq!(newest.key, key("b-built-last"));
         assert_eq!(newest_cache_entry(r), Some(newest.image()));
     }
 }

@@ -188,26 +188,13 @@ pub fn interpret(def: &TestDef, r: &VmResult) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::tests::{entry as cache_entry, key};
     use crate::vmm::error::ResourceSnapshot;
-
-    /// A cache entry the way `Cache::store` leaves it, built at `t`.
-    fn cache_entry(root: &std::path::Path, key: &str, t: u64) -> std::path::PathBuf {
-        let d = root.join(key);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("bzImage"), b"x").unwrap();
-        let meta = serde_json::json!({
-            "key": key, "spec": "s", "source": "src", "version": "6.12", "arch": "x86_64",
-            "kconfig_hash": "00000000", "base": "tinyconfig", "build_time": t,
-            "build_duration_secs": 1.0, "image_size": 1
-        });
-        std::fs::write(d.join("metadata.json"), meta.to_string()).unwrap();
-        d.join("bzImage")
-    }
 
     #[test]
     fn cache_entry_lock_is_shared_and_times_out_against_a_writer() {
         let dir = tempfile::tempdir().unwrap();
-        let image = cache_entry(dir.path(), "6.12-tarball-x86_64-kc00000000", 1);
+        let image = cache_entry(dir.path(), "6.12-tarball", 1);
         let t = Duration::from_millis(300);
         let elsewhere = tempfile::tempdir().unwrap();
         let outside = cache_entry(elsewhere.path(), "x", 1);
@@ -217,7 +204,7 @@ mod tests {
         assert!(a.is_some() && b.is_some(), "readers share the lock");
         drop((a, b));
         let cache = kernel_build::Cache::at(Some(dir.path()));
-        let w = cache.try_lock_exclusive("6.12-tarball-x86_64-kc00000000").unwrap().expect("no reader left");
+        let w = cache.try_lock_exclusive(&key("6.12-tarball")).unwrap().expect("no reader left");
         let v = lock_cache_entry(&image, dir.path(), t).unwrap_err();
         assert_eq!(v.outcome, Outcome::Skip);
         assert!(v.message.contains("still locked by a writer") && v.message.contains("near_limit="), "{}", v.message);
@@ -236,11 +223,11 @@ mod tests {
         let lock = lock_cache_entry(&newest, dir.path(), Duration::from_secs(1)).unwrap();
         assert!(lock.is_some(), "an image in the cache is locked");
         let r = cache.clean(None, &[]).unwrap();
-        assert_eq!(r.removed, ["older"]);
-        assert_eq!(r.locked, ["newest"], "clean refuses the entry a running test reads");
+        assert_eq!(r.removed, [key("older")]);
+        assert_eq!(r.locked, [key("newest")], "clean refuses the entry a running test reads");
         assert!(newest.is_file());
         drop(lock);
-        assert_eq!(cache.clean(None, &[]).unwrap().removed, ["newest"]);
+        assert_eq!(cache.clean(None, &[]).unwrap().removed, [key("newest")]);
         // Removed while we were about to boot it: a clear failure, not a VM on a missing file.
         let v = lock_cache_entry(&newest, dir.path(), Duration::from_secs(1)).unwrap_err();
         assert_eq!(v.outcome, Outcome::Fail);
@@ -252,18 +239,18 @@ mod tests {
     #[test]
     fn reader_does_not_trust_an_unlinked_lock_file() {
         let dir = tempfile::tempdir().unwrap();
-        let key = "6.12-tarball-x86_64-kc00000000";
-        let image = cache_entry(dir.path(), key, 1);
+        let key = key("6.12-tarball");
+        let image = cache_entry(dir.path(), "6.12-tarball", 1);
         let cache = kernel_build::Cache::at(Some(dir.path()));
-        let old_writer = cache.try_lock_exclusive(key).unwrap().unwrap();
+        let old_writer = cache.try_lock_exclusive(&key).unwrap().unwrap();
         let root = dir.path().to_path_buf();
         let img = image.clone();
         let reader = std::thread::spawn(move || lock_cache_entry(&img, &root, Duration::from_millis(1500)).map(|l| l.is_some()));
         std::thread::sleep(Duration::from_millis(300));
         // What clean + a new build do: unlink the lock file, and the new
         // writer locks a fresh one before the old lock goes away.
-        std::fs::remove_file(kernel_build::cache::entry_lock_path(&dir.path().join(key))).unwrap();
-        let new_writer = cache.try_lock_exclusive(key).unwrap().expect("fresh lock file");
+        std::fs::remove_file(kernel_build::cache::entry_lock_path(&dir.path().join(&key))).unwrap();
+        let new_writer = cache.try_lock_exclusive(&key).unwrap().expect("fresh lock file");
         drop(old_writer);
         let v = reader.join().unwrap().expect_err("the reader must wait for the new writer");
         assert_eq!(v.outcome, Outcome::Skip, "{}", v.message);
