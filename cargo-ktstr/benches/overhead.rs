@@ -4,7 +4,8 @@
 //! resolve-only path (`--print-env`), which is the plugin's own work.
 //!
 //! `cargo bench -p cargo-ktstr --bench overhead` (needs the 6.12 tarball
-//! kernel in the cache: `cargo ktstr kernel build /usr/src/linux-source-6.12.tar.xz`).
+//! kernel in the suite's cache, as the slow tests leave it:
+//! `KTSTR_CACHE_DIR=~/.cache/ktstr/test-cache cargo ktstr kernel build /usr/src/linux-source-6.12.tar.xz`).
 //! `KTSTR_BENCH_ITERS` sets the rounds (default 7).
 
 #[path = "../tests/fixture/mod.rs"]
@@ -42,7 +43,7 @@ fn main() {
     // Warm-up: builds the fixture; must be a kernel cache hit already.
     let o = ktstr();
     assert!(o.status.success(), "warm-up failed:\n{}", text(&o));
-    assert!(text(&o).contains("cache hit"), "the kernel is not cached; run `cargo ktstr kernel build {TARBALL}` first");
+    assert!(text(&o).contains("cache hit"), "the kernel is not cached; run `KTSTR_CACHE_DIR={} cargo ktstr kernel build {TARBALL}` first", fixture::test_cache().display());
     let env = f.cargo_ktstr(&["test", "--kernel", TARBALL, "--print-env"]);
     let image: PathBuf = String::from_utf8_lossy(&env.stdout)
         .lines()

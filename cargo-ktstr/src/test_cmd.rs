@@ -58,24 +58,9 @@ pub struct KernelEnv {
     pub list: Option<String>,
 }
 
-/// The consumer-side sanitizer of design.md, to catch two labels that
-/// would collide as test-name suffixes before nextest starts.
-pub fn sanitize(label: &str) -> String {
-    let mut out = String::from("kernel_");
-    let mut sep = false;
-    for c in label.chars() {
-        if c.is_ascii_alphanumeric() {
-            if sep && out.len() > "kernel_".len() {
-                out.push('_');
-            }
-            sep = false;
-            out.push(c.to_ascii_lowercase());
-        } else {
-            sep = true;
-        }
-    }
-    out
-}
+// The runtime's own sanitizer: two labels that would collide as test-name
+// suffixes are caught before nextest starts.
+use kernel_build::label::sanitize;
 
 /// One resolved kernel as the hand-off sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,14 +134,9 @@ pub fn resolve_all(specs: &[String], opts: &Options, parallelism: usize) -> Resu
     for s in specs {
         KernelSpec::parse(s).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    // `--kernel X --kernel X`: resolve X once.
-    let mut once: Vec<String> = Vec::new();
-    for s in specs {
-        if !once.contains(s) {
-            once.push(s.clone());
-        }
-    }
-    let specs: Arc<Vec<String>> = Arc::new(once);
+    let all = specs;
+    let (unique, slot_of) = dedupe(all);
+    let specs: Arc<Vec<String>> = Arc::new(unique);
     let next = Arc::new(AtomicUsize::new(0));
     type Resolved = Result<Vec<ResolvedKernel>, String>;
     let (tx, rx) = std::sync::mpsc::channel::<(usize, Resolved)>();
@@ -185,11 +165,44 @@ pub fn resolve_all(specs: &[String], opts: &Options, parallelism: usize) -> Resu
             }
         }
     }
-    Ok(specs
+    Ok(all
         .iter()
-        .zip(slots)
-        .flat_map(|(spec, ks)| ks.expect("every spec reported").into_iter().map(move |k| (spec.clone(), k)))
+        .zip(slot_of)
+        .flat_map(|(spec, j)| slots[j].clone().expect("every spec reported").into_iter().map(move |k| (spec.clone(), k)))
         .collect())
+}
+
+/// What makes two specs the same kernel before resolving: a path by its
+/// canonical form (`../linux` and `$PWD/../linux` are one tree, built
+/// once), anything else by its text.
+fn identity(spec: &str) -> String {
+    match KernelSpec::parse(spec) {
+        Ok(KernelSpec::Path(p)) => match p.canonicalize() {
+            Ok(c) => format!("path:{}", c.display()),
+            Err(_) => spec.to_string(),
+        },
+        _ => spec.to_string(),
+    }
+}
+
+/// The specs to resolve (first of each identity, in order) and, for every
+/// given spec, the index of the one that resolves it.
+fn dedupe(specs: &[String]) -> (Vec<String>, Vec<usize>) {
+    let mut ids: Vec<String> = Vec::new();
+    let mut unique = Vec::new();
+    let mut slot_of = Vec::new();
+    for s in specs {
+        let id = identity(s);
+        match ids.iter().position(|u| *u == id) {
+            Some(j) => slot_of.push(j),
+            None => {
+                ids.push(id);
+                unique.push(s.clone());
+                slot_of.push(unique.len() - 1);
+            }
+        }
+    }
+    (unique, slot_of)
 }
 
 fn one_line(s: &str) -> String {
@@ -305,11 +318,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sanitizer_matches_design() {
-        assert_eq!(sanitize("6.14.2"), "kernel_6_14_2");
-        assert_eq!(sanitize("6.15-rc3"), "kernel_6_15_rc3");
-        assert_eq!(sanitize("git_tj_sched_ext_for-next"), "kernel_git_tj_sched_ext_for_next");
-        assert_eq!(sanitize("-a--B-"), "kernel_a_b");
+    fn one_tree_named_two_ways_resolves_once() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("work")).unwrap();
+        std::fs::create_dir_all(d.path().join("linux")).unwrap();
+        let abs = d.path().join("linux").to_string_lossy().into_owned();
+        let dotted = format!("{}/work/../linux/", d.path().display());
+        let specs: Vec<String> = vec![abs.clone(), "6.12".into(), dotted, "6.12".into(), "/no/such/dir".into()];
+        let (unique, slot_of) = dedupe(&specs);
+        assert_eq!(unique, [abs, "6.12".to_string(), "/no/such/dir".into()]);
+        assert_eq!(slot_of, [0, 1, 0, 1, 2]);
     }
 
     #[test]

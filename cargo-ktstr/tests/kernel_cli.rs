@@ -1,17 +1,15 @@
 //! `cargo ktstr kernel …` through the real binary: bad specs, list, clean.
 //! Fast; always run.
 
+mod fixture;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
+use fixture::git;
+
 fn ktstr(cache: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"))
-        .arg("ktstr")
-        .args(args)
-        .env("KTSTR_CACHE_DIR", cache)
-        .env_remove("KTSTR_KERNEL_MIRROR")
-        .output()
-        .expect("run cargo-ktstr")
+    fixture::cargo_ktstr(cache).args(args).output().expect("run cargo-ktstr")
 }
 
 /// Names in the cache root that are entries (not locks, logs or dot files).
@@ -135,9 +133,8 @@ fn kill_9_leaves_no_entry_and_next_run_cleans() {
     }
     let d = tempfile::tempdir().unwrap();
     let c = d.path();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"))
-        .args(["ktstr", "kernel", "build", tarball])
-        .env("KTSTR_CACHE_DIR", c)
+    let mut child = fixture::cargo_ktstr(c)
+        .args(["kernel", "build", tarball])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -210,4 +207,275 @@ fn crc32fast_hash(b: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+/// A dirty (non-git) source tree whose `make` is a stand-in: each configure
+/// and build step appends `start`/`end` around a sleep to `record`, so
+/// two builds running at once show up as two `start`s in a row.
+fn fake_tree(dir: &Path, record: &Path) {
+    std::fs::create_dir_all(dir.join("scripts/kconfig")).unwrap();
+    std::fs::write(dir.join("Kconfig"), "").unwrap();
+    let step = |what: &str, secs: &str| {
+        format!("\t@echo '{what} start' >> {r}\n\t@sleep {secs}\n\t@echo '{what} end' >> {r}\n", r = record.display())
+    };
+    let makefile = format!(
+        "VERSION = 6\nPATCHLEVEL = 12\nSUBLEVEL = 0\nEXTRAVERSION =\n\n\
+         tinyconfig defconfig:\n{}\t@echo '# fake' > .config\n\n\
+         olddefconfig:\n{}\n\
+         bzImage:\n{}\t@mkdir -p arch/x86/boot && echo image > arch/x86/boot/bzImage\n",
+        step("config", "0.2"),
+        step("olddefconfig", "0.3"),
+        step("build", "1.5"),
+    );
+    std::fs::write(dir.join("Makefile"), makefile).unwrap();
+    // merge_config.sh -m .config FRAGMENT: the fragment wins by coming last.
+    std::fs::write(dir.join("scripts/kconfig/merge_config.sh"), "cat \"$3\" >> \"$2\"\n").unwrap();
+}
+
+/// `start`/`end` lines of the fake tree's record, checked for overlap.
+fn steps(record: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(record).unwrap_or_default();
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    for pair in lines.chunks(2) {
+        let [a, b] = pair else { panic!("unfinished step in {lines:?}") };
+        assert!(a.ends_with(" start") && b.ends_with(" end") && a.split(' ').next() == b.split(' ').next(), "steps overlap: {lines:?}");
+    }
+    lines
+}
+
+fn need_make() -> bool {
+    if Command::new("make").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    assert!(std::env::var("KTSTR_NO_SKIP_MODE").map_or(true, |v| v != "1"), "KTSTR_NO_SKIP_MODE=1 but `make` is not installed");
+    eprintln!("SKIP: `make` is not installed");
+    false
+}
+
+/// Two runs building one dirty tree take turns on the tree's lock: no
+/// configure or make step of one overlaps the other's, the second says
+/// it waits, and both end with the tree's image (never cached).
+#[test]
+fn in_place_builds_of_one_tree_take_turns() {
+    if !need_make() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let tree = d.path().join("linux");
+    let record = d.path().join("record");
+    fake_tree(&tree, &record);
+    let cache = d.path().join("cache");
+    let spawn = || {
+        fixture::cargo_ktstr(&cache)
+            .args(["kernel", "build"])
+            .arg(&tree)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn();
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(&record).unwrap_or_default().contains("start") {
+        assert!(t.elapsed().as_secs() < 30, "the first build never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let b = spawn();
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    for o in &outs {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let lines = steps(&record);
+    assert_eq!(lines.iter().filter(|l| *l == "build start").count(), 2, "each run builds: {lines:?}");
+    let waits: Vec<usize> = outs
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stderr).lines().filter(|l| l.contains("waiting for another in-place build")).count())
+        .collect();
+    assert_eq!(waits, [0, 1], "the second run says once that it waits");
+    let image = tree.join("arch/x86/boot/bzImage").canonicalize().unwrap();
+    for o in &outs {
+        assert!(String::from_utf8_lossy(&o.stdout).trim_end().ends_with(&format!("_dirty={}", image.display())));
+    }
+    assert!(entries(&cache).is_empty(), "a dirty tree is never cached");
+}
+
+/// `--kernel ../linux --kernel $PWD/../linux` is one tree: resolved (and
+/// built) once, and the run is single-kernel.
+#[test]
+fn one_tree_named_twice_builds_once() {
+    if !need_make() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let tree = d.path().join("linux");
+    let record = d.path().join("record");
+    fake_tree(&tree, &record);
+    let work = d.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let abs = work.join("../linux");
+    let out = fixture::cargo_ktstr(&d.path().join("cache"))
+        .args(["test", "--print-env", "--kernel", "../linux", "--kernel"])
+        .arg(&abs)
+        .current_dir(&work)
+        .env("KTSTR_KERNEL_PARALLELISM", "2")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = steps(&record);
+    assert_eq!(lines.iter().filter(|l| *l == "build start").count(), 1, "one build: {lines:?}");
+    let image = tree.join("arch/x86/boot/bzImage").canonicalize().unwrap();
+    assert!(stdout.lines().any(|l| l == format!("KTSTR_KERNEL={}", image.display())), "{stdout}");
+    assert!(!stdout.contains("KTSTR_KERNEL_LIST"), "single-kernel mode: {stdout}");
+}
+
+/// Tests leave the user's kernel cache alone: every spawn of cargo-ktstr
+/// in this crate's tests and benches goes through `fixture::cargo_ktstr`,
+/// which sets `KTSTR_CACHE_DIR` (and refuses the user's cache).
+#[test]
+fn every_cargo_ktstr_spawn_goes_through_the_fixture() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let needle = concat!("CARGO_BIN_EXE_", "cargo-ktstr");
+    let mut offenders = Vec::new();
+    let mut seen = 0;
+    let mut stack = vec![root.join("tests"), root.join("benches")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                seen += 1;
+                let text = std::fs::read_to_string(&p).unwrap();
+                if text.contains(needle) && !p.ends_with("tests/fixture/mod.rs") {
+                    offenders.push(p.display().to_string());
+                }
+            }
+        }
+    }
+    assert!(seen >= 5, "scanned only {seen} files under {}", root.display());
+    assert!(offenders.is_empty(), "spawn cargo-ktstr with fixture::cargo_ktstr(cache) instead: {offenders:?}");
+    let fixture = std::fs::read_to_string(root.join("tests/fixture/mod.rs")).unwrap();
+    assert_eq!(fixture.matches(needle).count(), 1, "one spawn site, the one that sets KTSTR_CACHE_DIR");
+}
+
+/// `label=image` from a `kernel build` run, and the image's directory name
+/// (the cache key when the image is in the cache).
+#[track_caller]
+fn built(out: &Output) -> (String, std::path::PathBuf, String) {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (label, image) = stdout.lines().last().expect("a label=image line").split_once('=').unwrap();
+    let image = std::path::PathBuf::from(image);
+    let key = image.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
+    (label.to_string(), image, key)
+}
+
+/// Git tags and branches, clean and dirty trees, on a stand-in kernel tree
+/// in a real git repo (the real-kernel check of this path is the slow
+/// `git_tag_builds_a_real_kernel`): a tag builds under `{tag}-git-{commit7}`
+/// and hits after; a moved branch misses; a clean tree is cached under
+/// `local-{commit7}` and hits without building; a dirty tree is built in
+/// place and never cached.
+#[test]
+fn git_refs_and_clean_or_dirty_trees() {
+    if !need_make() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("linux");
+    let record = d.path().join("record");
+    let cache = d.path().join("cache");
+    fake_tree(&repo, &record);
+    // What a kernel tree's own .gitignore does for its build outputs.
+    std::fs::write(repo.join(".gitignore"), "/.config\n/arch/\n/.ktstr-*\n").unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A", "."]);
+    git(&repo, &["commit", "-q", "-m", "import"]);
+    git(&repo, &["tag", "-a", "v6.12", "-m", "v6.12"]);
+    let c1 = git(&repo, &["rev-parse", "HEAD"]);
+    let url = format!("git+file://{}", repo.display());
+    let builds = || steps(&record).iter().filter(|l| *l == "build start").count();
+
+    let (label, image, key) = built(&ktstr(&cache, &["kernel", "build", &format!("{url}#v6.12")]));
+    let owner = d.path().file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(label, format!("git_{owner}_linux_v6.12"));
+    assert!(key.starts_with(&format!("v6.12-git-{}-", &c1[..7])), "{key}");
+    assert_eq!(image.parent().unwrap().parent().unwrap(), cache.canonicalize().unwrap());
+    assert_eq!(builds(), 1);
+    let out = ktstr(&cache, &["kernel", "build", &format!("{url}#v6.12")]);
+    assert_eq!(built(&out).2, key);
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cache hit {key}")));
+    assert_eq!(builds(), 1, "a hit builds nothing");
+
+    let (_, _, main1) = built(&ktstr(&cache, &["kernel", "build", &format!("{url}#main")]));
+    assert!(main1.starts_with(&format!("main-git-{}-", &c1[..7])), "{main1}");
+    std::fs::write(repo.join("marker"), "moved\n").unwrap();
+    git(&repo, &["add", "marker"]);
+    git(&repo, &["commit", "-q", "-m", "move main"]);
+    let c2 = git(&repo, &["rev-parse", "HEAD"]);
+    let (_, _, main2) = built(&ktstr(&cache, &["kernel", "build", &format!("{url}#main")]));
+    assert!(main2.starts_with(&format!("main-git-{}-", &c2[..7])), "a moved branch misses the cache: {main1} {main2}");
+    assert_eq!(builds(), 3);
+
+    // The repo as a path: clean → built in place once, cached under local-{commit7}.
+    let (label, _, local) = built(&ktstr(&cache, &["kernel", "build", repo.to_str().unwrap()]));
+    assert!(label.starts_with("path_linux_") && !label.ends_with("_dirty"), "{label}");
+    assert!(local.starts_with(&format!("local-{}-", &c2[..7])), "{local}");
+    assert_eq!(builds(), 4);
+    let out = ktstr(&cache, &["kernel", "build", repo.to_str().unwrap()]);
+    assert_eq!(built(&out).2, local);
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cache hit {local}")));
+    assert_eq!(builds(), 4, "a clean tree already cached is not rebuilt");
+
+    // Dirty: built in place every time, never cached.
+    let before = entries(&cache).len();
+    std::fs::write(repo.join("README"), "dirty\n").unwrap();
+    let out = ktstr(&cache, &["kernel", "build", repo.to_str().unwrap()]);
+    let (label, image, _) = built(&out);
+    assert!(label.ends_with("_dirty"), "{label}");
+    assert_eq!(image, repo.canonicalize().unwrap().join("arch/x86/boot/bzImage"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not caching"));
+    assert_eq!(builds(), 5);
+    assert_eq!(entries(&cache).len(), before, "a dirty tree adds no entry");
+}
+
+/// The slow real-kernel git test imports the Debian tarball into a bare
+/// repo once and reuses it: made on first use, reused as is (not re-made)
+/// while the tarball is unchanged, replaced when it changes; and
+/// cargo-ktstr builds its tag.
+#[test]
+fn tarball_git_repo_is_made_once_and_reused() {
+    if !need_make() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let record = d.path().join("record");
+    fake_tree(&d.path().join("linux-x"), &record);
+    let tarball = d.path().join("linux-x.tar.xz");
+    let st = Command::new("tar").arg("-cJf").arg(&tarball).arg("-C").arg(d.path()).arg("linux-x").status().unwrap();
+    assert!(st.success());
+    let root = d.path().join("test-git");
+    let repo = fixture::tarball_git_repo(&tarball, "v6.12", &root);
+    let commit = git(&repo, &["rev-parse", "v6.12^{commit}"]);
+    assert!(git(&repo, &["ls-tree", "--name-only", "v6.12"]).lines().any(|l| l == "Makefile"), "the tree's files are at the top");
+    std::fs::write(repo.join("ktstr-reuse-marker"), "").unwrap();
+    assert_eq!(fixture::tarball_git_repo(&tarball, "v6.12", &root), repo);
+    assert!(repo.join("ktstr-reuse-marker").is_file(), "reused, not made again");
+    let leftovers: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(leftovers.len(), 1, "no temp dirs left: {leftovers:?}");
+
+    let cache = d.path().join("cache");
+    let (label, _, key) = built(&ktstr(&cache, &["kernel", "build", &format!("git+file://{}#v6.12", repo.display())]));
+    let stem = repo.file_stem().unwrap().to_string_lossy().into_owned();
+    assert_eq!(label, format!("git_test-git_{stem}_v6.12"));
+    assert!(key.starts_with(&format!("v6.12-git-{}-", &commit[..7])), "{key}");
+
+    // A new tarball (here: a new mtime) makes a new repo and drops the old one.
+    let f = std::fs::File::options().write(true).open(&tarball).unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5)).unwrap();
+    let repo2 = fixture::tarball_git_repo(&tarball, "v6.12", &root);
+    assert_ne!(repo2, repo);
+    assert!(!repo.exists());
+    assert_eq!(git(&repo2, &["rev-parse", "v6.12^{commit}"]), commit, "same tree, same commit");
 }

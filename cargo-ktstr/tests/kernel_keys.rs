@@ -2,11 +2,13 @@
 //! bounds through the real binary, against temp caches, tiny fake source
 //! tarballs and a mirror served from 127.0.0.1. Fast; always run.
 
+mod fixture;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,11 +16,8 @@ use std::time::Instant;
 use kernel_build::{Base, InputDigest};
 
 fn ktstr(cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"));
-    c.arg("ktstr").args(args).env("KTSTR_CACHE_DIR", cache);
-    for v in ["KTSTR_KERNEL_MIRROR", "KTSTR_OFFLINE", "KTSTR_KERNEL", "KTSTR_KERNEL_LIST", "KTSTR_TEST_KERNEL"] {
-        c.env_remove(v);
-    }
+    let mut c = fixture::cargo_ktstr(cache);
+    c.args(args);
     c.envs(env.iter().copied());
     c.output().expect("run cargo-ktstr")
 }

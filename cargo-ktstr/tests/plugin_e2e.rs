@@ -1,6 +1,7 @@
 //! `cargo ktstr test` and `cargo ktstr export` end to end, in a user's
 //! crate outside the workspace (tests/fixture), against two real kernels:
-//! the ktstr 6.12 built from Debian's tarball (a cache hit once .ci/run has
+//! the ktstr 6.12 built from Debian's tarball (in the suite's own cache,
+//! `~/.cache/ktstr/test-cache`: a hit once kernel_slow.rs or an earlier run
 //! built it) and the Debian cloud image named by `KTSTR_DEBIAN_KERNEL`.
 //! Slow (kernel boots, a crate build): only with KTSTR_SLOW_TESTS=1.
 

@@ -40,14 +40,12 @@ impl Fake {
     fn run_env(&self, args: &[&str], with_nextest: bool, env: &[(&str, &str)]) -> Output {
         let bin = self.dir.path().join("bin");
         let path = if with_nextest { format!("{}:/usr/bin:/bin", bin.display()) } else { "/usr/bin:/bin".into() };
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cargo-ktstr"));
-        c.arg("ktstr").args(args).current_dir(self.dir.path());
-        fixture::scrub_env(&mut c);
+        let mut c = fixture::cargo_ktstr(&self.dir.path().join("cache"));
+        c.args(args).current_dir(self.dir.path());
         c.envs(env.iter().copied());
         c.env("CARGO", bin.join("cargo"))
             .env("PATH", path)
             .env("CARGO_HOME", self.dir.path().join("no-cargo-home"))
-            .env("KTSTR_CACHE_DIR", self.dir.path().join("cache"))
             .output()
             .unwrap()
     }

@@ -449,6 +449,27 @@ impl Cache {
     }
 }
 
+/// Read-side helpers for consumers that never build (test binaries).
+impl Cache {
+    /// The cache at `root` or [`default_root`] as it is: nothing is created
+    /// or cleaned, so a missing root just has no entries.
+    pub fn at(root: Option<&Path>) -> Cache {
+        Cache { root: root.map(Path::to_path_buf).unwrap_or_else(default_root) }
+    }
+
+    /// The key of the entry directory directly holding `file` (an image),
+    /// when that directory is an entry of this cache.
+    pub fn key_of(&self, file: &Path) -> Option<String> {
+        let dir = file.parent()?.canonicalize().ok()?;
+        let root = self.root.canonicalize().ok()?;
+        if dir.parent() != Some(root.as_path()) {
+            return None;
+        }
+        let key = dir.file_name()?.to_str()?.to_string();
+        (!key.starts_with('.')).then_some(key)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

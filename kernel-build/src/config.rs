@@ -206,6 +206,7 @@ impl KconfigIndex {
 /// Produces `src/.config`: base, then the fragments merged in order with
 /// `merge_config.sh -m`, then `make olddefconfig`, then [`verify`] of them all.
 pub fn configure(src: &Path, base: &Base, fragments: &[&str], make: &Make, log: &Path) -> Result<()> {
+    let from = base_digest(base, Some(src))?;
     match base {
         Base::Tinyconfig => make.run(src, &["tinyconfig"], log, "tinyconfig")?,
         Base::Defconfig => make.run(src, &["defconfig"], log, "defconfig")?,
@@ -235,7 +236,7 @@ pub fn configure(src: &Path, base: &Base, fragments: &[&str], make: &Make, log: 
     crate::build::run_logged(cmd, log, "merge ktstr.kconfig")?;
     make.run(src, &["olddefconfig"], log, "olddefconfig")?;
     verify(src, &fragments.join("\n"))?;
-    Ok(())
+    record_base(src, &from)
 }
 
 /// An extra Kconfig fragment (`--extra-kconfig FILE`), merged after ktstr.kconfig.
@@ -266,23 +267,60 @@ pub struct InputDigest {
     pub extra_sha256: Option<String>,
 }
 
+/// In-tree record of the base a ktstr-written `.config` came from (the
+/// kernel's `.gitignore` covers dotfiles, so a clean tree stays clean).
+const BASE_MARKER: &str = ".ktstr-config";
+
+/// The base digest of `base`: its name, or the SHA-256 of the config bytes.
+/// A tree's `.config` that ktstr itself wrote stands for the base it was
+/// configured from, so building a clean tree twice keys it the same.
+pub fn base_digest(base: &Base, tree: Option<&Path>) -> Result<String> {
+    Ok(match base {
+        Base::Tinyconfig => "tinyconfig".to_string(),
+        Base::Defconfig => "defconfig".to_string(),
+        Base::File(p) => {
+            let bytes = std::fs::read(p).with_context(|| format!("--config {}: cannot read it", p.display()))?;
+            format!("config-sha256:{}", crate::sha256_hex(&bytes))
+        }
+        Base::Existing => {
+            if let Some(recorded) = tree.and_then(recorded_base) {
+                return Ok(recorded);
+            }
+            let p = tree.map(|t| t.join(".config")).unwrap_or_default();
+            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            format!("config-sha256:{}", crate::sha256_hex(&bytes))
+        }
+    })
+}
+
+/// The base digest recorded when ktstr configured `tree`, if its `.config`
+/// is still exactly what ktstr wrote (any edit since makes it the user's).
+pub fn recorded_base(tree: &Path) -> Option<String> {
+    let marker = std::fs::read_to_string(tree.join(BASE_MARKER)).ok()?;
+    let config = std::fs::read(tree.join(".config")).ok()?;
+    let mut base = None;
+    let mut sha = None;
+    for l in marker.lines() {
+        match l.split_once(' ') {
+            Some(("base", v)) => base = Some(v.to_string()),
+            Some(("config-sha256", v)) => sha = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    (sha? == crate::sha256_hex(&config)).then_some(base?)
+}
+
+fn record_base(tree: &Path, base: &str) -> Result<()> {
+    let config = std::fs::read(tree.join(".config")).with_context(|| format!("reading {}/.config", tree.display()))?;
+    let text = format!("base {base}\nconfig-sha256 {}\n", crate::sha256_hex(&config));
+    std::fs::write(tree.join(BASE_MARKER), text).with_context(|| format!("writing {}/{BASE_MARKER}", tree.display()))
+}
+
 impl InputDigest {
     /// Digest of `base` (a `.config` read from `tree` for [`Base::Existing`]),
     /// [`crate::KCONFIG`] and `extra`.
     pub fn new(base: &Base, extra: Option<&Fragment>, tree: Option<&Path>) -> Result<InputDigest> {
-        let base = match base {
-            Base::Tinyconfig => "tinyconfig".to_string(),
-            Base::Defconfig => "defconfig".to_string(),
-            Base::File(p) => {
-                let bytes = std::fs::read(p).with_context(|| format!("--config {}: cannot read it", p.display()))?;
-                format!("config-sha256:{}", crate::sha256_hex(&bytes))
-            }
-            Base::Existing => {
-                let p = tree.map(|t| t.join(".config")).unwrap_or_default();
-                let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-                format!("config-sha256:{}", crate::sha256_hex(&bytes))
-            }
-        };
+        let base = base_digest(base, tree)?;
         Ok(InputDigest {
             base,
             kconfig_sha256: crate::sha256_hex(crate::KCONFIG.as_bytes()),
@@ -306,6 +344,21 @@ impl InputDigest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ktstr_written_config_keeps_its_base() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path();
+        std::fs::write(t.join(".config"), "CONFIG_A=y\n").unwrap();
+        let user = base_digest(&Base::Existing, Some(t)).unwrap();
+        assert!(user.starts_with("config-sha256:"), "{user}");
+        assert_eq!(recorded_base(t), None);
+        record_base(t, "tinyconfig").unwrap();
+        assert_eq!(base_digest(&Base::Existing, Some(t)).unwrap(), "tinyconfig");
+        std::fs::write(t.join(".config"), "CONFIG_A=y\nCONFIG_B=y\n").unwrap();
+        assert_eq!(recorded_base(t), None, "an edited .config is the user's again");
+        assert!(base_digest(&Base::Existing, Some(t)).unwrap().starts_with("config-sha256:"));
+    }
 
     #[test]
     fn parse() {

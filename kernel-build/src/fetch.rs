@@ -10,6 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use sha2::{Digest, Sha256};
 
+use crate::hex;
+
 use crate::progress::ProgressReader;
 use crate::spec::TarballSource;
 use crate::tree;
@@ -96,14 +98,6 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Lowercase hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
 
 /// Lowercase hex SHA-256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<String> {
@@ -253,6 +247,7 @@ pub fn tarball_version(src: &TarballSource) -> Result<Option<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sha256_hex;
 
     #[test]
     fn member_checks() {

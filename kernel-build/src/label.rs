@@ -2,6 +2,27 @@
 
 use std::path::Path;
 
+/// The consumer-side form of a label that test names carry (design.md,
+/// "Sanitized labels"): `kernel_` + the lowercase label with every run of
+/// non-alphanumerics as one `_` and no `_` at either end. One function for
+/// the runtime (test names) and cargo-ktstr (collisions before nextest).
+pub fn sanitize(label: &str) -> String {
+    let mut out = String::from("kernel_");
+    let mut pending = false;
+    for c in label.chars() {
+        if c.is_ascii_alphanumeric() {
+            if pending && out.len() > "kernel_".len() {
+                out.push('_');
+            }
+            pending = false;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            pending = true;
+        }
+    }
+    out
+}
+
 /// A version or range member: the version itself, e.g. `6.12.9`.
 pub fn version_label(version: &str) -> String {
     version.to_string()
@@ -31,6 +52,7 @@ pub fn cache_key_label(key: &str) -> String {
 }
 
 /// A git spec: `git_{owner}_{repo}_{ref}`.
+#[cfg(feature = "fetch")]
 pub fn git_label(url: &str, git_ref: &str) -> String {
     let (owner, repo) = crate::git::owner_repo(url);
     format!("git_{owner}_{repo}_{git_ref}")
@@ -60,6 +82,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sanitizer() {
+        assert_eq!(sanitize("6.14.2"), "kernel_6_14_2");
+        assert_eq!(sanitize("6.15-rc3"), "kernel_6_15_rc3");
+        assert_eq!(sanitize("git_tj_sched_ext_for-next"), "kernel_git_tj_sched_ext_for_next");
+        assert_eq!(sanitize("--Path__Foo..Bar--"), "kernel_path_foo_bar");
+        assert_eq!(sanitize("-a--B-"), "kernel_a_b");
+        assert_eq!(sanitize("path_linux_a1b2c3_dirty"), "kernel_path_linux_a1b2c3_dirty");
+        assert_eq!(sanitize("6.12.9-tarball-x86_64-kc1a2b3c4d"), "kernel_6_12_9_tarball_x86_64_kc1a2b3c4d");
+        assert_eq!(sanitize("..."), "kernel_");
+    }
+
+    #[test]
     fn labels() {
         assert_eq!(version_label("6.12.9"), "6.12.9");
         assert_eq!(cache_key_label("6.12.9-tarball-x86_64-kc1a2b3c4d"), "6.12.9");
@@ -67,6 +101,7 @@ mod tests {
         assert_eq!(cache_key_label("6.12.9-tarball-abcdef0-x86_64-kc1a2b3c4d"), "6.12.9");
         assert_eq!(cache_key_label("for-next-git-abc1234-x86_64-kc1a2b3c4d"), "for-next");
         assert_eq!(cache_key_label("local-abc1234-x86_64-kc1a2b3c4d"), "local-abc1234");
+        #[cfg(feature = "fetch")]
         assert_eq!(git_label("https://git.kernel.org/pub/scm/linux/kernel/git/tj/sched_ext.git", "for-next"), "git_tj_sched_ext_for-next");
         let d = tempfile::tempdir().unwrap();
         let canon = d.path().canonicalize().unwrap();

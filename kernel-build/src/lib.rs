@@ -2,29 +2,41 @@
 //!
 //! The entry point is [`resolve`]: it turns one `--kernel` spec into one or
 //! more bootable images, building and caching as needed.
+//!
+//! Without the default `fetch` feature (mirror, download, git, [`resolve`])
+//! the cache, labels, specs, configure and build remain: what test binaries
+//! need, without HTTP, git or xz.
 
 pub mod build;
 pub mod cache;
 pub mod config;
+#[cfg(feature = "fetch")]
 pub mod fetch;
+#[cfg(feature = "fetch")]
 pub mod git;
+pub mod inplace;
 pub mod label;
+#[cfg(feature = "fetch")]
 pub mod mirror;
 pub mod progress;
 pub mod spec;
 pub mod tree;
 
+#[cfg(feature = "fetch")]
 use std::path::{Path, PathBuf};
+#[cfg(feature = "fetch")]
 use std::sync::Arc;
+#[cfg(feature = "fetch")]
 use std::time::Instant;
 
+#[cfg(feature = "fetch")]
 use anyhow::{anyhow, bail, Context, Result};
 
 pub use cache::{Cache, CacheEntry, EntryLock, Metadata};
 pub use config::{Base, Fragment, InputDigest};
-pub use fetch::sha256_hex;
 pub use spec::{KernelSpec, SpecError, TarballSource, Version};
 
+#[cfg(feature = "fetch")]
 use progress::note;
 
 /// The ktstr kernel config fragment, embedded at compile time.
@@ -36,6 +48,17 @@ pub fn kconfig_hash() -> String {
     format!("{:08x}", crc32fast::hash(KCONFIG.as_bytes()))
 }
 
+use sha2::{Digest, Sha256};
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
 /// A range may expand to at most this many kernels unless `--max-kernels` says more.
 pub const DEFAULT_MAX_KERNELS: usize = 16;
 
@@ -43,11 +66,13 @@ pub const DEFAULT_MAX_KERNELS: usize = 16;
 pub const OFFLINE_ENV: &str = "KTSTR_OFFLINE";
 
 /// The [`fetch::Unreachable`] in `e`'s chain as text, else its root cause.
+#[cfg(feature = "fetch")]
 fn fetch_cause(e: &anyhow::Error) -> String {
     e.chain().find(|c| c.is::<fetch::Unreachable>()).unwrap_or(e.root_cause()).to_string()
 }
 
 /// Errors callers branch on; everything else is an `anyhow` chain.
+#[cfg(feature = "fetch")]
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     #[error(transparent)]
@@ -65,6 +90,7 @@ pub enum ResolveError {
 }
 
 /// How to resolve specs.
+#[cfg(feature = "fetch")]
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Mirror base URL; `None` uses `KTSTR_KERNEL_MIRROR` or kernel.org.
@@ -87,6 +113,7 @@ pub struct Options {
     pub max_kernels: usize,
 }
 
+#[cfg(feature = "fetch")]
 impl Default for Options {
     fn default() -> Self {
         Options {
@@ -104,6 +131,7 @@ impl Default for Options {
 }
 
 /// One bootable kernel a spec resolved to.
+#[cfg(feature = "fetch")]
 #[derive(Debug, Clone)]
 pub struct ResolvedKernel {
     /// Producer-side label (design.md), e.g. `6.12.9`, `git_tj_sched_ext_for-next`.
@@ -124,12 +152,14 @@ pub struct ResolvedKernel {
 
 /// Resolves one spec string. A range gives one kernel per member; every
 /// other form gives exactly one.
+#[cfg(feature = "fetch")]
 pub fn resolve(spec: &str, opts: &Options) -> Result<Vec<ResolvedKernel>> {
     let parsed = KernelSpec::parse(spec).map_err(ResolveError::from)?;
     Resolver::new(spec, opts)?.resolve(&parsed)
 }
 
 /// [`resolve`] for a spec that must name exactly one kernel.
+#[cfg(feature = "fetch")]
 pub fn resolve_one(spec: &str, opts: &Options) -> Result<ResolvedKernel> {
     let mut v = resolve(spec, opts)?;
     if v.len() != 1 {
@@ -139,6 +169,7 @@ pub fn resolve_one(spec: &str, opts: &Options) -> Result<ResolvedKernel> {
 }
 
 /// What `kernel build --dry-run` reports for one kernel of a spec.
+#[cfg(feature = "fetch")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub label: String,
@@ -147,6 +178,7 @@ pub struct Plan {
     pub status: PlanStatus,
 }
 
+#[cfg(feature = "fetch")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlanStatus {
     /// The key's entry is in the cache (and not stale).
@@ -159,6 +191,7 @@ pub enum PlanStatus {
     Unknown(String),
 }
 
+#[cfg(feature = "fetch")]
 impl std::fmt::Display for PlanStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -172,11 +205,13 @@ impl std::fmt::Display for PlanStatus {
 
 /// The cache key and hit/miss of every kernel `spec` names, fetching and
 /// building nothing that the key does not need (design.md "Kernel cache").
+#[cfg(feature = "fetch")]
 pub fn plan(spec: &str, opts: &Options) -> Result<Vec<Plan>> {
     let parsed = KernelSpec::parse(spec).map_err(ResolveError::from)?;
     Resolver::new(spec, opts)?.plan(&parsed)
 }
 
+#[cfg(feature = "fetch")]
 struct Resolver<'a> {
     raw: &'a str,
     opts: &'a Options,
@@ -185,6 +220,7 @@ struct Resolver<'a> {
 }
 
 /// Work for one cacheable kernel.
+#[cfg(feature = "fetch")]
 struct Job {
     key: String,
     label: String,
@@ -196,6 +232,7 @@ struct Job {
 }
 
 /// A version spec, as far as the mirror (or the cache) could pin it.
+#[cfg(feature = "fetch")]
 enum Pinned {
     /// A release on the mirror.
     Mirror(mirror::Mirror, Version),
@@ -203,6 +240,7 @@ enum Pinned {
     Cached(Box<CacheEntry>),
 }
 
+#[cfg(feature = "fetch")]
 impl<'a> Resolver<'a> {
     fn new(raw: &'a str, opts: &'a Options) -> Result<Self> {
         let cache = Cache::open(opts.cache_root.as_deref())?;
@@ -303,8 +341,13 @@ impl<'a> Resolver<'a> {
     fn tree_base(&self, src: &Path) -> Base {
         match &self.opts.base {
             Some(b) => b.clone(),
-            None if src.join(".config").is_file() => Base::Existing,
-            None => Base::Tinyconfig,
+            // A .config ktstr wrote from tinyconfig/defconfig: configure from that base again.
+            None => match config::recorded_base(src).as_deref() {
+                Some("tinyconfig") => Base::Tinyconfig,
+                Some("defconfig") => Base::Defconfig,
+                _ if src.join(".config").is_file() => Base::Existing,
+                _ => Base::Tinyconfig,
+            },
         }
     }
 
@@ -566,6 +609,8 @@ impl<'a> Resolver<'a> {
             }
             _ => {
                 note(format!("{} is a dirty or non-git tree: building in place, not caching", src.display()));
+                // Another run building this tree goes first; we rebuild after it.
+                let _turn = inplace::lock(src)?;
                 let log = src.join(".ktstr-build.log");
                 let _ = std::fs::remove_file(&log);
                 config::configure(src, &base, &self.fragments(), &self.make, &log)?;
@@ -778,7 +823,7 @@ impl<'a> Resolver<'a> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "fetch"))]
 mod tests {
     use super::*;
 

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use kernel_build::Cache;
+
 use crate::label::{parse_kernel_list, KernelEntry};
 use crate::vmm::builder::find_image;
 
@@ -38,38 +40,15 @@ impl std::fmt::Display for DiscoveryError {
     }
 }
 
-/// The kernel cache root of the design contract.
-pub fn cache_root() -> Option<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    var("KTSTR_CACHE_DIR")
-        .or_else(|| var("XDG_CACHE_HOME").map(|x| x.join("ktstr/kernels")))
-        .or_else(|| var("HOME").map(|h| h.join(".cache/ktstr/kernels")))
+/// The kernel cache root of the design contract (kernel-build's own).
+pub fn cache_root() -> PathBuf {
+    kernel_build::cache::default_root()
 }
 
-/// Newest entry holding a boot image and a parseable `metadata.json`
-/// (temp dirs of in-flight stores start with `.` and are ignored).
+/// The image of the entry the cache itself calls newest (by the build time
+/// in its metadata; incomplete entries and in-flight temp dirs never count).
 pub fn newest_cache_entry(root: &Path) -> Option<PathBuf> {
-    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
-    for e in std::fs::read_dir(root).ok()?.flatten() {
-        let dir = e.path();
-        if e.file_name().to_string_lossy().starts_with('.') || !dir.is_dir() {
-            continue;
-        }
-        let meta = dir.join("metadata.json");
-        let valid = std::fs::read(&meta)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .is_some_and(|v| v.is_object());
-        let image = dir.join("bzImage");
-        if !valid || !image.is_file() {
-            continue;
-        }
-        let t = std::fs::metadata(&meta).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
-        if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
-            best = Some((t, image));
-        }
-    }
-    best.map(|(_, p)| p)
+    Cache::at(Some(root)).newest().map(|e| e.image())
 }
 
 fn from_env(var: &str) -> Option<Result<Found, DiscoveryError>> {
@@ -96,15 +75,13 @@ pub fn discover() -> Result<Found, DiscoveryError> {
         }
     }
     let mut looked = vec!["KTSTR_TEST_KERNEL".to_string(), "KTSTR_KERNEL".to_string()];
-    if let Some(root) = cache_root() {
-        if let Some(image) = newest_cache_entry(&root) {
-            return Ok(Found { how: format!("kernel cache {}", root.display()), image });
-        }
-        looked.push(format!("cache {}", root.display()));
+    let root = cache_root();
+    if let Some(image) = newest_cache_entry(&root) {
+        return Ok(Found { how: format!("kernel cache {}", root.display()), image });
     }
+    looked.push(format!("cache {}", root.display()));
     for dir in ["./linux", "../linux"] {
-        let tree = Path::new(dir);
-        if let Some(image) = [tree.join("arch/x86/boot/bzImage"), tree.join("bzImage")].into_iter().find(|p| p.is_file()) {
+        if let Some(image) = kernel_build::tree::find_image_in(Path::new(dir)) {
             return Ok(Found { image, how: dir.to_string() });
         }
         looked.push(dir.to_string());
@@ -142,28 +119,78 @@ pub fn entry_image(e: &KernelEntry) -> Result<Found, DiscoveryError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use kernel_build::Metadata;
+
+    /// `{name}-{arch}-kc{kc}`: a key the cache takes as current.
+    pub(crate) fn key(name: &str) -> String {
+        format!("{name}-{}-kc{}", kernel_build::tree::arch(), digest().kc())
+    }
+
+    fn digest() -> kernel_build::InputDigest {
+        kernel_build::InputDigest::new(&kernel_build::Base::Tinyconfig, None, None).unwrap()
+    }
+
+    /// A complete entry `key(name)` as `Cache::store` writes it, built at
+    /// `t` (unix seconds); returns its image. The one place the runtime's
+    /// tests spell out cache metadata.
+    pub(crate) fn entry(root: &Path, name: &str, t: u64) -> PathBuf {
+        let key = key(name);
+        let d = root.join(&key);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(kernel_build::tree::image_name()), b"img").unwrap();
+        let meta = Metadata {
+            key: key.clone(),
+            spec: "s".into(),
+            source: "src".into(),
+            version: "6.12".into(),
+            arch: kernel_build::tree::arch().into(),
+            kconfig_hash: kernel_build::kconfig_hash(),
+            base: "tinyconfig".into(),
+            build_time: t,
+            build_duration_secs: 1.0,
+            image_size: 3,
+            key_schema: kernel_build::cache::KEY_SCHEMA,
+            source_kind: "local".into(),
+            source_sha256: None,
+            base_digest: digest().base,
+            kconfig_sha256: digest().kconfig_sha256,
+            extra_kconfig: None,
+            extra_kconfig_sha256: None,
+        };
+        std::fs::write(d.join("metadata.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+        d.join(kernel_build::tree::image_name())
+    }
 
     #[test]
     fn newest_valid_cache_entry_wins() {
         let root = tempfile::tempdir().unwrap();
-        let mk = |name: &str, meta: &str, image: bool| {
-            let d = root.path().join(name);
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("metadata.json"), meta).unwrap();
-            if image {
-                std::fs::write(d.join("bzImage"), b"x").unwrap();
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        };
-        assert_eq!(newest_cache_entry(root.path()), None);
-        mk("old", "{}", true);
-        mk("newer-but-no-image", "{}", false);
-        mk("newer-bad-meta", "not json", true);
-        mk(".tmp-in-flight", "{}", true);
-        assert_eq!(newest_cache_entry(root.path()), Some(root.path().join("old/bzImage")));
-        mk("new", "{\"version\":\"6.12\"}", true);
-        assert_eq!(newest_cache_entry(root.path()), Some(root.path().join("new/bzImage")));
+        let r = root.path();
+        assert_eq!(newest_cache_entry(r), None);
+        assert_eq!(newest_cache_entry(&r.join("missing")), None);
+        entry(r, "old", 100);
+        // Incomplete, corrupt, or in flight: never chosen, however new.
+        std::fs::remove_file(entry(r, "newer-but-no-image", 200)).unwrap();
+        std::fs::write(entry(r, "newer-bad-meta", 300).with_file_name("metadata.json"), "not json").unwrap();
+        entry(r, ".tmp-in-flight", 400);
+        assert_eq!(newest_cache_entry(r), Some(r.join(key("old")).join(kernel_build::tree::image_name())));
+        assert!(!r.join("missing").exists(), "discovery creates nothing");
+    }
+
+    /// Discovery and `cache` agree on "newest" even when file mtimes say
+    /// otherwise (an entry copied or touched later is not newer).
+    #[test]
+    fn discovery_picks_what_the_cache_calls_newest() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        entry(r, "b-built-last", 300);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        entry(r, "a-built-first", 100);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        entry(r, "c-built-second", 200);
+        let newest = Cache::at(Some(r)).newest().unwrap();
+        assert_eq!(newest.key, key("b-built-last"));
+        assert_eq!(newest_cache_entry(r), Some(newest.image()));
     }
 }

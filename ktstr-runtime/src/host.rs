@@ -65,29 +65,37 @@ pub fn run_vm(def: &'static TestDef, choice: &KernelChoice) -> Verdict {
 const CACHE_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Takes the shared lock (`{entry}.lock`, beside the entry directory) on
-/// the cache entry holding `image`, so a writer cannot replace it while
-/// the VM reads it. Images outside the cache need no lock.
-fn lock_cache_entry(image: &std::path::Path, timeout: Duration) -> Result<Option<std::fs::File>, Verdict> {
-    use std::os::unix::io::AsRawFd;
-    let Some(dir) = image.parent().and_then(|d| d.canonicalize().ok()) else { return Ok(None) };
-    let lock = std::path::PathBuf::from(format!("{}.lock", dir.display()));
-    let root = discovery::cache_root().and_then(|r| r.canonicalize().ok());
-    let in_cache = root.is_some_and(|r| dir.parent() == Some(r.as_path()));
-    if !in_cache && !lock.exists() {
+/// the cache entry holding `image`, so a writer cannot replace it and
+/// `kernel clean` cannot remove it while the VM reads it. Images outside
+/// the cache `root` (and without a lock file of their own) need no lock.
+/// The lock is kernel-build's, with its check that the lock file was not
+/// unlinked by a `clean` while we waited.
+pub(crate) fn lock_cache_entry(
+    image: &std::path::Path,
+    root: &std::path::Path,
+    timeout: Duration,
+) -> Result<Option<kernel_build::EntryLock>, Verdict> {
+    let gone = || {
+        Verdict::fail(format!(
+            "kernel image {} is gone (removed by `cargo ktstr kernel clean`?) before the test could lock it; rerun",
+            image.display()
+        ))
+    };
+    let Some(dir) = image.parent().and_then(|d| d.canonicalize().ok()) else { return Err(gone()) };
+    let in_cache = kernel_build::Cache::at(Some(root)).key_of(image).is_some();
+    if !in_cache && !kernel_build::cache::entry_lock_path(&dir).exists() {
         return Ok(None);
     }
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock)
-        .map_err(|e| Verdict::fail(format!("kernel cache lock {}: {e}", lock.display())))?;
     let t0 = std::time::Instant::now();
     loop {
-        // SAFETY: flock on a file we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
-            return Ok(Some(f));
+        let got = kernel_build::cache::try_lock_entry_shared(&dir)
+            .map_err(|e| Verdict::fail(format!("kernel cache lock for {}: {e:#}", dir.display())))?;
+        if let Some(lock) = got {
+            // A `clean` may have removed the entry before we locked it.
+            if !image.is_file() {
+                return Err(gone());
+            }
+            return Ok(Some(lock));
         }
         if t0.elapsed() >= timeout {
             return Err(Verdict::skip(format!(
@@ -102,7 +110,7 @@ fn lock_cache_entry(image: &std::path::Path, timeout: Duration) -> Result<Option
 }
 
 fn boot(def: &'static TestDef, found: &Found) -> Result<Verdict, Verdict> {
-    let _cache_lock = lock_cache_entry(&found.image, CACHE_LOCK_TIMEOUT)?;
+    let _cache_lock = lock_cache_entry(&found.image, &discovery::cache_root(), CACHE_LOCK_TIMEOUT)?;
     let exe = std::env::current_exe().map_err(|e| Verdict::fail(format!("cannot find the test binary: {e}")))?;
     let mut ir = Initramfs::new(&exe).map_err(|e| Verdict::fail(format!("initramfs: {e:#}")))?;
     for f in def.include_files {
@@ -180,29 +188,74 @@ pub fn interpret(def: &TestDef, r: &VmResult) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::tests::{entry as cache_entry, key};
     use crate::vmm::error::ResourceSnapshot;
 
     #[test]
     fn cache_entry_lock_is_shared_and_times_out_against_a_writer() {
-        use std::os::unix::io::AsRawFd;
         let dir = tempfile::tempdir().unwrap();
-        let entry = dir.path().join("6.12-tarball-x86_64-kc00000000");
-        std::fs::create_dir(&entry).unwrap();
-        std::fs::write(entry.join("bzImage"), b"x").unwrap();
+        let image = cache_entry(dir.path(), "6.12-tarball", 1);
         let t = Duration::from_millis(300);
-        assert!(lock_cache_entry(&dir.path().join("elsewhere/bzImage"), t).unwrap().is_none());
-        let lock = std::path::PathBuf::from(format!("{}.lock", entry.display()));
-        std::fs::write(&lock, b"").unwrap();
-        let a = lock_cache_entry(&entry.join("bzImage"), t).unwrap();
-        let b = lock_cache_entry(&entry.join("bzImage"), t).unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let outside = cache_entry(elsewhere.path(), "x", 1);
+        assert!(lock_cache_entry(&outside, dir.path(), t).unwrap().is_none(), "outside the cache: no lock");
+        let a = lock_cache_entry(&image, dir.path(), t).unwrap();
+        let b = lock_cache_entry(&image, dir.path(), t).unwrap();
         assert!(a.is_some() && b.is_some(), "readers share the lock");
         drop((a, b));
-        let w = std::fs::File::open(&lock).unwrap();
-        // SAFETY: flock on our own file.
-        assert_eq!(unsafe { libc::flock(w.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
-        let v = lock_cache_entry(&entry.join("bzImage"), Duration::from_millis(300)).unwrap_err();
+        let cache = kernel_build::Cache::at(Some(dir.path()));
+        let w = cache.try_lock_exclusive(&key("6.12-tarball")).unwrap().expect("no reader left");
+        let v = lock_cache_entry(&image, dir.path(), t).unwrap_err();
         assert_eq!(v.outcome, Outcome::Skip);
         assert!(v.message.contains("still locked by a writer") && v.message.contains("near_limit="), "{}", v.message);
+        drop(w);
+    }
+
+    /// The lock a test takes on the entry discovery found (the cache's
+    /// newest) keeps `Cache::clean` off it for as long as it is held.
+    #[test]
+    fn discovered_entry_lock_stops_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = kernel_build::Cache::open(Some(dir.path())).unwrap();
+        cache_entry(dir.path(), "older", 100);
+        let newest = cache_entry(dir.path(), "newest", 200);
+        assert_eq!(discovery::newest_cache_entry(dir.path()), Some(newest.clone()));
+        let lock = lock_cache_entry(&newest, dir.path(), Duration::from_secs(1)).unwrap();
+        assert!(lock.is_some(), "an image in the cache is locked");
+        let r = cache.clean(None, &[]).unwrap();
+        assert_eq!(r.removed, [key("older")]);
+        assert_eq!(r.locked, [key("newest")], "clean refuses the entry a running test reads");
+        assert!(newest.is_file());
+        drop(lock);
+        assert_eq!(cache.clean(None, &[]).unwrap().removed, [key("newest")]);
+        // Removed while we were about to boot it: a clear failure, not a VM on a missing file.
+        let v = lock_cache_entry(&newest, dir.path(), Duration::from_secs(1)).unwrap_err();
+        assert_eq!(v.outcome, Outcome::Fail);
+        assert!(v.message.contains("is gone"), "{}", v.message);
+    }
+
+    /// A reader that waited on a lock file which `clean` unlinked must not
+    /// count that stale lock: the entry's new writer holds the new file.
+    #[test]
+    fn reader_does_not_trust_an_unlinked_lock_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key("6.12-tarball");
+        let image = cache_entry(dir.path(), "6.12-tarball", 1);
+        let cache = kernel_build::Cache::at(Some(dir.path()));
+        let old_writer = cache.try_lock_exclusive(&key).unwrap().unwrap();
+        let root = dir.path().to_path_buf();
+        let img = image.clone();
+        let reader = std::thread::spawn(move || lock_cache_entry(&img, &root, Duration::from_millis(1500)).map(|l| l.is_some()));
+        std::thread::sleep(Duration::from_millis(300));
+        // What clean + a new build do: unlink the lock file, and the new
+        // writer locks a fresh one before the old lock goes away.
+        std::fs::remove_file(kernel_build::cache::entry_lock_path(&dir.path().join(&key))).unwrap();
+        let new_writer = cache.try_lock_exclusive(&key).unwrap().expect("fresh lock file");
+        drop(old_writer);
+        let v = reader.join().unwrap().expect_err("the reader must wait for the new writer");
+        assert_eq!(v.outcome, Outcome::Skip, "{}", v.message);
+        drop(new_writer);
+        assert!(lock_cache_entry(&image, dir.path(), Duration::from_secs(1)).unwrap().is_some());
     }
 
     #[test]

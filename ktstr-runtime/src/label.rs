@@ -4,23 +4,9 @@
 use std::path::PathBuf;
 
 /// `kernel_` + lowercase label with every run of non-alphanumerics as
-/// one `_` and no `_` at either end.
-pub fn sanitize(label: &str) -> String {
-    let mut out = String::from("kernel_");
-    let mut pending = false;
-    for c in label.chars() {
-        if c.is_ascii_alphanumeric() {
-            if pending && out.len() > "kernel_".len() {
-                out.push('_');
-            }
-            pending = false;
-            out.push(c.to_ascii_lowercase());
-        } else {
-            pending = true;
-        }
-    }
-    out
-}
+/// one `_` and no `_` at either end (the one implementation, shared with
+/// cargo-ktstr).
+pub use kernel_build::label::sanitize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelEntry {
@@ -72,17 +58,6 @@ pub fn peel_suffix<'a>(name: &'a str, labels: &[String]) -> (&'a str, Option<&'a
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sanitizer() {
-        assert_eq!(sanitize("6.14.2"), "kernel_6_14_2");
-        assert_eq!(sanitize("6.15-rc3"), "kernel_6_15_rc3");
-        assert_eq!(sanitize("git_tj_sched_ext_for-next"), "kernel_git_tj_sched_ext_for_next");
-        assert_eq!(sanitize("--Path__Foo..Bar--"), "kernel_path_foo_bar");
-        assert_eq!(sanitize("path_linux_a1b2c3_dirty"), "kernel_path_linux_a1b2c3_dirty");
-        assert_eq!(sanitize("6.12.9-tarball-x86_64-kc1a2b3c4d"), "kernel_6_12_9_tarball_x86_64_kc1a2b3c4d");
-        assert_eq!(sanitize("..."), "kernel_");
-    }
 
     #[test]
     fn list_parser() {

@@ -57,10 +57,9 @@ pub fn find_image(path: &Path) -> Option<PathBuf> {
     if path.is_file() {
         return Some(path.to_path_buf());
     }
-    ["bzImage", "arch/x86/boot/bzImage", "vmlinuz", "vmlinux"]
-        .iter()
-        .map(|n| path.join(n))
-        .find(|p| p.is_file())
+    // The same lookup as kernel-build's (cache entry, built tree, /boot-like),
+    // then an ELF vmlinux, which this VMM also boots.
+    kernel_build::tree::find_image_in(path).or_else(|| Some(path.join("vmlinux")).filter(|p| p.is_file()))
 }
 
 /// Rejects files that are neither a bzImage (boot-protocol "HdrS" magic)
