@@ -183,6 +183,32 @@ pub fn run_loop(index: usize, mut vcpu: VcpuFd, shared: Arc<Shared>) {
         }
     }
     RUN.with(|r| r.set(std::ptr::null_mut()));
+    shared.vcpu_states.lock().unwrap().push((index, describe(&vcpu)));
+}
+
+/// One line of a stopped vCPU's state, for a timeout's diagnosis: where
+/// it was (RIP, CPL), whether it could take interrupts, and its MP state.
+pub fn describe(vcpu: &VcpuFd) -> String {
+    let regs = vcpu.get_regs();
+    let sregs = vcpu.get_sregs();
+    let mp = vcpu.get_mp_state().map(|m| match m.mp_state {
+        kvm_bindings::KVM_MP_STATE_RUNNABLE => "runnable".to_string(),
+        KVM_MP_STATE_UNINITIALIZED => "uninitialized (never started)".to_string(),
+        kvm_bindings::KVM_MP_STATE_INIT_RECEIVED => "INIT received".to_string(),
+        kvm_bindings::KVM_MP_STATE_HALTED => "halted".to_string(),
+        kvm_bindings::KVM_MP_STATE_SIPI_RECEIVED => "SIPI received".to_string(),
+        other => format!("mp_state {other}"),
+    });
+    match (regs, sregs, mp) {
+        (Ok(r), Ok(s), Ok(mp)) => format!(
+            "rip {:#x} rsp {:#x} cpl {} if {} {mp}",
+            r.rip,
+            r.rsp,
+            s.cs.selector & 3,
+            (r.rflags >> 9) & 1
+        ),
+        (r, s, mp) => format!("state unreadable: {:?}", r.err().or(s.err()).or(mp.err())),
+    }
 }
 
 /// Reads what KVM reports about an exit it could not emulate.
