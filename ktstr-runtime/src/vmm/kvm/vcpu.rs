@@ -183,12 +183,33 @@ pub fn run_loop(index: usize, mut vcpu: VcpuFd, shared: Arc<Shared>) {
         }
     }
     RUN.with(|r| r.set(std::ptr::null_mut()));
-    shared.vcpu_states.lock().unwrap().push((index, describe(&vcpu)));
+    shared.vcpu_states.lock().unwrap().push((index, describe(&vcpu, &shared.mem)));
+}
+
+/// Kernel-text-looking words on the top of a vCPU's stack: return
+/// addresses, for symbolising a stuck guest with its vmlinux.
+fn stack_words(vcpu: &VcpuFd, mem: &vm_memory::GuestMemoryMmap, rsp: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    for i in 0..64u64 {
+        let va = rsp + i * 8;
+        let Ok(t) = vcpu.translate_gva(va) else { break };
+        if t.valid == 0 {
+            break;
+        }
+        let Ok(w) = mem.read_obj::<u64>(GuestAddress(t.physical_address)) else { break };
+        if (0xffff_ffff_8000_0000..0xffff_ffff_c000_0000).contains(&w) {
+            out.push(w);
+            if out.len() == 12 {
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// One line of a stopped vCPU's state, for a timeout's diagnosis: where
 /// it was (RIP, CPL), whether it could take interrupts, and its MP state.
-pub fn describe(vcpu: &VcpuFd) -> String {
+pub fn describe(vcpu: &VcpuFd, mem: &vm_memory::GuestMemoryMmap) -> String {
     let regs = vcpu.get_regs();
     let sregs = vcpu.get_sregs();
     let mp = vcpu.get_mp_state().map(|m| match m.mp_state {
@@ -200,13 +221,17 @@ pub fn describe(vcpu: &VcpuFd) -> String {
         other => format!("mp_state {other}"),
     });
     match (regs, sregs, mp) {
-        (Ok(r), Ok(s), Ok(mp)) => format!(
-            "rip {:#x} rsp {:#x} cpl {} if {} {mp}",
-            r.rip,
-            r.rsp,
-            s.cs.selector & 3,
-            (r.rflags >> 9) & 1
-        ),
+        (Ok(r), Ok(s), Ok(mp)) => {
+            let stack: Vec<String> = stack_words(vcpu, mem, r.rsp).iter().map(|w| format!("{w:#x}")).collect();
+            format!(
+                "rip {:#x} rsp {:#x} cpl {} if {} {mp}; stack text words [{}]",
+                r.rip,
+                r.rsp,
+                s.cs.selector & 3,
+                (r.rflags >> 9) & 1,
+                stack.join(" ")
+            )
+        }
         (r, s, mp) => format!("state unreadable: {:?}", r.err().or(s.err()).or(mp.err())),
     }
 }
