@@ -23,6 +23,9 @@ pub struct TestDef {
     pub cmdline: &'static str,
     /// Host paths (absolute) copied to `/include/{basename}` in the guest.
     pub include_files: &'static [&'static str],
+    /// The bytes of each of `include_files`, in order, embedded when the
+    /// test was compiled: a binary copied elsewhere still has them.
+    pub include_data: &'static [&'static [u8]],
     /// sched_ext scheduler the body runs under; `None` is the kernel default.
     pub scheduler: Option<&'static crate::scheduler::Scheduler>,
     pub file: &'static str,
@@ -45,6 +48,7 @@ impl TestDef {
         expect_err: false,
         cmdline: "",
         include_files: &[],
+        include_data: &[],
         scheduler: None,
         file: "",
         line: 0,
@@ -62,6 +66,29 @@ impl TestDef {
             Some((_, rest)) => format!("{rest}::{}::ktstr", self.name),
             None => format!("{}::ktstr", self.name),
         }
+    }
+
+    /// A host file holding include file `i`: its embedded bytes written
+    /// once to `{cache}/ktstr/include/{crc32}/{basename}`, or the recorded
+    /// path when nothing was embedded (a `TestDef` built by hand).
+    pub fn include_source(&self, i: usize) -> std::io::Result<std::path::PathBuf> {
+        let host = self.include_files[i];
+        let Some(data) = self.include_data.get(i) else { return Ok(host.into()) };
+        let name = std::path::Path::new(host)
+            .file_name()
+            .ok_or_else(|| std::io::Error::other(format!("include file {host} has no file name")))?;
+        let root = crate::initramfs::cache_dir().parent().map(|p| p.join("include")).unwrap_or_else(|| "/tmp/ktstr-include".into());
+        let dir = root.join(format!("{:08x}", crc32fast::hash(data)));
+        let path = dir.join(name);
+        if std::fs::read(&path).is_ok_and(|d| d == *data) {
+            return Ok(path);
+        }
+        std::fs::create_dir_all(&dir)?;
+        // Write beside, then rename: a concurrent reader never sees half a file.
+        let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+        std::fs::write(&tmp, data)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
     }
 
     /// Where the guest finds an include file.

@@ -62,6 +62,15 @@ fn guest_gets_cmdline_and_files(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Include files reach a host_only body too, from the bytes embedded in
+/// the binary (tests/tests/include_travel.rs runs a copy without sources).
+#[ktstr_test(host_only, timeout_s = 10, include_files = ["data/hello.txt"])]
+fn host_reads_include_files(ctx: &Ctx) -> Result<()> {
+    let path = ctx.include("hello.txt")?;
+    ensure!(std::fs::read_to_string(&path)?.trim() == "hello from the host", "{}", path.display());
+    Ok(())
+}
+
 /// Guest init mounts what kernel tools expect: devpts (a pty pair carries
 /// bytes), debugfs, tracefs (with the sched_switch event) and bpffs.
 #[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 20)]

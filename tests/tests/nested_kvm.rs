@@ -127,8 +127,6 @@ fn kvm_backend_passes_under_nested_kvm() {
     if let Some(d) = &sched_dir {
         cmd.arg("--sched-dir").arg(d);
     }
-    // The examples' include file, at the path the binary was built with.
-    cmd.arg("--file").arg(repo().join("tests/data/hello.txt"));
     cmd.args(&tests);
     let out = cmd.output().expect("running scripts/nested-kvm.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
