@@ -34,6 +34,16 @@ fn topology_matches_request(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Two LLCs of one 2-thread core each: the guest kernel derives LLCs and
+/// SMT siblings from our CPUID leaves and ACPI tables.
+#[ktstr_test(numa_nodes = 1, llcs = 2, cores = 1, threads = 2, timeout_s = 20)]
+fn topology_llcs_and_smt_match_request(ctx: &Ctx) -> Result<()> {
+    let seen = ctx.assert_topology()?;
+    ensure!(seen.llcs.is_some(), "the guest shows no LLC (cache index3) information: {seen:?}");
+    ensure!(ctx.all_cpus().len() == 4, "affinity {} (seen {seen:?})", ctx.all_cpus());
+    Ok(())
+}
+
 /// Sleep/wake workers confined to one CPU's cgroup wake up and stay put.
 #[ktstr_test(cpus = 2, timeout_s = 20)]
 fn sleepers_stay_in_their_cpuset(ctx: &Ctx) -> Result<()> {
