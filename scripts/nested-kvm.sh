@@ -14,8 +14,9 @@
 # Each NAME:TEST (e.g. `examples:spinners_all_make_progress`) runs once per
 # --kernel inside the same outer guest. Prints one line per run,
 #   nested-kvm: RESULT <PASS|FAIL|SKIP> kernel=LABEL test=NAME:TEST rc=N secs=S
-# then a summary; exits with the number of failed runs (capped at 100), or
-# 101 if the outer guest never became ready, 102 for bad arguments.
+# then a summary; exits with the number of failed or missing runs (capped at
+# 100), 101 if the outer guest never became ready, 102 for bad arguments,
+# 103 if the outer kernel oopsed (its verdicts are then no evidence).
 set -euo pipefail
 
 die() { echo "nested-kvm: $*" >&2; exit 102; }
@@ -167,10 +168,12 @@ echo "nested-kvm: outer initramfs $(du -m "$WORK/outer.cpio" | cut -f1) MiB; out
 LOG=${LOG:-${TMPDIR:-/tmp}/nested-kvm.log}
 : >"$LOG"
 T0=$EPOCHREALTIME
-fails=0 results=0 ready=
+fails=0 results=0 ready= outer_oops=0
 # -cpu max: TCG's AMD SVM + NPT. thread=multi: under single-threaded TCG
-# (QEMU 7.2) the inner guest takes timer interrupts with IF=0 and every SMP
-# guest deadlocks on a spinlock its interrupted code holds (docs/vmm.md).
+# (QEMU 7.2) every SMP inner guest deadlocked in a timer interrupt on a
+# spinlock its own interrupted code held (docs/vmm.md). tsc=reliable keeps
+# the outer kernel from re-patching sched_clock's static key at run time,
+# the text patching multi-threaded TCG can run stale.
 while IFS= read -r line; do
 	line=${line%$'\r'}
 	printf '%s\n' "$line" >>"$LOG"
@@ -181,16 +184,20 @@ while IFS= read -r line; do
 	"nested-kvm: RESULT"*)
 		echo "$line"; results=$((results + 1))
 		case $line in *" FAIL "*) fails=$((fails + 1)) ;; esac ;;
+	"["*"Oops"*|"["*"BUG:"*|"["*"Kernel panic"*)
+		# The outer kernel itself broke: every verdict after this is suspect.
+		echo "$line"; outer_oops=$((outer_oops + 1)) ;;
 	"nested-kvm: "*|*"ktstr: "*|*"Unhandled"*|*"Kernel panic"*|"  console| "*) echo "$line" ;;
 	esac
 done < <(timeout "$TIMEOUT" qemu-system-x86_64 -nodefaults -no-user-config -display none -machine pc \
 	-accel tcg,thread="$TCG" -cpu max -smp "$SMP" -m "$MEM" -no-reboot -serial stdio \
 	-kernel "$OUTER_KERNEL" -initrd "$WORK/outer.cpio" \
-	-append "console=ttyS0 panic=-1 loglevel=4" </dev/null 2>&1)
+	-append "console=ttyS0 panic=-1 loglevel=4 tsc=reliable" </dev/null 2>&1)
 total=$(awk "BEGIN{printf \"%.1f\", $EPOCHREALTIME-$T0}")
 expected=$(( $(wc -w <<<"$TLIST") * $(wc -w <<<"$KLIST") ))
-echo "nested-kvm: SUMMARY results=$results/$expected failed=$fails outer_boot=${ready:--}s total=${total}s log=$LOG"
+echo "nested-kvm: SUMMARY results=$results/$expected failed=$fails outer_boot=${ready:--}s total=${total}s outer_oops=$outer_oops log=$LOG"
 [ -n "$ready" ] || exit 101
+[ "$outer_oops" = 0 ] || { echo "nested-kvm: the outer kernel oopsed or panicked: verdicts are not evidence"; exit 103; }
 missing=$((expected - results))
 n=$((fails + missing))
 exit $((n > 100 ? 100 : n))

@@ -14,11 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Default list: every vCPU count the examples ask for (1, 2, 4 with
-/// NUMA), the include-file test, and one sched_ext scheduler.
+/// NUMA, 4 with LLCs and SMT), the include-file test, and one sched_ext
+/// scheduler.
 const DEFAULT_TESTS: &[&str] = &[
     "examples:guest_gets_cmdline_and_files",
     "examples:spinners_all_make_progress",
     "examples:topology_matches_request",
+    "examples:topology_llcs_and_smt_match_request",
     "sched_ext:scx_simple_workload",
 ];
 
