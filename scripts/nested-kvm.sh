@@ -6,9 +6,9 @@
 # binaries as the host side with KTSTR_VMM=kvm and reports every verdict.
 #
 # Slow by nature (every outer instruction is emulated): a proof rig, not a
-# backend. Usage:
+# backend. Defaults: --smp 1, --tcg single, --mem 4096. Usage:
 #   scripts/nested-kvm.sh --bin NAME=PATH... --kernel LABEL=IMAGE... \
-#       [--sched-dir DIR] [--smp N] [--mem MIB] [--tcg single|multi] \
+#       [--sched-dir DIR] [--smp N] [--mem MIB] [--tcg single|multi] \\
 #       [--outer-kernel IMAGE --outer-modules DIR] [--timeout S] \
 #       [--log FILE] [--boot-only] [--show-console] [NAME:TEST...]
 # Each NAME:TEST (e.g. `examples:spinners_all_make_progress`) runs once per
@@ -24,9 +24,9 @@ CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/ktstr
 DEB_ROOT=$CACHE/debian/x
 OUTER_KERNEL=
 OUTER_MODULES=
-SMP=4
+SMP=${NESTED_KVM_SMP:-1}
 MEM=4096
-TCG=${NESTED_KVM_TCG:-multi}
+TCG=${NESTED_KVM_TCG:-single}
 TIMEOUT=3600
 LOG=
 BOOT_ONLY=0
@@ -169,11 +169,12 @@ LOG=${LOG:-${TMPDIR:-/tmp}/nested-kvm.log}
 : >"$LOG"
 T0=$EPOCHREALTIME
 fails=0 results=0 ready= outer_oops=0
-# -cpu max: TCG's AMD SVM + NPT. thread=multi: under single-threaded TCG
-# (QEMU 7.2) every SMP inner guest deadlocked in a timer interrupt on a
-# spinlock its own interrupted code held (docs/vmm.md). tsc=reliable keeps
-# the outer kernel from re-patching sched_clock's static key at run time,
-# the text patching multi-threaded TCG can run stale.
+# -cpu max: TCG's AMD SVM + NPT. One outer vCPU by default: with several,
+# single-threaded TCG deadlocked every SMP inner guest (timer interrupts
+# inside IRQs-off code) and multi-threaded TCG oopsed the outer kernel on
+# stale translations of its re-patched text (docs/vmm.md); with one, the
+# inner vCPU threads share it and neither happens. tsc=reliable keeps the
+# outer kernel from flipping sched_clock's static key at run time.
 while IFS= read -r line; do
 	line=${line%$'\r'}
 	printf '%s\n' "$line" >>"$LOG"

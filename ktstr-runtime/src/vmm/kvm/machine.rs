@@ -47,7 +47,7 @@ pub struct Outcome {
     pub run_time: Duration,
     /// Stopping and joining the vCPU threads and closing the VM.
     pub teardown: Duration,
-    /// Each vCPU's state when it stopped (`vcpu::describe`), by index.
+    /// After a timeout, each vCPU's state (`vcpu::describe`), by index.
     pub vcpu_states: Vec<String>,
     /// Guest memory after the run, for inspection.
     pub memory: GuestMemoryMmap,
@@ -340,6 +340,8 @@ impl Machine {
             }
         };
         let run_time = shared.started.elapsed();
+        // Recorded before the stop so every vCPU thread sees why it ends.
+        shared.finish(cause.clone());
         let t = Instant::now();
         stop_all(&shared, threads);
         // Closing the VM is most of the teardown: the kernel waits out an

@@ -183,7 +183,10 @@ pub fn run_loop(index: usize, mut vcpu: VcpuFd, shared: Arc<Shared>) {
         }
     }
     RUN.with(|r| r.set(std::ptr::null_mut()));
-    shared.vcpu_states.lock().unwrap().push((index, describe(&vcpu, &shared.mem)));
+    // Only a timeout needs the diagnosis (and its few dozen ioctls).
+    if matches!(*shared.cause.lock().unwrap(), Some(Cause::Timeout)) {
+        shared.vcpu_states.lock().unwrap().push((index, describe(&vcpu, &shared.mem)));
+    }
 }
 
 /// Kernel-text-looking words on the top of a vCPU's stack: return
@@ -191,7 +194,7 @@ pub fn run_loop(index: usize, mut vcpu: VcpuFd, shared: Arc<Shared>) {
 fn stack_words(vcpu: &VcpuFd, mem: &vm_memory::GuestMemoryMmap, rsp: u64) -> Vec<u64> {
     let mut out = Vec::new();
     for i in 0..64u64 {
-        let va = rsp + i * 8;
+        let va = rsp.wrapping_add(i * 8);
         let Ok(t) = vcpu.translate_gva(va) else { break };
         if t.valid == 0 {
             break;
