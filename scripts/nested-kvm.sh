@@ -8,7 +8,7 @@
 # Slow by nature (every outer instruction is emulated): a proof rig, not a
 # backend. Defaults: --smp 1, --tcg single, --mem 4096. Usage:
 #   scripts/nested-kvm.sh --bin NAME=PATH... --kernel LABEL=IMAGE... \
-#       [--sched-dir DIR] [--smp N] [--mem MIB] [--tcg single|multi] \\
+#       [--sched-dir DIR] [--smp N] [--mem MIB] [--tcg single|multi] \
 #       [--outer-kernel IMAGE --outer-modules DIR] [--timeout S] \
 #       [--log FILE] [--boot-only] [--show-console] [NAME:TEST...]
 # Each NAME:TEST (e.g. `examples:spinners_all_make_progress`) runs once per
