@@ -48,19 +48,25 @@ fn can_hide_sources() -> bool {
 /// Copies the examples binary to a fresh directory and runs `test` in it
 /// with the crate's data directory hidden.
 fn run_copy_without_sources(test: &str) -> Option<Output> {
-    let bin = examples_binary()?;
     let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("examples-copy");
+    run_copy_in(dir.path(), &format!("--exact 'ktstr/{test}'"))
+}
+
+/// Runs a copy of the examples binary, made in `dir`, with `args` (shell
+/// words) and the crate's data directory hidden.
+fn run_copy_in(dir: &Path, args: &str) -> Option<Output> {
+    let bin = examples_binary()?;
+    let copy = dir.join("examples-copy");
     std::fs::copy(&bin, &copy).unwrap();
     let data = data_dir();
     let script = format!(
-        "mount -t tmpfs ktstr-hidden '{}' && test ! -e '{}/hello.txt' && exec '{}' --exact 'ktstr/{test}'",
+        "mount -t tmpfs ktstr-hidden '{}' && test ! -e '{}/hello.txt' && exec '{}' {args}",
         data.display(),
         data.display(),
         copy.display()
     );
     // A private cache so the embedded bytes are written fresh, not found.
-    let cache = dir.path().join("cache");
+    let cache = dir.join("cache");
     let mut cmd = Command::new("unshare");
     // The kernel as this process finds it: the private cache hides the user's.
     if let Ok(found) = ktstr_runtime::discovery::discover() {
@@ -98,4 +104,22 @@ fn copied_binary_finds_include_files_in_the_guest() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "exit {:?}:\n{text}", out.status);
     assert!(text.contains("PASS: ktstr/guest_gets_cmdline_and_files"), "{text}");
+}
+
+/// An exported `.run` carries the include file too.
+#[test]
+fn copied_binary_exports_its_include_files() {
+    premise!(can_hide_sources(), "needs root and `unshare --mount` to hide the sources");
+    premise!(ktstr_runtime::discovery::discover().is_ok(), "no kernel found (set KTSTR_TEST_KERNEL)");
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("t.run");
+    let args = format!("--ktstr-export-test=guest_gets_cmdline_and_files --ktstr-export-output='{}'", run.display());
+    let out = run_copy_in(dir.path(), &args);
+    premise!(out.is_some(), "examples test binary not built: cargo build -p ktstr-tests --tests");
+    let out = out.unwrap();
+    assert!(out.status.success(), "export: {:?} {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let x = dir.path().join("x");
+    let o = Command::new(&run).arg("--extract").arg(&x).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(x.join("include/hello.txt")).unwrap().trim(), "hello from the host");
 }
