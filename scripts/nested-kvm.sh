@@ -152,7 +152,7 @@ for t in $TLIST; do
 		e=\$(cut -d' ' -f1 /proc/uptime)
 		sed 's/^/  | /' /tmp/out
 		# A failure's whole guest console (the verdict shows only its tail).
-		[ \$rc = 0 ] || [ -z "\$SHOW_CONSOLE" ] || find /tmp/art -name console.log -exec sed 's/^/  console| /' {} +
+		[ \$rc = 0 ] || [ -z "\$SHOW_CONSOLE" ] || [ ! -d /tmp/art ] || find /tmp/art -name console.log -exec sed 's/^/  console| /' {} +
 		rm -rf /tmp/art
 		v=FAIL; [ \$rc = 0 ] && v=PASS; [ \$rc = 0 ] && grep -q 'ktstr: SKIP' /tmp/out && v=SKIP
 		echo "nested-kvm: RESULT \$v kernel=\$k test=\$t rc=\$rc secs=\$(awk "BEGIN{print \$e-\$s}")"
