@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Sourced by .ci/run and scripts/quickstart.sh: installs what ktstr needs on
-# Debian (packages, cargo-nextest), fetches the Debian 6.12 cloud kernel,
-# builds the ktstr 6.12 kernel and the sched_ext example schedulers, all
-# cached under ~/.cache/ktstr (a second run reuses everything). Exports
-# DEB_KERNEL, KTSTR_KERNEL_DIR and SCX_BIN for the caller.
+# Debian (packages, cargo-nextest, busybox-static for scripts/nested-kvm.sh),
+# fetches the Debian 6.12 cloud kernel, builds the ktstr 6.12 kernel and the
+# sched_ext example schedulers, all cached under ~/.cache/ktstr (a second
+# run reuses everything). Exports DEB_KERNEL, KTSTR_KERNEL_DIR and SCX_BIN
+# for the caller.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/ktstr
@@ -36,7 +37,7 @@ phase_summary() {
 step "packages"
 PKGS=(linux-source-6.12 qemu-system-x86 flex bison bc libelf-dev libssl-dev
       dwarves cpio ccache clang-16 llvm-16 bpftool lz4 zstd xz-utils
-      pkg-config zlib1g-dev make gcc libc6-dev git util-linux)
+      pkg-config zlib1g-dev make gcc libc6-dev git util-linux busybox-static)
 missing=()
 for p in "${PKGS[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -137,17 +137,18 @@ impl Ctx {
 
     /// Guest path of a file named in `include_files` (by its file name).
     pub fn include(&self, file_name: &str) -> Result<PathBuf> {
-        let host = self
+        let (i, host) = self
             .def
             .include_files
             .iter()
-            .find(|f| Path::new(f).file_name().is_some_and(|n| n == file_name))
+            .enumerate()
+            .find(|(_, f)| Path::new(f).file_name().is_some_and(|n| n == file_name))
             .with_context(|| format!("{file_name} is not in this test's include_files"))?;
         // An exported .run extracts include files into KTSTR_INCLUDE_DIR.
         Ok(match std::env::var_os("KTSTR_INCLUDE_DIR") {
             _ if self.in_guest => PathBuf::from(TestDef::guest_include_path(host)),
             Some(dir) => PathBuf::from(dir).join(file_name),
-            None => PathBuf::from(host),
+            None => self.def.include_source(i).with_context(|| format!("include file {host}"))?,
         })
     }
 

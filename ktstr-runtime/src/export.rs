@@ -166,8 +166,8 @@ pub fn refusal(test: &TestDef) -> Result<(), String> {
             test.name, test.name
         ));
     }
-    for f in test.include_files {
-        if !Path::new(f).is_file() {
+    for (i, f) in test.include_files.iter().enumerate() {
+        if !test.include_source(i).is_ok_and(|p| p.is_file()) {
             return Err(format!("include file {f} of test {:?} does not exist", test.name));
         }
     }
@@ -223,12 +223,12 @@ pub fn members(test: &TestDef, exe: &Path, scheduler: Option<&Path>, kernel: Opt
     if let Some(s) = scheduler {
         m.push(Member::new(format!("sched/{}", basename(s)?), s, Some(true))?);
     }
-    for f in test.include_files.iter().map(Path::new) {
+    for (i, f) in test.include_files.iter().map(Path::new).enumerate() {
         let name = format!("include/{}", basename(f)?);
         if m.iter().any(|x| x.name == name) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("two include files named {name}")));
         }
-        m.push(Member::new(name, f, None)?);
+        m.push(Member::new(name, &test.include_source(i)?, None)?);
     }
     if let Some(k) = kernel {
         m.push(Member::new(format!("kernel/{}", basename(k)?), k, Some(false))?);

@@ -113,9 +113,10 @@ fn boot(def: &'static TestDef, found: &Found) -> Result<Verdict, Verdict> {
     let _cache_lock = lock_cache_entry(&found.image, &discovery::cache_root(), CACHE_LOCK_TIMEOUT)?;
     let exe = std::env::current_exe().map_err(|e| Verdict::fail(format!("cannot find the test binary: {e}")))?;
     let mut ir = Initramfs::new(&exe).map_err(|e| Verdict::fail(format!("initramfs: {e:#}")))?;
-    for f in def.include_files {
+    for (i, f) in def.include_files.iter().enumerate() {
+        let src = def.include_source(i).map_err(|e| Verdict::fail(format!("include_files: {f}: {e}")))?;
         ir = ir
-            .file(f, &TestDef::guest_include_path(f))
+            .file(&src, &TestDef::guest_include_path(f))
             .map_err(|e| Verdict::fail(format!("include_files: {e:#}")))?;
     }
     if let Some(s) = def.scheduler {

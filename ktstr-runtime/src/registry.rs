@@ -23,6 +23,9 @@ pub struct TestDef {
     pub cmdline: &'static str,
     /// Host paths (absolute) copied to `/include/{basename}` in the guest.
     pub include_files: &'static [&'static str],
+    /// The bytes of each of `include_files`, in order, embedded when the
+    /// test was compiled: a binary copied elsewhere still has them.
+    pub include_data: &'static [&'static [u8]],
     /// sched_ext scheduler the body runs under; `None` is the kernel default.
     pub scheduler: Option<&'static crate::scheduler::Scheduler>,
     pub file: &'static str,
@@ -45,6 +48,7 @@ impl TestDef {
         expect_err: false,
         cmdline: "",
         include_files: &[],
+        include_data: &[],
         scheduler: None,
         file: "",
         line: 0,
@@ -62,6 +66,34 @@ impl TestDef {
             Some((_, rest)) => format!("{rest}::{}::ktstr", self.name),
             None => format!("{}::ktstr", self.name),
         }
+    }
+
+    /// A host file holding include file `i`: its embedded bytes written
+    /// once to `{cache}/ktstr/include/{crc32}/{basename}`, or the recorded
+    /// path when nothing was embedded (a `TestDef` built by hand).
+    pub fn include_source(&self, i: usize) -> std::io::Result<std::path::PathBuf> {
+        let root = crate::initramfs::cache_dir().parent().map(|p| p.join("include")).unwrap_or_else(|| "/tmp/ktstr-include".into());
+        self.include_source_in(i, &root)
+    }
+
+    /// `include_source` with the embedded bytes kept under `root`.
+    fn include_source_in(&self, i: usize, root: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+        let host = self.include_files[i];
+        let Some(data) = self.include_data.get(i) else { return Ok(host.into()) };
+        let name = std::path::Path::new(host)
+            .file_name()
+            .ok_or_else(|| std::io::Error::other(format!("include file {host} has no file name")))?;
+        let dir = root.join(format!("{:08x}", crc32fast::hash(data)));
+        let path = dir.join(name);
+        if std::fs::read(&path).is_ok_and(|d| d == *data) {
+            return Ok(path);
+        }
+        std::fs::create_dir_all(&dir)?;
+        // Write beside, then rename: a concurrent reader never sees half a file.
+        let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+        std::fs::write(&tmp, data)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
     }
 
     /// Where the guest finds an include file.
@@ -108,6 +140,28 @@ pub fn find(name: &str) -> Option<&'static TestDef> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn include_source_writes_embedded_bytes_once() {
+        let root = tempfile::tempdir().unwrap();
+        let def = TestDef {
+            name: "inc",
+            include_files: &["/nonexistent/ktstr-src/data/a.txt", "/also/gone/b.bin"],
+            include_data: &[b"alpha", b"beta"],
+            ..TestDef::DEFAULT
+        };
+        let a = def.include_source_in(0, root.path()).unwrap();
+        assert_eq!(a.file_name().unwrap(), "a.txt", "the name the test asks ctx.include for");
+        assert_eq!(std::fs::read(&a).unwrap(), b"alpha");
+        assert_eq!(std::fs::read(def.include_source_in(1, root.path()).unwrap()).unwrap(), b"beta");
+        // A second call finds the file; a damaged copy is rewritten.
+        assert_eq!(def.include_source_in(0, root.path()).unwrap(), a);
+        std::fs::write(&a, b"alp").unwrap();
+        assert_eq!(std::fs::read(def.include_source_in(0, root.path()).unwrap()).unwrap(), b"alpha");
+        // Nothing embedded (a TestDef built by hand): the recorded path.
+        let bare = TestDef { name: "bare", include_files: &["/x/y.txt"], ..TestDef::DEFAULT };
+        assert_eq!(bare.include_source_in(0, root.path()).unwrap(), std::path::PathBuf::from("/x/y.txt"));
+    }
 
     static THREE: [TestDef; 4] = [
         TestDef { name: "a", ..TestDef::DEFAULT },

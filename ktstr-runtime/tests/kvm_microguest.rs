@@ -121,6 +121,34 @@ fn kvm_data_channel_record() {
     assert!(out.to_init.is_some_and(|t| t <= out.run_time), "INIT on the doorbell marks to_init");
 }
 
+/// A guest that cannot ring the doorbell (a kernel without ioperm) still
+/// gets its INIT seen: the host polls the channel while it waits.
+#[test]
+fn kvm_init_seen_without_doorbell() {
+    let Some(mut m) = machine(Topology::cpus(1)) else { return };
+    let ch = ChannelRegion { gpa: 0x20_0000, size: 0x1_0000 };
+    m.set_channel(ch);
+    let crc = crc32fast::hash(b"");
+    let mut a = Asm::new(RAW_CODE);
+    a.mov64(Reg::Rdi, ch.gpa);
+    a.mov64(Reg::Rax, u64::from(channel::kind::INIT)).store64(Reg::Rdi, 4096, Reg::Rax);
+    a.mov64(Reg::Rax, u64::from(crc)).store64(Reg::Rdi, 4104, Reg::Rax);
+    a.mov64(Reg::Rax, u64::from_le_bytes(*channel::MAGIC)).store64(Reg::Rdi, 0, Reg::Rax);
+    a.mov64(Reg::Rax, ch.size - 4096).store64(Reg::Rdi, 8, Reg::Rax);
+    a.mov64(Reg::Rax, 16).store64(Reg::Rdi, 16, Reg::Rax);
+    // No doorbell, no exit: halt with interrupts off until the timeout.
+    a.halt_forever();
+    m.load_raw(&a.finish()).unwrap();
+    let out = m.run(Duration::from_secs(2)).unwrap();
+    assert_eq!(out.exit, ExitKind::Timeout, "{:?}", out.cause);
+    assert_eq!(out.doorbells, 0);
+    assert_eq!(out.messages.expect("channel decodes").len(), 1);
+    let t = out.to_init.expect("INIT in the channel marks to_init without a doorbell");
+    assert!(t < Duration::from_secs(1), "INIT seen only after {t:?}");
+    assert_eq!(out.vcpu_states.len(), 1);
+    assert!(out.vcpu_states[0].contains("halted"), "{:?}", out.vcpu_states);
+}
+
 #[test]
 fn kvm_reset_via_cf9() {
     let Some(out) = run(Topology::cpus(1), |a| {

@@ -34,6 +34,16 @@ fn topology_matches_request(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Two LLCs of one 2-thread core each: the guest kernel derives LLCs and
+/// SMT siblings from our CPUID leaves and ACPI tables.
+#[ktstr_test(numa_nodes = 1, llcs = 2, cores = 1, threads = 2, timeout_s = 20)]
+fn topology_llcs_and_smt_match_request(ctx: &Ctx) -> Result<()> {
+    let seen = ctx.assert_topology()?;
+    ensure!(seen.llcs.is_some(), "the guest shows no LLC (cache index3) information: {seen:?}");
+    ensure!(ctx.all_cpus().len() == 4, "affinity {} (seen {seen:?})", ctx.all_cpus());
+    Ok(())
+}
+
 /// Sleep/wake workers confined to one CPU's cgroup wake up and stay put.
 #[ktstr_test(cpus = 2, timeout_s = 20)]
 fn sleepers_stay_in_their_cpuset(ctx: &Ctx) -> Result<()> {
@@ -59,6 +69,15 @@ fn guest_gets_cmdline_and_files(ctx: &Ctx) -> Result<()> {
     let path = ctx.include("hello.txt")?;
     ensure!(path.starts_with("/include"), "{}", path.display());
     ensure!(std::fs::read_to_string(&path)?.trim() == "hello from the host");
+    Ok(())
+}
+
+/// Include files reach a host_only body too, from the bytes embedded in
+/// the binary (tests/tests/include_travel.rs runs a copy without sources).
+#[ktstr_test(host_only, timeout_s = 10, include_files = ["data/hello.txt"])]
+fn host_reads_include_files(ctx: &Ctx) -> Result<()> {
+    let path = ctx.include("hello.txt")?;
+    ensure!(std::fs::read_to_string(&path)?.trim() == "hello from the host", "{}", path.display());
     Ok(())
 }
 

@@ -245,6 +245,9 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
             paths.push(p);
         }
         fields.push(quote!(include_files: &[#(#paths),*]));
+        // Embedded too, so the binary does not depend on the source tree
+        // (and cargo rebuilds it when a file changes).
+        fields.push(quote!(include_data: &[#(::core::include_bytes!(#paths) as &'static [u8]),*]));
     }
     if let Some(s) = &attrs.scheduler {
         let path: syn::ExprPath = syn::parse_str(s)?;

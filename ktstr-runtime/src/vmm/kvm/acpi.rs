@@ -146,8 +146,10 @@ pub fn madt(t: &Topology) -> Vec<u8> {
         m.u8(0).u8(8).u8(cpu as u8).u8(cpuid::apic_id(t, cpu) as u8).u32(1);
     }
     m.u8(1).u8(12).u8(0).u8(0).u32(IOAPIC_ADDR as u32).u32(0);
-    // ISA IRQ0 (PIT) is wired to GSI 2 on the IOAPIC.
-    m.u8(2).u8(10).u8(0).u8(0).u32(2).u16(0);
+    // No override for ISA IRQ0: KVM's default GSI routing sends the
+    // in-kernel PIT (GSI 0) to IOAPIC pin 0, so IRQ0 is GSI 0 here. An
+    // IRQ0 → GSI 2 override (what PC firmware says) would point the guest
+    // at a pin nothing raises and its timer check falls back to the 8259.
     // SCI: level-triggered, active high.
     m.u8(2).u8(10).u8(0).u8(SCI_IRQ).u32(SCI_IRQ.into()).u16(0xd);
     // LINT1 of every local APIC is NMI.
@@ -333,7 +335,7 @@ mod tests {
         let want: Vec<(u8, u8)> = (0..8).map(|c| (c as u8, cpuid::apic_id(&t, c) as u8)).collect();
         assert_eq!(ids, want);
         assert_eq!(ioapics, vec![IOAPIC_ADDR as u32]);
-        assert_eq!(isos, vec![(0, 2, 0), (9, 9, 0xd)]);
+        assert_eq!(isos, vec![(9, 9, 0xd)], "IRQ0 is GSI 0: KVM routes the PIT to IOAPIC pin 0");
         assert_eq!(nmis, 1);
 
         let fadt = tables.find_table::<acpi::fadt::Fadt>().unwrap();

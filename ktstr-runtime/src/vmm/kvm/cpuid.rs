@@ -90,6 +90,12 @@ pub fn for_vcpu(base: &[kvm_cpuid_entry2], t: &Topology, cpu: u32) -> Vec<kvm_cp
                 e.ebx = (e.ebx & 0xffff) | ((1u32 << shift).max(per_pkg) << 16 & 0x00ff_0000) | (p.apic_id << 24);
                 e.edx |= 1 << 28; // HTT: EBX[23:16] is valid
                 e.ecx |= 1 << 31; // running under a hypervisor
+                // TSC-deadline timer: the in-kernel LAPIC emulates it, but
+                // KVM_GET_SUPPORTED_CPUID leaves it to the VMM. Without it
+                // Linux calibrates the LAPIC timer against the PIT, and
+                // where that fails (slow or nested hosts) it has no per-CPU
+                // timer and APs wait on broadcast ticks.
+                e.ecx |= 1 << 24;
             }
             4 => {
                 let level = (e.eax >> 5) & 7;
@@ -180,6 +186,7 @@ mod tests {
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert_eq!(l1.ebx & 0xffff, 0x0800, "clflush size kept");
         assert!(l1.edx & (1 << 28) != 0 && l1.ecx & (1 << 31) != 0);
+        assert!(l1.ecx & (1 << 24) != 0, "TSC-deadline timer offered");
         let smt = find(&e, 0xb, 0).unwrap();
         assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (1, 2, 0x100, id));
         let core = find(&e, 0xb, 1).unwrap();

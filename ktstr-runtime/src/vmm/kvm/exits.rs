@@ -84,6 +84,8 @@ pub struct Shared {
     pub channel: Option<ChannelRegion>,
     pub started: Instant,
     pub to_init: Mutex<Option<Duration>>,
+    /// Each vCPU's state when its thread left the run loop, by index.
+    pub vcpu_states: Mutex<Vec<(usize, String)>>,
 }
 
 impl Shared {
@@ -96,17 +98,26 @@ impl Shared {
         self.cv.notify_all();
     }
 
-    /// First doorbell carrying the guest's INIT message marks `to_init`.
+    /// A doorbell: the guest may have just sent its INIT message.
     pub fn on_doorbell(&self) {
+        self.note_init();
+    }
+
+    /// Marks `to_init` the first time the channel holds the guest's INIT
+    /// record. Called on doorbells and polled by the waiting thread: a
+    /// kernel without ioperm (CONFIG_X86_IOPL_IOPERM off) rings none.
+    pub fn note_init(&self) {
         let Some(ch) = self.channel else { return };
         let mut t = self.to_init.lock().unwrap();
         if t.is_some() {
             return;
         }
-        // The INIT record is the first one: read just the header and it.
+        // The INIT record is the first one: read just the header (magic,
+        // capacity, a nonzero committed length) and its kind.
         let mut head = vec![0u8; channel::HEADER_SIZE as usize + 16];
         if self.mem.read_slice(&mut head, GuestAddress(ch.gpa)).is_ok()
             && &head[..8] == channel::MAGIC
+            && head[16..24] != [0; 8]
             && u32::from_le_bytes(head[channel::HEADER_SIZE as usize..][..4].try_into().unwrap()) == kind::INIT
         {
             *t = Some(self.started.elapsed());

@@ -47,6 +47,8 @@ pub struct Outcome {
     pub run_time: Duration,
     /// Stopping and joining the vCPU threads and closing the VM.
     pub teardown: Duration,
+    /// After a timeout, each vCPU's state (`vcpu::describe`), by index.
+    pub vcpu_states: Vec<String>,
     /// Guest memory after the run, for inspection.
     pub memory: GuestMemoryMmap,
 }
@@ -295,6 +297,7 @@ impl Machine {
             channel,
             started: Instant::now(),
             to_init: Mutex::new(None),
+            vcpu_states: Mutex::new(Vec::new()),
         });
         let mut threads = Vec::new();
         let mut spawn_err = None;
@@ -320,6 +323,7 @@ impl Machine {
                 if let Some(c) = g.clone() {
                     break c;
                 }
+                shared.note_init();
                 let now = Instant::now();
                 if panic_deadline.is_none() && panic_seen.load(Ordering::Acquire) {
                     // Give the guest a moment to print the trace and reboot.
@@ -341,6 +345,8 @@ impl Machine {
             }
         };
         let run_time = shared.started.elapsed();
+        // Recorded before the stop so every vCPU thread sees why it ends.
+        shared.finish(cause.clone());
         let t = Instant::now();
         stop_all(&shared, threads);
         // Closing the VM is most of the teardown: the kernel waits out an
@@ -354,6 +360,9 @@ impl Machine {
             (d.port_writes.clone(), d.mmio_writes.clone(), d.doorbells)
         };
         let to_init = *shared.to_init.lock().unwrap();
+        let mut states = std::mem::take(&mut *shared.vcpu_states.lock().unwrap());
+        states.sort();
+        let vcpu_states = states.into_iter().map(|(i, s)| format!("vCPU {i}: {s}")).collect();
         let text = |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
         let console = text(&com_bufs[0]);
         let com2 = text(&com_bufs[1]);
@@ -373,6 +382,7 @@ impl Machine {
             to_init,
             run_time,
             teardown,
+            vcpu_states,
             memory: mem,
         })
     }

@@ -39,7 +39,15 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
     let start = std::time::Instant::now();
     let mut m = Machine::new(cfg.topology, cfg.memory_mib)?;
     m.load_kernel(cfg)?;
-    let out = m.run(cfg.timeout)?;
+    let mut out = m.run(cfg.timeout)?;
+    if out.exit == super::ExitKind::Timeout {
+        // Where each vCPU was tells a guest spinning from one waiting on
+        // an interrupt that never came.
+        out.console.push_str("\nktstr: kvm: vCPU states at the timeout:\n");
+        for s in &out.vcpu_states {
+            out.console.push_str(&format!("ktstr: kvm:   {s}\n"));
+        }
+    }
     let (messages, exit) = match out.messages {
         Ok(m) => (m, out.exit),
         Err(e) => (Vec::new(), super::ExitKind::HostError(e.to_string())),

@@ -183,6 +183,60 @@ pub fn run_loop(index: usize, mut vcpu: VcpuFd, shared: Arc<Shared>) {
         }
     }
     RUN.with(|r| r.set(std::ptr::null_mut()));
+    // Only a timeout needs the diagnosis (and its few dozen ioctls).
+    if matches!(*shared.cause.lock().unwrap(), Some(Cause::Timeout)) {
+        shared.vcpu_states.lock().unwrap().push((index, describe(&vcpu, &shared.mem)));
+    }
+}
+
+/// Kernel-text-looking words on the top of a vCPU's stack: return
+/// addresses, for symbolising a stuck guest with its vmlinux.
+fn stack_words(vcpu: &VcpuFd, mem: &vm_memory::GuestMemoryMmap, rsp: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    for i in 0..64u64 {
+        let va = rsp.wrapping_add(i * 8);
+        let Ok(t) = vcpu.translate_gva(va) else { break };
+        if t.valid == 0 {
+            break;
+        }
+        let Ok(w) = mem.read_obj::<u64>(GuestAddress(t.physical_address)) else { break };
+        if (0xffff_ffff_8000_0000..0xffff_ffff_c000_0000).contains(&w) {
+            out.push(w);
+            if out.len() == 12 {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// One line of a stopped vCPU's state, for a timeout's diagnosis: where
+/// it was (RIP, CPL), whether it could take interrupts, and its MP state.
+pub fn describe(vcpu: &VcpuFd, mem: &vm_memory::GuestMemoryMmap) -> String {
+    let regs = vcpu.get_regs();
+    let sregs = vcpu.get_sregs();
+    let mp = vcpu.get_mp_state().map(|m| match m.mp_state {
+        kvm_bindings::KVM_MP_STATE_RUNNABLE => "runnable".to_string(),
+        KVM_MP_STATE_UNINITIALIZED => "uninitialized (never started)".to_string(),
+        kvm_bindings::KVM_MP_STATE_INIT_RECEIVED => "INIT received".to_string(),
+        kvm_bindings::KVM_MP_STATE_HALTED => "halted".to_string(),
+        kvm_bindings::KVM_MP_STATE_SIPI_RECEIVED => "SIPI received".to_string(),
+        other => format!("mp_state {other}"),
+    });
+    match (regs, sregs, mp) {
+        (Ok(r), Ok(s), Ok(mp)) => {
+            let stack: Vec<String> = stack_words(vcpu, mem, r.rsp).iter().map(|w| format!("{w:#x}")).collect();
+            format!(
+                "rip {:#x} rsp {:#x} cpl {} if {} {mp}; stack text words [{}]",
+                r.rip,
+                r.rsp,
+                s.cs.selector & 3,
+                (r.rflags >> 9) & 1,
+                stack.join(" ")
+            )
+        }
+        (r, s, mp) => format!("state unreadable: {:?}", r.err().or(s.err()).or(mp.err())),
+    }
 }
 
 /// Reads what KVM reports about an exit it could not emulate.
