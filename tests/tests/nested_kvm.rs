@@ -24,19 +24,7 @@ const DEFAULT_TESTS: &[&str] = &[
     "sched_ext:scx_simple_workload",
 ];
 
-/// Returns from the test (SKIP) or panics under KTSTR_NO_SKIP_MODE=1.
-macro_rules! premise {
-    ($cond:expr, $($why:tt)+) => {
-        if !$cond {
-            let why = format!($($why)+);
-            if std::env::var("KTSTR_NO_SKIP_MODE").is_ok_and(|v| v == "1") {
-                panic!("ktstr: FAIL: premise missing under KTSTR_NO_SKIP_MODE=1: {why}");
-            }
-            eprintln!("ktstr: SKIP: {why}");
-            return;
-        }
-    };
-}
+use ktstr_runtime::testing::{premise, slow_tests_enabled};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -95,12 +83,14 @@ fn parses_rig_result_lines() {
 
 #[test]
 fn kvm_backend_passes_under_nested_kvm() {
-    if std::env::var("KTSTR_SLOW_TESTS").map_or(true, |v| v != "1") {
-        eprintln!("ktstr: slow test not run (set KTSTR_SLOW_TESTS=1 to run the nested-KVM rig)");
+    if !slow_tests_enabled() {
         return;
     }
-    premise!(on_path("qemu-system-x86_64"), "qemu-system-x86_64 not found: apt-get install qemu-system-x86");
-    premise!(on_path("busybox"), "busybox not found: apt-get install busybox-static");
+    if !premise(on_path("qemu-system-x86_64"), "qemu-system-x86_64", "apt-get install qemu-system-x86")
+        || !premise(on_path("busybox"), "busybox", "apt-get install busybox-static")
+    {
+        return;
+    }
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"))
@@ -108,13 +98,21 @@ fn kvm_backend_passes_under_nested_kvm() {
     let deb = std::fs::read_dir(cache.join("debian/x/boot"))
         .ok()
         .and_then(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.to_string_lossy().contains("vmlinuz-6.12")));
-    premise!(deb.is_some(), "no Debian cloud kernel under {}: run scripts/setup.sh", cache.join("debian/x/boot").display());
-    let deb = deb.unwrap();
-    let ktstr = ktstr_runtime::discovery::discover().map(|f| f.image);
-    premise!(ktstr.is_ok(), "no ktstr kernel: {}", ktstr.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
-    let ktstr = ktstr.unwrap();
-    let (examples, sched_ext) = (sibling_binary("examples"), sibling_binary("sched_ext"));
-    premise!(examples.is_some() && sched_ext.is_some(), "test binaries not built: cargo build -p ktstr-tests --tests");
+    let Some(deb) = deb else {
+        premise(false, &format!("a Debian cloud kernel under {}", cache.join("debian/x/boot").display()), "run scripts/setup.sh");
+        return;
+    };
+    let ktstr = match ktstr_runtime::discovery::discover() {
+        Ok(f) => f.image,
+        Err(e) => {
+            premise(false, &format!("a ktstr kernel ({e})"), "set KTSTR_TEST_KERNEL");
+            return;
+        }
+    };
+    let (Some(examples), Some(sched_ext)) = (sibling_binary("examples"), sibling_binary("sched_ext")) else {
+        premise(false, "the examples and sched_ext test binaries", "cargo build -p ktstr-tests --tests");
+        return;
+    };
     let sched_dir = std::env::var_os("KTSTR_SCHEDULER_DIR").map(PathBuf::from);
 
     let tests: Vec<String> = match std::env::var("NESTED_KVM_TESTS") {
@@ -122,8 +120,8 @@ fn kvm_backend_passes_under_nested_kvm() {
         _ => DEFAULT_TESTS.iter().map(|s| s.to_string()).collect(),
     };
     let mut cmd = Command::new(repo().join("scripts/nested-kvm.sh"));
-    cmd.arg("--bin").arg(format!("examples={}", examples.unwrap().display()));
-    cmd.arg("--bin").arg(format!("sched_ext={}", sched_ext.unwrap().display()));
+    cmd.arg("--bin").arg(format!("examples={}", examples.display()));
+    cmd.arg("--bin").arg(format!("sched_ext={}", sched_ext.display()));
     cmd.arg("--kernel").arg(format!("ktstr={}", ktstr.display()));
     cmd.arg("--kernel").arg(format!("debian={}", deb.display()));
     if let Some(d) = &sched_dir {
