@@ -6,24 +6,12 @@ mod fixture;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use fixture::git;
+use fixture::{entries, git};
 
 fn ktstr(cache: &Path, args: &[&str]) -> Output {
     fixture::cargo_ktstr(cache).args(args).output().expect("run cargo-ktstr")
 }
 
-/// Names in the cache root that are entries (not locks, logs or dot files).
-fn entries(cache: &Path) -> Vec<String> {
-    std::fs::read_dir(cache)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.starts_with('.'))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 #[track_caller]
 fn assert_fails_one_line(cache: &Path, args: &[&str], wants: &[&str]) {
@@ -244,12 +232,8 @@ fn steps(record: &Path) -> Vec<String> {
 }
 
 fn need_make() -> bool {
-    if Command::new("make").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        return true;
-    }
-    assert!(std::env::var("KTSTR_NO_SKIP_MODE").map_or(true, |v| v != "1"), "KTSTR_NO_SKIP_MODE=1 but `make` is not installed");
-    eprintln!("SKIP: `make` is not installed");
-    false
+    let ok = Command::new("make").arg("--version").output().is_ok_and(|o| o.status.success());
+    ktstr_runtime::testing::premise(ok, "`make`", "apt-get install make")
 }
 
 /// Two runs building one dirty tree take turns on the tree's lock: no

@@ -4,8 +4,10 @@
 
 mod fixture;
 
+use fixture::entries;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -42,20 +44,6 @@ fn one_error_line(o: &Output) -> String {
     lines[0].to_string()
 }
 
-/// Entry directories in a cache root (no locks, logs or dot files).
-fn entries(cache: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(cache)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.starts_with('.'))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
 
 /// A `.tar.xz` of a fake source tree: enough (Makefile + Kconfig) for the
 /// version and the key; `extra` makes the bytes differ.
@@ -186,18 +174,8 @@ fn serve(routes: HashMap<String, Vec<u8>>) -> (String, Arc<AtomicUsize>) {
 }
 
 fn answer(mut s: TcpStream, routes: &HashMap<String, Vec<u8>>) {
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    if r.read_line(&mut line).is_err() {
-        return;
-    }
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).is_err() || h.trim().is_empty() {
-            break;
-        }
-    }
-    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let Some(path) = fixture::request_path(&s) else { return };
+    let path = path.as_str();
     match routes.get(path) {
         Some(body) => {
             let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());

@@ -5,7 +5,7 @@
 
 mod fixture;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -98,18 +98,7 @@ fn serve_mirror(version: String) -> String {
 }
 
 fn handle(mut s: TcpStream, version: &str) {
-    let mut line = String::new();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    if r.read_line(&mut line).is_err() {
-        return;
-    }
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).is_err() || h.trim().is_empty() {
-            break;
-        }
-    }
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let Some(path) = fixture::request_path(&s) else { return };
     let tarball = format!("/v6.x/linux-{version}.tar.xz");
     if path == "/v6.x/sha256sums.asc" {
         // kernel.org's format: clear-signed `<sha256>  <file>` lines.
