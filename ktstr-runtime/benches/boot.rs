@@ -2,9 +2,8 @@
 //! and vCPU count in `KTSTR_BENCH_CPUS` (default `1,2,4`), ktstr's backend
 //! booting the probe init (boot → /init, total) side by side with plain
 //! `qemu-system-x86_64` booting the same kernel with a static C init that
-//! powers off. Under TCG, multi-vCPU rows run twice: single-threaded TCG
-//! (ktstr's default) and multi-threaded (`KTSTR_TCG_THREAD=multi`), the
-//! cost of the text-patching crash fix (docs/vmm.md).
+//! powers off. Under TCG, multi-vCPU rows run twice: multi-threaded TCG
+//! (ktstr's default) and single-threaded (`KTSTR_TCG_THREAD=single`).
 //!
 //! `KTSTR_BENCH_KERNELS=... cargo bench -p ktstr-runtime --bench boot`
 

@@ -1,7 +1,7 @@
 //! TCG stress: boots each kernel many times at 2 and 4 vCPUs under the QEMU
 //! TCG backend with a spinner body on every vCPU, and counts guest crashes.
-//! Proves the multi-vCPU TCG crash fix (`KTSTR_TCG_THREAD`, docs/vmm.md);
-//! `KTSTR_TCG_THREAD=multi` runs the same loop the old way for comparison.
+//! Hunts the rare multi-vCPU `Oops: int3` (docs/vmm.md) in either TCG mode:
+//! `KTSTR_TCG_THREAD=single|multi` (default multi).
 //!
 //! `KTSTR_BENCH_KERNELS="a;b" [KTSTR_STRESS_BOOTS=100] [KTSTR_STRESS_CPUS=2,4]
 //!  [KTSTR_STRESS_SPIN_MS=300] cargo bench -p ktstr-runtime --bench tcg_stress`

@@ -21,15 +21,18 @@ use crate::channel;
 
 const QEMU: &str = "qemu-system-x86_64";
 const POLL: Duration = Duration::from_millis(5);
-/// `KTSTR_TCG_THREAD=multi` opts back into multi-threaded TCG (see [`TcgThread`]).
+/// `KTSTR_TCG_THREAD=single|multi` picks QEMU's TCG threading (see [`TcgThread`]).
 pub const TCG_THREAD_ENV: &str = "KTSTR_TCG_THREAD";
+/// Extra arguments appended to QEMU's command line.
+pub const QEMU_ARGS_ENV: &str = "KTSTR_QEMU_ARGS";
 
-/// How QEMU runs the vCPUs. Multi-threaded TCG (one host thread per vCPU)
-/// lets a vCPU keep executing a translation of kernel text that another
-/// vCPU has just re-patched (`text_poke_bp`'s int3 protocol for static keys
-/// and alternatives): the stale int3 fires after the patch is done and the
-/// guest dies with "Oops: int3". One thread round-robins the vCPUs, so a
-/// code write invalidates every translation before any other vCPU runs.
+/// How QEMU runs the vCPUs. Multi-threaded (the default, one host thread
+/// per vCPU) keeps guest CPU time honest: single-threaded TCG round-robins
+/// busy vCPUs in 100 ms slices while the guest clock runs on, so tasks get
+/// charged for time their vCPU was not running and fair-share checks fail
+/// (4 of 16 runs of `two_cgroups_share_cpu` here, 0 of 16 multi-threaded).
+/// Single-threaded rules out cross-vCPU races on re-patched kernel text,
+/// the suspected cause of rare `Oops: int3` boots (docs/vmm.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TcgThread {
     Single,
@@ -37,12 +40,12 @@ pub enum TcgThread {
 }
 
 impl TcgThread {
-    /// `KTSTR_TCG_THREAD`: `single` (default) or `multi`.
+    /// `KTSTR_TCG_THREAD`: `multi` (default) or `single`.
     pub fn from_env() -> Result<Self, VmError> {
         match std::env::var(TCG_THREAD_ENV).as_deref() {
-            Err(_) | Ok("") | Ok("single") => Ok(TcgThread::Single),
-            Ok("multi") => Ok(TcgThread::Multi),
-            Ok(other) => Err(VmError::Host(anyhow!("{TCG_THREAD_ENV}={other:?} is not a TCG mode; use single or multi"))),
+            Err(_) | Ok("") | Ok("multi") => Ok(TcgThread::Multi),
+            Ok("single") => Ok(TcgThread::Single),
+            Ok(other) => Err(VmError::Host(anyhow!("{TCG_THREAD_ENV}={other:?} is not a TCG mode; use multi or single"))),
         }
     }
 
@@ -118,6 +121,10 @@ pub fn args(cfg: &VmConfig, dir: &Path, threads: TcgThread) -> Vec<String> {
     if let Some(i) = &cfg.initramfs {
         a.push("-initrd".into());
         a.push(i.display().to_string());
+    }
+    // Extra QEMU arguments for debugging (`-d int`, `-icount ...`), split on spaces.
+    if let Ok(extra) = std::env::var(QEMU_ARGS_ENV) {
+        a.extend(extra.split_whitespace().map(str::to_string));
     }
     a
 }
