@@ -8,14 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// `testing::premise` as an early return.
 macro_rules! premise {
-    ($cond:expr, $($why:tt)+) => {
-        if !$cond {
-            let why = format!($($why)+);
-            if std::env::var("KTSTR_NO_SKIP_MODE").is_ok_and(|v| v == "1") {
-                panic!("ktstr: FAIL: premise missing under KTSTR_NO_SKIP_MODE=1: {why}");
-            }
-            eprintln!("ktstr: SKIP: {why}");
+    ($cond:expr, $what:expr, $fix:expr) => {
+        if !ktstr_runtime::testing::premise($cond, $what, $fix) {
             return;
         }
     };
@@ -68,7 +64,9 @@ fn run_copy_in(dir: &Path, args: &str) -> Option<Output> {
     // A private cache so the embedded bytes are written fresh, not found.
     let cache = dir.join("cache");
     let mut cmd = Command::new("unshare");
-    // The kernel as this process finds it: the private cache hides the user's.
+    // The kernel as this process finds it (the private cache hides the
+    // user's), in single-kernel mode whatever `cargo ktstr test` exported.
+    cmd.env_remove("KTSTR_KERNEL_LIST");
     if let Ok(found) = ktstr_runtime::discovery::discover() {
         cmd.env("KTSTR_TEST_KERNEL", found.image);
     }
@@ -84,9 +82,9 @@ fn run_copy_in(dir: &Path, args: &str) -> Option<Output> {
 
 #[test]
 fn copied_binary_finds_include_files_on_the_host() {
-    premise!(can_hide_sources(), "needs root and `unshare --mount` to hide the sources");
+    premise!(can_hide_sources(), "root and `unshare --mount` (to hide the sources)", "run as root with util-linux");
     let out = run_copy_without_sources("host_reads_include_files");
-    premise!(out.is_some(), "examples test binary not built: cargo build -p ktstr-tests --tests");
+    premise!(out.is_some(), "the examples test binary", "cargo build -p ktstr-tests --tests");
     let out = out.unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "exit {:?}:\n{text}", out.status);
@@ -96,10 +94,10 @@ fn copied_binary_finds_include_files_on_the_host() {
 /// The same in a VM: the guest sees the file at /include/hello.txt.
 #[test]
 fn copied_binary_finds_include_files_in_the_guest() {
-    premise!(can_hide_sources(), "needs root and `unshare --mount` to hide the sources");
-    premise!(ktstr_runtime::discovery::discover().is_ok(), "no kernel found for a VM test (set KTSTR_TEST_KERNEL)");
+    premise!(can_hide_sources(), "root and `unshare --mount` (to hide the sources)", "run as root with util-linux");
+    premise!(ktstr_runtime::discovery::discover().is_ok(), "a kernel for a VM test", "set KTSTR_TEST_KERNEL");
     let out = run_copy_without_sources("guest_gets_cmdline_and_files");
-    premise!(out.is_some(), "examples test binary not built: cargo build -p ktstr-tests --tests");
+    premise!(out.is_some(), "the examples test binary", "cargo build -p ktstr-tests --tests");
     let out = out.unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "exit {:?}:\n{text}", out.status);
@@ -109,13 +107,13 @@ fn copied_binary_finds_include_files_in_the_guest() {
 /// An exported `.run` carries the include file too.
 #[test]
 fn copied_binary_exports_its_include_files() {
-    premise!(can_hide_sources(), "needs root and `unshare --mount` to hide the sources");
-    premise!(ktstr_runtime::discovery::discover().is_ok(), "no kernel found (set KTSTR_TEST_KERNEL)");
+    premise!(can_hide_sources(), "root and `unshare --mount` (to hide the sources)", "run as root with util-linux");
+    premise!(ktstr_runtime::discovery::discover().is_ok(), "a kernel", "set KTSTR_TEST_KERNEL");
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("t.run");
     let args = format!("--ktstr-export-test=guest_gets_cmdline_and_files --ktstr-export-output='{}'", run.display());
     let out = run_copy_in(dir.path(), &args);
-    premise!(out.is_some(), "examples test binary not built: cargo build -p ktstr-tests --tests");
+    premise!(out.is_some(), "the examples test binary", "cargo build -p ktstr-tests --tests");
     let out = out.unwrap();
     assert!(out.status.success(), "export: {:?} {}", out.status, String::from_utf8_lossy(&out.stderr));
     let x = dir.path().join("x");
