@@ -236,18 +236,25 @@ fn need_make() -> bool {
     ktstr_runtime::testing::premise(ok, "`make`", "apt-get install make")
 }
 
-/// Two runs building one dirty tree take turns on the tree's lock: no
-/// configure or make step of one overlaps the other's, the second says
-/// it waits, and both end with the tree's image (never cached).
-#[test]
-fn in_place_builds_of_one_tree_take_turns() {
+/// A temp dir holding a stand-in dirty tree `linux/` whose make steps log
+/// to `record`; `None` (after the premise report) without `make`.
+fn dirty_tree() -> Option<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> {
     if !need_make() {
-        return;
+        return None;
     }
     let d = tempfile::tempdir().unwrap();
     let tree = d.path().join("linux");
     let record = d.path().join("record");
     fake_tree(&tree, &record);
+    Some((d, tree, record))
+}
+
+/// Two runs building one dirty tree take turns on the tree's lock: no
+/// configure or make step of one overlaps the other's, the second says
+/// it waits, and both end with the tree's image (never cached).
+#[test]
+fn in_place_builds_of_one_tree_take_turns() {
+    let Some((d, tree, record)) = dirty_tree() else { return };
     let cache = d.path().join("cache");
     let spawn = || {
         fixture::cargo_ktstr(&cache)
@@ -287,13 +294,7 @@ fn in_place_builds_of_one_tree_take_turns() {
 /// built) once, and the run is single-kernel.
 #[test]
 fn one_tree_named_twice_builds_once() {
-    if !need_make() {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
-    let tree = d.path().join("linux");
-    let record = d.path().join("record");
-    fake_tree(&tree, &record);
+    let Some((d, tree, record)) = dirty_tree() else { return };
     let work = d.path().join("work");
     std::fs::create_dir(&work).unwrap();
     let abs = work.join("../linux");
