@@ -2,8 +2,10 @@
 //! and vCPU count in `KTSTR_BENCH_CPUS` (default `1,2,4`), ktstr's backend
 //! booting the probe init (boot → /init, total) side by side with plain
 //! `qemu-system-x86_64` booting the same kernel with a static C init that
-//! powers off. Under TCG, multi-vCPU rows run twice: multi-threaded TCG
-//! (ktstr's default) and single-threaded (`KTSTR_TCG_THREAD=single`).
+//! powers off. Under TCG, multi-vCPU rows run three ways: multi-threaded
+//! TCG booting one CPU and onlining the rest from init (ktstr's default,
+//! `boot=one`), multi-threaded with every CPU at boot (`boot=all`, before
+//! the `Oops: int3` fix), and single-threaded (`KTSTR_TCG_THREAD=single`).
 //!
 //! `KTSTR_BENCH_KERNELS=... cargo bench -p ktstr-runtime --bench boot`
 
@@ -13,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ktstr_runtime::initramfs::Initramfs;
-use ktstr_runtime::vmm::qemu::{TcgThread, TCG_THREAD_ENV};
+use ktstr_runtime::vmm::qemu::{BootCpus, TcgThread, TCG_BOOT_CPUS_ENV, TCG_THREAD_ENV};
 use ktstr_runtime::vmm::{Topology, Vm};
 
 const RUNS: usize = 3;
@@ -82,15 +84,20 @@ fn main() {
     let plain = static_initramfs(tmp.path());
     let probe = Initramfs::new(env!("CARGO_BIN_EXE_ktstr-probe-init")).unwrap().build_cached().unwrap();
     println!(
-        "{:<40} {:>5} {:>8} {:>10} {:>13} {:>9} {:>13} {:>9}",
+        "{:<40} {:>5} {:>14} {:>10} {:>13} {:>9} {:>13} {:>9}",
         "kernel", "vcpus", "tcg", "backend", "ktstr→/init", "total", "plain→/init", "total"
     );
     for k in list.split(';').map(PathBuf::from) {
         for &cpus in &cpu_list {
-            let modes: &[TcgThread] = if cpus > 1 { &[TcgThread::Single, TcgThread::Multi] } else { &[TcgThread::Single] };
-            for &mode in modes {
+            let modes: &[(TcgThread, BootCpus)] = if cpus > 1 {
+                &[(TcgThread::Single, BootCpus::All), (TcgThread::Multi, BootCpus::All), (TcgThread::Multi, BootCpus::One)]
+            } else {
+                &[(TcgThread::Single, BootCpus::All)]
+            };
+            for &(mode, boot) in modes {
                 // The backend reads the mode from the environment; nothing else runs yet.
                 std::env::set_var(TCG_THREAD_ENV, if mode == TcgThread::Single { "single" } else { "multi" });
+                std::env::set_var(TCG_BOOT_CPUS_ENV, if boot == BootCpus::One { "one" } else { "all" });
                 let (mut ki, mut kt, mut pi, mut pt) = (vec![], vec![], vec![], vec![]);
                 let mut backend = String::new();
                 for _ in 0..RUNS {
@@ -114,10 +121,10 @@ fn main() {
                 let name = k.file_name().unwrap().to_string_lossy().into_owned();
                 let name = if name == "bzImage" { k.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned() } else { name };
                 println!(
-                    "{:<40} {:>5} {:>8} {:>10} {:>11}ms {:>7}ms {:>11}ms {:>7}ms",
+                    "{:<40} {:>5} {:>14} {:>10} {:>11}ms {:>7}ms {:>11}ms {:>7}ms",
                     name,
                     cpus,
-                    format!("{mode:?}").to_lowercase(),
+                    format!("{mode:?},boot={boot:?}").to_lowercase(),
                     backend,
                     median(ki).as_millis(),
                     median(kt).as_millis(),
@@ -128,5 +135,6 @@ fn main() {
         }
     }
     std::env::remove_var(TCG_THREAD_ENV);
-    println!("(medians of {RUNS} runs, 256 MiB; `tcg` is QEMU's TCG threading, for ktstr and plain alike)");
+    std::env::remove_var(TCG_BOOT_CPUS_ENV);
+    println!("(medians of {RUNS} runs, 256 MiB; `tcg` is QEMU's TCG threading, for ktstr and plain alike; boot= applies to ktstr only, plain QEMU brings up every CPU at boot)");
 }

@@ -1,7 +1,9 @@
 //! TCG stress: boots each kernel many times at 2 and 4 vCPUs under the QEMU
 //! TCG backend with a spinner body on every vCPU, and counts guest crashes.
 //! Hunts the rare multi-vCPU `Oops: int3` (docs/vmm.md) in either TCG mode:
-//! `KTSTR_TCG_THREAD=single|multi` (default multi).
+//! `KTSTR_TCG_THREAD=single|multi` (default multi), and under multi either
+//! boot mode: `KTSTR_TCG_BOOT_CPUS=one` (default: `maxcpus=1`, init onlines
+//! the rest) or `all` (every CPU at boot, as before the fix).
 //!
 //! `KTSTR_BENCH_KERNELS="a;b" [KTSTR_STRESS_BOOTS=100] [KTSTR_STRESS_CPUS=2,4]
 //!  [KTSTR_STRESS_SPIN_MS=300] cargo bench -p ktstr-runtime --bench tcg_stress`
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ktstr_runtime::initramfs::Initramfs;
-use ktstr_runtime::vmm::qemu::TcgThread;
+use ktstr_runtime::vmm::qemu::{BootCpus, TcgThread};
 use ktstr_runtime::vmm::{BackendKind, Topology, Vm};
 use ktstr_runtime::vmm::{ExitKind, VmResult};
 
@@ -60,8 +62,9 @@ fn main() {
     let spin_ms: u64 = env_or("KTSTR_STRESS_SPIN_MS", 300);
     let cpu_list = std::env::var("KTSTR_STRESS_CPUS").unwrap_or_else(|_| "2,4".into());
     let mode = TcgThread::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let boot = BootCpus::from_env().unwrap_or_else(|e| panic!("{e}"));
     let probe = Initramfs::new(env!("CARGO_BIN_EXE_ktstr-probe-init")).unwrap().build_cached().unwrap();
-    println!("TCG stress: {boots} boots per kernel and vCPU count, spinner body {spin_ms} ms on every vCPU, TCG {mode:?}");
+    println!("TCG stress: {boots} boots per kernel and vCPU count, spinner body {spin_ms} ms on every vCPU, TCG {mode:?}, boot CPUs {boot:?}");
     println!("{:<44} {:>5} {:>6} {:>6} {:>12} {:>12}", "kernel", "vcpus", "boots", "bad", "median ms", "max ms");
     let mut total_bad = 0;
     for k in list.split(';').filter(|s| !s.is_empty()).map(PathBuf::from) {

@@ -68,6 +68,13 @@ fn main() {
     if let Ok(ch) = ch.as_mut() {
         let _ = ch.send(kind::INIT, b"ktstr-probe-init");
     }
+    match ktstr_runtime::guest::cpus::online_all() {
+        Ok(b) if !b.onlined.is_empty() => {
+            println!("ktstr-probe: onlined {} CPUs in {} ms", b.onlined.len(), b.took.as_millis())
+        }
+        Ok(_) => {}
+        Err(e) => println!("ktstr-probe: {e}"),
+    }
     let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
     let nodes = std::fs::read_dir("/sys/devices/system/node")
         .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("node")).count())

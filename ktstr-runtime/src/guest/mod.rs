@@ -1,11 +1,13 @@
 //! The guest side: the test binary as `/init` (PID 1) inside the VM.
 //!
 //! Mounts the usual filesystems (and devpts, debugfs, tracefs and bpffs
-//! where the kernel has them), runs the test body named by
+//! where the kernel has them), brings the CPUs the kernel left offline
+//! online (`maxcpus=1` under TCG, see [`cpus`]), runs the test body named by
 //! `ktstr.test=NAME` in a supervised child, sends the verdict over the
 //! data channel (and prints it on the console as a fallback), then powers
 //! off. Every path ends in a power-off so the host never waits for a hang.
 
+pub mod cpus;
 pub mod supervise;
 
 use std::ffi::CString;
@@ -86,14 +88,25 @@ pub fn init() -> ! {
     for p in &problems {
         println!("ktstr: guest: {p}");
     }
+    let bringup = cpus::online_all();
+    match &bringup {
+        Ok(b) if !b.onlined.is_empty() => {
+            println!("ktstr: guest: brought {} CPUs online in {} ms", b.onlined.len(), b.took.as_millis())
+        }
+        Ok(_) => {}
+        Err(e) => println!("ktstr: guest: {e}"),
+    }
     let absent = mount_tool_filesystems();
     if !absent.is_empty() {
         println!("ktstr: guest: this kernel offers no {} (tools that need them will not work)", absent.join(", "));
     }
-    let verdict = std::panic::catch_unwind(run_named_test).unwrap_or_else(|p| {
-        Verdict::fail(format!("ktstr guest init panicked: {}", supervise::panic_message(&*p)))
-    });
-    let mut verdict = verdict;
+    // A test must never run on fewer CPUs than its topology asked for.
+    let mut verdict = match bringup {
+        Err(e) => Verdict::fail(format!("guest CPU bring-up failed: {e}")),
+        Ok(_) => std::panic::catch_unwind(run_named_test).unwrap_or_else(|p| {
+            Verdict::fail(format!("ktstr guest init panicked: {}", supervise::panic_message(&*p)))
+        }),
+    };
     verdict.kernel_release =
         std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
     let json = serde_json::to_string(&verdict).unwrap_or_default();

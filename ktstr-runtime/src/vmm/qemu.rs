@@ -25,6 +25,40 @@ const POLL: Duration = Duration::from_millis(5);
 pub const TCG_THREAD_ENV: &str = "KTSTR_TCG_THREAD";
 /// Extra arguments appended to QEMU's command line.
 pub const QEMU_ARGS_ENV: &str = "KTSTR_QEMU_ARGS";
+/// `KTSTR_TCG_BOOT_CPUS=one|all` (see [`BootCpus`]).
+pub const TCG_BOOT_CPUS_ENV: &str = "KTSTR_TCG_BOOT_CPUS";
+
+/// How many CPUs the kernel brings up itself under multi-threaded TCG.
+/// `One` (the default) boots with `maxcpus=1` and guest init onlines the
+/// rest (`guest::cpus`): the boot-time text patching then never runs while
+/// another vCPU executes the patched code, which under multi-threaded TCG
+/// could leave a stale breakpoint translation behind (`Oops: int3`,
+/// docs/vmm.md). `All` is the old behaviour, kept for the benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootCpus {
+    One,
+    All,
+}
+
+impl BootCpus {
+    pub fn from_env() -> Result<Self, VmError> {
+        match std::env::var(TCG_BOOT_CPUS_ENV).as_deref() {
+            Err(_) | Ok("") | Ok("one") => Ok(BootCpus::One),
+            Ok("all") => Ok(BootCpus::All),
+            Ok(other) => Err(VmError::Host(anyhow!("{TCG_BOOT_CPUS_ENV}={other:?} is not a boot mode; use one or all"))),
+        }
+    }
+}
+
+/// The guest kernel command line QEMU gets: the config's, plus `maxcpus=1`
+/// when several vCPUs would otherwise come up together under multi-threaded TCG.
+pub fn kernel_cmdline(cfg: &VmConfig, threads: TcgThread, boot: BootCpus) -> String {
+    if threads == TcgThread::Multi && boot == BootCpus::One && cfg.topology.total_cpus() > 1 {
+        format!("{} maxcpus=1", cfg.cmdline)
+    } else {
+        cfg.cmdline.clone()
+    }
+}
 
 /// How QEMU runs the vCPUs. Multi-threaded (the default, one host thread
 /// per vCPU) keeps guest CPU time honest: single-threaded TCG round-robins
@@ -60,7 +94,7 @@ impl TcgThread {
 
 /// The QEMU argument list for a config (without the per-run file paths
 /// that [`run`] adds). Public for tests and for `--dry-run` style output.
-pub fn args(cfg: &VmConfig, dir: &Path, threads: TcgThread) -> Vec<String> {
+pub fn args(cfg: &VmConfig, dir: &Path, threads: TcgThread, boot: BootCpus) -> Vec<String> {
     let t = cfg.topology;
     let mut a: Vec<String> = vec![
         "-nodefaults".into(),
@@ -116,7 +150,7 @@ pub fn args(cfg: &VmConfig, dir: &Path, threads: TcgThread) -> Vec<String> {
         "-kernel".into(),
         cfg.kernel.display().to_string(),
         "-append".into(),
-        cfg.cmdline.clone(),
+        kernel_cmdline(cfg, threads, boot),
     ]);
     if let Some(i) = &cfg.initramfs {
         a.push("-initrd".into());
@@ -145,13 +179,14 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         )));
     }
     let threads = TcgThread::from_env()?;
+    let boot_cpus = BootCpus::from_env()?;
     let shm = Path::new("/dev/shm");
     let dir = tempfile::Builder::new()
         .prefix("ktstr-vm-")
         .tempdir_in(if shm.is_dir() { shm } else { Path::new("/tmp") })
         .context("creating the VM's scratch directory")?;
     let mut child = Command::new(QEMU)
-        .args(args(cfg, dir.path(), threads))
+        .args(args(cfg, dir.path(), threads, boot_cpus))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -344,17 +379,29 @@ mod tests {
 
     #[test]
     fn smp_and_numa_args() {
-        let a = args(&cfg(Topology::new(2, 2, 2, 2), 512), Path::new("/d"), TcgThread::Single).join(" ");
+        let a = args(&cfg(Topology::new(2, 2, 2, 2), 512), Path::new("/d"), TcgThread::Single, BootCpus::One).join(" ");
         assert!(a.contains("-accel tcg,thread=single"), "{a}");
         assert!(a.contains("-smp 16,sockets=4,cores=2,threads=2"), "{a}");
         assert!(a.contains("node,nodeid=0,cpus=0-7,memdev=m0"), "{a}");
         assert!(a.contains("node,nodeid=1,cpus=8-15,memdev=m1"), "{a}");
         assert!(a.contains("size=256M,mem-path=/d/ram1"), "{a}");
         assert!(!a.contains("memory-backend=m0"));
-        let one = args(&cfg(Topology::cpus(4), 256), Path::new("/d"), TcgThread::Multi).join(" ");
+        let one = args(&cfg(Topology::cpus(4), 256), Path::new("/d"), TcgThread::Multi, BootCpus::One).join(" ");
         assert!(one.contains("-accel tcg,thread=multi"), "{one}");
         assert!(one.contains("-smp 4,sockets=1,cores=4,threads=1"));
         assert!(one.contains("memory-backend=m0") && !one.contains("-numa"));
+    }
+
+    #[test]
+    fn multi_threaded_boots_bring_up_one_cpu() {
+        let four = cfg(Topology::cpus(4), 256);
+        assert_eq!(kernel_cmdline(&four, TcgThread::Multi, BootCpus::One), "console=ttyS0 maxcpus=1");
+        assert_eq!(kernel_cmdline(&four, TcgThread::Multi, BootCpus::All), "console=ttyS0");
+        assert_eq!(kernel_cmdline(&four, TcgThread::Single, BootCpus::One), "console=ttyS0");
+        assert_eq!(kernel_cmdline(&cfg(Topology::cpus(1), 256), TcgThread::Multi, BootCpus::One), "console=ttyS0");
+        let a = args(&four, Path::new("/d"), TcgThread::Multi, BootCpus::One);
+        let i = a.iter().position(|x| x == "-append").unwrap();
+        assert_eq!(a[i + 1], "console=ttyS0 maxcpus=1");
     }
 
     #[test]
