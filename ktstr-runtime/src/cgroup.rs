@@ -103,6 +103,11 @@ impl Cgroup {
         WorkerGroup::new(&self.name, Some(self.path.clone()), n, Work::SleepWake { run, sleep })
     }
 
+    /// `n` workers of any work type in this cgroup.
+    pub fn work(&self, n: usize, work: Work) -> WorkerGroup {
+        WorkerGroup::new(&self.name, Some(self.path.clone()), n, work)
+    }
+
     /// Leaves the cgroup in place after the test.
     pub fn keep(mut self) -> Self {
         self.keep = true;

@@ -37,6 +37,14 @@ impl CpuSet {
     pub fn is_subset(&self, of: &CpuSet) -> bool {
         self.words.iter().enumerate().all(|(i, w)| w & !of.words.get(i).copied().unwrap_or(0) == 0)
     }
+    /// The CPUs in both sets.
+    pub fn and(&self, o: &CpuSet) -> CpuSet {
+        let mut words: Vec<u64> = self.words.iter().zip(&o.words).map(|(a, b)| a & b).collect();
+        while words.last() == Some(&0) {
+            words.pop();
+        }
+        CpuSet { words }
+    }
     pub fn len(&self) -> u32 {
         self.words.iter().map(|w| w.count_ones()).sum()
     }
@@ -136,6 +144,8 @@ mod tests {
         assert!(CpuSet::empty().with(200).is_subset(&CpuSet::first(201)));
         assert!(!CpuSet::empty().with(200).is_subset(&CpuSet::first(200)));
         assert!(CpuSet::first(2).is_subset(&s));
+        assert_eq!(s.and(&CpuSet::parse("1-64").unwrap()).to_string(), "1,63-64");
+        assert_eq!(s.and(&CpuSet::parse("300").unwrap()), CpuSet::empty(), "no trailing zero words");
         assert_eq!(CpuSet::empty().with(3).with(200), CpuSet::parse("3,200").unwrap());
         assert!(CpuSet::parse("0-99999999").is_err(), "absurd ranges are refused");
         let json = serde_json::to_string(&s).unwrap();

@@ -190,9 +190,18 @@ impl Ctx {
         WorkerGroup::new("sleepers", None, n, Work::SleepWake { run, sleep })
     }
 
-    /// Runs every group's workers at once for `dur` and collects reports.
+    /// `n` workers of any work type outside any test cgroup, labelled by
+    /// the work type's name (`.label()` renames them).
+    pub fn work(&self, n: usize, work: Work) -> WorkerGroup {
+        WorkerGroup::new(work.name(), None, n, work)
+    }
+
+    /// Runs every group's workers at once for `dur` and collects reports,
+    /// then applies the checks the test declared in its attribute.
     pub fn run(&self, groups: &[WorkerGroup], dur: Duration) -> Result<Report> {
-        workers::run(groups, dur)
+        let report = workers::run(groups, dur)?;
+        report.check(&self.def.checks)?;
+        Ok(report)
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod cgroup;
 pub mod channel;
+pub mod checks;
 pub mod cpuset;
 pub mod ctx;
 pub mod discovery;
@@ -11,14 +12,18 @@ pub mod guest;
 pub mod host;
 pub mod initramfs;
 pub mod label;
+pub mod metrics;
 pub mod nextest;
+pub mod policy;
 pub mod prelude;
 pub mod registry;
 pub mod report;
 pub mod scheduler;
+pub mod summary;
 pub mod testing;
 pub mod verdict;
 pub mod vmm;
+pub mod work;
 pub mod workers;
 
 pub use ktstr_macros::ktstr_test;

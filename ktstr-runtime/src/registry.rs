@@ -28,6 +28,8 @@ pub struct TestDef {
     pub include_data: &'static [&'static [u8]],
     /// sched_ext scheduler the body runs under; `None` is the kernel default.
     pub scheduler: Option<&'static crate::scheduler::Scheduler>,
+    /// Checks `ctx.run` applies to every report (`max_gap_ms = 50`, ...).
+    pub checks: crate::checks::Checks,
     pub file: &'static str,
     pub line: u32,
 }
@@ -50,6 +52,7 @@ impl TestDef {
         include_files: &[],
         include_data: &[],
         scheduler: None,
+        checks: crate::checks::Checks::NONE,
         file: "",
         line: 0,
     };

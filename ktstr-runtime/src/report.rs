@@ -1,12 +1,14 @@
 //! What workers report, and the checks tests make over it.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+
+use crate::checks::failure;
 use serde::{Deserialize, Serialize};
 
 use crate::cpuset::CpuSet;
+use crate::metrics::Histogram;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WorkerReport {
@@ -28,8 +30,40 @@ pub struct WorkerReport {
     pub cpus: CpuSet,
     /// CPUs it was allowed (its cgroup's effective cpuset, else affinity).
     pub allowed: CpuSet,
-    /// Work chunks completed (a throughput proxy).
+    /// Work units of its type (chunks, yields, round trips, acquisitions, ...).
     pub iterations: u64,
+    /// Work type name (`spin`, `ping_pong`, ...).
+    pub work: String,
+    /// Longest stretch between two progress stamps while runnable.
+    pub max_gap: Duration,
+    /// When that stretch ended, from the worker's start.
+    pub max_gap_at: Duration,
+    /// Wake request → running, in ns (ping-pong, fan-out, mutex).
+    pub wake: Histogram,
+    /// Time spent runnable but waiting on a runqueue (`/proc/PID/schedstat`).
+    pub run_delay: Option<Duration>,
+    /// Timeslices run (`/proc/PID/schedstat`).
+    pub timeslices: Option<u64>,
+    pub voluntary_csw: u64,
+    pub involuntary_csw: u64,
+    pub minor_faults: u64,
+    /// Affinity churn: times the CPU after `sched_setaffinity` was not the one asked.
+    pub affinity_misses: u64,
+    /// Mutex work: times another worker was found inside the critical section.
+    pub exclusion_violations: u64,
+    /// Fork churn: children that failed to fork or exit cleanly.
+    pub failed_children: u64,
+    /// Sequence work: iterations of each phase.
+    pub phase_iterations: Vec<u64>,
+    /// Set when the worker could not apply its policy, affinity or comm.
+    pub error: Option<String>,
+}
+
+impl WorkerReport {
+    /// `group[index]`, how checks name a worker.
+    pub fn name(&self) -> String {
+        format!("{}[{}]", self.group, self.index)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -40,17 +74,29 @@ pub struct Report {
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{:<12} {:>3} {:>7} {:>10} {:>8} {:>7} {:<10} {:<10}", "group", "#", "pid", "runtime_ms", "wakeups", "migr", "ran_on", "allowed")?;
+        writeln!(
+            f,
+            "{:<12} {:>3} {:<14} {:>7} {:>10} {:>9} {:>7} {:>5} {:>8} {:>9} {:>9} {:>7} {:>7} {:<8} {:<8}",
+            "group", "#", "work", "pid", "runtime_ms", "iters", "wakeups", "migr", "gap_ms", "wake99_us", "delay_ms", "vcsw", "icsw", "ran_on", "allowed"
+        )?;
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
         for w in &self.workers {
             writeln!(
                 f,
-                "{:<12} {:>3} {:>7} {:>10.1} {:>8} {:>7} {:<10} {:<10}",
+                "{:<12} {:>3} {:<14} {:>7} {:>10.1} {:>9} {:>7} {:>5} {:>8.2} {:>9} {:>9} {:>7} {:>7} {:<8} {:<8}",
                 w.group,
                 w.index,
+                w.work,
                 w.pid,
                 w.runtime.as_secs_f64() * 1e3,
+                w.iterations,
                 w.wakeups,
                 w.migrations,
+                w.max_gap.as_secs_f64() * 1e3,
+                opt(w.wake.quantile(0.99).map(|v| v as f64 / 1e3)),
+                opt(w.run_delay.map(|d| d.as_secs_f64() * 1e3)),
+                w.voluntary_csw,
+                w.involuntary_csw,
                 w.cpus.to_string(),
                 w.allowed.to_string()
             )?;
@@ -83,29 +129,29 @@ impl Report {
     }
 
     /// Every worker ran: at least [`STARVED_FRACTION`] of the mean runtime
-    /// of its kind, and a sleep/wake worker woke at least once.
+    /// of its work type, and a sleeping type woke at least once.
     pub fn assert_no_starvation(&self) -> Result<&Self> {
-        let mut bad = String::new();
-        for spin in [true, false] {
-            let ws: Vec<&WorkerReport> = self.workers.iter().filter(|w| w.spinner == spin).collect();
+        let mut offenders = Vec::new();
+        let mut kinds: Vec<&str> = self.workers.iter().map(|w| w.work.as_str()).collect();
+        kinds.dedup();
+        kinds.sort();
+        kinds.dedup();
+        for kind in kinds {
+            let ws: Vec<&WorkerReport> = self.workers.iter().filter(|w| w.work == kind).collect();
             let mean = Self::mean_runtime(&ws);
+            let sleeps = matches!(kind, "sleep_wake" | "bursty");
             for w in &ws {
                 let rt = w.runtime.as_secs_f64();
-                if rt <= 0.0 || rt < mean * STARVED_FRACTION || (!spin && w.wakeups == 0) {
-                    let _ = writeln!(
-                        bad,
-                        "  {}[{}] got {:.1} ms of CPU (mean {:.1} ms), {} wakeups",
-                        w.group,
-                        w.index,
-                        rt * 1e3,
-                        mean * 1e3,
-                        w.wakeups
-                    );
+                if rt <= 0.0 || rt < mean * STARVED_FRACTION || (sleeps && w.wakeups == 0) {
+                    offenders.push((
+                        w.name(),
+                        format!("got {:.1} ms of CPU (limit {:.1} ms = {:.0} % of the {kind} mean {:.1} ms), {} wakeups", rt * 1e3, mean * STARVED_FRACTION * 1e3, STARVED_FRACTION * 100.0, mean * 1e3, w.wakeups),
+                    ));
                 }
             }
         }
-        if !bad.is_empty() {
-            bail!("starved workers:\n{bad}{self}");
+        if !offenders.is_empty() {
+            return Err(failure("not_starved: starved workers", &offenders, self));
         }
         Ok(self)
     }
@@ -118,37 +164,29 @@ impl Report {
             bail!("assert_fair_share: no CPU spinners in the report");
         }
         let mean = Self::mean_runtime(&ws);
-        let mut bad = String::new();
+        let mut offenders = Vec::new();
         for w in &ws {
             let dev = (w.runtime.as_secs_f64() - mean).abs() / mean.max(1e-9);
             if dev > tolerance {
-                let _ = writeln!(
-                    bad,
-                    "  {}[{}] got {:.1} ms, {:+.0}% off the mean {:.1} ms",
-                    w.group,
-                    w.index,
-                    w.runtime.as_secs_f64() * 1e3,
-                    (w.runtime.as_secs_f64() / mean - 1.0) * 100.0,
-                    mean * 1e3
-                );
+                offenders.push((w.name(), format!("got {:.1} ms, {:+.0}% off the mean {:.1} ms", w.runtime.as_secs_f64() * 1e3, (w.runtime.as_secs_f64() / mean - 1.0) * 100.0, mean * 1e3)));
             }
         }
-        if !bad.is_empty() {
-            bail!("CPU time not shared within ±{:.0}%:\n{bad}{self}", tolerance * 100.0);
+        if !offenders.is_empty() {
+            return Err(failure(&format!("fair_share: CPU time not shared within ±{:.0}%", tolerance * 100.0), &offenders, self));
         }
         Ok(self)
     }
 
     /// No worker was seen on a CPU outside its allowed set.
     pub fn assert_in_cpuset(&self) -> Result<&Self> {
-        let mut bad = String::new();
-        for w in &self.workers {
-            if !w.cpus.is_subset(&w.allowed) {
-                let _ = writeln!(bad, "  {}[{}] ran on {} but was allowed only {}", w.group, w.index, w.cpus, w.allowed);
-            }
-        }
-        if !bad.is_empty() {
-            bail!("workers left their cpuset:\n{bad}{self}");
+        let offenders: Vec<_> = self
+            .workers
+            .iter()
+            .filter(|w| !w.cpus.is_subset(&w.allowed))
+            .map(|w| (w.name(), format!("ran on {} but was allowed only {}", w.cpus, w.allowed)))
+            .collect();
+        if !offenders.is_empty() {
+            return Err(failure("isolated: worker ran outside its cpuset", &offenders, self));
         }
         Ok(self)
     }
@@ -162,6 +200,7 @@ mod tests {
         WorkerReport {
             group: group.into(),
             spinner: true,
+            work: "spin".into(),
             runtime: Duration::from_millis(ms),
             cpus: CpuSet::parse(cpus).unwrap(),
             allowed: CpuSet::parse(allowed).unwrap(),
@@ -176,12 +215,14 @@ mod tests {
 
         let r = Report { duration: Duration::from_secs(1), workers: vec![w("a", 900, "0", "0"), w("b", 10, "0-1", "0")] };
         let e = r.assert_no_starvation().unwrap_err().to_string();
-        assert!(e.contains("b[0] got 10.0 ms"), "{e}");
-        assert!(r.assert_fair_share(0.5).unwrap_err().to_string().contains("not shared"));
+        assert!(e.lines().next().unwrap().starts_with("not_starved: starved workers: b[0] got 10.0 ms of CPU (limit 22.8 ms"), "{e}");
+        let e = r.assert_fair_share(0.5).unwrap_err().to_string();
+        assert!(e.lines().next().unwrap().starts_with("fair_share: CPU time not shared within ±50%: a[0] got 900.0 ms, +98% off"), "{e}");
         assert!(r.assert_in_cpuset().unwrap_err().to_string().contains("ran on 0-1 but was allowed only 0"));
 
         let mut sl = w("s", 100, "0", "0");
         sl.spinner = false;
+        sl.work = "sleep_wake".into();
         let r = Report { duration: Duration::from_secs(1), workers: vec![sl] };
         assert!(r.assert_no_starvation().unwrap_err().to_string().contains("0 wakeups"));
     }

@@ -1,5 +1,6 @@
-//! Worker processes: forked children that spin or sleep/wake until a
-//! shared deadline and report what the scheduler gave them.
+//! Worker processes: forked children that set themselves up (policy,
+//! nice, affinity, comm), do their work type until a shared deadline,
+//! and report what the scheduler gave them.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,14 +9,25 @@ use anyhow::{bail, Context, Result};
 
 use crate::cgroup::move_to;
 use crate::cpuset::CpuSet;
+use crate::metrics::SchedStat;
+use crate::policy::{set_affinity, set_comm, Policy};
 use crate::report::{Report, WorkerReport};
+use crate::work::tally::{cputime_ns, now_ns, Tally};
+use crate::work::{GroupRes, Role};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Work {
-    /// Burn CPU until the deadline.
-    Spin,
-    /// Burn CPU for `run`, sleep for `sleep`, repeat.
-    SleepWake { run: Duration, sleep: Duration },
+pub use crate::work::{Phase, Work};
+
+/// How each worker of a group sets itself up before it starts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkerOpts {
+    pub policy: Policy,
+    pub nice: i32,
+    /// Affinity of every worker (intersected with its cgroup's cpuset).
+    pub cpus: Option<CpuSet>,
+    /// Pins worker i to the (i mod len)-th CPU of this set instead.
+    pub pin_each: Option<CpuSet>,
+    /// `comm` of every worker (15 bytes kept).
+    pub comm: Option<String>,
 }
 
 /// `n` identical workers, optionally inside a cgroup.
@@ -25,32 +37,58 @@ pub struct WorkerGroup {
     pub cgroup: Option<PathBuf>,
     pub n: usize,
     pub work: Work,
+    pub opts: WorkerOpts,
 }
 
 impl WorkerGroup {
     pub fn new(label: &str, cgroup: Option<PathBuf>, n: usize, work: Work) -> Self {
-        Self { label: label.to_string(), cgroup, n, work }
+        Self { label: label.to_string(), cgroup, n, work, opts: WorkerOpts::default() }
     }
-}
+    /// Names the group in reports (default: its cgroup's name, or "workers").
+    pub fn label(mut self, label: &str) -> Self {
+        self.label = label.to_string();
+        self
+    }
+    pub fn policy(mut self, p: Policy) -> Self {
+        self.opts.policy = p;
+        self
+    }
+    pub fn nice(mut self, nice: i32) -> Self {
+        self.opts.nice = nice;
+        self
+    }
+    /// Every worker's CPU affinity.
+    pub fn cpus(mut self, cpus: CpuSet) -> Self {
+        self.opts.cpus = Some(cpus);
+        self
+    }
+    /// Worker i runs only on the (i mod len)-th CPU of `cpus`.
+    pub fn pin_each(mut self, cpus: CpuSet) -> Self {
+        self.opts.pin_each = Some(cpus);
+        self
+    }
+    pub fn comm(mut self, name: &str) -> Self {
+        self.opts.comm = Some(name.to_string());
+        self
+    }
 
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the struct we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+    /// The affinity worker `i` sets on itself, if any.
+    fn affinity_of(&self, i: usize) -> Option<CpuSet> {
+        if let Some(p) = &self.opts.pin_each {
+            let cpus: Vec<u32> = p.iter().collect();
+            return cpus.get(i % cpus.len().max(1)).map(|&c| CpuSet::empty().with(c));
+        }
+        self.opts.cpus.clone()
+    }
 
-fn cputime_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: as above.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn current_cpu() -> u32 {
-    // SAFETY: no preconditions.
-    let c = unsafe { libc::sched_getcpu() };
-    c.max(0) as u32
+    fn validate(&self) -> Result<()> {
+        self.work.validate(&self.label, self.n)?;
+        self.opts.policy.validate(self.opts.nice).map_err(|e| anyhow::anyhow!("group {}: {e}", self.label))?;
+        if self.opts.pin_each.as_ref().is_some_and(|s| s.is_empty()) || self.opts.cpus.as_ref().is_some_and(|s| s.is_empty()) {
+            bail!("group {}: empty CPU affinity; give at least one CPU", self.label);
+        }
+        Ok(())
+    }
 }
 
 /// CPUs this process may run on (its affinity mask), however many the
@@ -81,69 +119,64 @@ fn from_mask(mask: &[u64]) -> CpuSet {
     out
 }
 
-#[derive(Default)]
-struct Tally {
-    cpus: CpuSet,
-    last: Option<u32>,
-    migrations: u64,
-    iterations: u64,
+/// Rusage figures a worker reports as deltas.
+fn rusage() -> (u64, u64, u64) {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) };
+    (r.ru_nvcsw as u64, r.ru_nivcsw as u64, r.ru_minflt as u64)
 }
 
-impl Tally {
-    fn observe(&mut self) {
-        let c = current_cpu();
-        if self.last.is_some_and(|l| l != c) {
-            self.migrations += 1;
-        }
-        self.last = Some(c);
-        self.cpus.insert(c);
+/// Sets up the worker itself: affinity, comm, then policy and nice (in
+/// that order: a `SCHED_DEADLINE` admission sees the final affinity).
+fn setup(g: &WorkerGroup, index: usize) -> Result<(), String> {
+    if let Some(a) = g.affinity_of(index) {
+        set_affinity(&a)?;
     }
-    /// Spins in small chunks until `until_ns`, noting the CPU each chunk ran on.
-    fn spin_until(&mut self, until_ns: u64) {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        loop {
-            for _ in 0..2000 {
-                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407));
-            }
-            self.iterations += 1;
-            self.observe();
-            if now_ns() >= until_ns {
-                return;
-            }
-        }
+    if let Some(c) = &g.opts.comm {
+        set_comm(c)?;
     }
+    if g.opts.policy != Policy::Other || g.opts.nice != 0 {
+        g.opts.policy.apply(g.opts.nice)?;
+    }
+    Ok(())
 }
 
 /// The worker's body, in the forked child; returns its report.
-fn work(work: Work, deadline_ns: u64) -> WorkerReport {
+fn worker_main(g: &WorkerGroup, index: usize, res: &GroupRes, deadline: u64) -> WorkerReport {
+    if let Err(e) = setup(g, index) {
+        return WorkerReport { error: Some(e), ..WorkerReport::default() };
+    }
     let cpu0 = cputime_ns();
     let start = now_ns();
+    let (v0, i0, f0) = rusage();
+    let ss0 = SchedStat::read_self();
     let mut t = Tally::default();
-    t.observe();
-    let mut wakeups = 0;
-    match work {
-        Work::Spin => t.spin_until(deadline_ns),
-        Work::SleepWake { run, sleep } => loop {
-            let now = now_ns();
-            if now >= deadline_ns {
-                break;
-            }
-            t.spin_until((now + run.as_nanos() as u64).min(deadline_ns));
-            if now_ns() >= deadline_ns {
-                break;
-            }
-            std::thread::sleep(sleep);
-            wakeups += 1;
-            t.observe();
-        },
-    }
+    t.tick();
+    let mut phases = Vec::new();
+    crate::work::run(&g.work, &Role { index, n: g.n, res }, deadline, &mut t, &mut phases);
+    let (v1, i1, f1) = rusage();
+    let ss = SchedStat::read_self().zip(ss0).map(|(b, a)| b.since(&a));
     WorkerReport {
         runtime: Duration::from_nanos(cputime_ns() - cpu0),
         wall: Duration::from_nanos(now_ns().saturating_sub(start)),
-        wakeups,
+        wakeups: t.wakeups,
         migrations: t.migrations,
         cpus: t.cpus,
         iterations: t.iterations,
+        max_gap: Duration::from_nanos(t.gap.max),
+        max_gap_at: Duration::from_nanos(t.gap.at.saturating_sub(start)),
+        wake: t.wake,
+        run_delay: ss.map(|s| Duration::from_nanos(s.wait_ns)),
+        timeslices: ss.map(|s| s.timeslices),
+        voluntary_csw: v1.saturating_sub(v0),
+        involuntary_csw: i1.saturating_sub(i0),
+        minor_faults: f1.saturating_sub(f0),
+        affinity_misses: t.affinity_misses,
+        exclusion_violations: t.exclusion_violations,
+        failed_children: t.failed_children,
+        phase_iterations: phases,
         ..WorkerReport::default()
     }
 }
@@ -199,6 +232,9 @@ pub fn run(groups: &[WorkerGroup], dur: Duration) -> Result<Report> {
     if groups.iter().map(|g| g.n).sum::<usize>() == 0 {
         bail!("ctx.run: no workers given");
     }
+    for g in groups {
+        g.validate()?;
+    }
     let mut kids: Vec<Child> = Vec::new();
     let result = spawn_all(groups, dur, &mut kids);
     if result.is_err() {
@@ -221,6 +257,8 @@ pub fn run(groups: &[WorkerGroup], dur: Duration) -> Result<Report> {
 
 fn spawn_all(groups: &[WorkerGroup], dur: Duration, kids: &mut Vec<Child>) -> Result<Report> {
     for (gi, g) in groups.iter().enumerate() {
+        // Dropped (the parent's copies closed) once the group is forked.
+        let res = GroupRes::new(&g.work, g.n)?;
         for i in 0..g.n {
             let (go_r, go_w) = pipe()?;
             let (res_r, res_w) = pipe()?;
@@ -237,7 +275,7 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, kids: &mut Vec<Child>) -> Re
                     let mut d = [0u8; 8];
                     let got = libc::read(go_r, d.as_mut_ptr().cast(), 8);
                     if got == 8 {
-                        let r = work(g.work, u64::from_le_bytes(d));
+                        let r = worker_main(g, i, &res, u64::from_le_bytes(d));
                         write_all(res_w, &serde_json::to_vec(&r).unwrap_or_default());
                     }
                     libc::_exit(0);
@@ -256,13 +294,18 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, kids: &mut Vec<Child>) -> Re
     }
     let all = affinity();
     for k in kids.iter_mut() {
-        k.allowed = match &groups[k.group].cgroup {
+        let g = &groups[k.group];
+        let cg = match &g.cgroup {
             Some(cg) => std::fs::read_to_string(cg.join("cpuset.cpus.effective"))
                 .ok()
                 .and_then(|s| CpuSet::parse(&s).ok())
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| all.clone()),
             None => all.clone(),
+        };
+        k.allowed = match g.affinity_of(k.index) {
+            Some(a) => cg.and(&a),
+            None => cg,
         };
     }
     // A little headroom so every worker is waiting when the clock starts.
@@ -316,6 +359,10 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, kids: &mut Vec<Child>) -> Re
         r.pid = k.pid;
         r.allowed = k.allowed.clone();
         r.spinner = groups[k.group].work == Work::Spin;
+        r.work = groups[k.group].work.name().to_string();
+        if let Some(e) = &r.error {
+            bail!("worker {}[{}] could not set itself up: {e}", r.group, r.index);
+        }
         workers.push(r);
     }
     Ok(Report { duration: dur, workers })
