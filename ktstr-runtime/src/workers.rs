@@ -387,4 +387,48 @@ mod tests {
         // SAFETY: no preconditions.
         assert!(here.contains(unsafe { libc::sched_getcpu() } as u32), "{here}");
     }
+
+    /// Every work type runs for real on this host and reports the figure
+    /// it exists to produce.
+    #[test]
+    fn every_work_type_runs_here() {
+        let ms = Duration::from_millis;
+        let groups = [
+            WorkerGroup::new("spin", None, 1, Work::Spin).comm("ktstr-spin"),
+            WorkerGroup::new("yield", None, 1, Work::Yield).nice(5),
+            WorkerGroup::new("bursty", None, 1, Work::Bursty { burst: ms(2), period: ms(20) }).policy(Policy::Batch),
+            WorkerGroup::new("pp", None, 2, Work::PingPong { spin: Duration::ZERO }),
+            WorkerGroup::new("fan", None, 3, Work::FanOut { interval: ms(2), spin: Duration::ZERO }),
+            WorkerGroup::new("mutex", None, 3, Work::Mutex { hold: Duration::from_micros(200), outside: Duration::from_micros(200) }),
+            WorkerGroup::new("mem", None, 1, Work::Memory { bytes: 4 << 20, stride: 64 }),
+            WorkerGroup::new("pf", None, 1, Work::PageFaults { pages: 16 }),
+            WorkerGroup::new("fork", None, 1, Work::ForkExit),
+            WorkerGroup::new("aff", None, 1, Work::AffinityChurn { dwell: ms(1) }),
+            WorkerGroup::new("seq", None, 1, Work::Sequence(vec![Phase::new(Work::Spin, ms(30)), Phase::new(Work::Yield, ms(30))])),
+        ];
+        let r = run(&groups, ms(400)).unwrap();
+        println!("{r}");
+        let one = |g: &str| r.group(g).next().unwrap_or_else(|| panic!("no {g}"));
+        for w in &r.workers {
+            assert!(w.iterations > 0, "{} did no work\n{r}", w.name());
+            assert!(w.error.is_none());
+        }
+        assert!(one("bursty").wakeups >= 5, "a 20 ms period sleeps ~20 times in 400 ms\n{r}");
+        assert!(r.group("pp").all(|w| w.wake.count() > 0), "{r}");
+        assert!(r.group("fan").skip(1).all(|w| w.wake.count() > 0 && w.wake.count() <= r.group("fan").next().unwrap().iterations), "{r}");
+        assert!(r.group("mutex").all(|w| w.exclusion_violations == 0), "{r}");
+        // Every first touch of a (4 KiB, THP-off) page is a minor fault.
+        assert!(one("mem").minor_faults >= (4 << 20) / 4096, "{r}");
+        assert!(one("pf").minor_faults >= one("pf").iterations * 16, "{r}");
+        assert_eq!(one("fork").failed_children, 0);
+        assert_eq!(one("aff").affinity_misses, 0, "{r}");
+        assert_eq!(one("seq").phase_iterations.len(), 2);
+        assert!(one("seq").phase_iterations.iter().all(|&n| n > 0), "{r}");
+        let m = r.metrics();
+        assert_eq!(m.groups.len(), groups.len());
+        let bad = WorkerGroup::new("pp", None, 3, Work::PingPong { spin: Duration::ZERO });
+        assert!(run(&[bad], ms(10)).unwrap_err().to_string().contains("even number"));
+        let fifo0 = WorkerGroup::new("rt", None, 1, Work::Spin).policy(Policy::Fifo(0));
+        assert!(run(&[fifo0], ms(10)).unwrap_err().to_string().contains("priority 0"));
+    }
 }

@@ -17,7 +17,7 @@ pub fn ktstr_test(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
-const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files, scheduler";
+const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files, scheduler, max_gap_ms, max_wake_p99_us, max_spread_pct, max_migrations_per_s, not_starved, isolated";
 const MAX_CPUS: u64 = 64;
 
 /// Parsed attribute values; `None` means "runtime default".
@@ -36,6 +36,13 @@ struct Attrs {
     include_files: Vec<String>,
     /// sched_ext: the path of a `const Scheduler`, as tokens text.
     scheduler: Option<String>,
+    /// Checks `ctx.run` applies to every report.
+    max_gap_ms: Option<u64>,
+    max_wake_p99_us: Option<u64>,
+    max_spread_pct: Option<f64>,
+    max_migrations_per_s: Option<f64>,
+    not_starved: bool,
+    isolated: bool,
 }
 
 fn int<T: std::str::FromStr>(e: &Expr, key: &str, min: u64, max: u64) -> syn::Result<T> {
@@ -50,6 +57,19 @@ fn int<T: std::str::FromStr>(e: &Expr, key: &str, min: u64, max: u64) -> syn::Re
             .map_err(|_| syn::Error::new_spanned(e, format!("`{key}` value out of range")));
     }
     Err(syn::Error::new_spanned(e, format!("`{key}` takes an integer literal, e.g. `{key} = 2`")))
+}
+
+/// An integer or float literal ≥ `min`.
+fn number(e: &Expr, key: &str, min: f64) -> syn::Result<f64> {
+    let v = match e {
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i.base10_parse::<u64>()? as f64,
+        Expr::Lit(ExprLit { lit: Lit::Float(f), .. }) => f.base10_parse::<f64>()?,
+        _ => return Err(syn::Error::new_spanned(e, format!("`{key}` takes a number, e.g. `{key} = 10` or `{key} = 2.5`"))),
+    };
+    if !v.is_finite() || v < min {
+        return Err(syn::Error::new_spanned(e, format!("`{key}` must be at least {min}, got {v}")));
+    }
+    Ok(v)
 }
 
 fn boolean(e: &Expr, key: &str) -> syn::Result<bool> {
@@ -82,6 +102,8 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
             Meta::Path(_) => match key.as_str() {
                 "host_only" => a.host_only = true,
                 "expect_err" => a.expect_err = true,
+                "not_starved" => a.not_starved = true,
+                "isolated" => a.isolated = true,
                 _ => {
                     return Err(syn::Error::new_spanned(
                         meta,
@@ -110,6 +132,12 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
                     "timeout_s" => a.timeout_s = Some(int(v, &key, 1, 24 * 3600)?),
                     "host_only" => a.host_only = boolean(v, &key)?,
                     "expect_err" => a.expect_err = boolean(v, &key)?,
+                    "not_starved" => a.not_starved = boolean(v, &key)?,
+                    "isolated" => a.isolated = boolean(v, &key)?,
+                    "max_gap_ms" => a.max_gap_ms = Some(int(v, &key, 1, 3_600_000)?),
+                    "max_wake_p99_us" => a.max_wake_p99_us = Some(int(v, &key, 1, 3_600_000_000)?),
+                    "max_spread_pct" => a.max_spread_pct = Some(number(v, &key, 0.0)?),
+                    "max_migrations_per_s" => a.max_migrations_per_s = Some(number(v, &key, 0.0)?),
                     "cmdline" => {
                         let s = string(v, &key)?;
                         if s.contains(['\n', '\0']) {
@@ -253,6 +281,28 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
         let path: syn::ExprPath = syn::parse_str(s)?;
         fields.push(quote!(scheduler: ::core::option::Option::Some(&#path)));
     }
+    let mut checks = Vec::new();
+    if let Some(v) = attrs.max_gap_ms {
+        checks.push(quote!(max_gap_ms: ::core::option::Option::Some(#v)));
+    }
+    if let Some(v) = attrs.max_wake_p99_us {
+        checks.push(quote!(max_wake_p99_us: ::core::option::Option::Some(#v)));
+    }
+    if let Some(v) = attrs.max_spread_pct {
+        checks.push(quote!(max_spread_pct: ::core::option::Option::Some(#v)));
+    }
+    if let Some(v) = attrs.max_migrations_per_s {
+        checks.push(quote!(max_migrations_per_s: ::core::option::Option::Some(#v)));
+    }
+    if attrs.not_starved {
+        checks.push(quote!(not_starved: true));
+    }
+    if attrs.isolated {
+        checks.push(quote!(isolated: true));
+    }
+    if !checks.is_empty() {
+        fields.push(quote!(checks: ::ktstr_runtime::checks::Checks { #(#checks,)* ..::ktstr_runtime::checks::Checks::NONE }));
+    }
     // Without memory_mib the default must split over the nodes too: a
     // const check on the runtime's default, so the two cannot drift.
     let memory_check = match (attrs.numa_nodes, attrs.memory_mib) {
@@ -321,6 +371,9 @@ mod tests {
         let a = parse_attrs("numa_nodes = 2, llcs = 2, cores = 2, threads = 2, host_only = false".parse().unwrap()).unwrap();
         assert_eq!((a.numa_nodes, a.llcs, a.cores, a.threads), (Some(2), Some(2), Some(2), Some(2)));
         assert_eq!(parse_attrs(TokenStream2::new()).unwrap(), Attrs::default());
+        let a = parse_attrs("max_gap_ms = 50, max_wake_p99_us = 900, max_spread_pct = 12.5, max_migrations_per_s = 3, not_starved, isolated = true".parse().unwrap()).unwrap();
+        assert_eq!((a.max_gap_ms, a.max_wake_p99_us, a.max_spread_pct, a.max_migrations_per_s), (Some(50), Some(900), Some(12.5), Some(3.0)));
+        assert!(a.not_starved && a.isolated);
         let a = parse_attrs("include_files = [\"a\", \"b\"]".parse().unwrap()).unwrap();
         assert_eq!(a.include_files, ["a", "b"]);
     }
@@ -337,6 +390,11 @@ mod tests {
         assert!(err("cpu = 2").contains("unknown ktstr_test attribute `cpu`"));
         assert!(err("cpus = 2, cpus = 3").contains("given twice"));
         assert!(err("host_only = 1").contains("`true` or `false`"));
+        assert!(err("max_gap_ms = 0").contains("`max_gap_ms` must be between 1"));
+        let neg = err("max_spread_pct = -1.0");
+        assert!(neg.contains("must be at least 0") || neg.contains("takes a number"), "{neg}");
+        assert!(err("max_spread_pct = \"5\"").contains("takes a number"));
+        assert!(err("max_wake_p99_us").contains("needs a value"));
         assert!(err("cpus").contains("needs a value"));
         assert!(err("cmdline = \"ktstr.test=x\"").contains("ktstr.*"));
         assert!(err("include_files = \"x\"").contains("array"));
@@ -372,5 +430,9 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(!two.contains("DEFAULT . memory_mib"), "{two}");
+        let checked = expand("max_gap_ms = 50, isolated".parse().unwrap(), "fn t(ctx: &Ctx) -> Result<()> { Ok(()) }".parse().unwrap())
+            .unwrap()
+            .to_string();
+        assert!(checked.contains("checks : :: ktstr_runtime :: checks :: Checks { max_gap_ms : :: core :: option :: Option :: Some (50u64) , isolated : true ,"), "{checked}");
     }
 }
