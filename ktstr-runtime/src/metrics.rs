@@ -15,7 +15,7 @@ const BUCKETS: usize = EXACT as usize + (64 - 4) * SUB as usize;
 /// A histogram of nanosecond values in 496 log-spaced buckets (4 KiB,
 /// whatever the sample count). Percentiles are the upper edge of the
 /// bucket holding the rank, clamped to the exact maximum.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Histogram {
     count: u64,
     sum: u64,
@@ -27,6 +27,13 @@ pub struct Histogram {
 impl Default for Histogram {
     fn default() -> Self {
         Self { count: 0, sum: 0, min: u64::MAX, max: 0, buckets: Box::new([0; BUCKETS]) }
+    }
+}
+
+/// Count, p50, p99 and max, not 496 buckets.
+impl std::fmt::Debug for Histogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Histogram {{ count: {}, p50: {:?}, p99: {:?}, max: {:?} }}", self.count, self.quantile(0.5), self.quantile(0.99), self.max())
     }
 }
 

@@ -16,7 +16,7 @@ pub struct WorkerReport {
     pub group: String,
     pub index: usize,
     pub pid: i32,
-    /// True for CPU spinners, false for sleep/wake workers.
+    /// True for always-runnable work (spin, yield, memory), false otherwise.
     pub spinner: bool,
     /// CPU time the worker got.
     pub runtime: Duration,
@@ -55,6 +55,10 @@ pub struct WorkerReport {
     pub failed_children: u64,
     /// Sequence work: iterations of each phase.
     pub phase_iterations: Vec<u64>,
+    /// `comm`, policy and nice as the kernel reported them after setup.
+    pub comm: String,
+    pub policy: String,
+    pub nice: i32,
     /// Set when the worker could not apply its policy, affinity or comm.
     pub error: Option<String>,
 }

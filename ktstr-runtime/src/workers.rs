@@ -143,19 +143,46 @@ fn setup(g: &WorkerGroup, index: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// What the kernel says the worker is after setup: comm, policy, nice.
+fn identity() -> (String, String, i32) {
+    let comm = std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default().trim().to_string();
+    // SAFETY: no preconditions.
+    let p = unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK;
+    let policy = match p {
+        libc::SCHED_OTHER => "SCHED_OTHER",
+        libc::SCHED_BATCH => "SCHED_BATCH",
+        libc::SCHED_IDLE => "SCHED_IDLE",
+        libc::SCHED_FIFO => "SCHED_FIFO",
+        libc::SCHED_RR => "SCHED_RR",
+        6 => "SCHED_DEADLINE",
+        7 => "SCHED_EXT",
+        _ => "?",
+    };
+    // SAFETY: no preconditions (-1 is a valid nice; errors cannot happen for ourselves).
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    (comm, policy.to_string(), nice)
+}
+
 /// The worker's body, in the forked child; returns its report.
-fn worker_main(g: &WorkerGroup, index: usize, res: &GroupRes, deadline: u64) -> WorkerReport {
+/// `go_ns`: when the parent released the workers; from then on a worker
+/// is runnable, so a worker that gets no CPU until late shows that wait
+/// as its first gap.
+fn worker_main(g: &WorkerGroup, index: usize, res: &GroupRes, go_ns: u64, deadline: u64) -> WorkerReport {
     if let Err(e) = setup(g, index) {
         return WorkerReport { error: Some(e), ..WorkerReport::default() };
     }
+    let (comm, policy, nice) = identity();
     let cpu0 = cputime_ns();
     let start = now_ns();
     let (v0, i0, f0) = rusage();
     let ss0 = SchedStat::read_self();
     let mut t = Tally::default();
+    t.gap.stamp(go_ns);
     t.tick();
     let mut phases = Vec::new();
     crate::work::run(&g.work, &Role { index, n: g.n, res }, deadline, &mut t, &mut phases);
+    // A worker still running here was runnable up to now: the last stretch counts.
+    t.tick();
     let (v1, i1, f1) = rusage();
     let ss = SchedStat::read_self().zip(ss0).map(|(b, a)| b.since(&a));
     WorkerReport {
@@ -177,6 +204,9 @@ fn worker_main(g: &WorkerGroup, index: usize, res: &GroupRes, deadline: u64) -> 
         exclusion_violations: t.exclusion_violations,
         failed_children: t.failed_children,
         phase_iterations: phases,
+        comm,
+        policy,
+        nice,
         ..WorkerReport::default()
     }
 }
@@ -272,10 +302,11 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, kids: &mut Vec<Child>) -> Re
                 unsafe {
                     libc::close(go_w);
                     libc::close(res_r);
-                    let mut d = [0u8; 8];
-                    let got = libc::read(go_r, d.as_mut_ptr().cast(), 8);
-                    if got == 8 {
-                        let r = worker_main(g, i, &res, u64::from_le_bytes(d));
+                    let mut d = [0u8; 16];
+                    let got = libc::read(go_r, d.as_mut_ptr().cast(), 16);
+                    if got == 16 {
+                        let word = |i: usize| u64::from_le_bytes(d[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+                        let r = worker_main(g, i, &res, word(0), word(1));
                         write_all(res_w, &serde_json::to_vec(&r).unwrap_or_default());
                     }
                     libc::_exit(0);
@@ -312,7 +343,10 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, kids: &mut Vec<Child>) -> Re
     let start = now_ns() + 20_000_000;
     let deadline = start + dur.as_nanos() as u64;
     for k in kids.iter() {
-        write_all(k.go_w, &deadline.to_le_bytes());
+        let mut msg = [0u8; 16];
+        msg[..8].copy_from_slice(&now_ns().to_le_bytes());
+        msg[8..].copy_from_slice(&deadline.to_le_bytes());
+        write_all(k.go_w, &msg);
         // SAFETY: closing our end of the go pipe.
         unsafe { libc::close(k.go_w) };
     }
@@ -358,7 +392,8 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, kids: &mut Vec<Child>) -> Re
         r.index = k.index;
         r.pid = k.pid;
         r.allowed = k.allowed.clone();
-        r.spinner = groups[k.group].work == Work::Spin;
+        // Always runnable: these split CPU time evenly under a fair scheduler.
+        r.spinner = matches!(groups[k.group].work, Work::Spin | Work::Yield | Work::Memory { .. });
         r.work = groups[k.group].work.name().to_string();
         if let Some(e) = &r.error {
             bail!("worker {}[{}] could not set itself up: {e}", r.group, r.index);
@@ -395,7 +430,7 @@ mod tests {
         let ms = Duration::from_millis;
         let groups = [
             WorkerGroup::new("spin", None, 1, Work::Spin).comm("ktstr-spin"),
-            WorkerGroup::new("yield", None, 1, Work::Yield).nice(5),
+            WorkerGroup::new("yield", None, 1, Work::Yield).nice(5).comm("ktstr-yielder"),
             WorkerGroup::new("bursty", None, 1, Work::Bursty { burst: ms(2), period: ms(20) }).policy(Policy::Batch),
             WorkerGroup::new("pp", None, 2, Work::PingPong { spin: Duration::ZERO }),
             WorkerGroup::new("fan", None, 3, Work::FanOut { interval: ms(2), spin: Duration::ZERO }),
@@ -421,6 +456,8 @@ mod tests {
         assert!(one("mem").minor_faults >= (4 << 20) / 4096, "{r}");
         assert!(one("pf").minor_faults >= one("pf").iterations * 16, "{r}");
         assert_eq!(one("fork").failed_children, 0);
+        assert_eq!((one("yield").comm.as_str(), one("yield").nice, one("yield").policy.as_str()), ("ktstr-yielder", 5, "SCHED_OTHER"));
+        assert_eq!(one("bursty").policy, "SCHED_BATCH");
         assert_eq!(one("aff").affinity_misses, 0, "{r}");
         assert_eq!(one("seq").phase_iterations.len(), 2);
         assert!(one("seq").phase_iterations.iter().all(|&n| n > 0), "{r}");
