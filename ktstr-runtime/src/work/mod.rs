@@ -92,7 +92,7 @@ impl Work {
     /// Refuses shapes that cannot run, naming the group and the fix.
     pub fn validate(&self, label: &str, n: usize) -> Result<()> {
         match self {
-            Work::PingPong { .. } if n < 2 || n % 2 != 0 => bail!("group {label}: ping_pong needs an even number of workers (pairs), got {n}"),
+            Work::PingPong { .. } if n < 2 || !n.is_multiple_of(2) => bail!("group {label}: ping_pong needs an even number of workers (pairs), got {n}"),
             Work::FanOut { .. } if n < 2 => bail!("group {label}: fan_out needs 2+ workers (1 waker, n-1 waiters), got {n}"),
             Work::FanOut { interval, .. } if interval.is_zero() => bail!("group {label}: fan_out interval must be > 0"),
             Work::Bursty { burst, period } if period.is_zero() || burst > period => {

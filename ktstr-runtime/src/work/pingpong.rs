@@ -38,7 +38,7 @@ fn send(fd: i32) {
 pub fn run(role: &Role, spin: Duration, deadline: u64, t: &mut Tally) {
     let pair = role.index / 2;
     let (ab, ba) = (role.res.pipes[2 * pair], role.res.pipes[2 * pair + 1]);
-    let first = role.index % 2 == 0;
+    let first = role.index.is_multiple_of(2);
     let (rx, tx) = if first { (ba.0, ab.1) } else { (ab.0, ba.1) };
     if first {
         t.tick();
