@@ -197,9 +197,11 @@ impl Ctx {
     }
 
     /// Runs every group's workers at once for `dur` and collects reports,
-    /// then applies the checks the test declared in its attribute.
+    /// records their metrics (`summary::recorded()`), then applies the
+    /// checks the test declared in its attribute.
     pub fn run(&self, groups: &[WorkerGroup], dur: Duration) -> Result<Report> {
         let report = workers::run(groups, dur)?;
+        crate::summary::record(report.metrics());
         report.check(&self.def.checks)?;
         Ok(report)
     }
