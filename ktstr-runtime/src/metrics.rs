@@ -141,33 +141,75 @@ pub fn cv(xs: &[f64]) -> Option<f64> {
     Some(var.sqrt() / mean)
 }
 
-/// The longest interval between consecutive progress stamps of a worker
-/// while it was runnable. A worker calls `pause` before it blocks on
-/// purpose (sleep, pipe read, futex wait), so a chosen sleep is never a gap.
+/// Stamps per window: one thread-CPU-time read per window (a syscall)
+/// keeps the cost far below the work between stamps.
+const WINDOW: u32 = 256;
+/// An interval this long closes the window at once, so the window that
+/// holds it is short.
+const SUSPECT_NS: u64 = 1_000_000;
+
+/// The longest time a worker was runnable but not running, from its own
+/// progress stamps. The raw figure is the longest interval between
+/// consecutive stamps; each window of stamps also reads the thread's CPU
+/// time, and a window's gap is capped at its wall time minus the CPU
+/// time the kernel charged the worker in it. So time the guest kernel
+/// counts as running (a TCG vCPU thread the host descheduled, an
+/// interrupt) is not a scheduling gap. A worker calls `pause` before it
+/// blocks on purpose (sleep, pipe read, futex wait): a chosen sleep is
+/// never a gap.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GapTracker {
     last: Option<u64>,
-    /// Longest interval seen, in ns.
+    win_wall: u64,
+    win_cpu: u64,
+    win_max: u64,
+    win_max_at: u64,
+    n: u32,
+    /// Longest gap, in ns.
     pub max: u64,
-    /// When that interval ended (ns, the stamp's clock).
+    /// When it ended (ns, the stamp's clock).
     pub at: u64,
 }
 
 impl GapTracker {
+    /// A progress stamp at `now`; `cpu` reads the thread's CPU time (ns)
+    /// and is called once per window.
     #[inline]
-    pub fn stamp(&mut self, now: u64) {
-        if let Some(l) = self.last {
-            let d = now.saturating_sub(l);
-            if d > self.max {
-                self.max = d;
-                self.at = now;
+    pub fn stamp(&mut self, now: u64, cpu: impl FnOnce() -> u64) {
+        match self.last {
+            None => {
+                (self.win_wall, self.win_cpu, self.win_max, self.n) = (now, cpu(), 0, 0);
+            }
+            Some(l) => {
+                let d = now.saturating_sub(l);
+                if d > self.win_max {
+                    (self.win_max, self.win_max_at) = (d, now);
+                }
+                self.n += 1;
+                if self.n >= WINDOW || d >= SUSPECT_NS {
+                    self.close(now, cpu());
+                }
             }
         }
         self.last = Some(now);
     }
-    /// The next stamp starts a new runnable stretch.
+
+    fn close(&mut self, now: u64, cpu: u64) {
+        let off_cpu = now.saturating_sub(self.win_wall).saturating_sub(cpu.saturating_sub(self.win_cpu));
+        let g = self.win_max.min(off_cpu);
+        if g > self.max {
+            (self.max, self.at) = (g, self.win_max_at);
+        }
+        (self.win_wall, self.win_cpu, self.win_max, self.n) = (now, cpu, 0, 0);
+    }
+
+    /// The worker is about to block on purpose; the next stamp starts a
+    /// new runnable stretch.
     #[inline]
-    pub fn pause(&mut self) {
+    pub fn pause(&mut self, now: u64, cpu: impl FnOnce() -> u64) {
+        if self.last.is_some() {
+            self.close(now, cpu());
+        }
         self.last = None;
     }
 }
@@ -254,17 +296,40 @@ mod tests {
     }
 
     #[test]
-    fn gaps_skip_voluntary_sleeps() {
+    fn gaps_skip_voluntary_sleeps_and_time_charged_as_running() {
+        // The worker always ran: its CPU time follows the wall clock.
         let mut g = GapTracker::default();
-        g.stamp(100);
-        g.stamp(150);
-        g.stamp(400); // 250: preempted
-        g.pause();
-        g.stamp(10_000); // after a sleep: no gap
-        g.stamp(10_100);
-        assert_eq!((g.max, g.at), (250, 400));
-        g.stamp(20_100);
-        assert_eq!((g.max, g.at), (10_000, 20_100));
+        g.stamp(100, || 0);
+        g.stamp(150, || 50);
+        // Preempted from 150 to 400: 250 ns off CPU (CPU time +50 only).
+        g.stamp(400, || 100);
+        g.pause(450, || 150);
+        g.stamp(10_000, || 150); // after a sleep: no gap
+        g.stamp(10_100, || 250);
+        assert_eq!((g.max, g.at), (200, 400), "the interval 250 capped at the 200 ns off CPU in its window");
+        // 5 ms between stamps, but charged as running (a host stall under
+        // TCG): not a scheduling gap.
+        g.stamp(5_010_100, || 5_000_250);
+        assert_eq!(g.max, 200);
+        // 5 ms off CPU: a gap.
+        g.stamp(10_010_100, || 5_000_300);
+        assert_eq!((g.max, g.at), (4_999_950, 10_010_100));
+    }
+
+    #[test]
+    fn long_windows_close_after_256_stamps() {
+        let mut g = GapTracker::default();
+        let mut reads = 0;
+        let mut t = 0;
+        for _ in 0..=512 {
+            t += 1000;
+            g.stamp(t, || {
+                reads += 1;
+                t
+            });
+        }
+        assert_eq!(reads, 3, "one read to open, one per 256 stamps");
+        assert_eq!(g.max, 0, "never off CPU");
     }
 
     #[test]

@@ -177,7 +177,7 @@ fn worker_main(g: &WorkerGroup, index: usize, res: &GroupRes, go_ns: u64, deadli
     let (v0, i0, f0) = rusage();
     let ss0 = SchedStat::read_self();
     let mut t = Tally::default();
-    t.gap.stamp(go_ns);
+    t.gap.stamp(go_ns, crate::work::tally::thread_cputime_ns);
     t.tick();
     let mut phases = Vec::new();
     crate::work::run(&g.work, &Role { index, n: g.n, res }, deadline, &mut t, &mut phases);

@@ -19,6 +19,14 @@ pub fn cputime_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// This thread's CPU time (a syscall: read once per window of stamps).
+pub fn thread_cputime_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: as above.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 pub fn current_cpu() -> u32 {
     // SAFETY: no preconditions.
     let c = unsafe { libc::sched_getcpu() };
@@ -26,10 +34,11 @@ pub fn current_cpu() -> u32 {
 }
 
 /// One unit of CPU work: a dependent multiply-add chain the compiler
-/// cannot fold (a few µs natively, tens of µs under TCG).
+/// cannot fold (~4 µs natively, tens of µs under TCG): long enough that
+/// the stamp after it (clock, CPU, gap) costs ~1 %.
 #[inline(always)]
 pub fn chunk(mut x: u64) -> u64 {
-    for _ in 0..2000 {
+    for _ in 0..4000 {
         x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407));
     }
     x
@@ -68,14 +77,14 @@ impl Tally {
             self.cpus.insert(c);
         }
         let now = now_ns();
-        self.gap.stamp(now);
+        self.gap.stamp(now, thread_cputime_ns);
         now
     }
 
     /// The worker is about to block on purpose.
     #[inline]
     pub fn pause(&mut self) {
-        self.gap.pause();
+        self.gap.pause(now_ns(), thread_cputime_ns);
     }
 
     /// Burns CPU in chunks until `until_ns`, stamping after each; returns
