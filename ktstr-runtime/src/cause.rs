@@ -128,6 +128,81 @@ mod tests {
         assert_eq!(strip_time("[x] not a timestamp"), "[x] not a timestamp");
     }
 
+    /// Consoles recorded from the demo tests (tests/tests/examples.rs,
+    /// tests/tests/sched_ext.rs) on the ktstr 6.12.117 kernel under QEMU
+    /// TCG, unedited: artifact `console.log` files. Each goes through the
+    /// host's own path (`host::interpret`, then `classify`).
+    #[test]
+    fn recorded_consoles() {
+        use crate::registry::TestDef;
+        use crate::vmm::{BackendKind, Timings, VmResult};
+        const EX: &str = "tests/tests/examples.rs";
+        const fn def(name: &'static str, timeout_s: u64, line: u32) -> TestDef {
+            TestDef { name, timeout_s, file: EX, line, ..TestDef::DEFAULT }
+        }
+        static PANIC: TestDef = def("demo_kernel_panics", 10, 178);
+        static BODY_PANIC: TestDef = def("demo_panics", 10, 157);
+        static BODY_ERR: TestDef = def("demo_returns_error", 10, 165);
+        static CHECK: TestDef = def("demo_unfair_split_fails", 20, 191);
+        static SIGNAL: TestDef = def("demo_killed_by_signal", 10, 176);
+        static TIMEOUT: TestDef = def("demo_sleeps_past_timeout", 3, 171);
+        static HANG: TestDef = def("demo_guest_hangs", 2, 203);
+        static SCX: TestDef = def("demo_scx", 60, 80);
+        macro_rules! fixture {
+            ($f:literal) => {
+                ($f, include_str!(concat!("../tests/fixtures/consoles/", $f)))
+            };
+        }
+        let table: &[(&TestDef, (&str, &str), ExitKind, &str)] = &[
+            (&PANIC, fixture!("kernel_panic_no_init.log"), ExitKind::Panic,
+             "Kernel panic - not syncing: No working init found.  Try passing init= option to kernel. See Linux Documentation/admin-guide/init.rst for guidance."),
+            (&BODY_PANIC, fixture!("body_panic.log"), ExitKind::PowerOff,
+             "test body panicked: demo body panic: the vector was empty (at tests/tests/examples.rs:160)"),
+            (&BODY_ERR, fixture!("body_error.log"), ExitKind::PowerOff,
+             "test body returned an error: demo body error: step two failed: inner cause 42 (test at tests/tests/examples.rs:165)"),
+            (&CHECK, fixture!("check_fair_share.log"), ExitKind::PowerOff,
+             "test body returned an error: CPU time not shared within ±10%: crowded[0] got 488.9 ms, -26% off the mean 661.3 ms (test at tests/tests/examples.rs:191)"),
+            (&SIGNAL, fixture!("body_signal.log"), ExitKind::PowerOff, "test body was killed by signal 11 (Segmentation fault)"),
+            (&TIMEOUT, fixture!("body_timeout.log"), ExitKind::PowerOff,
+             "test body did not finish within its timeout of 3s (timeout_s); it was killed"),
+            (&HANG, fixture!("vm_timeout_frozen_init.log"), ExitKind::Timeout,
+             "VM timeout: the guest did not finish within 62s (timeout_s 2 + 60s for boot) before reporting a verdict for demo_guest_hangs; last console line: ktstr: guest: running demo_guest_hangs"),
+            (&SCX, fixture!("scx_bpf_error.log"), ExitKind::PowerOff,
+             "scheduler scx_qmap_error was ejected by the kernel: sched_ext exit kind error_bpf (scx_bpf_error): qmap: test triggering error; the scheduler process then ended (exit status 0)"),
+            (&SCX, fixture!("scx_stall.log"), ExitKind::PowerOff,
+             "scheduler scx_qmap_stall was ejected by the kernel: sched_ext exit kind stall (runnable task stall): qmap: init[48] failed to run for 5.060s; the scheduler process then ended (exit status 0)"),
+            (&SCX, fixture!("scx_scheduler_killed.log"), ExitKind::PowerOff,
+             "scheduler scx_simple died during the test (killed by signal 9 (Killed)); then sched_ext exit kind unreg_user (unregistered from user space)"),
+        ];
+        for (def, (file, console), exit, want) in table {
+            let r = VmResult {
+                exit: exit.clone(),
+                backend: BackendKind::QemuTcg,
+                console: console.to_string(),
+                com2: String::new(),
+                messages: Vec::new(),
+                timings: Timings::default(),
+            };
+            let v = crate::host::interpret(def, &r);
+            assert_eq!(v.outcome, Outcome::Fail, "{file}");
+            let at = format!("{}:{}", def.file, def.line);
+            let got = classify(&Facts { verdict: &v, exit: Some(exit), console, test_at: Some(&at) });
+            assert_eq!(got, *want, "{file}");
+            assert!(!got.contains('\n'), "{file}: one line");
+        }
+    }
+
+    /// No recorded console holds an oops (the ktstr kernel has no sysrq or
+    /// LKDTM to provoke one); this checks only the RIP condensing on the
+    /// x86 line shapes (`BUG:`/`Oops:` line, then `RIP: 0010:`).
+    #[test]
+    fn oops_gets_its_rip_and_beats_the_panic_it_causes() {
+        let c = "[ 1.0] BUG: kernel NULL pointer dereference, address: 0000000000000000\n[ 1.0] Oops: 0002 [#1] SMP\n[ 1.0] RIP: 0010:f+0x5/0x10\n[ 1.1] Kernel panic - not syncing: Fatal exception\n";
+        assert_eq!(kernel_crash(c).unwrap(), "BUG: kernel NULL pointer dereference, address: 0000000000000000 at RIP f+0x5/0x10");
+        assert_eq!(kernel_crash("[ 1.1] Kernel panic - not syncing: Fatal exception\n").unwrap(), "Kernel panic - not syncing: Fatal exception");
+        assert_eq!(kernel_crash("KTSTR_VERDICT {\"message\":\"Kernel panic - not syncing\"}\n"), None, "the verdict line is not the kernel's");
+    }
+
     #[test]
     fn check_failures_carry_their_first_figure() {
         let v = Verdict::fail("test body returned an error: CPU time not shared within ±10%:\n  a[0] got 1.0 ms, -90% off the mean 10.0 ms\n  b[0] ...");

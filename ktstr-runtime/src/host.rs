@@ -350,6 +350,23 @@ mod tests {
     }
 
     #[test]
+    fn single_kernel_labels_follow_the_producer_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = dir.path().join("6.12.117-tarball-585a4a0-x86_64-kc22c3df21");
+        std::fs::create_dir(&entry).unwrap();
+        std::fs::write(entry.join("metadata.json"), "{}").unwrap();
+        let k = RunKernel::of_image(&entry.join("bzImage"));
+        assert_eq!((k.label.as_str(), k.dir.as_str()), ("6.12.117", "kernel_6_12_117"));
+        let tree = dir.path().join("linux");
+        std::fs::create_dir(&tree).unwrap();
+        let k = RunKernel::of_image(&tree.join("bzImage"));
+        assert_eq!(k.label, kernel_build::label::path_label(&tree, false), "a plain image names its directory");
+        assert!(k.dir.starts_with("kernel_path_linux_"), "{}", k.dir);
+        let k = RunKernel::of_image(Path::new("/boot/vmlinuz-6.12.117+deb12-cloud-amd64"));
+        assert!(k.dir.starts_with("kernel_path_vmlinuz_6_12_117_deb12_cloud_amd64_"), "{}", k.dir);
+    }
+
+    #[test]
     fn vm_errors_map_to_skip_or_fail() {
         let v = vm_error(VmError::KvmUnavailable("/dev/kvm: permission denied".into()));
         assert_eq!(v.outcome, Outcome::Fail);
