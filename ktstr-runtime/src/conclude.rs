@@ -84,6 +84,9 @@ fn result_json(name: &str, def: &TestDef, run: &Run) -> ResultJson {
         message: v.message.clone(),
         details: v.details.clone(),
         timings,
-        metrics: if v.metrics.is_object() { v.metrics.clone() } else { serde_json::json!({}) },
+        metrics: match &v.metrics {
+            Some(m) if m.is_object() => (**m).clone(),
+            _ => serde_json::json!({}),
+        },
     }
 }

@@ -25,9 +25,9 @@ pub struct Verdict {
     #[serde(default)]
     pub kernel_release: String,
     /// The report figures of the body's `ctx.run` calls (`result.json`'s
-    /// `metrics`); null when the body made none.
-    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
-    pub metrics: serde_json::Value,
+    /// `metrics`); boxed to keep `Verdict` small in `Result`s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Box<serde_json::Value>>,
     /// One-line first cause of a failure, filled in on the host by
     /// [`crate::cause::classify`]; the FAIL banner's first line.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -43,7 +43,7 @@ impl Verdict {
             message: message.into(),
             details: String::new(),
             kernel_release: String::new(),
-            metrics: serde_json::Value::Null,
+            metrics: None,
             cause: String::new(),
         }
     }

@@ -99,7 +99,7 @@ pub fn init() -> ! {
     }
     // The console copy is a fallback for the verdict only: metrics travel
     // on the channel, not over the slow serial line.
-    verdict.metrics = serde_json::Value::Null;
+    verdict.metrics = None;
     println!("{CONSOLE_MARKER}{}", serde_json::to_string(&verdict).unwrap_or_default());
     power_off()
 }

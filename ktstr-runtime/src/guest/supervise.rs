@@ -231,7 +231,7 @@ pub fn run_body(def: &'static TestDef, reap_all: bool) -> Verdict {
     match serde_json::from_slice::<ChildReport>(&bytes) {
         Ok(r) => {
             let mut v = verdict_for(def, r.end);
-            v.metrics = r.metrics;
+            v.metrics = (!r.metrics.is_null()).then(|| Box::new(r.metrics));
             v
         }
         Err(_) => Verdict::fail(format!(
