@@ -79,11 +79,13 @@ pub struct Ctx {
     def: &'static TestDef,
     in_guest: bool,
     cgroup_parent: RefCell<Option<PathBuf>>,
+    /// Figures of every `run` so far, for `result.json`.
+    runs: RefCell<Vec<serde_json::Value>>,
 }
 
 impl Ctx {
     pub(crate) fn new(def: &'static TestDef, in_guest: bool) -> Self {
-        Self { def, in_guest, cgroup_parent: RefCell::new(None) }
+        Self { def, in_guest, cgroup_parent: RefCell::new(None), runs: RefCell::new(Vec::new()) }
     }
 
     /// The test's name (without `ktstr/` or a kernel suffix).
@@ -192,7 +194,14 @@ impl Ctx {
 
     /// Runs every group's workers at once for `dur` and collects reports.
     pub fn run(&self, groups: &[WorkerGroup], dur: Duration) -> Result<Report> {
-        workers::run(groups, dur)
+        let r = workers::run(groups, dur)?;
+        self.runs.borrow_mut().push(r.metrics());
+        Ok(r)
+    }
+
+    /// `{"runs": [...]}`, one entry per `run` (`Report::metrics`).
+    pub(crate) fn metrics(&self) -> serde_json::Value {
+        serde_json::json!({ "runs": *self.runs.borrow() })
     }
 }
 

@@ -1,7 +1,10 @@
 //! ktstr runtime, linked into every ktstr test binary.
 
+pub mod artifacts;
+pub mod cause;
 pub mod cgroup;
 pub mod channel;
+pub mod conclude;
 pub mod cpuset;
 pub mod ctx;
 pub mod discovery;
@@ -12,6 +15,7 @@ pub mod host;
 pub mod initramfs;
 pub mod label;
 pub mod nextest;
+pub mod output;
 pub mod prelude;
 pub mod registry;
 pub mod report;

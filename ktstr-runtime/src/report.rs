@@ -82,6 +82,41 @@ impl Report {
         ws.iter().map(|w| w.runtime.as_secs_f64()).sum::<f64>() / ws.len().max(1) as f64
     }
 
+    /// The figures `result.json` keeps under `metrics`: per worker and per
+    /// group (seconds as floats, CPU sets in list form).
+    pub fn metrics(&self) -> serde_json::Value {
+        let workers: Vec<serde_json::Value> = self
+            .workers
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "group": w.group, "index": w.index, "pid": w.pid, "spinner": w.spinner,
+                    "runtime_s": w.runtime.as_secs_f64(), "wall_s": w.wall.as_secs_f64(),
+                    "wakeups": w.wakeups, "migrations": w.migrations, "iterations": w.iterations,
+                    "cpus": w.cpus.to_string(), "allowed": w.allowed.to_string(),
+                })
+            })
+            .collect();
+        let mut groups = serde_json::Map::new();
+        for w in &self.workers {
+            if groups.contains_key(&w.group) {
+                continue;
+            }
+            let ws: Vec<&WorkerReport> = self.group(&w.group).collect();
+            groups.insert(
+                w.group.clone(),
+                serde_json::json!({
+                    "workers": ws.len(),
+                    "runtime_s": ws.iter().map(|w| w.runtime.as_secs_f64()).sum::<f64>(),
+                    "wakeups": ws.iter().map(|w| w.wakeups).sum::<u64>(),
+                    "migrations": ws.iter().map(|w| w.migrations).sum::<u64>(),
+                    "iterations": ws.iter().map(|w| w.iterations).sum::<u64>(),
+                }),
+            );
+        }
+        serde_json::json!({ "duration_s": self.duration.as_secs_f64(), "workers": workers, "groups": groups })
+    }
+
     /// Every worker ran: at least [`STARVED_FRACTION`] of the mean runtime
     /// of its kind, and a sleep/wake worker woke at least once.
     pub fn assert_no_starvation(&self) -> Result<&Self> {
@@ -184,5 +219,18 @@ mod tests {
         sl.spinner = false;
         let r = Report { duration: Duration::from_secs(1), workers: vec![sl] };
         assert!(r.assert_no_starvation().unwrap_err().to_string().contains("0 wakeups"));
+    }
+
+    #[test]
+    fn metrics_per_worker_and_group() {
+        let r = Report { duration: Duration::from_secs(2), workers: vec![w("a", 500, "0", "0-1"), w("a", 300, "1", "0-1"), w("b", 200, "1", "1")] };
+        let m = r.metrics();
+        assert_eq!(m["duration_s"], 2.0);
+        assert_eq!(m["workers"].as_array().unwrap().len(), 3);
+        assert_eq!(m["workers"][1]["runtime_s"], 0.3);
+        assert_eq!(m["workers"][2]["allowed"], "1");
+        assert_eq!(m["groups"]["a"]["workers"], 2);
+        assert_eq!(m["groups"]["a"]["runtime_s"], 0.8);
+        assert_eq!(m["groups"]["b"]["runtime_s"], 0.2);
     }
 }
