@@ -46,8 +46,12 @@ fn struct_ops_names(listing: &str) -> BTreeSet<&str> {
 fn bpftool_lists_scheduler_struct_ops(ctx: &Ctx) -> Result<()> {
     let listing = run(Command::new(ctx.tool("bpftool")?).args(["prog", "show"]))?;
     let names = struct_ops_names(&listing);
-    // scx_simple's ops (tools/sched_ext/scx_simple.bpf.c), each a struct_ops program.
-    for want in ["simple_enqueue", "simple_dispatch", "simple_running", "simple_init", "simple_exit"] {
+    println!("bpftool: struct_ops programs {names:?}");
+    // scx_simple's ops (tools/sched_ext/scx_simple.bpf.c), each a struct_ops
+    // program; simple_select_cpu is left out as its 16+ character name shows
+    // whole only when bpftool reads it from BTF.
+    let ops = ["simple_enqueue", "simple_dispatch", "simple_running", "simple_stopping", "simple_enable", "simple_init", "simple_exit"];
+    for want in ops {
         ensure!(names.contains(want), "bpftool shows struct_ops programs {names:?}, without {want}; listing:\n{listing}");
     }
     Ok(())
@@ -138,6 +142,49 @@ fn trace_pipe_shows_sched_switch(ctx: &Ctx) -> Result<()> {
     let late = sched_switch_lines(&after);
     ensure!(late.is_empty(), "{} sched_switch events after disabling, first: {}", late.len(), late[0]);
     Ok(())
+}
+
+/// Names a tool no host has: the host SKIPs it before booting a VM.
+#[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 10, host_tools = ["ktstr-no-such-tool"])]
+fn demo_host_tool_missing(_ctx: &Ctx) -> Result<()> {
+    bail!("the body must not run without its host tool")
+}
+
+/// The missing-tool path, run like nextest runs a test (`NEXTEST=1
+/// --exact`) on the first kernel: a SKIP naming the tool and the fix,
+/// before any VM boots; under KTSTR_NO_SKIP_MODE=1 a FAIL (exit 1).
+#[test]
+fn missing_host_tool_skips_and_fails_under_no_skip_mode() {
+    let first = std::env::var("KTSTR_KERNEL_LIST").ok().and_then(|l| l.split(';').find_map(|e| Some(e.split_once('=')?.1.to_string())));
+    let found = first.or_else(|| ktstr_runtime::discovery::discover().ok().map(|f| f.image.display().to_string()));
+    let Some(kernel) = ktstr_runtime::testing::require(found, "a kernel image", "run through `cargo ktstr test --kernel …` or set KTSTR_TEST_KERNEL") else {
+        return;
+    };
+    let run = |no_skip: bool| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "ktstr/demo_host_tool_missing", "--ignored", "--nocapture"]).env("NEXTEST", "1");
+        for k in ["KTSTR_KERNEL_LIST", "KTSTR_KERNEL", "KTSTR_NO_SKIP_MODE", "KTSTR_SKIP_LOG", "KTSTR_EXPECTED_SKIPS"] {
+            cmd.env_remove(k);
+        }
+        cmd.env("KTSTR_TEST_KERNEL", &kernel);
+        if no_skip {
+            cmd.env("KTSTR_NO_SKIP_MODE", "1");
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        for l in stderr.lines() {
+            eprintln!("  | {l}");
+        }
+        (out.status.code(), stderr)
+    };
+    let (code, stderr) = run(false);
+    assert_eq!(code, Some(0), "a skip exits 0:\n{stderr}");
+    let skip = stderr.lines().find(|l| l.starts_with("ktstr: SKIP: ")).unwrap_or_else(|| panic!("no SKIP line:\n{stderr}"));
+    assert!(skip.contains("host tool `ktstr-no-such-tool` not found") && skip.contains("install it"), "{skip}");
+    assert!(!stderr.contains("guest uname -r"), "a VM booted although the tool is missing:\n{stderr}");
+    let (code, stderr) = run(true);
+    assert_eq!(code, Some(1), "KTSTR_NO_SKIP_MODE=1 turns the skip into a fail:\n{stderr}");
+    assert!(stderr.contains("ktstr: FAIL: ") && stderr.contains("ktstr-no-such-tool"), "{stderr}");
 }
 
 #[test]
