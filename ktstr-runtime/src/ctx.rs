@@ -154,6 +154,27 @@ impl Ctx {
         })
     }
 
+    /// Path of a program named in `host_tools` (by its file name): in the
+    /// guest `/ktstr/bin/{name}` (also first on the guest's `PATH`); on the
+    /// host (`host_only`, an exported `.run`) wherever the host has it, and
+    /// a [`Skip`](crate::guest::supervise::Skip) when it has not.
+    pub fn tool(&self, name: &str) -> Result<PathBuf> {
+        let tool = self
+            .def
+            .host_tools
+            .iter()
+            .find(|t| crate::host_tools::name(t) == name)
+            .with_context(|| format!("{name} is not in this test's host_tools"))?;
+        if self.in_guest {
+            let p = PathBuf::from(crate::host_tools::guest_path(tool));
+            if !p.is_file() {
+                bail!("{} is not in the guest: the host did not pack host tool {tool}", p.display());
+            }
+            return Ok(p);
+        }
+        crate::host_tools::find(tool).map_err(|m| crate::guest::supervise::Skip(m.to_string()).into())
+    }
+
     fn parent(&self) -> Result<PathBuf> {
         if let Some(p) = self.cgroup_parent.borrow().as_ref() {
             return Ok(p.clone());

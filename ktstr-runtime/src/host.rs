@@ -209,6 +209,7 @@ fn boot(def: &'static TestDef, found: &Found) -> Result<(Verdict, VmResult), Ver
             .file(&src, &TestDef::guest_include_path(f))
             .map_err(|e| Verdict::fail(format!("include_files: {e:#}")))?;
     }
+    ir = crate::host_tools::pack(def, ir)?;
     if let Some(s) = def.scheduler {
         // sched_ext: the scheduler binary (with its libraries) at its guest path.
         let bin = crate::scheduler::host::find_binary(s, Some(&found.image)).map_err(|e| Verdict::fail(e.to_string()))?;

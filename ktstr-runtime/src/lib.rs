@@ -12,6 +12,7 @@ pub mod dispatch;
 pub mod export;
 pub mod guest;
 pub mod host;
+pub mod host_tools;
 pub mod initramfs;
 pub mod label;
 pub mod nextest;

@@ -63,6 +63,8 @@ fn power_off() -> ! {
 
 /// PID 1 entry point; never returns.
 pub fn init() -> ! {
+    // The kernel starts init with no PATH; host tools (`host_tools`) go first.
+    std::env::set_var("PATH", crate::host_tools::GUEST_PATH);
     let mut problems = Vec::new();
     for (src, dst, fs, data) in [
         ("proc", "/proc", "proc", None),
