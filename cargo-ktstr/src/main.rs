@@ -61,7 +61,7 @@ fn args() -> Vec<std::ffi::OsString> {
 fn main() -> ExitCode {
     let cli = Cli::parse_from(args());
     let res = match cli.command {
-        Command::Test(t) => test_cmd::run(t).map(|never| match never {}),
+        Command::Test(t) => test_cmd::run(t),
         Command::Kernel(k) => kernel_cmd::run(k).map(|()| 0),
         Command::Export(e) => export_cmd::run(e),
         Command::Stats(s) => stats_cmd::run(s),

@@ -21,6 +21,10 @@ use crate::output::Chunk;
 use crate::verdict::Outcome;
 
 pub const DIR_ENV: &str = "KTSTR_ARTIFACT_DIR";
+/// Set by `cargo ktstr test --repeat N`: one `{run}` for all N nextest runs.
+pub const RUN_ID_ENV: &str = "KTSTR_RUN_ID";
+/// Set by `cargo ktstr test --repeat N` to `i/N` for the i-th nextest run.
+pub const REPEAT_ENV: &str = "KTSTR_REPEAT";
 pub const SCHEMA: u32 = 1;
 
 /// `{artifacts}` for this process.
@@ -57,18 +61,40 @@ fn target_dir_of(exe: &Path) -> Option<PathBuf> {
     (dir.file_name()? == "deps").then(|| dir.parent()?.parent().map(Path::to_path_buf)).flatten()
 }
 
-/// `{run}`: nextest's run id, else a UTC timestamp taken once per process
-/// (so every test of one `cargo test` process shares it).
+/// `{run}`: `$KTSTR_RUN_ID` (`cargo ktstr test --repeat`), else nextest's
+/// run id, else a UTC timestamp taken once per process (so every test of
+/// one `cargo test` process shares it).
 pub fn run_id() -> String {
     static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| run_id_from(std::env::var("NEXTEST_RUN_ID").ok(), SystemTime::now())).clone()
+    ID.get_or_init(|| run_id_from(std::env::var(RUN_ID_ENV).ok(), std::env::var("NEXTEST_RUN_ID").ok(), SystemTime::now()))
+        .clone()
 }
 
-pub fn run_id_from(nextest: Option<String>, now: SystemTime) -> String {
-    match nextest.filter(|v| !v.is_empty() && !v.contains('/')) {
+pub fn run_id_from(ktstr: Option<String>, nextest: Option<String>, now: SystemTime) -> String {
+    let ok = |v: &String| !v.is_empty() && !v.contains('/') && v != "." && v != "..";
+    match ktstr.filter(ok).or(nextest.filter(ok)) {
         Some(id) => id,
         None => utc_stamp(now),
     }
+}
+
+/// Which of `cargo ktstr test --repeat N`'s nextest runs this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepeatJson {
+    /// 1-based.
+    pub index: u32,
+    pub count: u32,
+}
+
+/// `$KTSTR_REPEAT` (`i/N`, 1 ≤ i ≤ N); none when unset or malformed.
+pub fn repeat() -> Option<RepeatJson> {
+    parse_repeat(std::env::var(REPEAT_ENV).ok().as_deref())
+}
+
+pub fn parse_repeat(v: Option<&str>) -> Option<RepeatJson> {
+    let (i, n) = v?.split_once('/')?;
+    let (index, count) = (i.trim().parse().ok()?, n.trim().parse().ok()?);
+    (1..=count).contains(&index).then_some(RepeatJson { index, count })
 }
 
 /// `20260101T020304.123Z`: sortable, no `:` (awkward in paths).
@@ -101,9 +127,13 @@ pub fn test_component(name: &str) -> String {
 }
 
 /// The directory of one run of one test on one kernel (`"host"` for a
-/// run on the host).
-pub fn dir(root: &Path, run: &str, test: &str, kernel: &str) -> PathBuf {
-    root.join(run).join(test_component(test)).join(kernel)
+/// run on the host); the i-th of `--repeat N` runs in `repeat_{i}` below it.
+pub fn dir(root: &Path, run: &str, test: &str, kernel: &str, repeat: Option<RepeatJson>) -> PathBuf {
+    let d = root.join(run).join(test_component(test)).join(kernel);
+    match repeat {
+        Some(r) => d.join(format!("repeat_{}", r.index)),
+        None => d,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,6 +182,9 @@ pub struct ResultJson {
     /// `{"runs": [Report::metrics, ...]}` from the body's `ctx.run` calls;
     /// `{}` when the body reported none (or never ran).
     pub metrics: serde_json::Value,
+    /// `{"index": i, "count": N}` under `cargo ktstr test --repeat N`; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat: Option<RepeatJson>,
 }
 
 /// Writes `result.json`, `console.log` (when there is a console) and
@@ -219,13 +252,21 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_millis(1_767_232_984_123); // 2026-01-01 02:03:04.123 UTC
         assert_eq!(utc_stamp(t), "20260101T020304.123Z");
         assert_eq!(utc_stamp(UNIX_EPOCH + Duration::from_secs(951_782_400)), "20000229T000000.000Z");
-        assert_eq!(run_id_from(Some("a1b2-c3".into()), t), "a1b2-c3");
-        assert_eq!(run_id_from(None, t), "20260101T020304.123Z");
-        assert_eq!(run_id_from(Some("../x/y".into()), t), "20260101T020304.123Z", "never a path");
+        assert_eq!(run_id_from(None, Some("a1b2-c3".into()), t), "a1b2-c3");
+        assert_eq!(run_id_from(Some("rep".into()), Some("a1b2-c3".into()), t), "rep", "--repeat's id wins");
+        assert_eq!(run_id_from(Some("".into()), Some("a1b2-c3".into()), t), "a1b2-c3");
+        assert_eq!(run_id_from(None, None, t), "20260101T020304.123Z");
+        assert_eq!(run_id_from(Some("..".into()), Some("../x/y".into()), t), "20260101T020304.123Z", "never a path");
         assert_eq!(
-            dir(Path::new("/a"), "r1", "ktstr/two_cgroups_share_cpu", "kernel_6_12_9"),
+            dir(Path::new("/a"), "r1", "ktstr/two_cgroups_share_cpu", "kernel_6_12_9", None),
             PathBuf::from("/a/r1/ktstr__two_cgroups_share_cpu/kernel_6_12_9")
         );
+        let r2 = parse_repeat(Some("2/3"));
+        assert_eq!(r2, Some(RepeatJson { index: 2, count: 3 }));
+        assert_eq!(dir(Path::new("/a"), "r1", "ktstr/x", "host", r2), PathBuf::from("/a/r1/ktstr__x/host/repeat_2"));
+        for bad in [None, Some(""), Some("3"), Some("0/3"), Some("4/3"), Some("a/3"), Some("1/")] {
+            assert_eq!(parse_repeat(bad), None, "{bad:?}");
+        }
         assert_eq!(test_component("gauntlet/x/preset"), "gauntlet__x__preset");
     }
 
@@ -243,6 +284,7 @@ mod tests {
             details: String::new(),
             timings: TimingsJson { setup_s: Some(0.1), to_init_s: None, vm_total_s: Some(1.5), wall_s: 2.0 },
             metrics: serde_json::json!({}),
+            repeat: None,
         }
     }
 
@@ -266,6 +308,9 @@ mod tests {
         write(&d, &r, Some("[    0.1] booted\n"), &out).unwrap();
         let back: ResultJson = serde_json::from_slice(&std::fs::read(d.join("result.json")).unwrap()).unwrap();
         assert_eq!(back, r);
+        assert!(v.get("repeat").is_none(), "absent unless repeating");
+        let rep = ResultJson { repeat: parse_repeat(Some("1/2")), ..r.clone() };
+        assert_eq!(serde_json::to_value(&rep).unwrap()["repeat"], serde_json::json!({"index": 1, "count": 2}));
         assert_eq!(std::fs::read_to_string(d.join("console.log")).unwrap(), "[    0.1] booted\n");
         assert_eq!(std::fs::read_to_string(d.join("output.log")).unwrap(), "[stdout] hi\n");
         // Rewriting replaces whole files and leaves no temp files behind.

@@ -27,7 +27,7 @@ pub fn conclude(name: &str, def: &TestDef, mut run: Run) -> (Verdict, Option<Pat
         (Some(k), false) => k.dir.clone(),
         (None, false) => "kernel_unresolved".to_string(),
     };
-    let dir = artifacts::dir(&artifacts::root(), &artifacts::run_id(), &base, &kernel_dir);
+    let dir = artifacts::dir(&artifacts::root(), &artifacts::run_id(), &base, &kernel_dir, artifacts::repeat());
     let result = result_json(name, def, &run);
     match artifacts::write(&dir, &result, run.vm.as_ref().map(|r| r.console.as_str()), &run.output) {
         Ok(()) => (run.verdict, Some(dir)),
@@ -88,5 +88,6 @@ fn result_json(name: &str, def: &TestDef, run: &Run) -> ResultJson {
             Some(m) if m.is_object() => (**m).clone(),
             _ => serde_json::json!({}),
         },
+        repeat: artifacts::repeat(),
     }
 }
