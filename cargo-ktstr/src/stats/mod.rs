@@ -5,3 +5,5 @@ pub mod aggregate;
 pub mod compare;
 pub mod load;
 pub mod render;
+#[cfg(test)]
+mod fixture_tests;
