@@ -65,12 +65,12 @@ fn grid(header: &[String], rows: &[Vec<String>], fixed: usize, width: usize, tex
     let mut blocks: Vec<Vec<usize>> = Vec::new();
     let mut cur: Vec<usize> = Vec::new();
     let mut used = fixed_w;
-    for i in fixed..header.len() {
-        if !cur.is_empty() && used + w[i] + 2 > width {
+    for (i, wi) in w.iter().enumerate().skip(fixed) {
+        if !cur.is_empty() && used + wi + 2 > width {
             blocks.push(std::mem::take(&mut cur));
             used = fixed_w;
         }
-        used += w[i] + 2;
+        used += wi + 2;
         cur.push(i);
     }
     if !cur.is_empty() || blocks.is_empty() {
