@@ -278,6 +278,20 @@ mod tests {
     }
 
     #[test]
+    fn presets_get_a_column_when_a_test_has_them() {
+        let mut t = table();
+        t.rows[0].preset = Some("llc2".into());
+        let s = tables_text("r1", &[t], 120);
+        let lines: Vec<&str> = s.lines().collect();
+        assert!(lines[3].starts_with("kernel    preset  runs"), "{s}");
+        assert!(lines[4].starts_with("6.12.117  llc2    3 "), "{s}");
+        assert!(lines[5].starts_with("deb       -       1 "), "{s}");
+        let mut t = table();
+        t.rows[1].outcomes = [("fail".to_string(), 1)].into();
+        assert!(tables_text("r1", &[t], 120).lines().nth(5).unwrap().starts_with("deb       1 (1 fail)  "));
+    }
+
+    #[test]
     fn compare_text_and_json() {
         let a = Summary::of(&[99.0, 100.0, 101.0]).unwrap();
         let b = Summary::of(&[109.0, 110.0, 111.0]).unwrap();
