@@ -90,3 +90,30 @@ fn repeats_fold_into_median_and_spread_and_set_the_noise() {
     let t = table("two_cgroups_share_cpu", &by_test(&single)["two_cgroups_share_cpu"], &Selection::Default);
     assert!(compare_table(&t, "6.12.117", DEBIAN, &field)[0].diffs.iter().all(|d| d.verdict == Verdict::Unmeasured));
 }
+
+/// The shape the runtime is moving to (`summary::ReportMetrics`: groups as
+/// an array, times in ms, spread, gaps and wake-up percentiles): the
+/// default columns pick them up without a code change here.
+#[test]
+fn the_richer_metrics_shape_fills_the_default_columns() {
+    let v = serde_json::json!({
+        "schema": 1, "test": "ktstr/ping_pong_pairs/kernel_6_12_117", "outcome": "pass",
+        "kernel": {"label": "6.12.117", "image": "/k", "release": "6.12.117"},
+        "metrics": {"runs": [{
+            "duration_s": 2.0,
+            "workers": [{"group": "pp", "index": 0, "work": "ping_pong", "runtime_ms": 900.0, "iterations": 1000,
+                         "max_gap_ms": 3.5, "wake_p50_us": 20.0, "wake_p99_us": 80.0, "run_delay_ms": null, "timeslices": null}],
+            "groups": [{"group": "pp", "work": "ping_pong", "workers": 2, "runtime_ms": 1800.0, "iterations": 2000,
+                        "iterations_cv_pct": 1.5, "runtime_cv_pct": 0.7, "migrations": 4, "migrations_per_s": 2.0,
+                        "max_gap_ms": 4.0, "wake_samples": 1999, "wake_p50_us": 21.0, "wake_p99_us": 85.0,
+                        "wake_max_us": 300.0, "run_delay_ms": null, "voluntary_csw": 2000, "involuntary_csw": 3}]
+        }]}
+    });
+    let e = super::load::entry(Path::new("/r/ktstr__ping_pong_pairs/kernel_6_12_117/result.json"), &v).unwrap();
+    let t = table(&e.test, &[&e], &Selection::Default);
+    assert_eq!(t.columns, ["pp.runtime_ms", "pp.iterations", "pp.iterations_cv_pct", "pp.max_gap_ms", "pp.wake_p99_us"]);
+    assert_eq!(t.rows[0].get("pp.wake_p99_us").unwrap().median, 85.0);
+    assert!(e.figures.iter().all(|f| f.key != "pp.run_delay_ms"), "null is no figure");
+    let sel = Selection::from_args(&["wake_max_us,involuntary_csw".into()]);
+    assert_eq!(sel.columns(&[&e]), ["pp.wake_max_us", "pp.involuntary_csw"]);
+}
