@@ -357,6 +357,8 @@ pub fn run(args: TestArgs) -> Result<i32> {
         };
     }
     let repeat_id = (args.repeat > 1).then(|| repeat_run_id(std::time::SystemTime::now(), args.repeat));
+    // A stale KTSTR_REPEAT from the caller would file a single run as a repeat.
+    cmd.env_remove("KTSTR_REPEAT");
     if args.print_env {
         if let Some(id) = &repeat_id {
             println!("KTSTR_RUN_ID={id}");

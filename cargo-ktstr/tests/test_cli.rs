@@ -203,6 +203,12 @@ fn repeat_runs_nextest_n_times_under_one_run_id() {
     assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1, "a build failure stops the repeats");
     assert!(stderr(&o).contains("the remaining repeats are not run"), "{}", stderr(&o));
 
+    // Without --repeat, a KTSTR_REPEAT left in the caller's environment is dropped.
+    std::fs::remove_file(&log).unwrap();
+    let o = f.run_env(&["test"], true, &[("KTSTR_REPEAT", "2/3")]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "  nextest run\n");
+
     // --repeat 0 is a usage error; nextest never starts.
     std::fs::remove_file(&log).unwrap();
     let o = f.run(&["test", "--repeat", "0"], true);
