@@ -7,6 +7,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 mod completions;
 mod export_cmd;
 mod kernel_cmd;
+mod stats;
+mod stats_cmd;
 mod test_cmd;
 
 const EXAMPLES: &str = "\
@@ -15,6 +17,7 @@ Examples:
   cargo ktstr kernel build /usr/src/linux-source-6.12.tar.xz
   cargo ktstr kernel list
   cargo ktstr export two_cgroups_share_cpu             # writes two_cgroups_share_cpu.run
+  cargo ktstr test --kernel A --kernel B --repeat 3 && cargo ktstr stats --compare A B
 
 Docs: docs/ in the ktstr repository (kernel specs, env vars, exit codes).";
 
@@ -40,6 +43,8 @@ pub enum Command {
     Kernel(kernel_cmd::KernelArgs),
     /// Write a self-contained NAME.run reproducer of one test.
     Export(export_cmd::ExportArgs),
+    /// Tables of a run's figures per test and kernel; compare two kernels.
+    Stats(stats_cmd::StatsArgs),
     /// Print shell completions.
     Completions(completions::CompletionsArgs),
 }
@@ -56,9 +61,10 @@ fn args() -> Vec<std::ffi::OsString> {
 fn main() -> ExitCode {
     let cli = Cli::parse_from(args());
     let res = match cli.command {
-        Command::Test(t) => test_cmd::run(t).map(|never| match never {}),
+        Command::Test(t) => test_cmd::run(t),
         Command::Kernel(k) => kernel_cmd::run(k).map(|()| 0),
         Command::Export(e) => export_cmd::run(e),
+        Command::Stats(s) => stats_cmd::run(s),
         Command::Completions(c) => {
             completions::run(c, Cli::command());
             Ok(0)

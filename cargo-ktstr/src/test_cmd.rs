@@ -19,6 +19,7 @@ Examples:
   cargo ktstr test --kernel 6.10..6.12 -- -E 'test(kernel_6_11)'
   cargo ktstr test -p my-sched-tests --release -- --no-fail-fast --retries 2
   cargo ktstr test --offline --kernel 6.12              # newest cached 6.12.x, no network
+  cargo ktstr test --kernel 6.12 --kernel ../linux --repeat 3 && cargo ktstr stats --compare 6.12 linux
 
 Everything after `--` goes to `cargo nextest run` untouched.
 Environment: KTSTR_KERNEL_PARALLELISM (kernels resolved at once, default: CPU count),
@@ -39,6 +40,10 @@ pub struct TestArgs {
     /// Mirror base URL for version and range specs.
     #[arg(long, value_name = "URL")]
     pub mirror: Option<String>,
+    /// Run the whole nextest run N times, all N in one artifacts run
+    /// (`cargo ktstr stats` shows their median and spread).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub repeat: u32,
     /// Print the environment and the nextest command instead of running it.
     #[arg(long, hide = true)]
     pub print_env: bool,
@@ -267,7 +272,63 @@ pub fn nextest_argv(args: &TestArgs) -> Vec<String> {
     v
 }
 
-pub fn run(args: TestArgs) -> Result<std::convert::Infallible> {
+/// The artifacts run id shared by the N nextest runs of `--repeat N`:
+/// a UTC timestamp in the format of `ktstr_runtime::artifacts::utc_stamp`
+/// (sortable, no `:`), with `-rN` so the directory says what it holds.
+pub fn repeat_run_id(now: std::time::SystemTime, n: u32) -> String {
+    let d = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{:03}Z-r{n}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// nextest's exit code when tests failed (the run itself worked).
+const NEXTEST_TESTS_FAILED: i32 = 100;
+
+/// `--repeat N`: nextest N times with one artifacts run id. A repeat whose
+/// tests failed does not stop the rest (their figures still count); any
+/// other failure (build, bad arguments, a signal) does. Returns the first
+/// non-zero exit code.
+fn run_repeated(cmd: &mut Command, n: u32, id: &str) -> Result<i32> {
+    let mut first_bad = 0;
+    for i in 1..=n {
+        eprintln!("ktstr: repeat {i}/{n} (artifacts run {id})");
+        cmd.env("KTSTR_RUN_ID", id).env("KTSTR_REPEAT", format!("{i}/{n}"));
+        let st = cmd.status().map_err(|e| anyhow::anyhow!("running {} nextest run: {e}", cargo().to_string_lossy()))?;
+        match st.code() {
+            Some(0) => {}
+            Some(NEXTEST_TESTS_FAILED) => {
+                if first_bad == 0 {
+                    first_bad = NEXTEST_TESTS_FAILED;
+                }
+            }
+            code => {
+                eprintln!("ktstr: nextest ended with {st} in repeat {i}/{n}; the remaining repeats are not run");
+                return Ok(code.unwrap_or(1));
+            }
+        }
+    }
+    eprintln!("ktstr: {n} repeats done; `cargo ktstr stats {id}` shows their median and spread");
+    Ok(first_bad)
+}
+
+pub fn run(args: TestArgs) -> Result<i32> {
     let mut opts = Options { mirror: args.mirror.clone(), ..Options::default() };
     args.common.apply(&mut opts)?;
     let kernels = if args.kernels.is_empty() { Vec::new() } else { resolve_all(&args.kernels, &opts, parallelism()?)? };
@@ -295,7 +356,14 @@ pub fn run(args: TestArgs) -> Result<std::convert::Infallible> {
             None => cmd.env_remove("KTSTR_KERNEL_LIST"),
         };
     }
+    let repeat_id = (args.repeat > 1).then(|| repeat_run_id(std::time::SystemTime::now(), args.repeat));
+    // A stale KTSTR_REPEAT from the caller would file a single run as a repeat.
+    cmd.env_remove("KTSTR_REPEAT");
     if args.print_env {
+        if let Some(id) = &repeat_id {
+            println!("KTSTR_RUN_ID={id}");
+            println!("KTSTR_REPEAT=1/{}..{}/{}", args.repeat, args.repeat, args.repeat);
+        }
         if let Some(k) = &env.kernel {
             println!("KTSTR_KERNEL={}", k.display());
         }
@@ -309,6 +377,10 @@ pub fn run(args: TestArgs) -> Result<std::convert::Infallible> {
         bail!("cargo-nextest is not installed; install it with: cargo install cargo-nextest --locked");
     }
     inherit_entry_locks(&kernels)?;
+    if let Some(id) = &repeat_id {
+        // Not exec: we come back for the next repeat (and keep the cache locks).
+        return run_repeated(&mut cmd, args.repeat, id);
+    }
     let err = cmd.exec();
     bail!("running {} nextest run: {err}", cargo().to_string_lossy())
 }
@@ -358,6 +430,16 @@ mod tests {
     }
 
     #[test]
+    fn repeat_run_id_is_the_runtime_s_timestamp_plus_count() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_767_232_984_123);
+        assert_eq!(repeat_run_id(t, 3), "20260101T020304.123Z-r3");
+        for secs in [0u64, 951_782_400, 4_102_444_799, 1_767_232_984] {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            assert_eq!(repeat_run_id(t, 2), format!("{}-r2", ktstr_runtime::artifacts::utc_stamp(t)));
+        }
+    }
+
+    #[test]
     fn argv_passes_nextest_args_untouched() {
         let a = TestArgs {
             kernels: vec![],
@@ -365,6 +447,7 @@ mod tests {
             packages: vec!["p1".into()],
             mirror: None,
             print_env: false,
+            repeat: 1,
             common: crate::kernel_cmd::CommonArgs { extra_kconfig: None, offline: false, max_kernels: 16 },
             nextest_args: vec!["-E".into(), "test(kernel_6_12)".into(), "--".into(), "--exact".into()],
         };

@@ -165,3 +165,53 @@ fn help_shows_examples_and_completions_generate() {
     });
     assert!(st.unwrap().success(), "bash completion script does not parse");
 }
+
+/// `--repeat N` runs nextest N times with one artifacts run id and
+/// `KTSTR_REPEAT=i/N`; failed tests (nextest's 100) do not stop the
+/// repeats, anything else (a build failure, 101) does.
+#[test]
+fn repeat_runs_nextest_n_times_under_one_run_id() {
+    let f = Fake::new();
+    let log = f.dir.path().join("calls");
+    // Exit codes per call, from a file the stand-in pops a line off.
+    let codes = f.dir.path().join("codes");
+    script(
+        &f.dir.path().join("bin/cargo"),
+        &format!(
+            "#!/bin/sh\necho \"$KTSTR_RUN_ID $KTSTR_REPEAT $*\" >> '{log}'\nc=$(head -n1 '{codes}'); sed -i 1d '{codes}'\nexit ${{c:-0}}\n",
+            log = log.display(),
+            codes = codes.display()
+        ),
+    );
+    std::fs::write(&codes, "0\n100\n0\n").unwrap();
+    let o = f.run(&["test", "--repeat", "3", "--", "-E", "test(x)"], true);
+    assert_eq!(o.status.code(), Some(100), "a failed repeat is the exit code: {}", stderr(&o));
+    let calls = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = calls.lines().collect();
+    assert_eq!(lines.len(), 3, "{calls}");
+    let id = lines[0].split(' ').next().unwrap();
+    assert!(id.ends_with("Z-r3") && id.len() == "20260101T020304.123Z-r3".len(), "{calls}");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(*l, format!("{id} {}/3 nextest run -E test(x)", i + 1));
+    }
+    assert!(stderr(&o).contains(&format!("`cargo ktstr stats {id}`")), "{}", stderr(&o));
+
+    std::fs::remove_file(&log).unwrap();
+    std::fs::write(&codes, "101\n0\n").unwrap();
+    let o = f.run(&["test", "--repeat", "2"], true);
+    assert_eq!(o.status.code(), Some(101), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1, "a build failure stops the repeats");
+    assert!(stderr(&o).contains("the remaining repeats are not run"), "{}", stderr(&o));
+
+    // Without --repeat, a KTSTR_REPEAT left in the caller's environment is dropped.
+    std::fs::remove_file(&log).unwrap();
+    let o = f.run_env(&["test"], true, &[("KTSTR_REPEAT", "2/3")]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "  nextest run\n");
+
+    // --repeat 0 is a usage error; nextest never starts.
+    std::fs::remove_file(&log).unwrap();
+    let o = f.run(&["test", "--repeat", "0"], true);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(!log.exists());
+}

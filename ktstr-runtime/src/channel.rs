@@ -29,6 +29,9 @@ pub mod kind {
     pub const RESULT: u32 = 3;
     /// Opaque bytes (bulk data).
     pub const BLOB: u32 = 4;
+    /// The test body's stdout/stderr: one stream byte, then the bytes
+    /// (see `crate::output`).
+    pub const OUTPUT: u32 = 5;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +209,11 @@ impl GuestChannel {
     fn region(&mut self) -> &mut [u8] {
         // SAFETY: `map` is a live mapping of `len` bytes owned by self.
         unsafe { std::slice::from_raw_parts_mut(self.map, self.len) }
+    }
+
+    /// Bytes the region can still take (record headers included).
+    pub fn capacity_left(&self) -> usize {
+        self.len - HEADER_SIZE as usize - self.committed
     }
 
     pub fn send(&mut self, kind: u32, payload: &[u8]) -> std::io::Result<()> {

@@ -79,11 +79,13 @@ pub struct Ctx {
     def: &'static TestDef,
     in_guest: bool,
     cgroup_parent: RefCell<Option<PathBuf>>,
+    /// Figures of every `run` so far, for `result.json`.
+    runs: RefCell<Vec<serde_json::Value>>,
 }
 
 impl Ctx {
     pub(crate) fn new(def: &'static TestDef, in_guest: bool) -> Self {
-        Self { def, in_guest, cgroup_parent: RefCell::new(None) }
+        Self { def, in_guest, cgroup_parent: RefCell::new(None), runs: RefCell::new(Vec::new()) }
     }
 
     /// The test's name (without `ktstr/` or a kernel suffix).
@@ -152,6 +154,27 @@ impl Ctx {
         })
     }
 
+    /// Path of a program named in `host_tools` (by its file name): in the
+    /// guest `/ktstr/bin/{name}` (also first on the guest's `PATH`); on the
+    /// host (`host_only`, an exported `.run`) wherever the host has it, and
+    /// a [`Skip`](crate::guest::supervise::Skip) when it has not.
+    pub fn tool(&self, name: &str) -> Result<PathBuf> {
+        let tool = self
+            .def
+            .host_tools
+            .iter()
+            .find(|t| crate::host_tools::name(t) == name)
+            .with_context(|| format!("{name} is not in this test's host_tools"))?;
+        if self.in_guest {
+            let p = PathBuf::from(crate::host_tools::guest_path(tool));
+            if !p.is_file() {
+                bail!("{} is not in the guest: the host did not pack host tool {tool}", p.display());
+            }
+            return Ok(p);
+        }
+        crate::host_tools::find(tool).map_err(|m| crate::guest::supervise::Skip(m.to_string()).into())
+    }
+
     fn parent(&self) -> Result<PathBuf> {
         if let Some(p) = self.cgroup_parent.borrow().as_ref() {
             return Ok(p.clone());
@@ -197,13 +220,18 @@ impl Ctx {
     }
 
     /// Runs every group's workers at once for `dur` and collects reports,
-    /// records their metrics (`summary::recorded()`), then applies the
+    /// records their metrics for `result.json`, then applies the
     /// checks the test declared in its attribute.
     pub fn run(&self, groups: &[WorkerGroup], dur: Duration) -> Result<Report> {
-        let report = workers::run(groups, dur)?;
-        crate::summary::record(report.metrics());
-        report.check(&self.def.checks)?;
-        Ok(report)
+        let r = workers::run(groups, dur)?;
+        self.runs.borrow_mut().push(serde_json::to_value(r.metrics()).unwrap_or_default());
+        r.check(&self.def.checks)?;
+        Ok(r)
+    }
+
+    /// `{"runs": [...]}`, one entry per `run` (`Report::metrics`).
+    pub(crate) fn metrics(&self) -> serde_json::Value {
+        serde_json::json!({ "runs": *self.runs.borrow() })
     }
 }
 

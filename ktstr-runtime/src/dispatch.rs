@@ -81,16 +81,18 @@ fn run_on_host(name: &str) -> i32 {
     let name = name.strip_prefix("ktstr/").unwrap_or(name);
     match registry::find(name) {
         Some(def) => {
-            let v = match def.scheduler {
+            let run = host::run_on_host(|| match def.scheduler {
                 // The .run names the binary it carries through KTSTR_SCHEDULER.
                 Some(s) => match crate::scheduler::host::find_binary(s, None) {
                     Ok(bin) => crate::scheduler::guest::run_under_at(s, &bin, || host::run_host_only(def)),
                     Err(e) => verdict::Verdict::fail(e.to_string()),
                 },
                 None => host::run_host_only(def),
-            };
-            nextest::print_pass(&format!("ktstr/{name}"), &v);
-            verdict::finish(&v)
+            });
+            let full = format!("ktstr/{name}");
+            let (v, artifacts) = crate::conclude::conclude(&full, def, run);
+            nextest::print_pass(&full, &v);
+            verdict::finish(&v, artifacts.as_deref())
         }
         None => {
             eprintln!("ktstr: FAIL: no ktstr test named {name} in this binary");
@@ -102,22 +104,25 @@ fn run_on_host(name: &str) -> i32 {
 /// Body of the `#[test]` wrapper each `#[ktstr_test]` gets for plain
 /// `cargo test`: one run against the first (or discovered) kernel.
 pub fn cargo_test(def: &'static TestDef) {
-    let v = if def.host_only {
-        host::run_host_only(def)
+    let run = if def.host_only {
+        host::run_on_host(|| host::run_host_only(def))
     } else {
         let choice = match discovery::kernel_list() {
             Ok(Some(ks)) => KernelChoice::Entry(ks[0].clone()),
             Ok(None) => KernelChoice::Discover,
             Err(e) => panic!("ktstr: FAIL: {e}"),
         };
-        host::run_vm(def, &choice)
+        host::run_vm_full(def, &choice)
     };
+    let (v, artifacts) = crate::conclude::conclude(&format!("ktstr/{}", def.name), def, run);
     let no_skip = verdict::no_skip_mode();
-    let banner = verdict::banner(&v, no_skip);
+    let banner = verdict::banner(&v, no_skip, artifacts.as_deref());
     match verdict::exit_code(v.outcome, no_skip) {
         0 => {
-            if let Some(b) = banner {
-                eprintln!("{b}");
+            match (banner, &artifacts) {
+                (Some(b), _) => eprintln!("{b}"),
+                (None, Some(dir)) => eprintln!("ktstr: artifacts: {}", dir.display()),
+                (None, None) => {}
             }
             if v.outcome == Outcome::Skip {
                 crate::testing::record_skip(&format!("ktstr/{}", def.name), &v.message);

@@ -1,12 +1,14 @@
 //! Host side of one test: resolve the kernel, build the initramfs with
 //! this binary as `/init`, boot, and read the guest's verdict.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::discovery::{self, DiscoveryError, Found};
 use crate::guest::{supervise, TEST_ARG};
 use crate::initramfs::Initramfs;
 use crate::label::KernelEntry;
+use crate::output::Chunk;
 use crate::registry::TestDef;
 use crate::verdict::{Outcome, Verdict};
 use crate::vmm::{ExitKind, Vm, VmError, VmResult};
@@ -39,26 +41,114 @@ fn vm_error(e: VmError) -> Verdict {
     }
 }
 
+/// Everything the host knows about one finished run: what
+/// [`crate::conclude`] turns into the banner and the artifacts.
+#[derive(Debug)]
+pub struct Run {
+    pub verdict: Verdict,
+    /// The VM's result, when one ran.
+    pub vm: Option<VmResult>,
+    /// The kernel, once one was chosen; `None` on the host or when no
+    /// kernel was found.
+    pub kernel: Option<RunKernel>,
+    /// The body's stdout/stderr, in order.
+    pub output: Vec<Chunk>,
+    /// True when `output` already reached our stdout/stderr (the host
+    /// echoes it live); a VM's output is printed when the VM is done.
+    pub output_printed: bool,
+    pub wall: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunKernel {
+    /// The producer's label (`6.12.9`, `path_linux_1a2b3c`).
+    pub label: String,
+    /// Its sanitized form (`kernel_6_12_9`): the artifact directory.
+    pub dir: String,
+    pub image: Option<PathBuf>,
+}
+
+impl RunKernel {
+    fn of_entry(e: &KernelEntry, image: Option<PathBuf>) -> Self {
+        Self { label: e.label.clone(), dir: e.sanitized.clone(), image }
+    }
+
+    /// A label for an image found in single-kernel mode, by the producer's
+    /// rules: a cache entry (its directory holds `metadata.json`) gives its
+    /// key's version prefix; anything else `path_{name}_{hash6}` of the
+    /// directory holding a `bzImage`/`vmlinuz*`/`vmlinux`, else of the file.
+    pub fn of_image(image: &Path) -> Self {
+        let dir = image.parent().filter(|d| !d.as_os_str().is_empty());
+        let label = match dir {
+            Some(d) if d.join("metadata.json").is_file() => {
+                kernel_build::label::cache_key_label(&d.file_name().unwrap_or_default().to_string_lossy())
+            }
+            Some(d) if image.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n == "bzImage" || n == "vmlinux" || n == "vmlinuz"
+            }) => kernel_build::label::path_label(d, false),
+            _ => kernel_build::label::path_label(image, false),
+        };
+        Self { dir: crate::label::sanitize(&label), label, image: Some(image.to_path_buf()) }
+    }
+}
+
 /// Runs a `host_only` test in this process's child.
 pub fn run_host_only(def: &'static TestDef) -> Verdict {
     supervise::run_body(def, false)
 }
 
+/// [`run_host_only`] (or `run` wrapping it, for a scheduler) with what it
+/// printed, for [`crate::conclude`].
+pub fn run_on_host(run: impl FnOnce() -> Verdict) -> Run {
+    let t0 = std::time::Instant::now();
+    let verdict = run();
+    Run { verdict, vm: None, kernel: None, output: supervise::take_host_output(), output_printed: true, wall: t0.elapsed() }
+}
+
 /// Boots the test's VM and returns its verdict.
 pub fn run_vm(def: &'static TestDef, choice: &KernelChoice) -> Verdict {
+    run_vm_full(def, choice).verdict
+}
+
+/// Boots the test's VM: the verdict with the VM's console, output and timings.
+pub fn run_vm_full(def: &'static TestDef, choice: &KernelChoice) -> Run {
+    let t0 = std::time::Instant::now();
     let found = match choice {
         KernelChoice::Discover => discovery::discover(),
         KernelChoice::Entry(e) => discovery::entry_image(e),
     };
-    let found = match found {
-        Ok(f) => f,
-        Err(e @ DiscoveryError::NotFound { .. }) => return Verdict::skip(e.to_string()),
-        Err(DiscoveryError::Bad(m)) => return Verdict::fail(m),
+    let mut run = Run {
+        verdict: Verdict::pass(),
+        vm: None,
+        kernel: match choice {
+            KernelChoice::Entry(e) => Some(RunKernel::of_entry(e, None)),
+            KernelChoice::Discover => None,
+        },
+        output: Vec::new(),
+        output_printed: false,
+        wall: Duration::ZERO,
     };
-    match boot(def, &found) {
-        Ok(v) => v,
-        Err(v) => v,
+    match found {
+        Ok(f) => {
+            run.kernel = Some(match choice {
+                KernelChoice::Entry(e) => RunKernel::of_entry(e, Some(f.image.clone())),
+                KernelChoice::Discover => RunKernel::of_image(&f.image),
+            });
+            match boot(def, &f) {
+                Ok((v, r)) => {
+                    run.verdict = v;
+                    run.output = crate::output::from_messages(&r.messages);
+                    run.vm = Some(r);
+                }
+                Err(v) => run.verdict = v,
+            }
+        }
+        Err(e @ DiscoveryError::NotFound { .. }) => run.verdict = Verdict::skip(e.to_string()),
+        Err(DiscoveryError::Bad(m)) => run.verdict = Verdict::fail(m),
     }
+    run.wall = t0.elapsed();
+    run
 }
 
 /// How long a reader waits for a cache writer before skipping.
@@ -109,7 +199,7 @@ pub(crate) fn lock_cache_entry(
     }
 }
 
-fn boot(def: &'static TestDef, found: &Found) -> Result<Verdict, Verdict> {
+fn boot(def: &'static TestDef, found: &Found) -> Result<(Verdict, VmResult), Verdict> {
     let _cache_lock = lock_cache_entry(&found.image, &discovery::cache_root(), CACHE_LOCK_TIMEOUT)?;
     let exe = std::env::current_exe().map_err(|e| Verdict::fail(format!("cannot find the test binary: {e}")))?;
     let mut ir = Initramfs::new(&exe).map_err(|e| Verdict::fail(format!("initramfs: {e:#}")))?;
@@ -119,6 +209,7 @@ fn boot(def: &'static TestDef, found: &Found) -> Result<Verdict, Verdict> {
             .file(&src, &TestDef::guest_include_path(f))
             .map_err(|e| Verdict::fail(format!("include_files: {e:#}")))?;
     }
+    ir = crate::host_tools::pack(def, ir)?;
     if let Some(s) = def.scheduler {
         // sched_ext: the scheduler binary (with its libraries) at its guest path.
         let bin = crate::scheduler::host::find_binary(s, Some(&found.image)).map_err(|e| Verdict::fail(e.to_string()))?;
@@ -151,7 +242,7 @@ fn boot(def: &'static TestDef, found: &Found) -> Result<Verdict, Verdict> {
         r.timings.total.as_secs_f64(),
         r.exit,
     );
-    Ok(v)
+    Ok((v, r))
 }
 
 /// The guest's verdict from the data channel, else the console marker;
@@ -257,6 +348,23 @@ mod tests {
         assert_eq!(v.outcome, Outcome::Skip, "{}", v.message);
         drop(new_writer);
         assert!(lock_cache_entry(&image, dir.path(), Duration::from_secs(1)).unwrap().is_some());
+    }
+
+    #[test]
+    fn single_kernel_labels_follow_the_producer_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = dir.path().join("6.12.117-tarball-585a4a0-x86_64-kc22c3df21");
+        std::fs::create_dir(&entry).unwrap();
+        std::fs::write(entry.join("metadata.json"), "{}").unwrap();
+        let k = RunKernel::of_image(&entry.join("bzImage"));
+        assert_eq!((k.label.as_str(), k.dir.as_str()), ("6.12.117", "kernel_6_12_117"));
+        let tree = dir.path().join("linux");
+        std::fs::create_dir(&tree).unwrap();
+        let k = RunKernel::of_image(&tree.join("bzImage"));
+        assert_eq!(k.label, kernel_build::label::path_label(&tree, false), "a plain image names its directory");
+        assert!(k.dir.starts_with("kernel_path_linux_"), "{}", k.dir);
+        let k = RunKernel::of_image(Path::new("/boot/vmlinuz-6.12.117+deb12-cloud-amd64"));
+        assert!(k.dir.starts_with("kernel_path_vmlinuz_6_12_117_deb12_cloud_amd64_"), "{}", k.dir);
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! ktstr runtime, linked into every ktstr test binary.
 
+pub mod artifacts;
+pub mod cause;
 pub mod cgroup;
 pub mod channel;
 pub mod checks;
+pub mod conclude;
 pub mod cpuset;
 pub mod ctx;
 pub mod discovery;
@@ -10,10 +13,12 @@ pub mod dispatch;
 pub mod export;
 pub mod guest;
 pub mod host;
+pub mod host_tools;
 pub mod initramfs;
 pub mod label;
 pub mod metrics;
 pub mod nextest;
+pub mod output;
 pub mod policy;
 pub mod prelude;
 pub mod registry;

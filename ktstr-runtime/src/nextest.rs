@@ -168,16 +168,17 @@ pub fn run_exact(name: &str) -> i32 {
             return 1;
         }
     };
-    let verdict = match (listed.def.host_only, listed.kernel) {
-        (true, _) => host::run_host_only(listed.def),
-        (false, Some(entry)) => host::run_vm(listed.def, &KernelChoice::Entry(entry)),
-        (false, None) => host::run_vm(listed.def, &KernelChoice::Discover),
+    let run = match (listed.def.host_only, listed.kernel) {
+        (true, _) => host::run_on_host(|| host::run_host_only(listed.def)),
+        (false, Some(entry)) => host::run_vm_full(listed.def, &KernelChoice::Entry(entry)),
+        (false, None) => host::run_vm_full(listed.def, &KernelChoice::Discover),
     };
+    let (verdict, artifacts) = crate::conclude::conclude(name, listed.def, run);
     print_pass(name, &verdict);
     if verdict.outcome == verdict::Outcome::Skip && !verdict::no_skip_mode() {
         crate::testing::record_skip(name, &verdict.message);
     }
-    verdict::finish(&verdict)
+    verdict::finish(&verdict, artifacts.as_deref())
 }
 
 /// `ktstr: PASS: NAME[: message]` on stderr for a pass; nothing otherwise.

@@ -26,6 +26,9 @@ pub struct TestDef {
     /// The bytes of each of `include_files`, in order, embedded when the
     /// test was compiled: a binary copied elsewhere still has them.
     pub include_data: &'static [&'static [u8]],
+    /// Host programs (bare names or paths) packed with their libraries at
+    /// `/ktstr/bin/{name}` in the guest; see [`crate::host_tools`].
+    pub host_tools: &'static [&'static str],
     /// sched_ext scheduler the body runs under; `None` is the kernel default.
     pub scheduler: Option<&'static crate::scheduler::Scheduler>,
     /// Checks `ctx.run` applies to every report (`max_gap_ms = 50`, ...).
@@ -51,6 +54,7 @@ impl TestDef {
         cmdline: "",
         include_files: &[],
         include_data: &[],
+        host_tools: &[],
         scheduler: None,
         checks: crate::checks::Checks::NONE,
         file: "",

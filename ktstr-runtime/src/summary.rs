@@ -59,19 +59,6 @@ pub struct GroupMetrics {
     pub involuntary_csw: u64,
 }
 
-/// Every report `ctx.run` produced in this process, in order (checks
-/// passed or not): what the verdict's `metrics` can carry.
-static RECORDED: std::sync::Mutex<Vec<ReportMetrics>> = std::sync::Mutex::new(Vec::new());
-
-pub fn record(m: ReportMetrics) {
-    RECORDED.lock().unwrap_or_else(|e| e.into_inner()).push(m);
-}
-
-/// The metrics of every `ctx.run` so far in this process.
-pub fn recorded() -> Vec<ReportMetrics> {
-    RECORDED.lock().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
 fn us(v: Option<u64>) -> Option<f64> {
     v.map(|x| x as f64 / 1e3)
 }
@@ -209,7 +196,5 @@ mod tests {
         assert_eq!(m.groups[1].iterations_cv_pct, None);
         let json = serde_json::to_value(&m).unwrap();
         assert_eq!(json["groups"][0]["wake_p99_us"], 30.0);
-        record(m.clone());
-        assert!(recorded().contains(&m));
     }
 }

@@ -24,13 +24,28 @@ pub struct Verdict {
     /// `uname -r` of the kernel that ran the test (guest side).
     #[serde(default)]
     pub kernel_release: String,
+    /// The report figures of the body's `ctx.run` calls (`result.json`'s
+    /// `metrics`); boxed to keep `Verdict` small in `Result`s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Box<serde_json::Value>>,
+    /// One-line first cause of a failure, filled in on the host by
+    /// [`crate::cause::classify`]; the FAIL banner's first line.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cause: String,
 }
 
 pub const CONSOLE_MARKER: &str = "KTSTR_VERDICT ";
 
 impl Verdict {
     pub fn new(outcome: Outcome, message: impl Into<String>) -> Self {
-        Self { outcome, message: message.into(), details: String::new(), kernel_release: String::new() }
+        Self {
+            outcome,
+            message: message.into(),
+            details: String::new(),
+            kernel_release: String::new(),
+            metrics: None,
+            cause: String::new(),
+        }
     }
     pub fn pass() -> Self {
         Self::new(Outcome::Pass, "")
@@ -72,27 +87,40 @@ pub fn exit_code(outcome: Outcome, no_skip: bool) -> i32 {
     }
 }
 
-/// The stderr banner for a verdict (`None` for a pass).
-pub fn banner(v: &Verdict, no_skip: bool) -> Option<String> {
+/// The stderr banner for a verdict (`None` for a pass). A failure's first
+/// line is its cause (or the message's first line), then the rest of the
+/// message, the details (console tail), and the artifact directory last.
+pub fn banner(v: &Verdict, no_skip: bool, artifacts: Option<&std::path::Path>) -> Option<String> {
+    let first = if v.cause.is_empty() { v.message.lines().next().unwrap_or("") } else { v.cause.as_str() };
     let mut s = match v.outcome {
         Outcome::Pass => return None,
-        Outcome::Skip if no_skip => format!("ktstr: FAIL: skip not allowed (KTSTR_NO_SKIP_MODE=1): {}", v.message),
-        Outcome::Skip => format!("ktstr: SKIP: {}", v.message),
-        Outcome::Fail => format!("ktstr: FAIL: {}", v.message),
-        Outcome::Inconclusive => format!("ktstr: INCONCLUSIVE: {}", v.message),
+        Outcome::Skip if no_skip => format!("ktstr: FAIL: skip not allowed (KTSTR_NO_SKIP_MODE=1): {first}"),
+        Outcome::Skip => format!("ktstr: SKIP: {first}"),
+        Outcome::Fail => format!("ktstr: FAIL: {first}"),
+        Outcome::Inconclusive => format!("ktstr: INCONCLUSIVE: {first}"),
     };
+    let rest = v.message.trim_end();
+    if rest != first && !rest.is_empty() {
+        s.push('\n');
+        s.push_str(rest.strip_prefix(first).map(|r| r.trim_start_matches('\n')).unwrap_or(rest));
+    }
     if !v.details.is_empty() {
         s.push('\n');
         s.push_str(v.details.trim_end());
+    }
+    if let Some(dir) = artifacts {
+        s.push_str(&format!("\nktstr: artifacts: {}", dir.display()));
     }
     Some(s)
 }
 
 /// Prints the banner and returns the exit code.
-pub fn finish(v: &Verdict) -> i32 {
+pub fn finish(v: &Verdict, artifacts: Option<&std::path::Path>) -> i32 {
     let no_skip = no_skip_mode();
-    if let Some(b) = banner(v, no_skip) {
-        eprintln!("{b}");
+    match (banner(v, no_skip, artifacts), artifacts) {
+        (Some(b), _) => eprintln!("{b}"),
+        (None, Some(dir)) => eprintln!("ktstr: artifacts: {}", dir.display()),
+        (None, None) => {}
     }
     exit_code(v.outcome, no_skip)
 }
@@ -116,11 +144,23 @@ mod tests {
 
     #[test]
     fn banners() {
-        assert_eq!(banner(&Verdict::pass(), false), None);
-        assert_eq!(banner(&Verdict::skip("no kernel"), false).unwrap(), "ktstr: SKIP: no kernel");
-        assert!(banner(&Verdict::skip("no kernel"), true).unwrap().starts_with("ktstr: FAIL: "));
+        assert_eq!(banner(&Verdict::pass(), false, None), None);
+        assert_eq!(banner(&Verdict::skip("no kernel"), false, None).unwrap(), "ktstr: SKIP: no kernel");
+        assert!(banner(&Verdict::skip("no kernel"), true, None).unwrap().starts_with("ktstr: FAIL: "));
         let f = Verdict::fail("boom").with_details("tail\n");
-        assert_eq!(banner(&f, false).unwrap(), "ktstr: FAIL: boom\ntail");
+        assert_eq!(banner(&f, false, None).unwrap(), "ktstr: FAIL: boom\ntail");
+        // Cause first, then the whole message, details, and the artifacts last.
+        let mut f = Verdict::fail("the guest kernel panicked").with_details("console tail");
+        f.cause = "Kernel panic - not syncing: x".into();
+        let dir = std::path::Path::new("/t/ktstr/run/ktstr__a/kernel_6_12");
+        assert_eq!(
+            banner(&f, false, Some(dir)).unwrap(),
+            "ktstr: FAIL: Kernel panic - not syncing: x\nthe guest kernel panicked\nconsole tail\nktstr: artifacts: /t/ktstr/run/ktstr__a/kernel_6_12"
+        );
+        // A multi-line message whose first line is the cause is not repeated.
+        let mut f = Verdict::fail("CPU time not shared:\n  a[0] got 1 ms");
+        f.cause = "CPU time not shared:".into();
+        assert_eq!(banner(&f, false, None).unwrap(), "ktstr: FAIL: CPU time not shared:\n  a[0] got 1 ms");
     }
 
     #[test]

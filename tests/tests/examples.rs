@@ -187,6 +187,66 @@ fn demo_kernel_panics(_ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// A fairness check that fails: the figure it names must lead the banner.
+#[ktstr_test(cpus = 2, timeout_s = 20)]
+fn demo_unfair_split_fails(ctx: &Ctx) -> Result<()> {
+    let crowded = ctx.cgroup("crowded")?.cpus(CpuSet::empty().with(0))?;
+    let alone = ctx.cgroup("alone")?.cpus(CpuSet::empty().with(1))?;
+    let report = ctx.run(&[crowded.workers(2), alone.workers(1)], Duration::from_secs(1))?;
+    report.assert_fair_share(0.10)?;
+    Ok(())
+}
+
+/// The guest never reports: the body freezes PID 1 (the supervisor) in a
+/// cgroup, so only the host's VM timeout (timeout_s + 60 s) ends the run.
+#[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 2)]
+fn demo_guest_hangs(_ctx: &Ctx) -> Result<()> {
+    let cg = std::path::Path::new("/sys/fs/cgroup/ktstr-frozen-init");
+    std::fs::create_dir_all(cg)?;
+    std::fs::write(cg.join("cgroup.procs"), "1")?;
+    std::fs::write(cg.join("cgroup.freeze"), "1")?;
+    println!("demo_guest_hangs: PID 1 frozen");
+    Ok(())
+}
+
+/// Writes to stdout and stderr in a known order (with pauses, so the
+/// order is unambiguous) and passes: the host must print and save both.
+#[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 10)]
+fn demo_prints_to_both_streams(_ctx: &Ctx) -> Result<()> {
+    use std::io::Write;
+    for (i, err) in [(1, false), (2, true), (3, false), (4, true)] {
+        if err {
+            eprintln!("demo output line {i} on stderr");
+        } else {
+            println!("demo output line {i} on stdout");
+        }
+        std::io::stdout().flush()?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    print!("unterminated last stdout line");
+    Ok(())
+}
+
+/// Prints 10 MiB of text on stdout: what a chatty body costs (the
+/// driver's `body_output_of_10mib_is_cheap` times it).
+#[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 60)]
+fn demo_prints_10mib(_ctx: &Ctx) -> Result<()> {
+    use std::io::Write;
+    let mib = 10;
+    let t0 = std::time::Instant::now();
+    let mut out = std::io::stdout().lock();
+    let line = [b'x'; 99];
+    for i in 0..mib * 1024 * 1024 / 100 {
+        write!(out, "{:010} ", i)?;
+        out.write_all(&line[..88])?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    drop(out);
+    eprintln!("demo_prints_10mib: wrote {mib} MiB in {:.3}s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
 /// A plain libtest test in the same binary must still be listed and run.
 #[test]
 fn plain_test_still_runs() {

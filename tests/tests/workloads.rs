@@ -258,25 +258,39 @@ fn share_sched_idle(ctx: &Ctx) -> Result<()> {
 }
 
 /// A SCHED_FIFO spinner beside a normal one on one CPU: the normal task
-/// gets only what the 6.12 fair server reserves for it (50 ms every
-/// 1000 ms, /sys/kernel/debug/sched/fair_server: 5 %). On CPU 0: the TCG
-/// backend boots with maxcpus=1 and onlines the others later, and 6.12
-/// sets fair-server parameters only for CPUs online at boot (the others
-/// show runtime 0 and a FIFO hog starves fair tasks there outright). A
-/// SCHED_RR spinner alone on CPU 1 shows its policy.
-#[ktstr_test(cpus = 2, timeout_s = 40)]
+/// gets only what 6.12 reserves for it: the fair server's 50 ms every
+/// 1000 ms (/sys/kernel/debug/sched/fair_server: 5 %), plus whatever of RT
+/// throttling's own 50 ms/s (sched_rt_runtime_us 950000 of 1000000) does
+/// not coincide with it; both are per-second windows with independent
+/// phases, so 5 % to 10 % (seen: 3.6-9.3 % on Debian's kernel, about 4 %
+/// on ktstr's), and nowhere near 0 (the starvation). Checked on CPU 0
+/// and on CPU 1: under TCG the guest boots with maxcpus=1 and init onlines
+/// CPU 1 later, and 6.12 gives fair-server parameters only to CPUs online
+/// at boot, so this proves init restored them (without that CPU 1's
+/// normal spinner got 0 %). A SCHED_RR spinner alone on CPU 2 shows its
+/// policy.
+#[ktstr_test(cpus = 3, timeout_s = 40)]
 fn share_fifo_throttled(ctx: &Ctx) -> Result<()> {
-    let n = ctx.work(1, Work::Spin).label("normal").cpus(one_cpu(0));
-    let f = ctx.work(1, Work::Spin).label("fifo").cpus(one_cpu(0)).policy(Policy::Fifo(10));
-    let rr = ctx.work(1, Work::Spin).label("rr").cpus(one_cpu(1)).policy(Policy::Rr(10));
-    let r = ctx.run(&[n, f, rr], Duration::from_secs(3))?;
+    let mut groups = Vec::new();
+    for cpu in [0, 1] {
+        groups.push(ctx.work(1, Work::Spin).label(&format!("normal{cpu}")).cpus(one_cpu(cpu)));
+        groups.push(ctx.work(1, Work::Spin).label(&format!("fifo{cpu}")).cpus(one_cpu(cpu)).policy(Policy::Fifo(10)));
+    }
+    groups.push(ctx.work(1, Work::Spin).label("rr").cpus(one_cpu(2)).policy(Policy::Rr(10)));
+    let r = ctx.run(&groups, Duration::from_secs(3))?;
     println!("{r}");
     let rr = r.group("rr").next().context("no rr")?;
-    ensure!(rr.policy == "SCHED_RR" && r.group("fifo").next().is_some_and(|w| w.policy == "SCHED_FIFO"), "{r}");
-    let normal = r.group("normal").next().context("no normal")?;
-    let fifo = r.group("fifo").next().context("no fifo")?;
-    let got = normal.runtime.as_secs_f64() / (normal.runtime + fifo.runtime).as_secs_f64();
-    ensure!((0.025..=0.075).contains(&got), "the normal spinner got {:.1} % beside SCHED_FIFO; the fair server leaves it 5 % (±2.5)", got * 100.0);
+    ensure!(rr.policy == "SCHED_RR" && r.group("fifo0").next().is_some_and(|w| w.policy == "SCHED_FIFO"), "{r}");
+    for cpu in [0, 1] {
+        let normal = r.group(&format!("normal{cpu}")).next().context("no normal")?;
+        let fifo = r.group(&format!("fifo{cpu}")).next().context("no fifo")?;
+        let got = normal.runtime.as_secs_f64() / (normal.runtime + fifo.runtime).as_secs_f64();
+        ensure!(
+            (0.025..=0.11).contains(&got),
+            "CPU {cpu}: the normal spinner got {:.1} % beside SCHED_FIFO; the fair server and RT throttling leave it 5-10 %",
+            got * 100.0
+        );
+    }
     Ok(())
 }
 

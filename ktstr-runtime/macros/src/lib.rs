@@ -17,7 +17,7 @@ pub fn ktstr_test(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
-const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files, scheduler, max_gap_ms, max_wake_p99_us, max_spread_pct, max_migrations_per_s, not_starved, isolated";
+const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files, host_tools, scheduler, max_gap_ms, max_wake_p99_us, max_spread_pct, max_migrations_per_s, not_starved, isolated";
 const MAX_CPUS: u64 = 64;
 
 /// Parsed attribute values; `None` means "runtime default".
@@ -34,6 +34,8 @@ struct Attrs {
     expect_err: bool,
     cmdline: Option<String>,
     include_files: Vec<String>,
+    /// Host programs to pack into the guest (bare names or absolute paths).
+    host_tools: Vec<String>,
     /// sched_ext: the path of a `const Scheduler`, as tokens text.
     scheduler: Option<String>,
     /// Checks `ctx.run` applies to every report.
@@ -154,6 +156,22 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
                         };
                         for e in elems {
                             a.include_files.push(string(e, "include_files")?);
+                        }
+                    }
+                    "host_tools" => {
+                        let Expr::Array(ExprArray { elems, .. }) = v else {
+                            return Err(syn::Error::new_spanned(v, "`host_tools` takes an array of program names or absolute paths, e.g. `[\"bpftool\"]`"));
+                        };
+                        for e in elems {
+                            let t = string(e, "host_tools")?;
+                            let base = t.rsplit('/').next().unwrap_or("");
+                            if base.is_empty() || t.contains(char::is_whitespace) || (t.contains('/') && !t.starts_with('/')) {
+                                return Err(syn::Error::new_spanned(e, "`host_tools` entries are program names (`bpftool`) or absolute paths (`/usr/sbin/bpftool`)"));
+                            }
+                            if a.host_tools.iter().any(|o| o.rsplit('/').next() == Some(base)) {
+                                return Err(syn::Error::new_spanned(e, format!("`host_tools`: two tools named `{base}` (both would be /ktstr/bin/{base})")));
+                            }
+                            a.host_tools.push(t);
                         }
                     }
                     // sched_ext: a path to a `const Scheduler` (ktstr_runtime::scheduler).
@@ -277,6 +295,11 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
         // (and cargo rebuilds it when a file changes).
         fields.push(quote!(include_data: &[#(::core::include_bytes!(#paths) as &'static [u8]),*]));
     }
+    if !attrs.host_tools.is_empty() {
+        // Found on the host at run time, not embedded: a missing tool skips.
+        let tools = &attrs.host_tools;
+        fields.push(quote!(host_tools: &[#(#tools),*]));
+    }
     if let Some(s) = &attrs.scheduler {
         let path: syn::ExprPath = syn::parse_str(s)?;
         fields.push(quote!(scheduler: ::core::option::Option::Some(&#path)));
@@ -376,6 +399,8 @@ mod tests {
         assert!(a.not_starved && a.isolated);
         let a = parse_attrs("include_files = [\"a\", \"b\"]".parse().unwrap()).unwrap();
         assert_eq!(a.include_files, ["a", "b"]);
+        let a = parse_attrs("host_tools = [\"bpftool\", \"/usr/bin/script\"]".parse().unwrap()).unwrap();
+        assert_eq!(a.host_tools, ["bpftool", "/usr/bin/script"]);
     }
 
     #[test]
@@ -398,6 +423,11 @@ mod tests {
         assert!(err("cpus").contains("needs a value"));
         assert!(err("cmdline = \"ktstr.test=x\"").contains("ktstr.*"));
         assert!(err("include_files = \"x\"").contains("array"));
+        assert!(err("host_tools = \"bpftool\"").contains("array"));
+        assert!(err("host_tools = [\"bin/bpftool\"]").contains("absolute paths"));
+        assert!(err("host_tools = [\"bpf tool\"]").contains("program names"));
+        assert!(err("host_tools = [\"/usr/sbin/\"]").contains("program names"));
+        assert!(err("host_tools = [\"sh\", \"/bin/sh\"]").contains("two tools named `sh`"));
         assert!(err("host_only, cpus = 2").contains("never boot a VM"));
         assert!(err("scheduler = \"scx_simple\"").contains("const Scheduler"));
         assert!(err("host_only, scheduler = SIMPLE").contains("never boot a VM"));

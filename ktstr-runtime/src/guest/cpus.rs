@@ -5,7 +5,9 @@
 //! vCPU executing that text: multi-threaded TCG can keep a stale
 //! translation of a patched site and later execute a breakpoint that the
 //! kernel already removed (`Oops: int3`, docs/vmm.md). Init then brings
-//! every present CPU online before anything else runs.
+//! every present CPU online before anything else runs, and gives the new
+//! CPUs the fair-server parameters a boot-time CPU gets (6.12 sets them
+//! only for CPUs online at boot; see [`restore_fair_servers`]).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const CPU_DIR: &str = "/sys/devices/system/cpu";
+const FAIR_SERVER_DIR: &str = "/sys/kernel/debug/sched/fair_server";
 
 /// Parses a kernel CPU list (`0-3,5,7-8`).
 pub fn parse_list(s: &str) -> Result<Vec<u32>, String> {
@@ -38,6 +41,8 @@ pub fn parse_list(s: &str) -> Result<Vec<u32>, String> {
 pub struct Bringup {
     /// CPUs this call brought online.
     pub onlined: Vec<u32>,
+    /// Of those, the CPUs whose fair server was given the boot CPU's parameters.
+    pub fair_servers: Vec<u32>,
     pub took: Duration,
 }
 
@@ -50,9 +55,44 @@ pub fn offline_present(root: &Path) -> Result<Vec<u32>, String> {
 }
 
 /// Brings every present, offline CPU online (in CPU order; the kernel
-/// serialises hotplug anyway). An error names the CPU and the errno.
+/// serialises hotplug anyway), then restores their fair servers (needs
+/// debugfs mounted). An error names the CPU and the errno.
 pub fn online_all() -> Result<Bringup, String> {
-    online_all_in(Path::new(CPU_DIR))
+    let mut b = online_all_in(Path::new(CPU_DIR))?;
+    b.fair_servers = restore_fair_servers(Path::new(FAIR_SERVER_DIR), &b.onlined)?;
+    Ok(b)
+}
+
+/// 6.12's fair server (the deadline server that keeps 50 ms/s for normal
+/// tasks beside RT hogs) gets its parameters for the CPUs online at boot
+/// only; a CPU onlined later reads runtime 0 and period 0, and a SCHED_FIFO
+/// hog there starves normal tasks outright. Copies the boot CPU's period
+/// and runtime to each such CPU (period first: runtime may not exceed it).
+/// Nothing to do on kernels without the debugfs files or whose new CPUs
+/// already have parameters.
+pub fn restore_fair_servers(dir: &Path, onlined: &[u32]) -> Result<Vec<u32>, String> {
+    let read = |cpu: u32, f: &str| -> Option<u64> {
+        std::fs::read_to_string(dir.join(format!("cpu{cpu}/{f}"))).ok()?.trim().parse().ok()
+    };
+    let Some(boot) = (0..).take(4096).find(|c| !onlined.contains(c) && dir.join(format!("cpu{c}")).is_dir()) else {
+        return Ok(Vec::new());
+    };
+    let (Some(period), Some(runtime)) = (read(boot, "period"), read(boot, "runtime")) else {
+        return Ok(Vec::new());
+    };
+    let mut fixed = Vec::new();
+    for &cpu in onlined {
+        if read(cpu, "period") != Some(0) {
+            continue;
+        }
+        for (f, v) in [("period", period), ("runtime", runtime)] {
+            let p = dir.join(format!("cpu{cpu}/{f}"));
+            std::fs::write(&p, v.to_string())
+                .map_err(|e| format!("setting CPU {cpu}'s fair server {f} to {v} ({}): {e}", p.display()))?;
+        }
+        fixed.push(cpu);
+    }
+    Ok(fixed)
 }
 
 fn online_all_in(root: &Path) -> Result<Bringup, String> {
@@ -79,7 +119,7 @@ fn online_all_in(root: &Path) -> Result<Bringup, String> {
     });
     done.store(true, Ordering::Relaxed);
     let _ = ticker.join();
-    result.map(|()| Bringup { onlined: offline, took: start.elapsed() })
+    result.map(|()| Bringup { onlined: offline, fair_servers: Vec::new(), took: start.elapsed() })
 }
 
 #[cfg(test)]
@@ -109,6 +149,25 @@ mod tests {
             assert_eq!(std::fs::read_to_string(d.path().join(format!("cpu{c}/online"))).unwrap(), "1");
         }
         assert!(!d.path().join("cpu0/online").exists() && !d.path().join("cpu2/online").exists());
+    }
+
+    #[test]
+    fn new_cpus_get_the_boot_cpus_fair_server() {
+        let d = tempfile::tempdir().unwrap();
+        let put = |cpu: u32, period: &str, runtime: &str| {
+            let c = d.path().join(format!("cpu{cpu}"));
+            std::fs::create_dir_all(&c).unwrap();
+            std::fs::write(c.join("period"), period).unwrap();
+            std::fs::write(c.join("runtime"), runtime).unwrap();
+        };
+        put(0, "1000000000\n", "50000000\n");
+        put(1, "0\n", "0\n");
+        put(2, "1000000000\n", "40000000\n");
+        assert_eq!(restore_fair_servers(d.path(), &[1, 2]).unwrap(), vec![1]);
+        let get = |f: &str| std::fs::read_to_string(d.path().join(f)).unwrap();
+        assert_eq!((get("cpu1/period"), get("cpu1/runtime")), ("1000000000".into(), "50000000".into()));
+        assert_eq!(get("cpu2/runtime"), "40000000\n", "a CPU with parameters is left alone");
+        assert_eq!(restore_fair_servers(&d.path().join("absent"), &[1]).unwrap(), Vec::<u32>::new());
     }
 
     #[test]

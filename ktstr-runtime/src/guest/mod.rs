@@ -63,6 +63,8 @@ fn power_off() -> ! {
 
 /// PID 1 entry point; never returns.
 pub fn init() -> ! {
+    // The kernel starts init with no PATH; host tools (`host_tools`) go first.
+    std::env::set_var("PATH", crate::host_tools::GUEST_PATH);
     let mut problems = Vec::new();
     for (src, dst, fs, data) in [
         ("proc", "/proc", "proc", None),
@@ -75,30 +77,31 @@ pub fn init() -> ! {
             problems.push(e);
         }
     }
-    let mut chan = match GuestChannel::open() {
+    match GuestChannel::open() {
         Ok(mut c) => {
             let _ = c.send(kind::INIT, b"ktstr guest init");
-            Some(c)
+            *CHANNEL.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
         }
-        Err(e) => {
-            println!("ktstr: guest: no data channel ({e}); the verdict goes to the console only");
-            None
-        }
-    };
+        Err(e) => println!("ktstr: guest: no data channel ({e}); the verdict goes to the console only"),
+    }
     for p in &problems {
         println!("ktstr: guest: {p}");
     }
-    let bringup = cpus::online_all();
-    match &bringup {
-        Ok(b) if !b.onlined.is_empty() => {
-            println!("ktstr: guest: brought {} CPUs online in {} ms", b.onlined.len(), b.took.as_millis())
-        }
-        Ok(_) => {}
-        Err(e) => println!("ktstr: guest: {e}"),
-    }
+    // debugfs first: the CPU bring-up restores fair servers through it.
     let absent = mount_tool_filesystems();
     if !absent.is_empty() {
         println!("ktstr: guest: this kernel offers no {} (tools that need them will not work)", absent.join(", "));
+    }
+    let bringup = cpus::online_all();
+    match &bringup {
+        Ok(b) if !b.onlined.is_empty() => println!(
+            "ktstr: guest: brought {} CPUs online in {} ms (fair server parameters restored on {})",
+            b.onlined.len(),
+            b.took.as_millis(),
+            b.fair_servers.len()
+        ),
+        Ok(_) => {}
+        Err(e) => println!("ktstr: guest: {e}"),
     }
     // A test must never run on fewer CPUs than its topology asked for.
     let mut verdict = match bringup {
@@ -110,13 +113,28 @@ pub fn init() -> ! {
     verdict.kernel_release =
         std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
     let json = serde_json::to_string(&verdict).unwrap_or_default();
-    if let Some(c) = chan.as_mut() {
-        if let Err(e) = c.send(kind::RESULT, json.as_bytes()) {
-            println!("ktstr: guest: sending the verdict failed: {e}");
-        }
+    if let Some(Err(e)) = channel_send(kind::RESULT, json.as_bytes()) {
+        println!("ktstr: guest: sending the verdict failed: {e}");
     }
-    println!("{CONSOLE_MARKER}{json}");
+    // The console copy is a fallback for the verdict only: metrics travel
+    // on the channel, not over the slow serial line.
+    verdict.metrics = None;
+    println!("{CONSOLE_MARKER}{}", serde_json::to_string(&verdict).unwrap_or_default());
     power_off()
+}
+
+/// The data channel, once init opened it; shared with the supervisor's
+/// output capture.
+static CHANNEL: std::sync::Mutex<Option<GuestChannel>> = std::sync::Mutex::new(None);
+
+/// Sends one record on the data channel; `None` without a channel.
+pub fn channel_send(kind: u32, payload: &[u8]) -> Option<std::io::Result<()>> {
+    CHANNEL.lock().unwrap_or_else(|e| e.into_inner()).as_mut().map(|c| c.send(kind, payload))
+}
+
+/// Bytes the data channel can still take; `None` without a channel.
+pub fn channel_capacity_left() -> Option<usize> {
+    CHANNEL.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(GuestChannel::capacity_left)
 }
 
 /// The filesystems kernel tools expect beyond the basics (ptys for anything

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::ctx::Ctx;
+use crate::output::{self, Chunk, Stream};
 use crate::registry::TestDef;
 use crate::verdict::{Outcome, Verdict};
 
@@ -34,7 +35,16 @@ pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(non-string panic payload)".into())
 }
 
-fn body_in_child(def: &'static TestDef, in_guest: bool) -> BodyEnd {
+/// What the body's process sends its supervisor: how it ended, and the
+/// figures of every `ctx.run` it made (`Verdict::metrics`).
+#[derive(Debug, Serialize, Deserialize)]
+struct ChildReport {
+    end: BodyEnd,
+    #[serde(default)]
+    metrics: serde_json::Value,
+}
+
+fn body_in_child(def: &'static TestDef, in_guest: bool) -> ChildReport {
     let prev = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if let Some(l) = info.location() {
@@ -44,8 +54,9 @@ fn body_in_child(def: &'static TestDef, in_guest: bool) -> BodyEnd {
     }));
     let ctx = Ctx::new(def, in_guest);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (def.func)(&ctx)));
+    let metrics = ctx.metrics();
     drop(ctx);
-    match r {
+    let end = match r {
         Ok(Ok(())) => BodyEnd::Ok,
         Ok(Err(e)) => match e.downcast_ref::<Skip>() {
             Some(s) => BodyEnd::Skip(s.0.clone()),
@@ -59,7 +70,8 @@ fn body_in_child(def: &'static TestDef, in_guest: bool) -> BodyEnd {
                 None => msg,
             })
         }
-    }
+    };
+    ChildReport { end, metrics }
 }
 
 fn signal_name(sig: i32) -> String {
@@ -91,13 +103,16 @@ pub fn verdict_for(def: &TestDef, end: BodyEnd) -> Verdict {
 /// at most `def.timeout_s`. In the guest (`reap_all`), PID 1 also reaps
 /// orphans re-parented to it.
 pub fn run_body(def: &'static TestDef, reap_all: bool) -> Verdict {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Verdict::fail(format!("pipe2: {}", std::io::Error::last_os_error()));
+    let mut fds = [[0; 2]; 3];
+    for p in &mut fds {
+        // SAFETY: pipe2 fills the array.
+        if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Verdict::fail(format!("pipe2: {}", std::io::Error::last_os_error()));
+        }
     }
-    let (rd, wr) = (fds[0], fds[1]);
+    let [[rd, wr], [out_rd, out_wr], [err_rd, err_wr]] = fds;
     let _ = std::io::Write::flush(&mut std::io::stdout());
+    let _ = std::io::Write::flush(&mut std::io::stderr());
     // SAFETY: the child runs the body and leaves with _exit.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -108,11 +123,22 @@ pub fn run_body(def: &'static TestDef, reap_all: bool) -> Verdict {
         unsafe {
             libc::setpgid(0, 0);
             libc::close(rd);
+            // The body's stdout/stderr become the capture pipes (dup2
+            // clears O_CLOEXEC on 1 and 2, so workers it execs inherit them).
+            libc::dup2(out_wr, 1);
+            libc::dup2(err_wr, 2);
+            libc::close(out_rd);
+            libc::close(err_rd);
+            libc::close(out_wr);
+            libc::close(err_wr);
         }
         // Whatever happens, the child must not unwind back into its
         // parent's code (in the guest that is PID 1's init).
         let end = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body_in_child(def, reap_all)))
-            .unwrap_or_else(|p| BodyEnd::Panic(format!("ktstr harness panicked in the body process: {}", panic_message(&*p))));
+            .unwrap_or_else(|p| ChildReport {
+                end: BodyEnd::Panic(format!("ktstr harness panicked in the body process: {}", panic_message(&*p))),
+                metrics: serde_json::Value::Null,
+            });
         let bytes = serde_json::to_vec(&end).unwrap_or_default();
         let mut off = 0;
         while off < bytes.len() {
@@ -127,11 +153,18 @@ pub fn run_body(def: &'static TestDef, reap_all: bool) -> Verdict {
         // SAFETY: leave without running the parent's atexit handlers.
         unsafe { libc::_exit(0) };
     }
-    // SAFETY: parent closes the child's end.
+    // SAFETY: parent closes the child's ends.
     unsafe {
         libc::setpgid(pid, pid);
         libc::close(wr);
+        libc::close(out_wr);
+        libc::close(err_wr);
     }
+    let stop_output = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let output = {
+        let stop = std::sync::Arc::clone(&stop_output);
+        std::thread::spawn(move || capture_output([out_rd, err_rd], &stop, reap_all))
+    };
     // Drain the pipe concurrently so a large result never blocks the child.
     let reader = std::thread::spawn(move || {
         let mut out = Vec::new();
@@ -178,10 +211,13 @@ pub fn run_body(def: &'static TestDef, reap_all: bool) -> Verdict {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    // Workers the body left behind die with its group; the pipe then closes.
+    // Workers the body left behind die with its group; the pipes then close.
     // SAFETY: as above.
     unsafe { libc::kill(-pid, libc::SIGKILL) };
     let bytes = reader.join().unwrap_or_default();
+    stop_output.store(true, std::sync::atomic::Ordering::Release);
+    let captured = output.join().unwrap_or_default();
+    HOST_OUTPUT.with(|o| *o.borrow_mut() = captured);
     let st = status.unwrap_or(0);
     if timed_out {
         return Verdict::fail(format!(
@@ -192,13 +228,59 @@ pub fn run_body(def: &'static TestDef, reap_all: bool) -> Verdict {
     if libc::WIFSIGNALED(st) {
         return Verdict::fail(format!("test body was killed by {}", signal_name(libc::WTERMSIG(st))));
     }
-    match serde_json::from_slice::<BodyEnd>(&bytes) {
-        Ok(end) => verdict_for(def, end),
+    match serde_json::from_slice::<ChildReport>(&bytes) {
+        Ok(r) => {
+            let mut v = verdict_for(def, r.end);
+            v.metrics = (!r.metrics.is_null()).then(|| Box::new(r.metrics));
+            v
+        }
         Err(_) => Verdict::fail(format!(
             "test body exited with status {} without reporting a result (did it call process::exit?)",
             libc::WEXITSTATUS(st)
         )),
     }
+}
+
+thread_local! {
+    /// What the last [`run_body`] on this thread captured (host only; in
+    /// the guest it went to the data channel).
+    static HOST_OUTPUT: std::cell::RefCell<Vec<Chunk>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Takes the output the last [`run_body`] on this thread captured on the host.
+pub fn take_host_output() -> Vec<Chunk> {
+    HOST_OUTPUT.with(|o| std::mem::take(&mut *o.borrow_mut()))
+}
+
+/// Channel bytes kept free for the verdict and later messages.
+const CHANNEL_RESERVE: usize = 512 * 1024;
+
+/// Drains the body's stdout/stderr. In the guest each chunk goes to the
+/// data channel (within a budget, see [`output::Budget`]), or to the
+/// console without a channel; on the host it is echoed at once to our own
+/// stdout/stderr (nextest captures them) and kept for `output.log`.
+fn capture_output(fds: [std::os::fd::RawFd; 2], stop: &std::sync::atomic::AtomicBool, in_guest: bool) -> Vec<Chunk> {
+    use std::io::Write;
+    let mut kept = Vec::new();
+    match in_guest.then(crate::guest::channel_capacity_left).flatten() {
+        Some(left) => {
+            let mut budget = output::Budget::new(left.saturating_sub(CHANNEL_RESERVE), |p: &[u8]| {
+                let _ = crate::guest::channel_send(crate::channel::kind::OUTPUT, p);
+            });
+            output::drain(fds, stop, |s, b| budget.push(s, b));
+            budget.finish();
+        }
+        None => output::drain(fds, stop, |s, b| {
+            let _ = match s {
+                Stream::Stdout => std::io::stdout().write_all(b).and_then(|_| std::io::stdout().flush()),
+                _ => std::io::stderr().write_all(b),
+            };
+            if !in_guest {
+                kept.push(Chunk { stream: s, bytes: b.to_vec() });
+            }
+        }),
+    }
+    kept
 }
 
 #[cfg(test)]

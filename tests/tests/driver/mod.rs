@@ -254,7 +254,7 @@ fn vm_verdicts() {
         ("ktstr/demo_returns_error", 1, "ktstr: FAIL: test body returned an error: demo body error: step two failed: inner cause 42"),
         ("ktstr/demo_sleeps_past_timeout", 1, "ktstr: FAIL: test body did not finish within its timeout of 3s"),
         ("ktstr/demo_killed_by_signal", 1, "ktstr: FAIL: test body was killed by signal 11"),
-        ("ktstr/demo_kernel_panics", 1, "ktstr: FAIL: the guest kernel panicked before reporting a verdict for demo_kernel_panics"),
+        ("ktstr/demo_kernel_panics", 1, "ktstr: FAIL: Kernel panic - not syncing: No working init found."),
     ] {
         let r = run(&["--exact", name, "--nocapture"], &env);
         eprintln!("{name}: exit {} in {:.1}s", r.code, r.took.as_secs_f64());
@@ -265,7 +265,7 @@ fn vm_verdicts() {
             assert!(r.stderr.contains("guest console (last lines):"), "{name}: failures carry the console tail:\n{}", r.stderr);
         }
         if name.ends_with("kernel_panics") {
-            assert!(r.stderr.contains("Kernel panic - not syncing"), "{}", r.stderr);
+            assert!(r.stderr.contains("\nthe guest kernel panicked before reporting a verdict for demo_kernel_panics\n"), "{}", r.stderr);
         }
     }
 }
@@ -349,4 +349,148 @@ fn kvm_without_access_fails_with_the_group_hint() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     let fail = err.lines().find(|l| l.starts_with("ktstr: FAIL: ")).unwrap_or_else(|| panic!("no FAIL line:\n{err}"));
     assert!(fail.contains("/dev/kvm") && fail.contains("join the kvm group") && fail.contains("KTSTR_VMM=tcg"), "{fail}");
+}
+
+/// The one directory `{artifacts}/{run}/{test}/` holds (the kernel's).
+fn artifact_dir(root: &Path, run: &str, test: &str) -> PathBuf {
+    let t = root.join(run).join(test.replace('/', "__"));
+    let dirs: Vec<PathBuf> = std::fs::read_dir(&t)
+        .unwrap_or_else(|e| panic!("{}: {e}", t.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "one kernel directory under {}: {dirs:?}", t.display());
+    dirs.into_iter().next().unwrap()
+}
+
+fn result_json(dir: &Path) -> serde_json::Value {
+    let p = dir.join("result.json");
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+/// design.md "Run artifacts" and the banners, through the real binary: a
+/// pass and two failures leave result.json, console.log and output.log;
+/// the FAIL banner's first line is the cause and its last the directory;
+/// the body's stdout/stderr reach ours for a pass, in order.
+#[test]
+fn vm_artifacts_and_banners() {
+    let Some(k) = need_kernels(1) else { return };
+    let art = tempfile::tempdir().unwrap();
+    let env = [
+        ("KTSTR_TEST_KERNEL", k[0].to_str().unwrap()),
+        ("KTSTR_ARTIFACT_DIR", art.path().to_str().unwrap()),
+        ("NEXTEST_RUN_ID", "itest-run"),
+    ];
+
+    let name = "ktstr/demo_prints_to_both_streams";
+    let r = run(&["--exact", name, "--ignored", "--nocapture"], &env);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("ktstr: PASS: {name}")), "{}", r.stderr);
+    assert!(
+        r.stdout.contains("demo output line 1 on stdout\ndemo output line 3 on stdout\nunterminated last stdout line"),
+        "a pass's body stdout reaches ours: {:?}",
+        r.stdout
+    );
+    let e2 = r.stderr.find("demo output line 2 on stderr\n").expect("body stderr reaches ours");
+    assert!(r.stderr[e2..].contains("demo output line 4 on stderr\n"), "{}", r.stderr);
+    let dir = artifact_dir(art.path(), "itest-run", "ktstr/demo_prints_to_both_streams");
+    assert_eq!(r.stderr.trim_end().lines().last().unwrap(), format!("ktstr: artifacts: {}", dir.display()));
+    let v = result_json(&dir);
+    assert_eq!(v["schema"], 1);
+    assert_eq!(v["test"], name);
+    assert_eq!(v["outcome"], "pass");
+    assert_eq!(v["cause"], "");
+    assert_eq!(v["kernel"]["image"], k[0].to_str().unwrap());
+    assert_eq!(v["kernel"]["release"].as_str(), uname_line(&r.stderr).as_deref(), "the guest's uname -r");
+    assert!(["kvm", "qemu-tcg"].contains(&v["backend"].as_str().unwrap()), "{v}");
+    assert_eq!(v["topology"]["cpus"], 1);
+    assert!(v["metrics"].is_object() && v["timings"]["wall_s"].as_f64().unwrap() > 0.0, "{v}");
+    let console = std::fs::read_to_string(dir.join("console.log")).unwrap();
+    assert!(console.contains("Linux version") && console.contains("ktstr: guest: running demo_prints_to_both_streams"), "{console}");
+    assert!(!console.contains("demo output line"), "body output travels on the data channel, not the console: {console}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("output.log")).unwrap(),
+        "[stdout] demo output line 1 on stdout\n[stderr] demo output line 2 on stderr\n[stdout] demo output line 3 on stdout\n\
+         [stderr] demo output line 4 on stderr\n[stdout] unterminated last stdout line\n"
+    );
+
+    let name = "ktstr/demo_unfair_split_fails";
+    let r = run(&["--exact", name, "--ignored"], &env);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let banner = &r.stderr[r.stderr.find("ktstr: FAIL: ").expect("a FAIL banner")..];
+    let first = banner.lines().next().unwrap();
+    assert!(
+        first.starts_with("ktstr: FAIL: test body returned an error: CPU time not shared within ±10%: crowded[")
+            && first.contains("off the mean")
+            && first.contains(" (test at tests/tests/examples.rs:"),
+        "the first line names the failing figure: {first}"
+    );
+    let dir = artifact_dir(art.path(), "itest-run", name);
+    assert_eq!(banner.trim_end().lines().last().unwrap(), format!("ktstr: artifacts: {}", dir.display()));
+    let v = result_json(&dir);
+    assert_eq!(v["outcome"], "fail");
+    assert_eq!(format!("ktstr: FAIL: {}", v["cause"].as_str().unwrap()), first);
+    assert!(v["message"].as_str().unwrap().contains("alone[0] got"), "{v}");
+    let run0 = &v["metrics"]["runs"][0];
+    assert_eq!(run0["workers"].as_array().map(Vec::len), Some(3), "{v}");
+    assert_eq!(run0["groups"]["crowded"]["workers"], 2, "{v}");
+    assert!(run0["groups"]["alone"]["runtime_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(std::fs::read_to_string(dir.join("console.log")).unwrap().contains("KTSTR_VERDICT "));
+
+    let name = "ktstr/demo_kernel_panics";
+    let r = run(&["--exact", name, "--ignored"], &env);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let banner = &r.stderr[r.stderr.find("ktstr: FAIL: ").expect("a FAIL banner")..];
+    assert!(banner.starts_with("ktstr: FAIL: Kernel panic - not syncing: No working init found."), "{banner}");
+    let dir = artifact_dir(art.path(), "itest-run", name);
+    assert_eq!(banner.trim_end().lines().last().unwrap(), format!("ktstr: artifacts: {}", dir.display()));
+    let v = result_json(&dir);
+    assert_eq!((v["outcome"].as_str(), v["kernel"]["release"].as_str()), (Some("fail"), Some("")), "{v}");
+    assert!(std::fs::read_to_string(dir.join("console.log")).unwrap().contains("Kernel panic - not syncing: No working init found."));
+}
+
+/// A host_only run leaves result.json under `host`, and its body's output
+/// is in output.log.
+#[test]
+fn host_only_artifacts() {
+    let art = tempfile::tempdir().unwrap();
+    let env = [("KTSTR_ARTIFACT_DIR", art.path().to_str().unwrap()), ("NEXTEST_RUN_ID", "host-run")];
+    let r = run(&["--exact", "ktstr/host_workers_report"], &env);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let dir = art.path().join("host-run/ktstr__host_workers_report/host");
+    let v = result_json(&dir);
+    assert_eq!((v["outcome"].as_str(), v["backend"].as_str(), v["kernel"]["label"].as_str()), (Some("pass"), Some("host"), Some("host")));
+    assert!(v["topology"].is_null() && v["kernel"]["image"].is_null(), "{v}");
+    assert_eq!(v["metrics"]["runs"][0]["workers"].as_array().map(Vec::len), Some(2), "{v}");
+    assert!(dir.join("output.log").is_file());
+}
+
+/// A body printing 10 MiB: its output travels over the data channel (the
+/// first and last part, with a note of what was dropped between) and
+/// costs about what writing it costs, not a serial console's transfer time.
+/// Prints the figures.
+#[test]
+fn body_output_of_10mib_is_cheap() {
+    let Some(k) = need_kernels(1) else { return };
+    let art = tempfile::tempdir().unwrap();
+    let env = [("KTSTR_TEST_KERNEL", k[0].to_str().unwrap()), ("KTSTR_ARTIFACT_DIR", art.path().to_str().unwrap())];
+    let quiet = run(&["--exact", "ktstr/demo_uname", "--ignored"], &env);
+    assert_eq!(quiet.code, 0, "{}", quiet.stderr);
+    let loud = run(&["--exact", "ktstr/demo_prints_10mib", "--ignored"], &env);
+    assert_eq!(loud.code, 0, "{}", loud.stderr);
+    let lines = 10 * 1024 * 1024 / 100;
+    assert!(loud.stdout.starts_with("0000000000 xxx"), "{}", &loud.stdout[..100.min(loud.stdout.len())]);
+    assert!(loud.stdout.ends_with(&format!("{:010} {}\n", lines - 1, "x".repeat(88))), "the last line arrives");
+    let note = loud.stderr.lines().find(|l| l.contains("bytes of the test body's output dropped here")).expect("a note on the gap");
+    let dropped: usize = note.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(loud.stdout.len() + dropped, lines * 100, "every byte is delivered or counted");
+    let extra = loud.took.saturating_sub(quiet.took);
+    eprintln!(
+        "10 MiB of body output: {:.2}s vs {:.2}s for a quiet body (+{:.2}s); {} bytes delivered, {dropped} dropped; {}",
+        loud.took.as_secs_f64(),
+        quiet.took.as_secs_f64(),
+        extra.as_secs_f64(),
+        loud.stdout.len(),
+        loud.stderr.lines().find(|l| l.starts_with("demo_prints_10mib: wrote")).unwrap_or("")
+    );
+    assert!(extra < Duration::from_secs(10), "10 MiB of output cost {extra:?}");
 }
