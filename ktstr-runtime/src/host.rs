@@ -271,6 +271,7 @@ pub fn interpret(def: &TestDef, r: &VmResult) -> Verdict {
         ),
         ExitKind::TripleFault => "the guest CPU triple-faulted".to_string(),
         ExitKind::HostError(e) => format!("the VMM failed: {e}"),
+        ExitKind::Stopped => "the host stopped the guest".to_string(),
         ExitKind::PowerOff | ExitKind::Reboot => format!("the guest stopped ({:?}) without a verdict", r.exit),
     };
     Verdict::fail(format!("{why} before reporting a verdict for {}", def.name))
