@@ -7,6 +7,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 mod completions;
 mod export_cmd;
 mod kernel_cmd;
+mod shell_cmd;
 mod test_cmd;
 
 const EXAMPLES: &str = "\
@@ -15,6 +16,7 @@ Examples:
   cargo ktstr kernel build /usr/src/linux-source-6.12.tar.xz
   cargo ktstr kernel list
   cargo ktstr export two_cgroups_share_cpu             # writes two_cgroups_share_cpu.run
+  cargo ktstr shell --kernel 6.12 --cpus 4             # a shell in a VM; Ctrl-] or `poweroff` ends it
 
 Docs: docs/ in the ktstr repository (kernel specs, env vars, exit codes).";
 
@@ -40,6 +42,8 @@ pub enum Command {
     Kernel(kernel_cmd::KernelArgs),
     /// Write a self-contained NAME.run reproducer of one test.
     Export(export_cmd::ExportArgs),
+    /// Boot a kernel with a busybox userland: an interactive shell, or one command (--exec).
+    Shell(shell_cmd::ShellArgs),
     /// Print shell completions.
     Completions(completions::CompletionsArgs),
 }
@@ -54,11 +58,17 @@ fn args() -> Vec<std::ffi::OsString> {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } == 1 {
+        // This binary is the `/init` of a `cargo ktstr shell` VM.
+        ktstr_runtime::shell::guest::init_standalone();
+    }
     let cli = Cli::parse_from(args());
     let res = match cli.command {
         Command::Test(t) => test_cmd::run(t).map(|never| match never {}),
         Command::Kernel(k) => kernel_cmd::run(k).map(|()| 0),
         Command::Export(e) => export_cmd::run(e),
+        Command::Shell(s) => shell_cmd::run(s),
         Command::Completions(c) => {
             completions::run(c, Cli::command());
             Ok(0)

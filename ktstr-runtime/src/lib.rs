@@ -21,6 +21,7 @@ pub mod prelude;
 pub mod registry;
 pub mod report;
 pub mod scheduler;
+pub mod shell;
 pub mod testing;
 pub mod verdict;
 pub mod vmm;
