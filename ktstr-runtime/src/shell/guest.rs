@@ -90,9 +90,14 @@ fn open_console() -> std::io::Result<std::fs::File> {
 }
 
 
+/// Writes `b` to the console and waits until the UART has sent it (and
+/// everything queued before it, such as the command's last output):
+/// power-off does not wait for the tty to drain.
 fn console_write(b: &[u8]) {
     if let Ok(mut c) = open_console() {
         let _ = c.write_all(b);
+        // SAFETY: tcdrain on a descriptor we own.
+        unsafe { libc::tcdrain(c.as_raw_fd()) };
     }
 }
 

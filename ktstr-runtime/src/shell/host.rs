@@ -20,6 +20,7 @@ use super::term::{self, RawTerminal};
 use super::{GuestConfig, CONFIG_PATH, ESCAPE, ESCAPE_NAME, INCLUDE_DIR, SHELL_ARG};
 use crate::channel::kind;
 use crate::initramfs::Initramfs;
+use crate::vmm::backend::{self, BackendChoice};
 use crate::vmm::{ConsoleLink, ExitKind, VmBuilder, VmResult};
 
 /// `cargo ktstr shell --test NAME` runs the test binary holding NAME with
@@ -135,7 +136,15 @@ pub fn drive(b: VmBuilder, opts: &Options, what: &str) -> i32 {
             let _ = o.write_all(&show).and_then(|()| o.flush());
         }
     });
-    let vm = match b.cmdline(SHELL_ARG).timeout(FOREVER).console(link.clone()).build() {
+    // Chosen before raw mode: the backend's notice (KVM unusable, TCG) is a normal line.
+    let backend = match BackendChoice::from_env().and_then(backend::select) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("ktstr: shell: FAIL: {e}");
+            return 1;
+        }
+    };
+    let vm = match b.cmdline(SHELL_ARG).timeout(FOREVER).console(link.clone()).backend(backend).build() {
         Ok(v) => v,
         Err(e) => {
             eprintln!("ktstr: shell: FAIL: {e}");
