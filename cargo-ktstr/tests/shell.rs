@@ -44,6 +44,11 @@ fn exec_streams_output_and_returns_the_status_on_both_kernels() {
         assert_eq!(o.status.code(), Some(7), "{k}: {}", err(&o));
         assert!(o.stdout.is_empty(), "{k}: {:?}", String::from_utf8_lossy(&o.stdout));
     }
+    // busybox's poweroff signals init, which ends the session with status 0
+    // and nothing after it runs.
+    let (o, _) = shell(cache.path(), &["--kernel", ktstr.to_str().unwrap(), "--exec", "poweroff; sleep 30; echo not-here"]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert!(o.stdout.is_empty(), "{:?}", String::from_utf8_lossy(&o.stdout));
     // Output is streamed whole and byte for byte (no \r), the last line too;
     // a command killed by a signal gives 128 + the signal.
     let (o, _) = shell(cache.path(), &["--kernel", ktstr.to_str().unwrap(), "--exec", "seq 1 5000; echo err >&2; kill -9 $$"]);
@@ -51,6 +56,11 @@ fn exec_streams_output_and_returns_the_status_on_both_kernels() {
     want.push_str("err\n");
     assert_eq!(String::from_utf8_lossy(&o.stdout), want, "{}", err(&o));
     assert_eq!(o.status.code(), Some(137), "{}", err(&o));
+    // The last command (exec'd by sh, so the one process left) ends with
+    // output the UART has not sent yet: none of it may be lost.
+    let (o, _) = shell(cache.path(), &["--kernel", ktstr.to_str().unwrap(), "--exec", "seq 1 5000 > /tmp/s; cat /tmp/s"]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), want.trim_end_matches("err\n"), "{}", err(&o));
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! PID 1 of a shell VM: after the usual preparation (filesystems, data
 //! channel, CPUs online: [`crate::guest::prepare`]), install busybox's
-//! applets, start `/bin/sh` on the serial console as a session leader with
-//! the console as its controlling terminal (so Ctrl-C reaches the
-//! foreground job, not init), wait for it, report its exit status on the
-//! data channel and the console, and power off.
+//! applets, make the serial console init's controlling terminal, start
+//! `/bin/sh` on it in a process group of its own in the foreground (so
+//! Ctrl-C reaches the shell's jobs, never init), wait for it, report its
+//! exit status on the data channel and the console, and power off.
 //!
 //! busybox's `poweroff`/`halt`/`reboot` signal PID 1 (SIGUSR2, SIGUSR1,
 //! SIGTERM) rather than calling reboot(2) themselves; init answers each
@@ -160,13 +160,33 @@ pub fn session(notes: &[String]) -> i32 {
     cmd.stdin(i).stdout(o).stderr(e).current_dir("/").env_clear();
     cmd.env("PATH", PATH).env("HOME", "/root").env("TERM", cfg.term.as_deref().unwrap_or("vt100")).env("PS1", "ktstr# ");
     let _ = std::fs::create_dir_all("/root");
-    // SAFETY: setsid and ioctl are async-signal-safe; after setsid the
-    // child leads a new session, and TIOCSCTTY makes its stdin (the
-    // serial tty) the controlling terminal, with the child's group in front.
+    // Init, not the shell, leads the session that owns the console: when a
+    // session leader exits the kernel hangs its terminal up, and a hangup
+    // throws away output the UART has not sent yet (the command's last lines).
+    // SAFETY: setsid/ioctl on our own descriptor; setsid fails harmlessly
+    // when PID 1 already leads its session.
+    unsafe {
+        libc::setsid();
+        if libc::ioctl(tty.as_raw_fd(), libc::TIOCSCTTY, 1) < 0 {
+            let _ = write!(con, "ktstr: shell: no controlling terminal ({}); Ctrl-C will not reach commands{nl}", std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: only async-signal-safe calls. The child gets a process group
+    // of its own and puts it in the console's foreground (SIGTTOU blocked
+    // meanwhile: a background group changing it would be stopped), so
+    // Ctrl-C reaches the shell's jobs and never init.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 1) < 0 {
-                return Err(std::io::Error::last_os_error());
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTTOU);
+            libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
+            let r = if libc::setpgid(0, 0) < 0 || libc::tcsetpgrp(0, libc::getpid()) < 0 { -1 } else { 0 };
+            let err = std::io::Error::last_os_error();
+            libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            if r < 0 {
+                return Err(err);
             }
             Ok(())
         });
@@ -181,8 +201,7 @@ pub fn session(notes: &[String]) -> i32 {
     let pid = child.id() as i32;
     loop {
         if POWER_REQUEST.load(Ordering::SeqCst) != 0 {
-            // SAFETY: signals the shell's session (its process group), which we started.
-            unsafe { libc::kill(-pid, libc::SIGHUP) };
+            end_session(pid);
             return 0;
         }
         let mut st = 0;
@@ -207,6 +226,25 @@ pub fn session(notes: &[String]) -> i32 {
         }
         // ECHILD: the shell is gone without our seeing its status.
         return 1;
+    }
+}
+
+/// Hangs up the shell's process group and waits (a bounded time) for the
+/// shell to exit: the session leader's exit hangs up the console, and a
+/// console opened before that hangup would swallow the exit marker.
+fn end_session(pid: i32) {
+    for (sig, wait_ms) in [(libc::SIGHUP, 1000), (libc::SIGKILL, 1000)] {
+        // SAFETY: signals the shell's process group, which we started.
+        unsafe { libc::kill(-pid, sig) };
+        for _ in 0..wait_ms / 20 {
+            let mut st = 0;
+            // SAFETY: waitpid writes the status into `st`, which we own.
+            let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+            if r == pid || r < 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
