@@ -112,6 +112,22 @@ fn test_flag_boots_the_tests_topology() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.first(), Some(&"2"), "{out}");
     assert!(lines.iter().any(|l| l.contains("ktstr.test=two_cgroups_share_cpu") && l.contains("ktstr.shell")), "{out}");
+
+    // A sched_ext test: its scheduler runs under the shell (the ktstr kernel
+    // has sched_ext). A small output from the command sh execs last used to
+    // be lost to the tty hangup at its exit; every line must arrive.
+    let mut c = fixture::cargo_ktstr(cache.path());
+    c.current_dir(ws).args(["shell", "--kernel", ktstr.to_str().unwrap(), "--test", "scx_simple_workload", "-p", "ktstr-tests"]);
+    c.args(["--exec", "nproc; cat /sys/kernel/sched_ext/state /sys/kernel/sched_ext/root/ops"]);
+    if let Some(d) = std::env::var_os("KTSTR_SCHEDULER_DIR") {
+        c.env("KTSTR_SCHEDULER_DIR", d);
+    }
+    let o = c.output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", err(&o));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"ktstr: scheduler scx_simple is running (sched_ext ops: simple)"), "{out}");
+    assert_eq!(lines.get(1..4), Some(&["2", "enabled", "simple"][..]), "{out}");
 }
 
 /// A private tmux server (its own socket, no user config), killed on drop.
