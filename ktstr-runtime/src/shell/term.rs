@@ -102,3 +102,64 @@ impl Drop for RawTerminal {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lflag(fd: i32) -> libc::tcflag_t {
+        // SAFETY: tcgetattr fills a termios we own.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
+        t.c_lflag
+    }
+
+    /// A pseudo-terminal pair: (controller, terminal).
+    fn pty() -> (i32, i32) {
+        let (mut m, mut s) = (0, 0);
+        // SAFETY: openpty writes two descriptors; no name, termios or winsize.
+        let r = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        (m, s)
+    }
+
+    const COOKED: libc::tcflag_t = libc::ICANON | libc::ECHO | libc::ISIG;
+
+    #[test]
+    fn raw_until_dropped_and_restored_when_a_signal_kills_us() {
+        let (m, s) = pty();
+        assert_eq!(lflag(s) & COOKED, COOKED, "a new pty is cooked");
+        let raw = RawTerminal::enter(s).unwrap().expect("a pty is a terminal");
+        assert_eq!(lflag(s) & COOKED, 0, "raw: no line editing, echo or signal keys");
+        drop(raw);
+        assert_eq!(lflag(s) & COOKED, COOKED, "restored on drop");
+        assert!(RawTerminal::enter(-1).unwrap().is_none() && !is_tty(-1));
+
+        // SIGTERM from elsewhere: the handler restores the terminal, then
+        // the process dies of the signal as it would have.
+        // SAFETY: the child only enters raw mode and raises a signal, then _exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let r = RawTerminal::enter(s);
+            let raw_in_child = lflag(s) & COOKED == 0;
+            if r.is_ok() && raw_in_child {
+                std::mem::forget(r);
+                // SAFETY: raise in the child; the handler runs.
+                unsafe { libc::raise(libc::SIGTERM) };
+            }
+            // SAFETY: leave the forked child without running the parent's destructors.
+            unsafe { libc::_exit(3) };
+        }
+        let mut st = 0;
+        // SAFETY: waits for the child we forked.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
+        assert!(libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGTERM, "child status {st:#x}");
+        assert_eq!(lflag(s) & COOKED, COOKED, "restored by the signal handler");
+        // SAFETY: our descriptors.
+        unsafe {
+            libc::close(m);
+            libc::close(s);
+        }
+    }
+}
