@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use ktstr_runtime::shell::host::{self as shell, Options, HAS_TEST_FLAG, HAS_TEST_YES, OPTIONS_ENV, TEST_FLAG};
-use ktstr_runtime::shell::{self as guest_shell, ESCAPE_NAME};
+use ktstr_runtime::shell as guest_shell;
 use ktstr_runtime::vmm::{Topology, Vm};
 
 const EXAMPLES: &str = "\
@@ -158,7 +158,7 @@ fn run_test(a: &ShellArgs, name: &str, opts: &Options, kernel: Option<PathBuf>) 
         cmd.env("KTSTR_TEST_KERNEL", k).env_remove("KTSTR_KERNEL_LIST");
     }
     if opts.exec.is_none() {
-        eprintln!("ktstr: shell: {name} from {}; {ESCAPE_NAME} or `poweroff` ends the VM", bin.display());
+        eprintln!("ktstr: shell: test {name} is in {}", bin.display());
     }
     let st = cmd.status().with_context(|| format!("running {}", bin.display()))?;
     use std::os::unix::process::ExitStatusExt;
