@@ -297,6 +297,13 @@ fn interactive_session_in_tmux() {
     t.wait_output("VM ended by Ctrl-]", "rc=0", STEP);
     t.line("echo host-ok-$((1+1))");
     t.wait_output("echo host-ok-", "host-ok-2", STEP);
+
+    // Leaving the shell ends the VM with the shell's status.
+    t.clear();
+    t.line(&run);
+    booted(&t);
+    t.line("exit 3");
+    t.wait_output("ktstr# exit 3", "rc=3", STEP);
 }
 
 /// The input run of the rig: keys typed once the prompt is up (stdin a
