@@ -10,11 +10,15 @@
 #   scripts/nested-kvm.sh --bin NAME=PATH... --kernel LABEL=IMAGE... \
 #       [--sched-dir DIR] [--smp N] [--mem MIB] [--tcg single|multi] \
 #       [--outer-kernel IMAGE --outer-modules DIR] [--timeout S] \
-#       [--log FILE] [--boot-only] [--show-console] [NAME:TEST...]
+#       [--log FILE] [--boot-only] [--show-console] [--run LABEL=CMD...] [NAME:TEST...]
 # Each NAME:TEST (e.g. `examples:spinners_all_make_progress`) runs once per
 # --kernel inside the same outer guest. Prints one line per run,
 #   nested-kvm: RESULT <PASS|FAIL|SKIP> kernel=LABEL test=NAME:TEST rc=N secs=S
-# then a summary; exits with the number of failed or missing runs (capped at
+# then a summary. Each --run LABEL=CMD runs CMD with `sh` in the outer guest
+# (KTSTR_VMM=kvm; --bin binaries at /t/NAME, kernels at /k/LABEL/bzImage,
+# stdin /dev/null unless CMD pipes into it), prints its output as
+# `nested-kvm: out| ` lines and one `RESULT ... run=LABEL rc=N` line (PASS
+# for rc 0). The rig exits with the number of failed or missing runs (capped at
 # 100), 101 if the outer guest never became ready, 102 for bad arguments,
 # 103 if the outer kernel oopsed (its verdicts are then no evidence).
 set -euo pipefail
@@ -32,7 +36,7 @@ LOG=
 BOOT_ONLY=0
 SHOW_CONSOLE=
 SCHED_DIR=${KTSTR_SCHEDULER_DIR:-}
-declare -a BINS=() KERNELS=() TESTS=() FILES=()
+declare -a BINS=() KERNELS=() TESTS=() FILES=() RUNS=()
 
 while [ $# -gt 0 ]; do
 	case $1 in
@@ -49,6 +53,7 @@ while [ $# -gt 0 ]; do
 	--log) LOG=$2; shift 2 ;;
 	--boot-only) BOOT_ONLY=1; shift ;;
 	--show-console) SHOW_CONSOLE=1; shift ;;
+	--run) RUNS+=("$2"); shift 2 ;;
 	-h|--help) sed -n '2,18p' "$0"; exit 0 ;;
 	-*) die "unknown option $1 (see --help)" ;;
 	*) TESTS+=("$1"); shift ;;
@@ -67,8 +72,8 @@ fi
 [ -f "$OUTER_KERNEL" ] || die "--outer-kernel $OUTER_KERNEL is not a file"
 [ -d "$OUTER_MODULES" ] || die "--outer-modules $OUTER_MODULES is not a directory (the modules of $OUTER_KERNEL)"
 case $TCG in single|multi) ;; *) die "--tcg $TCG: use single or multi" ;; esac
-[ "$BOOT_ONLY" = 1 ] || [ ${#TESTS[@]} -gt 0 ] || die "no tests given (NAME:TEST, e.g. examples:guest_gets_cmdline_and_files)"
-[ "$BOOT_ONLY" = 1 ] || [ ${#KERNELS[@]} -gt 0 ] || die "no --kernel LABEL=IMAGE given"
+[ "$BOOT_ONLY" = 1 ] || [ ${#TESTS[@]} -gt 0 ] || [ ${#RUNS[@]} -gt 0 ] || die "no tests given (NAME:TEST, e.g. examples:guest_gets_cmdline_and_files)"
+[ "$BOOT_ONLY" = 1 ] || [ ${#TESTS[@]} = 0 ] || [ ${#KERNELS[@]} -gt 0 ] || die "no --kernel LABEL=IMAGE given"
 BUSYBOX=$(command -v busybox || true)
 [ -n "$BUSYBOX" ] || die "busybox not found: apt-get install busybox-static"
 file -L "$BUSYBOX" 2>/dev/null | grep -q 'statically linked' || die "$BUSYBOX is not static: apt-get install busybox-static"
@@ -130,6 +135,13 @@ for t in "${TESTS[@]}"; do
 	TLIST+="$t "
 done
 
+mkdir -p "$ROOT/runs"
+for r in "${RUNS[@]}"; do
+	label=${r%%=*} cmd=${r#*=}
+	[ "$label" != "$r" ] && [[ $label =~ ^[A-Za-z0-9_.-]+$ ]] || die "--run $r: want LABEL=CMD with LABEL of letters, digits, . _ -"
+	printf '%s\n' "$cmd" >"$ROOT/runs/$label.sh"
+done
+
 # The outer /init: mount, load kvm-amd, run every test on every kernel.
 cat >"$ROOT/init" <<EOF
 #!/bin/busybox sh
@@ -157,6 +169,18 @@ for t in $TLIST; do
 		v=FAIL; [ \$rc = 0 ] && v=PASS; [ \$rc = 0 ] && grep -q 'ktstr: SKIP' /tmp/out && v=SKIP
 		echo "nested-kvm: RESULT \$v kernel=\$k test=\$t rc=\$rc secs=\$(awk "BEGIN{print \$e-\$s}")"
 	done
+done
+for r in /runs/*.sh; do
+	[ -f "\$r" ] || continue
+	label=\$(basename "\$r" .sh)
+	echo "nested-kvm: BEGIN run=\$label"
+	s=\$(cut -d' ' -f1 /proc/uptime)
+	KTSTR_VMM=kvm sh "\$r" </dev/null >/tmp/out 2>&1
+	rc=\$?
+	e=\$(cut -d' ' -f1 /proc/uptime)
+	sed 's/^/nested-kvm: out| /' /tmp/out
+	v=FAIL; [ \$rc = 0 ] && v=PASS
+	echo "nested-kvm: RESULT \$v run=\$label rc=\$rc secs=\$(awk "BEGIN{print \$e-\$s}")"
 done
 echo "nested-kvm: DONE"
 poweroff -f
@@ -195,7 +219,7 @@ done < <(timeout "$TIMEOUT" qemu-system-x86_64 -nodefaults -no-user-config -disp
 	-kernel "$OUTER_KERNEL" -initrd "$WORK/outer.cpio" \
 	-append "console=ttyS0 panic=-1 loglevel=4 tsc=reliable" </dev/null 2>&1)
 total=$(awk "BEGIN{printf \"%.1f\", $EPOCHREALTIME-$T0}")
-expected=$(( $(wc -w <<<"$TLIST") * $(wc -w <<<"$KLIST") ))
+expected=$(( $(wc -w <<<"$TLIST") * $(wc -w <<<"$KLIST") + ${#RUNS[@]} ))
 echo "nested-kvm: SUMMARY results=$results/$expected failed=$fails outer_boot=${ready:--}s total=${total}s outer_oops=$outer_oops log=$LOG"
 [ -n "$ready" ] || exit 101
 [ "$outer_oops" = 0 ] || { echo "nested-kvm: the outer kernel oopsed or panicked: verdicts are not evidence"; exit 103; }

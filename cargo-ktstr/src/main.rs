@@ -9,6 +9,7 @@ mod export_cmd;
 mod kernel_cmd;
 mod stats;
 mod stats_cmd;
+mod shell_cmd;
 mod test_cmd;
 
 const EXAMPLES: &str = "\
@@ -18,6 +19,7 @@ Examples:
   cargo ktstr kernel list
   cargo ktstr export two_cgroups_share_cpu             # writes two_cgroups_share_cpu.run
   cargo ktstr test --kernel A --kernel B --repeat 3 && cargo ktstr stats --compare A B
+  cargo ktstr shell --kernel 6.12 --cpus 4             # a shell in a VM; Ctrl-] or `poweroff` ends it
 
 Docs: docs/ in the ktstr repository (kernel specs, env vars, exit codes).";
 
@@ -45,6 +47,8 @@ pub enum Command {
     Export(export_cmd::ExportArgs),
     /// Tables of a run's figures per test and kernel; compare two kernels.
     Stats(stats_cmd::StatsArgs),
+    /// Boot a kernel with a busybox userland: an interactive shell, or one command (--exec).
+    Shell(shell_cmd::ShellArgs),
     /// Print shell completions.
     Completions(completions::CompletionsArgs),
 }
@@ -59,12 +63,18 @@ fn args() -> Vec<std::ffi::OsString> {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } == 1 {
+        // This binary is the `/init` of a `cargo ktstr shell` VM.
+        ktstr_runtime::shell::guest::init_standalone();
+    }
     let cli = Cli::parse_from(args());
     let res = match cli.command {
         Command::Test(t) => test_cmd::run(t),
         Command::Kernel(k) => kernel_cmd::run(k).map(|()| 0),
         Command::Export(e) => export_cmd::run(e),
         Command::Stats(s) => stats_cmd::run(s),
+        Command::Shell(s) => shell_cmd::run(s),
         Command::Completions(c) => {
             completions::run(c, Cli::command());
             Ok(0)

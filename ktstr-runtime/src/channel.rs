@@ -32,6 +32,8 @@ pub mod kind {
     /// The test body's stdout/stderr: one stream byte, then the bytes
     /// (see `crate::output`).
     pub const OUTPUT: u32 = 5;
+    /// `cargo ktstr shell`: the shell's or command's exit status, decimal.
+    pub const SHELL_EXIT: u32 = 6;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

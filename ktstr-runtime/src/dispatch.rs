@@ -44,6 +44,18 @@ fn dispatch() {
     if let Some(code) = crate::export::dispatch_registry(&args) {
         exit(code);
     }
+    // `cargo ktstr shell --test NAME` finds the binary holding NAME, then opens the shell through it.
+    if let Some(name) = args.iter().find_map(|a| a.strip_prefix(crate::shell::host::HAS_TEST_FLAG)) {
+        let name = name.strip_prefix("ktstr/").unwrap_or(name);
+        if registry::find(name).is_some() {
+            println!("{}", crate::shell::host::HAS_TEST_YES);
+            exit(0);
+        }
+        exit(1);
+    }
+    if let Some(name) = args.iter().find_map(|a| a.strip_prefix(crate::shell::host::TEST_FLAG)) {
+        exit(crate::shell::host::run_test(name));
+    }
     if let Some(name) = args.iter().find_map(|a| a.strip_prefix(crate::export::RUN_HOST_FLAG)) {
         exit(run_on_host(name));
     }

@@ -199,8 +199,9 @@ pub(crate) fn lock_cache_entry(
     }
 }
 
-fn boot(def: &'static TestDef, found: &Found) -> Result<(Verdict, VmResult), Verdict> {
-    let _cache_lock = lock_cache_entry(&found.image, &discovery::cache_root(), CACHE_LOCK_TIMEOUT)?;
+/// The archive a test's VM boots: this binary as `/init`, the test's
+/// include files, host tools and scheduler (shared with `cargo ktstr shell --test`).
+pub(crate) fn test_initramfs(def: &'static TestDef, found: &Found) -> Result<Initramfs, Verdict> {
     let exe = std::env::current_exe().map_err(|e| Verdict::fail(format!("cannot find the test binary: {e}")))?;
     let mut ir = Initramfs::new(&exe).map_err(|e| Verdict::fail(format!("initramfs: {e:#}")))?;
     for (i, f) in def.include_files.iter().enumerate() {
@@ -218,7 +219,12 @@ fn boot(def: &'static TestDef, found: &Found) -> Result<(Verdict, VmResult), Ver
             .file(&bin, &s.guest_path())
             .map_err(|e| Verdict::fail(format!("scheduler {}: packing {}: {e:#}", s.name, bin.display())))?;
     }
-    let initrd = ir.build_cached().map_err(|e| Verdict::fail(format!("initramfs: {e:#}")))?;
+    Ok(ir)
+}
+
+fn boot(def: &'static TestDef, found: &Found) -> Result<(Verdict, VmResult), Verdict> {
+    let _cache_lock = lock_cache_entry(&found.image, &discovery::cache_root(), CACHE_LOCK_TIMEOUT)?;
+    let initrd = test_initramfs(def, found)?.build_cached().map_err(|e| Verdict::fail(format!("initramfs: {e:#}")))?;
     let mut b = Vm::builder()
         .kernel(&found.image)
         .initramfs(initrd)
@@ -271,6 +277,7 @@ pub fn interpret(def: &TestDef, r: &VmResult) -> Verdict {
         ),
         ExitKind::TripleFault => "the guest CPU triple-faulted".to_string(),
         ExitKind::HostError(e) => format!("the VMM failed: {e}"),
+        ExitKind::Stopped => "the host stopped the guest".to_string(),
         ExitKind::PowerOff | ExitKind::Reboot => format!("the guest stopped ({:?}) without a verdict", r.exit),
     };
     Verdict::fail(format!("{why} before reporting a verdict for {}", def.name))

@@ -24,6 +24,7 @@ pub mod prelude;
 pub mod registry;
 pub mod report;
 pub mod scheduler;
+pub mod shell;
 pub mod summary;
 pub mod testing;
 pub mod verdict;

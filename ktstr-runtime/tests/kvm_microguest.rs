@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use ktstr_runtime::channel;
 use ktstr_runtime::testing;
 use ktstr_runtime::vmm::kvm::acpi::{PM1A_CNT_PORT, RESET_PORT, S5_POWER_OFF};
-use ktstr_runtime::vmm::kvm::asm::{Asm, Reg};
+use ktstr_runtime::vmm::kvm::asm::{Asm, Cond, Reg};
 use ktstr_runtime::vmm::kvm::devices::TEST_PORT;
 use ktstr_runtime::vmm::kvm::memory::{RAW_CODE, SCRATCH_MMIO};
 use ktstr_runtime::vmm::kvm::serial::{COM1_BASE, COM2_BASE};
 use ktstr_runtime::vmm::kvm::{Cause, Machine, Outcome};
-use ktstr_runtime::vmm::{ChannelRegion, ExitKind, Topology, VmError};
+use ktstr_runtime::vmm::{ChannelRegion, ConsoleLink, ExitKind, Topology, VmError};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -260,4 +260,57 @@ fn kvm_emulation_failure_is_reported_with_the_instruction() {
             assert_eq!(out.test_values(), vec![8]);
         }
     }
+}
+
+/// Interactive mode (`cargo ktstr shell` on KVM): keys the host queued on
+/// the console link reach COM1's receive FIFO in order, the guest's COM1
+/// output reaches the link's sink as it is written, and the guest polls
+/// LSR.DR for each byte as the 8250 driver's interrupt handler would.
+#[test]
+fn kvm_console_link_feeds_com1_input() {
+    let Some(mut m) = machine(Topology::cpus(1)) else { return };
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let link = ConsoleLink::new(move |b| s.lock().unwrap().extend_from_slice(b));
+    // More than the 64-byte FIFO holds: the rest is fed as the guest drains it.
+    let keys: Vec<u8> = (0..100u8).map(|i| b'!' + i % 90).collect();
+    link.send(&keys);
+    m.set_console(link.clone());
+    let mut a = Asm::new(RAW_CODE);
+    a.puts(COM1_BASE, "ready");
+    a.mov32(Reg::Rcx, keys.len() as u32);
+    let top = a.label();
+    a.bind(top);
+    // test al, 1 (LSR.DR); jz top
+    a.in_eax(COM1_BASE + 5).bytes(&[0xa8, 0x01]).jcc(Cond::E, top);
+    a.in_eax(COM1_BASE).out_eax(TEST_PORT).dec32(Reg::Rcx).jcc(Cond::Ne, top);
+    power_off(&mut a);
+    m.load_raw(&a.finish()).unwrap();
+    let out = m.run(TIMEOUT).unwrap();
+    assert_eq!(out.exit, ExitKind::PowerOff, "{:?}", out.cause);
+    let got: Vec<u8> = out.test_values().iter().map(|v| (*v & 0xff) as u8).collect();
+    assert_eq!(got, keys);
+    assert_eq!(*seen.lock().unwrap(), b"ready");
+}
+
+/// `ConsoleLink::stop` (the shell's escape key) ends a guest that would run forever.
+#[test]
+fn kvm_console_link_stop_ends_the_run() {
+    let Some(mut m) = machine(Topology::cpus(1)) else { return };
+    let link = ConsoleLink::new(|_| {});
+    m.set_console(link.clone());
+    let mut a = Asm::new(RAW_CODE);
+    let top = a.label();
+    a.bind(top).jmp(top);
+    m.load_raw(&a.finish()).unwrap();
+    let l = link.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        l.stop();
+    });
+    let t = Instant::now();
+    let out = m.run(TIMEOUT).unwrap();
+    assert_eq!(out.exit, ExitKind::Stopped, "{:?}", out.cause);
+    assert_eq!(out.cause, Cause::Stopped);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }

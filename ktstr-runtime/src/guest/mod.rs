@@ -47,7 +47,7 @@ pub fn cmdline_arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline.split_whitespace().find_map(|a| a.strip_prefix(key)?.strip_prefix('='))
 }
 
-fn power_off() -> ! {
+pub fn power_off() -> ! {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     // SAFETY: sync and reboot(2) as PID 1; reboot only returns on error.
@@ -63,6 +63,36 @@ fn power_off() -> ! {
 
 /// PID 1 entry point; never returns.
 pub fn init() -> ! {
+    let bringup = prepare();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.split_whitespace().any(|a| a == crate::shell::SHELL_ARG) {
+        // `cargo ktstr shell --test NAME`: the test's VM, a shell instead of the body.
+        crate::shell::guest::run_test_shell(cmdline_arg(&cmdline, TEST_ARG).unwrap_or(""), bringup)
+    }
+    // A test must never run on fewer CPUs than its topology asked for.
+    let mut verdict = match bringup {
+        Err(e) => Verdict::fail(format!("guest CPU bring-up failed: {e}")),
+        Ok(_) => std::panic::catch_unwind(run_named_test).unwrap_or_else(|p| {
+            Verdict::fail(format!("ktstr guest init panicked: {}", supervise::panic_message(&*p)))
+        }),
+    };
+    verdict.kernel_release =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+    let json = serde_json::to_string(&verdict).unwrap_or_default();
+    if let Some(Err(e)) = channel_send(kind::RESULT, json.as_bytes()) {
+        println!("ktstr: guest: sending the verdict failed: {e}");
+    }
+    // The console copy is a fallback for the verdict only: metrics travel
+    // on the channel, not over the slow serial line.
+    verdict.metrics = None;
+    println!("{CONSOLE_MARKER}{}", serde_json::to_string(&verdict).unwrap_or_default());
+    power_off()
+}
+
+/// What every ktstr guest's PID 1 does first: `PATH`, the filesystems, the
+/// data channel (announcing INIT), and every present CPU online. Returns
+/// the CPU bring-up's result; the rest is reported on the console.
+pub fn prepare() -> Result<cpus::Bringup, String> {
     // The kernel starts init with no PATH; host tools (`host_tools`) go first.
     std::env::set_var("PATH", crate::host_tools::GUEST_PATH);
     let mut problems = Vec::new();
@@ -103,24 +133,7 @@ pub fn init() -> ! {
         Ok(_) => {}
         Err(e) => println!("ktstr: guest: {e}"),
     }
-    // A test must never run on fewer CPUs than its topology asked for.
-    let mut verdict = match bringup {
-        Err(e) => Verdict::fail(format!("guest CPU bring-up failed: {e}")),
-        Ok(_) => std::panic::catch_unwind(run_named_test).unwrap_or_else(|p| {
-            Verdict::fail(format!("ktstr guest init panicked: {}", supervise::panic_message(&*p)))
-        }),
-    };
-    verdict.kernel_release =
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
-    let json = serde_json::to_string(&verdict).unwrap_or_default();
-    if let Some(Err(e)) = channel_send(kind::RESULT, json.as_bytes()) {
-        println!("ktstr: guest: sending the verdict failed: {e}");
-    }
-    // The console copy is a fallback for the verdict only: metrics travel
-    // on the channel, not over the slow serial line.
-    verdict.metrics = None;
-    println!("{CONSOLE_MARKER}{}", serde_json::to_string(&verdict).unwrap_or_default());
-    power_off()
+    bringup
 }
 
 /// The data channel, once init opened it; shared with the supervisor's
@@ -163,14 +176,19 @@ fn run_named_test() -> Verdict {
     let Some(def) = registry::find(name) else {
         return Verdict::fail(format!("the guest binary has no ktstr test named {name}"));
     };
-    let missing = enable_controllers(std::path::Path::new(CGROUP_ROOT), &["cpu", "cpuset", "memory", "pids"]);
-    if !missing.is_empty() {
-        println!("ktstr: guest: cgroup controllers not available: {}", missing.join(" "));
-    }
+    enable_test_controllers();
     println!("ktstr: guest: running {name}");
     match def.scheduler {
         // sched_ext: start the scheduler, watch it during the body, stop it after.
         Some(s) => crate::scheduler::guest::run_under(s, || supervise::run_body(def, true)),
         None => supervise::run_body(def, true),
+    }
+}
+
+/// The cgroup controllers a test's body (or its shell) can use.
+pub fn enable_test_controllers() {
+    let missing = enable_controllers(std::path::Path::new(CGROUP_ROOT), &["cpu", "cpuset", "memory", "pids"]);
+    if !missing.is_empty() {
+        println!("ktstr: guest: cgroup controllers not available: {}", missing.join(" "));
     }
 }

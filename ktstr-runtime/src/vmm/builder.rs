@@ -18,6 +18,7 @@ pub struct VmBuilder {
     timeout: Duration,
     channel_mib: u64,
     backend: Option<BackendKind>,
+    console: Option<super::ConsoleLink>,
 }
 
 /// A configured VM, ready to run once.
@@ -38,6 +39,7 @@ impl Vm {
             timeout: Duration::from_secs(60),
             channel_mib: 4,
             backend: None,
+            console: None,
         }
     }
 
@@ -117,6 +119,12 @@ impl VmBuilder {
         self.channel_mib = n;
         self
     }
+    /// Interactive mode: the guest's COM1 is wired to `link` (input,
+    /// live output, stop) instead of only being captured.
+    pub fn console(mut self, link: super::ConsoleLink) -> Self {
+        self.console = Some(link);
+        self
+    }
     /// Forces a backend instead of `KTSTR_VMM`/auto-selection.
     pub fn backend(mut self, k: BackendKind) -> Self {
         self.backend = Some(k);
@@ -171,6 +179,7 @@ impl VmBuilder {
                 memory_mib: self.memory_mib,
                 timeout: self.timeout,
                 channel,
+                console: self.console,
             },
             backend: self.backend,
         })

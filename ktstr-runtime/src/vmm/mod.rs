@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod builder;
+pub mod console;
 pub mod error;
 pub mod kvm;
 pub mod qemu;
@@ -13,6 +14,7 @@ pub mod topology;
 
 pub use backend::BackendKind;
 pub use builder::{Vm, VmBuilder};
+pub use console::ConsoleLink;
 pub use error::VmError;
 pub use topology::Topology;
 
@@ -45,6 +47,9 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub timeout: Duration,
     pub channel: ChannelRegion,
+    /// Interactive mode: a live COM1 link (`cargo ktstr shell`); `None`
+    /// for test runs (no input, output only captured).
+    pub console: Option<ConsoleLink>,
 }
 
 /// How the VM ended.
@@ -62,6 +67,9 @@ pub enum ExitKind {
     Timeout,
     /// The VMM itself failed after the guest started.
     HostError(String),
+    /// The host ended the VM through its [`ConsoleLink`] (the shell's
+    /// escape key, or its boot timeout).
+    Stopped,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]

@@ -10,6 +10,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -185,11 +186,26 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         .prefix("ktstr-vm-")
         .tempdir_in(if shm.is_dir() { shm } else { Path::new("/tmp") })
         .context("creating the VM's scratch directory")?;
-    let mut child = Command::new(QEMU)
-        .args(args(cfg, dir.path(), threads, boot_cpus))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut cmd = Command::new(QEMU);
+    cmd.args(args(cfg, dir.path(), threads, boot_cpus)).stdout(Stdio::piped()).stderr(Stdio::piped());
+    match &cfg.console {
+        // Interactive: COM1's stdio chardev reads the host's keys from our pipe.
+        Some(_) => {
+            cmd.stdin(Stdio::piped());
+            // SAFETY: prctl is async-signal-safe and touches no memory of
+            // the parent. A shell's QEMU must not outlive a killed host side.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
+        None => {
+            cmd.stdin(Stdio::null());
+        }
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => VmError::Host(anyhow!(
@@ -203,6 +219,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
     let console = Arc::new(Mutex::new(Vec::<u8>::new()));
     let out = child.stdout.take().expect("piped stdout");
     let con = Arc::clone(&console);
+    let link = cfg.console.clone();
     let reader = std::thread::spawn(move || {
         let mut out = out;
         let mut buf = [0u8; 4096];
@@ -211,8 +228,12 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
                 break;
             }
             con.lock().unwrap().extend_from_slice(&buf[..n]);
+            if let Some(l) = &link {
+                l.output(&buf[..n]);
+            }
         }
     });
+    let mut guest_input = child.stdin.take();
     let mut err = child.stderr.take().expect("piped stderr");
     let err_reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -233,6 +254,18 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         if let Some(q) = qmp.as_mut() {
             if let Some(r) = q.poll_shutdown() {
                 shutdown_reason = Some(r);
+            }
+        }
+        if let (Some(link), Some(w)) = (&cfg.console, guest_input.as_mut()) {
+            if link.stopped() {
+                exit = Some(ExitKind::Stopped);
+                kill(&mut child);
+                break;
+            }
+            let keys = link.take_input();
+            // A failed write means QEMU is going away; try_wait reports it.
+            if !keys.is_empty() && w.write_all(&keys).and_then(|()| w.flush()).is_err() {
+                guest_input = None;
             }
         }
         if to_init.is_none() && channel_has_init(&ram, offset) {
@@ -374,6 +407,7 @@ mod tests {
             memory_mib: mem,
             timeout: Duration::from_secs(1),
             channel: ChannelRegion { gpa: (mem - 4) << 20, size: 4 << 20 },
+            console: None,
         }
     }
 

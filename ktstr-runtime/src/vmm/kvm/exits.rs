@@ -51,6 +51,8 @@ pub enum Cause {
     Timeout,
     /// The console showed a panic and the guest did not stop by itself.
     PanicSeen,
+    /// The host ended the run through the console link.
+    Stopped,
     Host(String),
 }
 
@@ -70,6 +72,7 @@ impl Cause {
             )),
             Cause::Timeout => ExitKind::Timeout,
             Cause::PanicSeen => ExitKind::Panic,
+            Cause::Stopped => ExitKind::Stopped,
             Cause::Host(m) => ExitKind::HostError(m.clone()),
         }
     }

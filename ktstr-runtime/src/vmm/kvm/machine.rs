@@ -3,7 +3,7 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -19,7 +19,7 @@ use super::serial::{self, Capture, COM1_IRQ, COM2_IRQ};
 use super::{acpi, gdt, loader, paging, vcpu};
 use crate::channel::{self, ChannelError, Message};
 use crate::vmm::error::ResourceSnapshot;
-use crate::vmm::{ChannelRegion, ExitKind, Topology, VmConfig, VmError};
+use crate::vmm::{ChannelRegion, ConsoleLink, ExitKind, Topology, VmConfig, VmError};
 
 const TSS_ADDR: usize = 0xfffb_d000;
 const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
@@ -78,6 +78,8 @@ pub struct Machine {
     com_bufs: [Arc<Mutex<Vec<u8>>>; 2],
     serial_irqs: [Arc<AtomicU64>; 2],
     panic_seen: Arc<AtomicBool>,
+    /// Interactive mode: COM1's live link (input from the host, output mirrored).
+    console: Arc<OnceLock<ConsoleLink>>,
     _irq_evts: Vec<EventFd>,
     created: Instant,
     loaded: bool,
@@ -178,6 +180,7 @@ impl Machine {
         let com_bufs = [Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new()))];
         let serial_irqs = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
         let panic_seen = Arc::new(AtomicBool::new(false));
+        let console: Arc<OnceLock<ConsoleLink>> = Arc::default();
         let mut evts = Vec::new();
         let mut uarts = Vec::new();
         for (i, irq) in [COM1_IRQ, COM2_IRQ].into_iter().enumerate() {
@@ -190,7 +193,11 @@ impl Machine {
             } else {
                 None
             };
-            uarts.push(serial::uart(clone, serial_irqs[i].clone(), Capture::new(com_bufs[i].clone(), on_panic)));
+            let mut capture = Capture::new(com_bufs[i].clone(), on_panic);
+            if i == 0 {
+                capture = capture.with_link(console.clone());
+            }
+            uarts.push(serial::uart(clone, serial_irqs[i].clone(), capture));
             evts.push(evt);
         }
         let com2 = uarts.pop().unwrap();
@@ -226,6 +233,7 @@ impl Machine {
             com_bufs,
             serial_irqs,
             panic_seen,
+            console,
             _irq_evts: evts,
             created,
             loaded: false,
@@ -247,6 +255,12 @@ impl Machine {
 
     pub fn topology(&self) -> Topology {
         self.topo
+    }
+
+    /// Interactive mode: COM1 output goes to `link` as well, the host's
+    /// keys in it reach COM1's receive FIFO, and `link.stop()` ends the run.
+    pub fn set_console(&mut self, link: ConsoleLink) {
+        let _ = self.console.set(link);
     }
 
     /// Decode this region as the data channel when the run ends.
@@ -276,6 +290,9 @@ impl Machine {
         let entry = loader::load(&self.mem, cfg, ACPI_BASE)?;
         vcpu::set_entry(&self.vcpus[0], &entry)?;
         self.channel = Some(cfg.channel);
+        if let Some(link) = &cfg.console {
+            self.set_console(link.clone());
+        }
         self.loaded = true;
         Ok(())
     }
@@ -287,7 +304,8 @@ impl Machine {
             return Err(VmError::Host(anyhow::anyhow!("Machine::run before anything was loaded")));
         }
         let setup = self.created.elapsed();
-        let Machine { _kvm, vm, mem, vcpus, channel, devices, com_bufs, serial_irqs, panic_seen, _irq_evts, .. } = self;
+        let Machine { _kvm, vm, mem, vcpus, channel, devices, com_bufs, serial_irqs, panic_seen, console, _irq_evts, .. } =
+            self;
         let shared = Arc::new(Shared {
             devices: Mutex::new(devices),
             stop: AtomicBool::new(false),
@@ -335,12 +353,29 @@ impl Machine {
                 if now >= deadline {
                     break Cause::Timeout;
                 }
+                if let Some(link) = console.get() {
+                    if link.stopped() {
+                        break Cause::Stopped;
+                    }
+                    let keys = link.take_input();
+                    if !keys.is_empty() {
+                        // Not under the cause lock: a vCPU thread may hold
+                        // the devices lock while it records a cause.
+                        drop(g);
+                        // A full FIFO takes nothing; the rest waits for the next poll.
+                        let taken = shared.devices.lock().unwrap().com1.enqueue_raw_bytes(&keys).unwrap_or(0);
+                        link.unread(&keys[taken..]);
+                        g = shared.cause.lock().unwrap();
+                        continue;
+                    }
+                }
                 let mut wake = deadline;
                 if let Some(p) = panic_deadline {
                     wake = wake.min(p);
                 }
-                // Poll the panic flag at least every 50 ms.
-                let wait = (wake - now).min(Duration::from_millis(50));
+                // Poll the panic flag at least every 50 ms, keys every 10 ms.
+                let poll = if console.get().is_some() { 10 } else { 50 };
+                let wait = (wake - now).min(Duration::from_millis(poll));
                 g = shared.cv.wait_timeout(g, wait).unwrap().0;
             }
         };

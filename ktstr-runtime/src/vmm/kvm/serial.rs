@@ -3,13 +3,13 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::vmm::console_shows_panic;
+use crate::vmm::{console_shows_panic, ConsoleLink};
 
 pub const COM1_BASE: u16 = 0x3f8;
 pub const COM2_BASE: u16 = 0x2f8;
@@ -30,22 +30,33 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// Captured output; `on_panic` fires once when a line shows a kernel panic.
+/// Captured output; `on_panic` fires once when a line shows a kernel
+/// panic; with a live link set (interactive mode) output also goes to it.
 pub struct Capture {
     pub buf: Arc<Mutex<Vec<u8>>>,
     line: Vec<u8>,
     on_panic: Option<Box<dyn FnMut() + Send>>,
+    link: Arc<OnceLock<ConsoleLink>>,
 }
 
 impl Capture {
     pub fn new(buf: Arc<Mutex<Vec<u8>>>, on_panic: Option<Box<dyn FnMut() + Send>>) -> Self {
-        Self { buf, line: Vec::new(), on_panic }
+        Self { buf, line: Vec::new(), on_panic, link: Arc::default() }
+    }
+
+    /// Mirrors output to whatever link `slot` holds once it is set.
+    pub fn with_link(mut self, slot: Arc<OnceLock<ConsoleLink>>) -> Self {
+        self.link = slot;
+        self
     }
 }
 
 impl Write for Capture {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         self.buf.lock().unwrap().extend_from_slice(data);
+        if let Some(l) = self.link.get() {
+            l.output(data);
+        }
         if self.on_panic.is_some() {
             for &b in data {
                 if b == b'\n' {
@@ -94,5 +105,25 @@ mod tests {
         assert_eq!(hits.load(Ordering::Relaxed), 1);
         u.write(1, 0x02).unwrap(); // IER: THR empty interrupt
         assert!(count.load(Ordering::Relaxed) >= 1);
+    }
+
+    #[test]
+    fn linked_capture_mirrors_output_and_takes_input() {
+        let slot: Arc<OnceLock<ConsoleLink>> = Arc::default();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let mut u = uart(evt, Arc::new(AtomicU64::new(0)), Capture::new(buf.clone(), None).with_link(slot.clone()));
+        u.write(0, b'a').unwrap(); // before the link is set: captured only
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        slot.set(ConsoleLink::new(move |b| s.lock().unwrap().extend_from_slice(b))).ok().unwrap();
+        u.write(0, b'b').unwrap();
+        assert_eq!(*buf.lock().unwrap(), b"ab");
+        assert_eq!(*seen.lock().unwrap(), b"b");
+        // Host keys land in the receive FIFO: LSR.DR set, RBR returns them in order.
+        assert_eq!(u.enqueue_raw_bytes(b"xy").unwrap(), 2);
+        assert_eq!(u.read(5) & 1, 1);
+        assert_eq!((u.read(0), u.read(0)), (b'x', b'y'));
+        assert_eq!(u.read(5) & 1, 0);
     }
 }
