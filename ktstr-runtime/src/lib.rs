@@ -1,4 +1,24 @@
 //! ktstr runtime, linked into every ktstr test binary.
+//!
+//! The path of one test, host to guest and back:
+//!
+//! 1. `#[ktstr_test]` registers a [`registry::TestDef`]; [`dispatch`] runs
+//!    before `main` and answers nextest's protocol ([`nextest`]: listing,
+//!    one name per kernel in multi-kernel mode, [`label`]).
+//! 2. Running a test, [`discovery`] resolves its kernel (the kernel cache
+//!    shared with `kernel-build`), [`initramfs`] packs the test binary,
+//!    include files, [`host_tools`] and the [`scheduler`].
+//! 3. [`vmm`] boots the VM on KVM or QEMU TCG ([`host`] picks and builds it).
+//! 4. In the guest the binary is PID 1: [`guest`] mounts, brings CPUs
+//!    online, starts the scheduler, runs the body under supervision.
+//! 5. The body drives [`ctx`]: [`cgroup`]s, [`workers`] doing [`work`] under
+//!    a [`policy`], measured by [`metrics`]; a [`report`] and its
+//!    [`summary`] are judged by [`checks`].
+//! 6. Verdict, body [`output`] and metrics travel back over the data
+//!    [`channel`]; [`conclude`] names the [`cause`], prints the banner
+//!    ([`verdict`]) and writes the run's [`artifacts`].
+//! 7. Around it: [`export`] writes `.run` reproducers, [`shell`] boots a VM
+//!    with a shell instead of a body.
 
 pub mod artifacts;
 pub mod cause;
