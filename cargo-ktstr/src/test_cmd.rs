@@ -273,29 +273,10 @@ pub fn nextest_argv(args: &TestArgs) -> Vec<String> {
 }
 
 /// The artifacts run id shared by the N nextest runs of `--repeat N`:
-/// a UTC timestamp in the format of `ktstr_runtime::artifacts::utc_stamp`
-/// (sortable, no `:`), with `-rN` so the directory says what it holds.
+/// the runtime's UTC stamp (sortable, no `:`), with `-rN` so the
+/// directory says what it holds.
 pub fn repeat_run_id(now: std::time::SystemTime, n: u32) -> String {
-    let d = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}.{:03}Z-r{n}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    format!("{}-r{n}", ktstr_runtime::artifacts::utc_stamp(now))
 }
 
 /// nextest's exit code when tests failed (the run itself worked).

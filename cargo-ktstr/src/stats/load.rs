@@ -258,17 +258,7 @@ fn owner_name(v: &Value, field: &str, i: usize) -> String {
 }
 
 /// Population coefficient of variation; none below two values or at mean 0.
-pub fn cv(xs: &[f64]) -> Option<f64> {
-    if xs.len() < 2 {
-        return None;
-    }
-    let mean = xs.iter().sum::<f64>() / xs.len() as f64;
-    if mean == 0.0 {
-        return None;
-    }
-    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
-    Some(var.sqrt() / mean)
-}
+pub use ktstr_runtime::metrics::cv;
 
 /// Every numeric leaf under `v`, named `{at}.{path}`; strings, booleans
 /// and nulls (an absent percentile) are not figures.
