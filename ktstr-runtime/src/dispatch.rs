@@ -56,7 +56,7 @@ fn dispatch() {
         if a.list {
             exit(nextest::list(&args));
         }
-        if a.exact && a.filters.len() == 1 && a.filters[0].starts_with("ktstr/") {
+        if a.exact && a.filters.len() == 1 && nextest::is_ktstr_name(&a.filters[0]) {
             exit(nextest::run_exact(&a.filters[0]));
         }
         return;

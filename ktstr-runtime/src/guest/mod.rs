@@ -20,6 +20,8 @@ use crate::verdict::{Verdict, CONSOLE_MARKER};
 
 /// Kernel command-line key naming the test to run.
 pub const TEST_ARG: &str = "ktstr.test";
+/// `ktstr.preset=NAME`: the test runs as its gauntlet variant on that preset.
+pub const PRESET_ARG: &str = "ktstr.preset";
 
 fn mount(src: &str, dst: &str, fstype: &str, data: Option<&str>) -> Result<(), String> {
     let _ = std::fs::create_dir_all(dst);
@@ -156,9 +158,15 @@ fn run_named_test() -> Verdict {
     let Some(name) = cmdline_arg(&cmdline, TEST_ARG) else {
         return Verdict::fail(format!("no {TEST_ARG}= on the guest kernel command line"));
     };
-    let Some(def) = registry::find(name) else {
+    let Some(mut def) = registry::find(name) else {
         return Verdict::fail(format!("the guest binary has no ktstr test named {name}"));
     };
+    if let Some(p) = cmdline_arg(&cmdline, PRESET_ARG) {
+        let Some(preset) = crate::preset::find(p) else {
+            return Verdict::fail(format!("the guest binary has no gauntlet preset named {p}"));
+        };
+        def = def.leak_variant(preset);
+    }
     let missing = enable_controllers(std::path::Path::new(CGROUP_ROOT), &["cpu", "cpuset", "memory", "pids"]);
     if !missing.is_empty() {
         println!("ktstr: guest: cgroup controllers not available: {}", missing.join(" "));

@@ -14,7 +14,7 @@ pub mod topology;
 pub use backend::BackendKind;
 pub use builder::{Vm, VmBuilder};
 pub use error::VmError;
-pub use topology::Topology;
+pub use topology::{Distances, Topology};
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -103,13 +103,64 @@ fn list_single_kernel() {
         assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
     assert!(!names.iter().any(|n| n.ends_with("::ktstr")), "cargo-test wrappers leak into the list: {names:?}");
-    assert!(!names.iter().any(|n| n.matches('/').count() > 1), "no kernel suffixes in single-kernel mode: {names:?}");
+    let plain: Vec<&String> = names.iter().filter(|n| !n.starts_with("gauntlet/")).collect();
+    assert!(!plain.iter().any(|n| n.matches('/').count() > 1), "no kernel suffixes in single-kernel mode: {plain:?}");
 
     let r = run(&["--list", "--format", "terse", "--ignored"], &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let ignored = listed(&r);
     assert!(ignored.contains(&"ktstr/demo_panics".to_string()), "{ignored:?}");
-    assert!(ignored.iter().all(|n| n.starts_with("ktstr/demo_")), "only demo_ tests are ignored: {ignored:?}");
+    assert!(
+        ignored.iter().all(|n| n.starts_with("ktstr/demo_") || n.starts_with("gauntlet/")),
+        "only demo_ tests and gauntlet variants are ignored: {ignored:?}"
+    );
+}
+
+/// What `cargo nextest list` shows: every VM test also as
+/// `gauntlet/{name}/{preset}`, ignored, once per preset its constraints
+/// allow; none for host_only, demo_ or `gauntlet = false` tests.
+#[test]
+fn list_gauntlet_variants() {
+    use ktstr_runtime::preset::PRESETS;
+    let all = listed(&run(&["--list", "--format", "terse"], &[]));
+    let ignored = listed(&run(&["--list", "--format", "terse", "--ignored"], &[]));
+    let variants: Vec<&String> = all.iter().filter(|n| n.starts_with("gauntlet/")).collect();
+    assert!(!variants.is_empty(), "{all:?}");
+    for v in &variants {
+        assert!(ignored.contains(v), "{v} is not listed as ignored");
+    }
+    let of = |test: &str| -> Vec<String> {
+        variants.iter().filter_map(|n| n.strip_prefix(&format!("gauntlet/{test}/"))).map(String::from).collect()
+    };
+    let where_ = |f: &dyn Fn(&ktstr_runtime::vmm::Topology) -> bool| -> Vec<String> {
+        PRESETS.iter().filter(|p| f(&p.topology)).map(|p| p.name.to_string()).collect()
+    };
+    // No constraints: every rung, 2 to 256 vCPUs.
+    assert_eq!(of("topology_matches_request"), where_(&|_| true));
+    assert_eq!(of("topology_matches_request").len(), PRESETS.len());
+    // max_cpus = 16.
+    assert_eq!(of("two_cgroups_share_cpu"), where_(&|t| t.total_cpus() <= 16));
+    // requires_smt, min_llcs = 2.
+    let smt = of("topology_llcs_and_smt_match_request");
+    assert_eq!(smt, where_(&|t| t.threads > 1 && t.numa_nodes * t.llcs >= 2));
+    assert_eq!(smt, ["llc2-smt", "numa2-smt", "llc4-smt", "numa4-far-smt", "numa4-llc4-smt"]);
+    for none in ["guest_gets_cmdline_and_files", "host_workers_report", "demo_panics"] {
+        assert_eq!(of(none), Vec::<String>::new(), "{none}: gauntlet = false, host_only or demo_");
+    }
+    // Each variant once.
+    let mut sorted = variants.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), variants.len());
+    // Multi-kernel mode: the kernel suffix goes last.
+    let r = run(&["--list", "--format", "terse", "--ignored"], &[("KTSTR_KERNEL_LIST", "a=/x;b=/y")]);
+    let multi = listed(&r);
+    assert!(multi.contains(&"gauntlet/topology_matches_request/tiny/kernel_b".to_string()), "{multi:?}");
+    assert!(!multi.contains(&"gauntlet/topology_matches_request/tiny".to_string()));
+    // --exact on an excluded preset says why.
+    let r = run(&["--exact", "gauntlet/two_cgroups_share_cpu/llc4-smt"], &[]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("two_cgroups_share_cpu has no gauntlet variant on preset llc4-smt: 32 CPUs > max_cpus 16"), "{}", r.stderr);
 }
 
 #[test]
