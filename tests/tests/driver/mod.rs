@@ -545,3 +545,45 @@ fn body_output_of_10mib_is_cheap() {
     );
     assert!(extra < Duration::from_secs(10), "10 MiB of output cost {extra:?}");
 }
+
+/// Boots `gauntlet/topology_matches_request/{preset}` for each preset: the
+/// guest's sysfs (nodes, distances, LLC sharing, SMT siblings) must match
+/// the preset (`topo_view`). Returns the failures, one line each.
+fn gauntlet_topology(presets: &[&ktstr_runtime::preset::Preset], kernel: &Path) -> Vec<String> {
+    let env = [("KTSTR_TEST_KERNEL", kernel.to_str().unwrap())];
+    let mut bad = Vec::new();
+    for p in presets {
+        let name = format!("gauntlet/topology_matches_request/{}", p.name);
+        let r = run(&["--exact", &name, "--nocapture"], &env);
+        eprintln!("{name}: {} vCPUs, exit {} in {:.1}s", p.cpus(), r.code, r.took.as_secs_f64());
+        // Exit 0 is also a skip: only the PASS banner says it ran.
+        if r.code != 0 || !r.stderr.contains(&format!("ktstr: PASS: {name}")) {
+            let why = r.stderr.lines().find(|l| l.starts_with("ktstr: FAIL") || l.starts_with("ktstr: SKIP")).unwrap_or("no verdict");
+            bad.push(format!("{name}: exit {}: {why}", r.code));
+        }
+    }
+    bad
+}
+
+/// Every preset up to 16 vCPUs boots with the topology it names.
+#[test]
+fn gauntlet_topology_up_to_16_vcpus() {
+    let Some(k) = need_kernels(1) else { return };
+    let presets: Vec<_> = ktstr_runtime::preset::PRESETS.iter().filter(|p| p.cpus() <= 16).collect();
+    assert!(presets.len() >= 8, "{presets:?}");
+    let bad = gauntlet_topology(&presets, &k[0]);
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// The 64-vCPU rung (slow under TCG: every CPU is brought up by init).
+#[test]
+fn gauntlet_topology_64_vcpus() {
+    if !testing::slow_tests_enabled() {
+        return;
+    }
+    let Some(k) = need_kernels(1) else { return };
+    let presets: Vec<_> = ktstr_runtime::preset::PRESETS.iter().filter(|p| p.cpus() == 64).collect();
+    assert_eq!(presets.len(), 1);
+    let bad = gauntlet_topology(&presets, &k[0]);
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
