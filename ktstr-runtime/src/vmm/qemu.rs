@@ -185,8 +185,24 @@ fn channel_location(cfg: &VmConfig, dir: &Path) -> (PathBuf, u64) {
     (dir.join(format!("ram{node}")), cfg.channel.gpa - node * node_bytes)
 }
 
+/// Most vCPUs QEMU's `pc` machine takes without x2APIC, which TCG lacks
+/// before QEMU 8.1: APIC id 255 is the xAPIC broadcast.
+pub const TCG_MAX_CPUS: u32 = 255;
+
+/// A topology this backend cannot give is a skip (`VmError::HostLimit`).
+pub fn check_limits(t: &super::Topology) -> Result<(), VmError> {
+    if t.total_cpus() > TCG_MAX_CPUS {
+        return Err(VmError::HostLimit(format!(
+            "{} vCPUs asked; QEMU TCG's pc machine takes at most {TCG_MAX_CPUS} (no x2APIC under TCG); run it on KVM",
+            t.total_cpus()
+        )));
+    }
+    Ok(())
+}
+
 pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
     let start = Instant::now();
+    check_limits(&cfg.topology)?;
     if !cfg.memory_mib.is_multiple_of(cfg.topology.numa_nodes as u64) {
         return Err(VmError::Topology(format!(
             "{} MiB of memory does not split evenly over {} NUMA nodes",
@@ -407,6 +423,12 @@ mod tests {
         assert!(one.contains("-accel tcg,thread=multi"), "{one}");
         assert!(one.contains("-smp 4,sockets=1,dies=1,cores=4,threads=1"));
         assert!(one.contains("memory-backend=m0") && !one.contains("-numa"));
+    }
+
+    #[test]
+    fn more_than_255_vcpus_is_a_host_limit() {
+        assert!(check_limits(&Topology::new(4, 4, 8, 2).with_distances(Default::default())).unwrap_err().is_skip());
+        assert!(check_limits(&Topology::new(4, 2, 8, 2)).is_ok());
     }
 
     #[test]
