@@ -18,9 +18,9 @@ pub fn ktstr_test(attr: TokenStream, item: TokenStream) -> TokenStream {
 }
 
 const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files, host_tools, scheduler, gauntlet, min_cpus, max_cpus, min_llcs, min_numa_nodes, requires_smt";
-/// Largest gauntlet preset (`ktstr_runtime::vmm::topology::MAX_CPUS`).
-const MAX_PRESET_CPUS: u64 = 256;
-const MAX_CPUS: u64 = 64;
+/// Largest VM, a test's own or a gauntlet preset
+/// (`ktstr_runtime::vmm::topology::MAX_CPUS`: x2APIC, `CONFIG_NR_CPUS`).
+const MAX_CPUS: u64 = 256;
 
 /// Parsed attribute values; `None` means "runtime default".
 #[derive(Debug, Default, PartialEq)]
@@ -123,10 +123,10 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
                     "host_only" => a.host_only = boolean(v, &key)?,
                     "requires_smt" => a.requires_smt = boolean(v, &key)?,
                     "gauntlet" => a.gauntlet = Some(boolean(v, &key)?),
-                    "min_cpus" => a.min_cpus = Some(int(v, &key, 1, MAX_PRESET_CPUS)?),
-                    "max_cpus" => a.max_cpus = Some(int(v, &key, 1, MAX_PRESET_CPUS)?),
-                    "min_llcs" => a.min_llcs = Some(int(v, &key, 1, MAX_PRESET_CPUS)?),
-                    "min_numa_nodes" => a.min_numa_nodes = Some(int(v, &key, 1, MAX_PRESET_CPUS)?),
+                    "min_cpus" => a.min_cpus = Some(int(v, &key, 1, MAX_CPUS)?),
+                    "max_cpus" => a.max_cpus = Some(int(v, &key, 1, MAX_CPUS)?),
+                    "min_llcs" => a.min_llcs = Some(int(v, &key, 1, MAX_CPUS)?),
+                    "min_numa_nodes" => a.min_numa_nodes = Some(int(v, &key, 1, MAX_CPUS)?),
                     "expect_err" => a.expect_err = boolean(v, &key)?,
                     "cmdline" => {
                         let s = string(v, &key)?;
@@ -397,18 +397,19 @@ mod tests {
 
     #[test]
     fn rejects_bad_values() {
-        assert!(err("cpus = 0").contains("between 1 and 64"));
+        assert!(err("cpus = 0").contains("between 1 and 256"));
         assert!(err("min_cpus = 8, max_cpus = 4").contains("below min_cpus"));
         assert!(err("max_cpus = 300").contains("between 1 and 256"));
         assert!(err("gauntlet = 0").contains("`true` or `false`"));
         assert!(err("host_only, gauntlet = false").contains("no gauntlet variants"));
         assert!(err("host_only, requires_smt").contains("no gauntlet variants"));
-        assert!(err("cpus = 65").contains("between 1 and 64"));
+        assert!(err("cpus = 257").contains("between 1 and 256"));
         assert!(err("cpus = \"2\"").contains("integer literal"));
         assert!(err("memory_mib = 16").contains("between 64"));
         assert!(err("timeout_s = 0").contains("between 1"));
         assert!(err("cpus = 2, cores = 2").contains("not both"));
-        assert!(err("numa_nodes = 4, llcs = 4, cores = 8").contains("128 CPUs"));
+        assert!(err("numa_nodes = 4, llcs = 4, cores = 8, threads = 4").contains("512 CPUs"));
+        assert!(parse_attrs("numa_nodes = 4, llcs = 4, cores = 8, threads = 2".parse().unwrap()).is_ok());
         assert!(err("cpu = 2").contains("unknown ktstr_test attribute `cpu`"));
         assert!(err("cpus = 2, cpus = 3").contains("given twice"));
         assert!(err("host_only = 1").contains("`true` or `false`"));
