@@ -205,6 +205,29 @@ mod tests {
         assert_eq!(why, "2 CPUs < min_cpus 8");
     }
 
+    /// docs/harness.md lists the ladder as it is.
+    #[test]
+    fn docs_table_matches() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/harness.md")).unwrap();
+        for p in PRESETS {
+            let t = p.topology;
+            let row = format!(
+                "| `{}` | {} × {} × {} × {} | {} | {} | {} |",
+                p.name,
+                t.numa_nodes,
+                t.llcs,
+                t.cores,
+                t.threads,
+                p.cpus(),
+                p.memory_mib(),
+                p.about
+            );
+            assert!(doc.contains(&row), "docs/harness.md lacks the row {row}");
+        }
+        let rows = doc.lines().filter(|l| l.starts_with("| `") && l.matches(" × ").count() == 3).count();
+        assert_eq!(rows, PRESETS.len(), "docs/harness.md has a preset row too many");
+    }
+
     #[test]
     fn unknown_names_list_the_ladder() {
         assert_eq!(resolve(&["tiny".into(), "llc2".into()]).unwrap().len(), 2);
