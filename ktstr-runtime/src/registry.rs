@@ -32,6 +32,11 @@ pub struct TestDef {
     pub host_tools: &'static [&'static str],
     /// sched_ext scheduler the body runs under; `None` is the kernel default.
     pub scheduler: Option<&'static crate::scheduler::Scheduler>,
+    /// Appended to the scheduler's own arguments for this test.
+    pub scheduler_args: &'static [&'static str],
+    /// The test passes only if the kernel ejects the scheduler with a
+    /// sched_ext error containing this text.
+    pub expect_scx_error: Option<&'static str>,
     /// Which gauntlet presets the test is also listed on.
     pub gauntlet: Constraints,
     /// Set on a gauntlet variant only (see [`TestDef::variant`]).
@@ -59,6 +64,8 @@ impl TestDef {
         include_data: &[],
         host_tools: &[],
         scheduler: None,
+        scheduler_args: &[],
+        expect_scx_error: None,
         gauntlet: Constraints::DEFAULT,
         preset: None,
         file: "",
@@ -68,6 +75,17 @@ impl TestDef {
     /// Ignored by default under nextest (`demo_` prefix).
     pub fn ignored(&self) -> bool {
         self.name.starts_with("demo_")
+    }
+
+    /// The scheduler as this test runs it: its arguments, then the
+    /// test's `scheduler_args`.
+    pub fn scheduler(&self) -> Option<crate::scheduler::Scheduler> {
+        let s = *self.scheduler?;
+        if self.scheduler_args.is_empty() {
+            return Some(s);
+        }
+        let args: Vec<&'static str> = s.args.iter().chain(self.scheduler_args).copied().collect();
+        Some(crate::scheduler::Scheduler { args: Box::leak(args.into_boxed_slice()), ..s })
     }
 
     /// The presets this test gets `gauntlet/{name}/{preset}` variants on:
@@ -214,6 +232,15 @@ mod tests {
         let t = TestDef { name: "x", module_path: "examples::sub::deeper", ..TestDef::DEFAULT };
         assert_eq!(t.wrapper_name(), "sub::deeper::x::ktstr");
         assert!(TestDef { name: "demo_x", ..TestDef::DEFAULT }.ignored());
+    }
+
+    #[test]
+    fn scheduler_args_follow_the_scheduler_s_own() {
+        static S: crate::scheduler::Scheduler = crate::scheduler::Scheduler::new("scx_qmap").args(&["-v"]);
+        let t = TestDef { name: "t", scheduler: Some(&S), scheduler_args: &["-e", "1000"], ..TestDef::DEFAULT };
+        assert_eq!(t.scheduler().unwrap().args, ["-v", "-e", "1000"]);
+        assert_eq!(TestDef { name: "u", scheduler: Some(&S), ..TestDef::DEFAULT }.scheduler().unwrap().args, ["-v"]);
+        assert!(TestDef::DEFAULT.scheduler().is_none());
     }
 
     #[test]

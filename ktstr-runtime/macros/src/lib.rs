@@ -17,7 +17,7 @@ pub fn ktstr_test(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
-const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files, host_tools, scheduler, gauntlet, min_cpus, max_cpus, min_llcs, min_numa_nodes, requires_smt";
+const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files, host_tools, scheduler, scheduler_args, expect_scx_error, gauntlet, min_cpus, max_cpus, min_llcs, min_numa_nodes, requires_smt";
 /// Largest VM, a test's own or a gauntlet preset
 /// (`ktstr_runtime::vmm::topology::MAX_CPUS`: x2APIC, `CONFIG_NR_CPUS`).
 const MAX_CPUS: u64 = 256;
@@ -40,6 +40,8 @@ struct Attrs {
     host_tools: Vec<String>,
     /// sched_ext: the path of a `const Scheduler`, as tokens text.
     scheduler: Option<String>,
+    scheduler_args: Vec<String>,
+    expect_scx_error: Option<String>,
     /// `gauntlet = false`: no topology variants.
     gauntlet: Option<bool>,
     min_cpus: Option<u32>,
@@ -162,6 +164,21 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
                             a.host_tools.push(t);
                         }
                     }
+                    "scheduler_args" => {
+                        let Expr::Array(ExprArray { elems, .. }) = v else {
+                            return Err(syn::Error::new_spanned(v, "`scheduler_args` takes an array of string literals, e.g. `[\"-e\", \"1000\"]`"));
+                        };
+                        for e in elems {
+                            a.scheduler_args.push(string(e, "scheduler_args")?);
+                        }
+                    }
+                    "expect_scx_error" => {
+                        let s = string(v, &key)?;
+                        if s.is_empty() {
+                            return Err(syn::Error::new_spanned(v, "`expect_scx_error` takes the text the sched_ext error must contain; it must not be empty"));
+                        }
+                        a.expect_scx_error = Some(s);
+                    }
                     // sched_ext: a path to a `const Scheduler` (ktstr_runtime::scheduler).
                     "scheduler" => match v {
                         Expr::Path(p) => a.scheduler = Some(quote!(#p).to_string()),
@@ -206,6 +223,18 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
                 format!("memory_mib = {m} does not split evenly over {n} NUMA nodes; use a multiple of {n}"),
             ));
         }
+    }
+    if a.scheduler.is_none() && (!a.scheduler_args.is_empty() || a.expect_scx_error.is_some()) {
+        let span = metas
+            .iter()
+            .find(|x| x.path().is_ident("scheduler_args") || x.path().is_ident("expect_scx_error"))
+            .map(|x| x.span())
+            .unwrap_or_else(Span::call_site);
+        return Err(syn::Error::new(span, "`scheduler_args` and `expect_scx_error` need a `scheduler = ...`"));
+    }
+    if a.expect_err && a.expect_scx_error.is_some() {
+        let span = metas.iter().find(|x| x.path().is_ident("expect_err")).map(|x| x.span()).unwrap_or_else(Span::call_site);
+        return Err(syn::Error::new(span, "give either `expect_err` (the body fails) or `expect_scx_error` (the scheduler is ejected), not both"));
     }
     if let (Some(lo), Some(hi)) = (a.min_cpus, a.max_cpus) {
         if lo > hi {
@@ -306,6 +335,13 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
         let path: syn::ExprPath = syn::parse_str(s)?;
         fields.push(quote!(scheduler: ::core::option::Option::Some(&#path)));
     }
+    if !attrs.scheduler_args.is_empty() {
+        let args = &attrs.scheduler_args;
+        fields.push(quote!(scheduler_args: &[#(#args),*]));
+    }
+    if let Some(e) = &attrs.expect_scx_error {
+        fields.push(quote!(expect_scx_error: ::core::option::Option::Some(#e)));
+    }
     if a_constrained(&attrs) {
         let g = attrs.gauntlet.unwrap_or(true);
         let smt = attrs.requires_smt;
@@ -399,6 +435,13 @@ mod tests {
     fn rejects_bad_values() {
         assert!(err("cpus = 0").contains("between 1 and 256"));
         assert!(err("min_cpus = 8, max_cpus = 4").contains("below min_cpus"));
+        assert!(err("scheduler_args = [\"-v\"]").contains("need a `scheduler"));
+        assert!(err("expect_scx_error = \"stall\"").contains("need a `scheduler"));
+        assert!(err("scheduler = Q, expect_scx_error = \"\"").contains("must not be empty"));
+        assert!(err("scheduler = Q, expect_err, expect_scx_error = \"x\"").contains("not both"));
+        assert!(err("scheduler = Q, scheduler_args = \"-v\"").contains("array"));
+        let a = parse_attrs("scheduler = Q, scheduler_args = [\"-e\", \"9\"], expect_scx_error = \"stall\"".parse().unwrap()).unwrap();
+        assert_eq!((a.scheduler_args, a.expect_scx_error.as_deref()), (vec!["-e".to_string(), "9".to_string()], Some("stall")));
         assert!(err("max_cpus = 300").contains("between 1 and 256"));
         assert!(err("gauntlet = 0").contains("`true` or `false`"));
         assert!(err("host_only, gauntlet = false").contains("no gauntlet variants"));

@@ -172,9 +172,11 @@ fn run_named_test() -> Verdict {
         println!("ktstr: guest: cgroup controllers not available: {}", missing.join(" "));
     }
     println!("ktstr: guest: running {name}");
-    match def.scheduler {
+    match def.scheduler() {
         // sched_ext: start the scheduler, watch it during the body, stop it after.
-        Some(s) => crate::scheduler::guest::run_under(s, || supervise::run_body(def, true)),
+        Some(s) => crate::scheduler::guest::run_under_expecting(&s, std::path::Path::new(&s.guest_path()), def.expect_scx_error, || {
+            supervise::run_body(def, true)
+        }),
         None => supervise::run_body(def, true),
     }
 }
