@@ -38,11 +38,12 @@ phase_summary() {
 # the guest: tests/tests/host_tools.rs packs them with `host_tools`.
 # busybox-static is `cargo ktstr shell`'s userland; tmux drives its
 # interactive test (cargo-ktstr/tests/shell.rs).
+# acpica-tools: iasl disassembles the KVM backend's ACPI tables in a test.
 step "packages"
 PKGS=(linux-source-6.12 qemu-system-x86 flex bison bc libelf-dev libssl-dev
       dwarves cpio ccache clang-16 llvm-16 bpftool lz4 zstd xz-utils
       pkg-config zlib1g-dev make gcc libc6-dev git util-linux bsdutils dash coreutils
-      busybox-static tmux)
+      busybox-static tmux acpica-tools)
 missing=()
 for p in "${PKGS[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -20,6 +20,8 @@ Examples:
   cargo ktstr test -p my-sched-tests --release -- --no-fail-fast --retries 2
   cargo ktstr test --offline --kernel 6.12              # newest cached 6.12.x, no network
   cargo ktstr test --kernel 6.12 --kernel ../linux --repeat 3 && cargo ktstr stats --compare 6.12 linux
+  cargo ktstr test --kernel 6.12 --gauntlet                 # every test on every topology preset
+  cargo ktstr test --kernel 6.12 --gauntlet tiny llc2 -- -E 'test(topology_matches_request)'
 
 Everything after `--` goes to `cargo nextest run` untouched.
 Environment: KTSTR_KERNEL_PARALLELISM (kernels resolved at once, default: CPU count),
@@ -44,6 +46,12 @@ pub struct TestArgs {
     /// (`cargo ktstr stats` shows their median and spread).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub repeat: u32,
+    /// Run the gauntlet: each VM test's topology variants (`gauntlet/{test}/{preset}`,
+    /// ignored otherwise) on every preset, or only on the PRESETs named
+    /// (space- or comma-separated). A `-E` filter among the nextest
+    /// arguments narrows it further.
+    #[arg(long, value_name = "PRESET", num_args = 0.., value_delimiter = ',')]
+    pub gauntlet: Option<Vec<String>>,
     /// Print the environment and the nextest command instead of running it.
     #[arg(long, hide = true)]
     pub print_env: bool,
@@ -268,7 +276,61 @@ pub fn nextest_argv(args: &TestArgs) -> Vec<String> {
         v.push("-p".into());
         v.push(p.clone());
     }
-    v.extend(args.nextest_args.iter().cloned());
+    match &args.gauntlet {
+        Some(presets) => v.extend(gauntlet_args(presets, &args.nextest_args)),
+        None => v.extend(args.nextest_args.iter().cloned()),
+    }
+    v
+}
+
+/// The nextest filterset of the gauntlet variants on `presets` (all of
+/// them when empty); names are checked by [`ktstr_runtime::preset::resolve`].
+pub fn gauntlet_filter(presets: &[String]) -> String {
+    if presets.is_empty() {
+        return "test(/^gauntlet\\//)".into();
+    }
+    // gauntlet/{test}/{preset}, then a kernel suffix in multi-kernel mode.
+    format!("test(/^gauntlet\\/[^\\/]+\\/({})(\\/kernel_[a-z0-9_]+)?$/)", presets.join("|"))
+}
+
+/// `--gauntlet`: nextest's ignored-test selection (`--run-ignored only`)
+/// with one `-E` that is the gauntlet filter AND the user's own `-E`s
+/// (several `-E`s are a union in nextest, so they are folded into one).
+/// Every other argument passes through in order.
+pub fn gauntlet_args(presets: &[String], nextest_args: &[String]) -> Vec<String> {
+    let mut user = Vec::new();
+    let mut rest = Vec::new();
+    let mut it = nextest_args.iter();
+    let mut ignored_given = false;
+    while let Some(a) = it.next() {
+        if a == "--" {
+            rest.push(a.clone());
+            rest.extend(it.by_ref().cloned());
+            break;
+        }
+        match a.as_str() {
+            "-E" | "--filterset" | "--filter-expr" => user.extend(it.next().cloned()),
+            _ if a.starts_with("--filterset=") || a.starts_with("--filter-expr=") => {
+                user.push(a.split_once('=').map(|(_, v)| v.to_string()).unwrap_or_default())
+            }
+            _ if a.starts_with("-E") && a.len() > 2 => user.push(a[2..].trim_start_matches('=').to_string()),
+            _ => {
+                ignored_given |= a == "--run-ignored" || a.starts_with("--run-ignored=");
+                rest.push(a.clone());
+            }
+        }
+    }
+    let mut expr = gauntlet_filter(presets);
+    if !user.is_empty() {
+        let ors: Vec<String> = user.iter().map(|u| format!("({u})")).collect();
+        expr = format!("{expr} and ({})", ors.join(" or "));
+    }
+    let mut v = Vec::new();
+    if !ignored_given {
+        v.extend(["--run-ignored".to_string(), "only".to_string()]);
+    }
+    v.extend(["-E".to_string(), expr]);
+    v.extend(rest);
     v
 }
 
@@ -310,6 +372,9 @@ fn run_repeated(cmd: &mut Command, n: u32, id: &str) -> Result<i32> {
 }
 
 pub fn run(args: TestArgs) -> Result<i32> {
+    if let Some(p) = &args.gauntlet {
+        ktstr_runtime::preset::resolve(p).map_err(|e| anyhow::anyhow!("--gauntlet: {e}"))?;
+    }
     let mut opts = Options { mirror: args.mirror.clone(), ..Options::default() };
     args.common.apply(&mut opts)?;
     let kernels = if args.kernels.is_empty() { Vec::new() } else { resolve_all(&args.kernels, &opts, parallelism()?)? };
@@ -420,18 +485,60 @@ mod tests {
         }
     }
 
+    fn test_args() -> TestArgs {
+        TestArgs {
+            kernels: vec![],
+            release: false,
+            packages: vec![],
+            mirror: None,
+            print_env: false,
+            gauntlet: None,
+            repeat: 1,
+            common: crate::kernel_cmd::CommonArgs { extra_kconfig: None, offline: false, max_kernels: 16 },
+            nextest_args: vec![],
+        }
+    }
+
     #[test]
     fn argv_passes_nextest_args_untouched() {
         let a = TestArgs {
-            kernels: vec![],
             release: true,
             packages: vec!["p1".into()],
-            mirror: None,
-            print_env: false,
-            repeat: 1,
-            common: crate::kernel_cmd::CommonArgs { extra_kconfig: None, offline: false, max_kernels: 16 },
             nextest_args: vec!["-E".into(), "test(kernel_6_12)".into(), "--".into(), "--exact".into()],
+            ..test_args()
         };
         assert_eq!(nextest_argv(&a), ["nextest", "run", "--release", "-p", "p1", "-E", "test(kernel_6_12)", "--", "--exact"]);
+    }
+
+    #[test]
+    fn gauntlet_selects_ignored_variants_and_ands_the_user_filter() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(gauntlet_args(&[], &[]), s(&["--run-ignored", "only", "-E", "test(/^gauntlet\\//)"]));
+        let v = gauntlet_args(&s(&["tiny", "llc2"]), &s(&["-E", "test(a)", "--no-fail-fast", "-E=test(b)", "--", "--nocapture"]));
+        assert_eq!(
+            v,
+            s(&[
+                "--run-ignored",
+                "only",
+                "-E",
+                "test(/^gauntlet\\/[^\\/]+\\/(tiny|llc2)(\\/kernel_[a-z0-9_]+)?$/) and ((test(a)) or (test(b)))",
+                "--no-fail-fast",
+                "--",
+                "--nocapture"
+            ])
+        );
+        // The user's own --run-ignored wins; -E after `--` is not nextest's.
+        let v = gauntlet_args(&[], &s(&["--run-ignored", "all", "--filterset", "test(x)", "--", "-E", "y"]));
+        assert_eq!(v, s(&["-E", "test(/^gauntlet\\//) and ((test(x)))", "--run-ignored", "all", "--", "-E", "y"]));
+        let a = TestArgs { gauntlet: Some(s(&["tiny"])), ..test_args() };
+        assert_eq!(nextest_argv(&a)[..4], s(&["nextest", "run", "--run-ignored", "only"]));
+    }
+
+    /// The filter matches variant names, with and without a kernel suffix, and nothing else.
+    #[test]
+    fn gauntlet_filter_regex_shape() {
+        let f = gauntlet_filter(&["llc2".into(), "numa4-far".into()]);
+        let re = f.strip_prefix("test(/").and_then(|r| r.strip_suffix("/)")).unwrap().replace("\\/", "/");
+        assert_eq!(re, "^gauntlet/[^/]+/(llc2|numa4-far)(/kernel_[a-z0-9_]+)?$");
     }
 }

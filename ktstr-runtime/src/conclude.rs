@@ -21,7 +21,11 @@ pub fn conclude(name: &str, def: &TestDef, mut run: Run) -> (Verdict, Option<Pat
     if !run.output_printed {
         crate::output::print(&run.output);
     }
-    let base = format!("ktstr/{}", def.name);
+    // Variants keep their own artifacts: `gauntlet/{name}/{preset}`.
+    let base = match def.preset {
+        Some(p) => format!("{}{}/{}", crate::nextest::GAUNTLET_PREFIX, def.name, p.name),
+        None => format!("ktstr/{}", def.name),
+    };
     let kernel_dir = match (&run.kernel, def.host_only) {
         (_, true) => "host".to_string(),
         (Some(k), false) => k.dir.clone(),
@@ -64,6 +68,7 @@ fn result_json(name: &str, def: &TestDef, run: &Run) -> ResultJson {
         serde_json::json!({
             "numa_nodes": t.numa_nodes, "llcs": t.llcs, "cores": t.cores, "threads": t.threads,
             "cpus": t.total_cpus(), "memory_mib": def.memory_mib,
+            "preset": def.preset.map(|p| p.name),
         })
     });
     let timings = TimingsJson {

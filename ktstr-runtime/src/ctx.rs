@@ -103,6 +103,12 @@ impl Ctx {
         self.def.topology
     }
 
+    /// The gauntlet preset this run boots (`gauntlet/{name}/{preset}`);
+    /// `None` on the test's own topology. `topology()` is the preset's.
+    pub fn preset(&self) -> Option<&'static crate::preset::Preset> {
+        self.def.preset
+    }
+
     /// What the running kernel reports in sysfs.
     pub fn seen_topology(&self) -> Result<SeenTopology> {
         SeenTopology::read()

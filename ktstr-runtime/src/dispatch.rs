@@ -68,7 +68,7 @@ fn dispatch() {
         if a.list {
             exit(nextest::list(&args));
         }
-        if a.exact && a.filters.len() == 1 && a.filters[0].starts_with("ktstr/") {
+        if a.exact && a.filters.len() == 1 && nextest::is_ktstr_name(&a.filters[0]) {
             exit(nextest::run_exact(&a.filters[0]));
         }
         return;
@@ -93,10 +93,10 @@ fn run_on_host(name: &str) -> i32 {
     let name = name.strip_prefix("ktstr/").unwrap_or(name);
     match registry::find(name) {
         Some(def) => {
-            let run = host::run_on_host(|| match def.scheduler {
+            let run = host::run_on_host(|| match def.scheduler() {
                 // The .run names the binary it carries through KTSTR_SCHEDULER.
-                Some(s) => match crate::scheduler::host::find_binary(s, None) {
-                    Ok(bin) => crate::scheduler::guest::run_under_at(s, &bin, || host::run_host_only(def)),
+                Some(s) => match crate::scheduler::host::find_binary(&s, None) {
+                    Ok(bin) => crate::scheduler::guest::run_under_expecting(&s, &bin, def.expect_scx_error, || host::run_host_only(def)),
                     Err(e) => verdict::Verdict::fail(e.to_string()),
                 },
                 None => host::run_host_only(def),

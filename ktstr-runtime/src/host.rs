@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::discovery::{self, DiscoveryError, Found};
-use crate::guest::{supervise, TEST_ARG};
+use crate::guest::{supervise, PRESET_ARG, TEST_ARG};
 use crate::initramfs::Initramfs;
 use crate::label::KernelEntry;
 use crate::output::Chunk;
@@ -232,6 +232,9 @@ fn boot(def: &'static TestDef, found: &Found) -> Result<(Verdict, VmResult), Ver
         .memory_mib(def.memory_mib)
         .timeout(Duration::from_secs(def.timeout_s + BOOT_ALLOWANCE_S))
         .cmdline(format!("{TEST_ARG}={}", def.name));
+    if let Some(p) = def.preset {
+        b = b.cmdline(format!("{PRESET_ARG}={}", p.name));
+    }
     if !def.cmdline.is_empty() {
         b = b.cmdline(def.cmdline);
     }

@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use crate::discovery;
 use crate::host::{self, KernelChoice};
 use crate::label::{peel_suffix, KernelEntry};
+use crate::preset::Preset;
 use crate::registry::{self, TestDef};
 use crate::verdict::{self, Verdict};
 
@@ -57,28 +58,51 @@ pub struct Listed {
     pub ignored: bool,
     pub def: &'static TestDef,
     pub kernel: Option<KernelEntry>,
+    /// A gauntlet variant's preset; `def` is the base test.
+    pub preset: Option<&'static Preset>,
 }
 
-/// Every name this binary offers, in the shapes of the design contract.
+impl Listed {
+    /// What runs: the test itself, or its variant on the preset.
+    pub fn run_def(&self) -> &'static TestDef {
+        match self.preset {
+            Some(p) => self.def.leak_variant(p),
+            None => self.def,
+        }
+    }
+}
+
+/// Every name this binary offers, in the shapes of the design contract:
+/// `ktstr/{name}` for each test, then `gauntlet/{name}/{preset}` for each
+/// test and allowed preset (always ignored), each with a kernel suffix
+/// per kernel in multi-kernel mode.
 pub fn expand(tests: &[&'static TestDef], kernels: Option<&[KernelEntry]>) -> Vec<Listed> {
     let mut out = Vec::new();
-    for def in tests {
-        let base = format!("ktstr/{}", def.name);
-        match kernels {
-            Some(ks) if !def.host_only => {
-                for k in ks {
-                    out.push(Listed {
-                        name: format!("{base}/{}", k.sanitized),
-                        ignored: def.ignored(),
-                        def,
-                        kernel: Some(k.clone()),
-                    });
-                }
+    let mut push = |base: String, ignored: bool, def: &'static TestDef, preset: Option<&'static Preset>| match kernels {
+        Some(ks) if !def.host_only => {
+            for k in ks {
+                out.push(Listed { name: format!("{base}/{}", k.sanitized), ignored, def, kernel: Some(k.clone()), preset });
             }
-            _ => out.push(Listed { name: base, ignored: def.ignored(), def, kernel: None }),
+        }
+        _ => out.push(Listed { name: base, ignored, def, kernel: None, preset }),
+    };
+    for def in tests {
+        push(format!("ktstr/{}", def.name), def.ignored(), def, None);
+    }
+    for def in tests {
+        for p in def.presets() {
+            push(format!("{GAUNTLET_PREFIX}{}/{}", def.name, p.name), true, def, Some(p));
         }
     }
     out
+}
+
+/// Test names of gauntlet variants start with this.
+pub const GAUNTLET_PREFIX: &str = "gauntlet/";
+
+/// True for a name this runtime answers `--exact` for.
+pub fn is_ktstr_name(name: &str) -> bool {
+    name.starts_with("ktstr/") || name.starts_with(GAUNTLET_PREFIX)
 }
 
 fn kernels_or_exit() -> Option<Vec<KernelEntry>> {
@@ -146,9 +170,27 @@ pub fn resolve(name: &str, tests: &[&'static TestDef], kernels: Option<&[KernelE
     }
     let labels: Vec<String> = kernels.iter().flat_map(|ks| ks.iter()).map(|k| k.sanitized.clone()).collect();
     let (base, label) = peel_suffix(name, &labels);
+    // A gauntlet name whose test exists but is not listed on that preset.
+    if let Some((test, preset)) = base.strip_prefix(GAUNTLET_PREFIX).and_then(|r| r.rsplit_once('/')) {
+        if let (Some(d), Some(p)) = (tests.iter().find(|d| d.name == test), crate::preset::find(preset)) {
+            if d.presets().all(|q| q.name != p.name) {
+                let why = match d.gauntlet.excludes(p) {
+                    Some(why) => why,
+                    None if d.host_only => "host_only tests have no variants".into(),
+                    None => "demo_ tests have no variants".into(),
+                };
+                return Err(format!("{test} has no gauntlet variant on preset {preset}: {why}"));
+            }
+        }
+    }
     let def = tests.iter().find(|d| Some(d.name) == name.strip_prefix("ktstr/"));
     let peeled = tests.iter().find(|d| Some(d.name) == base.strip_prefix("ktstr/"));
+    let gauntlet_unsuffixed = label.is_none() && kernels.is_some() && name.starts_with(GAUNTLET_PREFIX);
     Err(match (def, peeled, label) {
+        _ if gauntlet_unsuffixed && expand(tests, kernels).iter().any(|l| l.name.starts_with(&format!("{name}/"))) => format!(
+            "multi-kernel mode (KTSTR_KERNEL_LIST): {name} needs a kernel suffix, one of: {}",
+            labels.join(", ")
+        ),
         (Some(d), ..) if !d.host_only && kernels.is_some() => format!(
             "multi-kernel mode (KTSTR_KERNEL_LIST): {name} needs a kernel suffix, one of: {}",
             labels.join(", ")
@@ -158,7 +200,7 @@ pub fn resolve(name: &str, tests: &[&'static TestDef], kernels: Option<&[KernelE
     })
 }
 
-/// Answers `--exact NAME` for a `ktstr/…` name. Returns the exit code.
+/// Answers `--exact NAME` for a `ktstr/…` or `gauntlet/…` name. Returns the exit code.
 pub fn run_exact(name: &str) -> i32 {
     let kernels = kernels_or_exit();
     let listed = match resolve(name, &registry::tests(), kernels.as_deref()) {
@@ -168,12 +210,13 @@ pub fn run_exact(name: &str) -> i32 {
             return 1;
         }
     };
-    let run = match (listed.def.host_only, listed.kernel) {
-        (true, _) => host::run_on_host(|| host::run_host_only(listed.def)),
-        (false, Some(entry)) => host::run_vm_full(listed.def, &KernelChoice::Entry(entry)),
-        (false, None) => host::run_vm_full(listed.def, &KernelChoice::Discover),
+    let def = listed.run_def();
+    let run = match (def.host_only, listed.kernel) {
+        (true, _) => host::run_on_host(|| host::run_host_only(def)),
+        (false, Some(entry)) => host::run_vm_full(def, &KernelChoice::Entry(entry)),
+        (false, None) => host::run_vm_full(def, &KernelChoice::Discover),
     };
-    let (verdict, artifacts) = crate::conclude::conclude(name, listed.def, run);
+    let (verdict, artifacts) = crate::conclude::conclude(name, def, run);
     print_pass(name, &verdict);
     if verdict.outcome == verdict::Outcome::Skip && !verdict::no_skip_mode() {
         crate::testing::record_skip(name, &verdict.message);
@@ -196,18 +239,25 @@ pub fn print_pass(name: &str, v: &Verdict) {
 mod tests {
     use super::*;
     use crate::label::parse_kernel_list;
+    use crate::vmm::Topology;
 
     static VM: TestDef = TestDef { name: "vm", ..TestDef::DEFAULT };
     static HOST: TestDef = TestDef { name: "h", host_only: true, ..TestDef::DEFAULT };
     static DEMO: TestDef = TestDef { name: "demo_x", ..TestDef::DEFAULT };
 
+    static SMALL: TestDef = TestDef {
+        name: "small",
+        gauntlet: crate::preset::Constraints { max_cpus: 4, ..crate::preset::Constraints::DEFAULT },
+        ..TestDef::DEFAULT
+    };
+
     #[test]
     fn names_in_both_modes() {
         let tests = [&VM, &HOST, &DEMO];
-        let single: Vec<_> = expand(&tests, None).into_iter().map(|l| (l.name, l.ignored)).collect();
+        let single: Vec<_> = expand(&tests, None).into_iter().filter(|l| l.preset.is_none()).map(|l| (l.name, l.ignored)).collect();
         assert_eq!(single, [("ktstr/vm".into(), false), ("ktstr/h".into(), false), ("ktstr/demo_x".into(), true)]);
         let ks = parse_kernel_list("6.12=/a;6.13-rc1=/b").unwrap();
-        let multi: Vec<_> = expand(&tests, Some(&ks)).into_iter().map(|l| l.name).collect();
+        let multi: Vec<_> = expand(&tests, Some(&ks)).into_iter().filter(|l| l.preset.is_none()).map(|l| l.name).collect();
         assert_eq!(
             multi,
             [
@@ -218,6 +268,31 @@ mod tests {
                 "ktstr/demo_x/kernel_6_13_rc1"
             ]
         );
+    }
+
+    #[test]
+    fn gauntlet_variants_are_ignored_and_follow_constraints() {
+        let tests = [&VM, &HOST, &DEMO, &SMALL];
+        let listed = expand(&tests, None);
+        let variants: Vec<_> = listed.iter().filter(|l| l.preset.is_some()).collect();
+        assert!(variants.iter().all(|l| l.ignored), "variants are always ignored");
+        let names: Vec<&str> = variants.iter().map(|l| l.name.as_str()).collect();
+        let vm: Vec<String> = crate::preset::PRESETS.iter().map(|p| format!("gauntlet/vm/{}", p.name)).collect();
+        assert_eq!(&names[..vm.len()], vm.as_slice(), "one per preset, in ladder order");
+        assert_eq!(&names[vm.len()..], ["gauntlet/small/tiny", "gauntlet/small/tiny-smt", "gauntlet/small/llc2"]);
+        let ks = parse_kernel_list("6.12=/a;6.13=/b").unwrap();
+        let multi: Vec<String> = expand(&tests, Some(&ks)).into_iter().filter(|l| l.def.name == "small" && l.preset.is_some()).map(|l| l.name).collect();
+        assert_eq!(multi[..2], ["gauntlet/small/tiny/kernel_6_12", "gauntlet/small/tiny/kernel_6_13"]);
+        // --exact on a variant runs the base test on the preset's topology.
+        let r = resolve("gauntlet/small/llc2", &tests, None).unwrap();
+        let def = r.run_def();
+        assert_eq!((def.name, def.topology, def.preset.map(|p| p.name)), ("small", Topology::new(1, 2, 2, 1), Some("llc2")));
+        let e = resolve("gauntlet/small/llc4", &tests, None).unwrap_err();
+        assert_eq!(e, "small has no gauntlet variant on preset llc4: 16 CPUs > max_cpus 4");
+        assert!(resolve("gauntlet/h/tiny", &tests, None).unwrap_err().contains("host_only"));
+        assert!(resolve("gauntlet/small/tiny", &tests, Some(&ks)).unwrap_err().contains("needs a kernel suffix"));
+        assert_eq!(resolve("gauntlet/small/tiny/kernel_6_13", &tests, Some(&ks)).unwrap().kernel.unwrap().sanitized, "kernel_6_13");
+        assert!(is_ktstr_name("gauntlet/small/tiny") && is_ktstr_name("ktstr/x") && !is_ktstr_name("plain::test"));
     }
 
     #[test]

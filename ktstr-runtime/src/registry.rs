@@ -1,6 +1,7 @@
 //! The link-time registry every `#[ktstr_test]` adds itself to.
 
 use crate::ctx::Ctx;
+use crate::preset::{Constraints, Preset, PRESETS};
 use crate::vmm::Topology;
 
 /// One registered test. The macro fills the keys the user gave and takes
@@ -33,6 +34,15 @@ pub struct TestDef {
     pub scheduler: Option<&'static crate::scheduler::Scheduler>,
     /// Checks `ctx.run` applies to every report (`max_gap_ms = 50`, ...).
     pub checks: crate::checks::Checks,
+    /// Appended to the scheduler's own arguments for this test.
+    pub scheduler_args: &'static [&'static str],
+    /// The test passes only if the kernel ejects the scheduler with a
+    /// sched_ext error containing this text.
+    pub expect_scx_error: Option<&'static str>,
+    /// Which gauntlet presets the test is also listed on.
+    pub gauntlet: Constraints,
+    /// Set on a gauntlet variant only (see [`TestDef::variant`]).
+    pub preset: Option<&'static Preset>,
     pub file: &'static str,
     pub line: u32,
 }
@@ -57,6 +67,10 @@ impl TestDef {
         host_tools: &[],
         scheduler: None,
         checks: crate::checks::Checks::NONE,
+        scheduler_args: &[],
+        expect_scx_error: None,
+        gauntlet: Constraints::DEFAULT,
+        preset: None,
         file: "",
         line: 0,
     };
@@ -64,6 +78,36 @@ impl TestDef {
     /// Ignored by default under nextest (`demo_` prefix).
     pub fn ignored(&self) -> bool {
         self.name.starts_with("demo_")
+    }
+
+    /// The scheduler as this test runs it: its arguments, then the
+    /// test's `scheduler_args`.
+    pub fn scheduler(&self) -> Option<crate::scheduler::Scheduler> {
+        let s = *self.scheduler?;
+        if self.scheduler_args.is_empty() {
+            return Some(s);
+        }
+        let args: Vec<&'static str> = s.args.iter().chain(self.scheduler_args).copied().collect();
+        Some(crate::scheduler::Scheduler { args: Box::leak(args.into_boxed_slice()), ..s })
+    }
+
+    /// The presets this test gets `gauntlet/{name}/{preset}` variants on:
+    /// none for `host_only` tests (no VM) and `demo_` tests (they fail
+    /// on purpose), else every preset the constraints allow.
+    pub fn presets(&self) -> impl Iterator<Item = &'static Preset> + '_ {
+        let eligible = !self.host_only && !self.name.starts_with("demo_") && self.preset.is_none();
+        PRESETS.iter().filter(move |p| eligible && self.gauntlet.allows(p))
+    }
+
+    /// This test on preset `p`: its topology, and memory enough for both.
+    pub fn variant(&self, p: &'static Preset) -> TestDef {
+        TestDef { topology: p.topology, memory_mib: p.memory_for(self.memory_mib), preset: Some(p), ..*self }
+    }
+
+    /// [`TestDef::variant`] with a static lifetime, for one run of one
+    /// process (nextest's `--exact`, guest init).
+    pub fn leak_variant(&'static self, p: &'static Preset) -> &'static TestDef {
+        Box::leak(Box::new(self.variant(p)))
     }
 
     /// The libtest name of the `#[test]` wrapper the macro emits:
@@ -191,5 +235,30 @@ mod tests {
         let t = TestDef { name: "x", module_path: "examples::sub::deeper", ..TestDef::DEFAULT };
         assert_eq!(t.wrapper_name(), "sub::deeper::x::ktstr");
         assert!(TestDef { name: "demo_x", ..TestDef::DEFAULT }.ignored());
+    }
+
+    #[test]
+    fn scheduler_args_follow_the_scheduler_s_own() {
+        static S: crate::scheduler::Scheduler = crate::scheduler::Scheduler::new("scx_qmap").args(&["-v"]);
+        let t = TestDef { name: "t", scheduler: Some(&S), scheduler_args: &["-e", "1000"], ..TestDef::DEFAULT };
+        assert_eq!(t.scheduler().unwrap().args, ["-v", "-e", "1000"]);
+        assert_eq!(TestDef { name: "u", scheduler: Some(&S), ..TestDef::DEFAULT }.scheduler().unwrap().args, ["-v"]);
+        assert!(TestDef::DEFAULT.scheduler().is_none());
+    }
+
+    #[test]
+    fn variants_take_the_preset_and_the_constraints() {
+        let t = TestDef { name: "t", memory_mib: 2048, ..TestDef::DEFAULT };
+        assert_eq!(t.presets().count(), PRESETS.len());
+        let p = crate::preset::find("numa3").unwrap();
+        let v = t.variant(p);
+        assert_eq!((v.topology, v.memory_mib, v.preset, v.name), (p.topology, 2049, Some(p), "t"));
+        assert_eq!(v.presets().count(), 0, "a variant has no variants");
+        let small = TestDef { name: "s", gauntlet: Constraints { max_cpus: 4, ..Constraints::DEFAULT }, ..TestDef::DEFAULT };
+        assert_eq!(small.presets().map(|p| p.name).collect::<Vec<_>>(), ["tiny", "tiny-smt", "llc2"]);
+        assert_eq!(TestDef { name: "h", host_only: true, ..TestDef::DEFAULT }.presets().count(), 0);
+        assert_eq!(TestDef { name: "demo_x", ..TestDef::DEFAULT }.presets().count(), 0);
+        let off = TestDef { name: "o", gauntlet: Constraints { gauntlet: false, ..Constraints::DEFAULT }, ..TestDef::DEFAULT };
+        assert_eq!(off.presets().count(), 0);
     }
 }

@@ -86,6 +86,26 @@ fn demo_scx_qmap_stall(ctx: &Ctx) -> Result<()> {
     busy_for(ctx, 12)
 }
 
+/// `expect_scx_error`: the fault injected through `scheduler_args` (scx_qmap
+/// `-t 30`, the stall above on the plain QMAP) is what this test wants, so
+/// the ejection passes it. Fault counts are tuned for 2 CPUs: no gauntlet.
+#[ktstr_test(scheduler = QMAP, scheduler_args = ["-t", "30"], expect_scx_error = "runnable task stall", cpus = 2, memory_mib = 512, timeout_s = 60, gauntlet = false)]
+fn scx_qmap_stall_is_the_expected_error(ctx: &Ctx) -> Result<()> {
+    busy_for(ctx, 12)
+}
+
+/// `scx_bpf_error()` after 1000 enqueues, expected by its message.
+#[ktstr_test(scheduler = QMAP, scheduler_args = ["-e", "1000"], expect_scx_error = "qmap: test triggering error", cpus = 2, memory_mib = 512, timeout_s = 60, gauntlet = false)]
+fn scx_qmap_bpf_error_is_the_expected_error(ctx: &Ctx) -> Result<()> {
+    busy_for(ctx, 6)
+}
+
+/// Expects an ejection that never comes: scx_simple runs cleanly, so FAIL.
+#[ktstr_test(scheduler = SIMPLE, expect_scx_error = "runnable task stall", cpus = 2, memory_mib = 512, timeout_s = 30)]
+fn demo_expected_scx_error_never_comes(_ctx: &Ctx) -> Result<()> {
+    Ok(())
+}
+
 /// The body kills the scheduler and still returns Ok: the watch must fail it.
 #[ktstr_test(scheduler = SIMPLE, cpus = 2, memory_mib = 512, timeout_s = 30)]
 fn demo_scheduler_killed_during_body(_ctx: &Ctx) -> Result<()> {
@@ -218,6 +238,14 @@ mod driver {
         fails_with(
             "ktstr/demo_scx_qmap_stall",
             &["scheduler scx_qmap_stall was ejected by the kernel", "stall (runnable task stall)", "failed to run for"],
+        );
+    }
+
+    #[test]
+    fn expected_scx_error_that_never_comes_fails() {
+        fails_with(
+            "ktstr/demo_expected_scx_error_never_comes",
+            &["expected scheduler scx_simple to be ejected with a sched_ext error containing \"runnable task stall\"", "detached cleanly"],
         );
     }
 

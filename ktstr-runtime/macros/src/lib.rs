@@ -17,8 +17,10 @@ pub fn ktstr_test(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
-const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files, host_tools, scheduler, max_gap_ms, max_wake_p99_us, max_spread_pct, max_migrations_per_s, not_starved, isolated";
-const MAX_CPUS: u64 = 64;
+const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files, host_tools, scheduler, scheduler_args, expect_scx_error, gauntlet, min_cpus, max_cpus, min_llcs, min_numa_nodes, requires_smt, max_gap_ms, max_wake_p99_us, max_spread_pct, max_migrations_per_s, not_starved, isolated";
+/// Largest VM, a test's own or a gauntlet preset
+/// (`ktstr_runtime::vmm::topology::MAX_CPUS`: x2APIC, `CONFIG_NR_CPUS`).
+const MAX_CPUS: u64 = 256;
 
 /// Parsed attribute values; `None` means "runtime default".
 #[derive(Debug, Default, PartialEq)]
@@ -45,6 +47,15 @@ struct Attrs {
     max_migrations_per_s: Option<f64>,
     not_starved: bool,
     isolated: bool,
+    scheduler_args: Vec<String>,
+    expect_scx_error: Option<String>,
+    /// `gauntlet = false`: no topology variants.
+    gauntlet: Option<bool>,
+    min_cpus: Option<u32>,
+    max_cpus: Option<u32>,
+    min_llcs: Option<u32>,
+    min_numa_nodes: Option<u32>,
+    requires_smt: bool,
 }
 
 fn int<T: std::str::FromStr>(e: &Expr, key: &str, min: u64, max: u64) -> syn::Result<T> {
@@ -106,6 +117,7 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
                 "expect_err" => a.expect_err = true,
                 "not_starved" => a.not_starved = true,
                 "isolated" => a.isolated = true,
+                "requires_smt" => a.requires_smt = true,
                 _ => {
                     return Err(syn::Error::new_spanned(
                         meta,
@@ -133,6 +145,12 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
                     "memory_mib" => a.memory_mib = Some(int(v, &key, 64, 1 << 20)?),
                     "timeout_s" => a.timeout_s = Some(int(v, &key, 1, 24 * 3600)?),
                     "host_only" => a.host_only = boolean(v, &key)?,
+                    "requires_smt" => a.requires_smt = boolean(v, &key)?,
+                    "gauntlet" => a.gauntlet = Some(boolean(v, &key)?),
+                    "min_cpus" => a.min_cpus = Some(int(v, &key, 1, MAX_CPUS)?),
+                    "max_cpus" => a.max_cpus = Some(int(v, &key, 1, MAX_CPUS)?),
+                    "min_llcs" => a.min_llcs = Some(int(v, &key, 1, MAX_CPUS)?),
+                    "min_numa_nodes" => a.min_numa_nodes = Some(int(v, &key, 1, MAX_CPUS)?),
                     "expect_err" => a.expect_err = boolean(v, &key)?,
                     "not_starved" => a.not_starved = boolean(v, &key)?,
                     "isolated" => a.isolated = boolean(v, &key)?,
@@ -173,6 +191,21 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
                             }
                             a.host_tools.push(t);
                         }
+                    }
+                    "scheduler_args" => {
+                        let Expr::Array(ExprArray { elems, .. }) = v else {
+                            return Err(syn::Error::new_spanned(v, "`scheduler_args` takes an array of string literals, e.g. `[\"-e\", \"1000\"]`"));
+                        };
+                        for e in elems {
+                            a.scheduler_args.push(string(e, "scheduler_args")?);
+                        }
+                    }
+                    "expect_scx_error" => {
+                        let s = string(v, &key)?;
+                        if s.is_empty() {
+                            return Err(syn::Error::new_spanned(v, "`expect_scx_error` takes the text the sched_ext error must contain; it must not be empty"));
+                        }
+                        a.expect_scx_error = Some(s);
                     }
                     // sched_ext: a path to a `const Scheduler` (ktstr_runtime::scheduler).
                     "scheduler" => match v {
@@ -219,11 +252,37 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
             ));
         }
     }
+    if a.scheduler.is_none() && (!a.scheduler_args.is_empty() || a.expect_scx_error.is_some()) {
+        let span = metas
+            .iter()
+            .find(|x| x.path().is_ident("scheduler_args") || x.path().is_ident("expect_scx_error"))
+            .map(|x| x.span())
+            .unwrap_or_else(Span::call_site);
+        return Err(syn::Error::new(span, "`scheduler_args` and `expect_scx_error` need a `scheduler = ...`"));
+    }
+    if a.expect_err && a.expect_scx_error.is_some() {
+        let span = metas.iter().find(|x| x.path().is_ident("expect_err")).map(|x| x.span()).unwrap_or_else(Span::call_site);
+        return Err(syn::Error::new(span, "give either `expect_err` (the body fails) or `expect_scx_error` (the scheduler is ejected), not both"));
+    }
+    if let (Some(lo), Some(hi)) = (a.min_cpus, a.max_cpus) {
+        if lo > hi {
+            let span = metas.iter().find(|x| x.path().is_ident("max_cpus")).map(|x| x.span()).unwrap_or_else(Span::call_site);
+            return Err(syn::Error::new(span, format!("max_cpus = {hi} is below min_cpus = {lo}: no preset could run this test")));
+        }
+    }
+    if a.host_only && a_constrained(&a) {
+        let span = metas.iter().find(|m| m.path().is_ident("host_only")).map(|m| m.span()).unwrap_or_else(Span::call_site);
+        return Err(syn::Error::new(span, "`host_only` tests have no gauntlet variants; drop the gauntlet/min_*/max_cpus/requires_smt keys"));
+    }
     if a.host_only && (a.cpus.is_some() || topo_span.is_some() || a.memory_mib.is_some() || a.cmdline.is_some() || a.scheduler.is_some()) {
         let span = metas.iter().find(|m| m.path().is_ident("host_only")).map(|m| m.span()).unwrap_or_else(Span::call_site);
         return Err(syn::Error::new(span, "`host_only` tests never boot a VM; drop the topology/memory_mib/cmdline/scheduler keys"));
     }
     Ok(a)
+}
+
+fn a_constrained(a: &Attrs) -> bool {
+    a.gauntlet.is_some() || a.min_cpus.is_some() || a.max_cpus.is_some() || a.min_llcs.is_some() || a.min_numa_nodes.is_some() || a.requires_smt
 }
 
 /// Lets a body end in a chain of checks that return `Result<&Report>`
@@ -326,6 +385,25 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     if !checks.is_empty() {
         fields.push(quote!(checks: ::ktstr_runtime::checks::Checks { #(#checks,)* ..::ktstr_runtime::checks::Checks::NONE }));
     }
+    if !attrs.scheduler_args.is_empty() {
+        let args = &attrs.scheduler_args;
+        fields.push(quote!(scheduler_args: &[#(#args),*]));
+    }
+    if let Some(e) = &attrs.expect_scx_error {
+        fields.push(quote!(expect_scx_error: ::core::option::Option::Some(#e)));
+    }
+    if a_constrained(&attrs) {
+        let g = attrs.gauntlet.unwrap_or(true);
+        let smt = attrs.requires_smt;
+        let mut c = vec![quote!(gauntlet: #g), quote!(requires_smt: #smt)];
+        for (k, v) in [("min_cpus", attrs.min_cpus), ("max_cpus", attrs.max_cpus), ("min_llcs", attrs.min_llcs), ("min_numa_nodes", attrs.min_numa_nodes)] {
+            if let Some(v) = v {
+                let k = format_ident!("{k}");
+                c.push(quote!(#k: #v));
+            }
+        }
+        fields.push(quote!(gauntlet: ::ktstr_runtime::preset::Constraints { #(#c,)* ..::ktstr_runtime::preset::Constraints::DEFAULT }));
+    }
     // Without memory_mib the default must split over the nodes too: a
     // const check on the runtime's default, so the two cannot drift.
     let memory_check = match (attrs.numa_nodes, attrs.memory_mib) {
@@ -399,19 +477,35 @@ mod tests {
         assert!(a.not_starved && a.isolated);
         let a = parse_attrs("include_files = [\"a\", \"b\"]".parse().unwrap()).unwrap();
         assert_eq!(a.include_files, ["a", "b"]);
+        let a = parse_attrs("min_cpus = 4, max_cpus = 64, min_llcs = 2, min_numa_nodes = 2, requires_smt".parse().unwrap()).unwrap();
+        assert_eq!((a.min_cpus, a.max_cpus, a.min_llcs, a.min_numa_nodes, a.requires_smt), (Some(4), Some(64), Some(2), Some(2), true));
+        assert_eq!(parse_attrs("gauntlet = false".parse().unwrap()).unwrap().gauntlet, Some(false));
         let a = parse_attrs("host_tools = [\"bpftool\", \"/usr/bin/script\"]".parse().unwrap()).unwrap();
         assert_eq!(a.host_tools, ["bpftool", "/usr/bin/script"]);
     }
 
     #[test]
     fn rejects_bad_values() {
-        assert!(err("cpus = 0").contains("between 1 and 64"));
-        assert!(err("cpus = 65").contains("between 1 and 64"));
+        assert!(err("cpus = 0").contains("between 1 and 256"));
+        assert!(err("min_cpus = 8, max_cpus = 4").contains("below min_cpus"));
+        assert!(err("scheduler_args = [\"-v\"]").contains("need a `scheduler"));
+        assert!(err("expect_scx_error = \"stall\"").contains("need a `scheduler"));
+        assert!(err("scheduler = Q, expect_scx_error = \"\"").contains("must not be empty"));
+        assert!(err("scheduler = Q, expect_err, expect_scx_error = \"x\"").contains("not both"));
+        assert!(err("scheduler = Q, scheduler_args = \"-v\"").contains("array"));
+        let a = parse_attrs("scheduler = Q, scheduler_args = [\"-e\", \"9\"], expect_scx_error = \"stall\"".parse().unwrap()).unwrap();
+        assert_eq!((a.scheduler_args, a.expect_scx_error.as_deref()), (vec!["-e".to_string(), "9".to_string()], Some("stall")));
+        assert!(err("max_cpus = 300").contains("between 1 and 256"));
+        assert!(err("gauntlet = 0").contains("`true` or `false`"));
+        assert!(err("host_only, gauntlet = false").contains("no gauntlet variants"));
+        assert!(err("host_only, requires_smt").contains("no gauntlet variants"));
+        assert!(err("cpus = 257").contains("between 1 and 256"));
         assert!(err("cpus = \"2\"").contains("integer literal"));
         assert!(err("memory_mib = 16").contains("between 64"));
         assert!(err("timeout_s = 0").contains("between 1"));
         assert!(err("cpus = 2, cores = 2").contains("not both"));
-        assert!(err("numa_nodes = 4, llcs = 4, cores = 8").contains("128 CPUs"));
+        assert!(err("numa_nodes = 4, llcs = 4, cores = 8, threads = 4").contains("512 CPUs"));
+        assert!(parse_attrs("numa_nodes = 4, llcs = 4, cores = 8, threads = 2".parse().unwrap()).is_ok());
         assert!(err("cpu = 2").contains("unknown ktstr_test attribute `cpu`"));
         assert!(err("cpus = 2, cpus = 3").contains("given twice"));
         assert!(err("host_only = 1").contains("`true` or `false`"));
@@ -442,6 +536,12 @@ mod tests {
         assert!(e.unwrap_err().to_string().contains("fn name(ctx: &Ctx)"));
         let e = expand(TokenStream2::new(), "fn f() {}".parse().unwrap());
         assert!(e.is_err());
+        let c = expand("max_cpus = 16, requires_smt".parse().unwrap(), "fn t(ctx: &Ctx) -> Result<()> { Ok(()) }".parse().unwrap())
+            .unwrap()
+            .to_string();
+        assert!(c.contains("gauntlet : :: ktstr_runtime :: preset :: Constraints { gauntlet : true , requires_smt : true , max_cpus : 16u32"), "{c}");
+        let plain = expand("cpus = 2".parse().unwrap(), "fn t(ctx: &Ctx) -> Result<()> { Ok(()) }".parse().unwrap()).unwrap().to_string();
+        assert!(!plain.contains("Constraints"), "no keys: the runtime default");
         let ok = expand("cpus = 2".parse().unwrap(), "fn demo_x(ctx: &Ctx) -> Result<()> { Ok(()) }".parse().unwrap())
             .unwrap()
             .to_string();

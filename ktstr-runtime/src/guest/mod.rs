@@ -20,6 +20,8 @@ use crate::verdict::{Verdict, CONSOLE_MARKER};
 
 /// Kernel command-line key naming the test to run.
 pub const TEST_ARG: &str = "ktstr.test";
+/// `ktstr.preset=NAME`: the test runs as its gauntlet variant on that preset.
+pub const PRESET_ARG: &str = "ktstr.preset";
 
 fn mount(src: &str, dst: &str, fstype: &str, data: Option<&str>) -> Result<(), String> {
     let _ = std::fs::create_dir_all(dst);
@@ -173,14 +175,22 @@ fn run_named_test() -> Verdict {
     let Some(name) = cmdline_arg(&cmdline, TEST_ARG) else {
         return Verdict::fail(format!("no {TEST_ARG}= on the guest kernel command line"));
     };
-    let Some(def) = registry::find(name) else {
+    let Some(mut def) = registry::find(name) else {
         return Verdict::fail(format!("the guest binary has no ktstr test named {name}"));
     };
+    if let Some(p) = cmdline_arg(&cmdline, PRESET_ARG) {
+        let Some(preset) = crate::preset::find(p) else {
+            return Verdict::fail(format!("the guest binary has no gauntlet preset named {p}"));
+        };
+        def = def.leak_variant(preset);
+    }
     enable_test_controllers();
     println!("ktstr: guest: running {name}");
-    match def.scheduler {
+    match def.scheduler() {
         // sched_ext: start the scheduler, watch it during the body, stop it after.
-        Some(s) => crate::scheduler::guest::run_under(s, || supervise::run_body(def, true)),
+        Some(s) => crate::scheduler::guest::run_under_expecting(&s, std::path::Path::new(&s.guest_path()), def.expect_scx_error, || {
+            supervise::run_body(def, true)
+        }),
         None => supervise::run_body(def, true),
     }
 }

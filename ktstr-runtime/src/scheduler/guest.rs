@@ -549,6 +549,54 @@ pub fn run_under(sched: &Scheduler, body: impl FnOnce() -> Verdict) -> Verdict {
 
 /// [`run_under`] with the binary at `path` (an exported `.run` on the host).
 pub fn run_under_at(sched: &Scheduler, path: &Path, body: impl FnOnce() -> Verdict) -> Verdict {
+    run_under_expecting(sched, path, None, body)
+}
+
+/// [`run_under_at`]; with `expect_scx_error`, the test passes only if the
+/// kernel ejects the scheduler with a sched_ext error whose text contains
+/// it (see [`expected_ejection`]).
+pub fn run_under_expecting(sched: &Scheduler, path: &Path, expect_scx_error: Option<&str>, body: impl FnOnce() -> Verdict) -> Verdict {
+    let Some(want) = expect_scx_error else { return run_under_plain(sched, path, body) };
+    match Running::start_at(sched, path) {
+        Err(StartError::Skip(m)) => Verdict::skip(m),
+        // Attached and ejected before the start returned: judged the same.
+        Err(StartError::Fail(f)) => expected_ejection(sched.name, want, Err(&f), None),
+        Ok(running) => {
+            let v = body();
+            let stopped = running.stop();
+            expected_ejection(sched.name, want, stopped.as_ref().map(|_| ()), Some(&v))
+        }
+    }
+}
+
+/// The verdict of an `expect_scx_error = want` test from how the scheduler
+/// ended: PASS for a kernel ejection with an error exit (a stall, a BPF or
+/// runtime error) whose text contains `want`, whatever the body returned;
+/// FAIL for a clean run, another kind of ending, or another error.
+pub fn expected_ejection(sched: &str, want: &str, ended: Result<(), &SchedFail>, body: Option<&Verdict>) -> Verdict {
+    let body_note = body.filter(|b| b.outcome != Outcome::Pass || !b.message.is_empty()).map(|b| format!("test body verdict: {:?}: {}\n", b.outcome, b.message));
+    let f = match ended {
+        Ok(()) => {
+            return Verdict::fail(format!(
+                "expected scheduler {sched} to be ejected with a sched_ext error containing {want:?}; it ran the whole test and detached cleanly"
+            ))
+            .with_details(body_note.unwrap_or_default())
+        }
+        Err(f) => f,
+    };
+    let text = format!("{f}\n{}", f.details());
+    let sched_ext_error = matches!(f, SchedFail::Ejected(Ejection { kind: EjectKind::Kernel(k), .. }) if k.kind.is_error());
+    if sched_ext_error && text.contains(want) {
+        let mut v = Verdict::pass();
+        v.message = format!("ejected as expected ({want:?}): {f}");
+        return v;
+    }
+    let why = if sched_ext_error { format!("but its error does not contain {want:?}") } else { "not by a sched_ext error ejection".to_string() };
+    Verdict::fail(format!("expected scheduler {sched} to be ejected with a sched_ext error containing {want:?}; it ended otherwise ({why}): {f}"))
+        .with_details(body_note.unwrap_or_default() + &f.details())
+}
+
+fn run_under_plain(sched: &Scheduler, path: &Path, body: impl FnOnce() -> Verdict) -> Verdict {
     let running = match Running::start_at(sched, path) {
         Ok(r) => r,
         Err(StartError::Skip(m)) => return Verdict::skip(m),
@@ -600,6 +648,36 @@ mod tests {
         assert_eq!(p.status, Some(256));
         assert_eq!(describe_status(256), "exit status 1");
         assert!(describe_status(9).starts_with("killed by signal 9"));
+    }
+
+    #[test]
+    fn expected_ejections() {
+        let exit = |kind, msg: &str| KernelExit { ops: "qmap".into(), kind, msg: Some(msg.into()), log: vec![format!("sched_ext: BPF scheduler \"qmap\" disabled ({msg})")] };
+        let ejected = |kind, msg: &str| {
+            SchedFail::Ejected(Ejection { scheduler: "q".into(), kind: EjectKind::Kernel(exit(kind, msg)), process: None, output: Output::default() })
+        };
+        let stall = ejected(ExitKind::Stall, "qmap: init[48] failed to run for 5.060s");
+        let v = expected_ejection("q", "failed to run for", Err(&stall), Some(&Verdict::fail("workers starved")));
+        assert_eq!(v.outcome, Outcome::Pass, "{}", v.message);
+        assert!(v.message.starts_with("ejected as expected (\"failed to run for\"): scheduler q was ejected by the kernel"), "{}", v.message);
+        // The kernel log at the ejection counts too.
+        assert_eq!(expected_ejection("q", "BPF scheduler \"qmap\" disabled", Err(&stall), None).outcome, Outcome::Pass);
+        let v = expected_ejection("q", "scx_bpf_error", Err(&stall), None);
+        assert_eq!(v.outcome, Outcome::Fail);
+        assert!(v.message.contains("its error does not contain \"scx_bpf_error\""), "{}", v.message);
+        let v = expected_ejection("q", "stall", Ok(()), Some(&Verdict::pass()));
+        assert!(v.message.contains("ran the whole test and detached cleanly"), "{}", v.message);
+        // Leaving without an error (unregistered from user space) is not an ejection.
+        let left = ejected(ExitKind::UnregUser, "stall in the message");
+        let v = expected_ejection("q", "stall", Err(&left), None);
+        assert!(v.outcome == Outcome::Fail && v.message.contains("not by a sched_ext error ejection"), "{}", v.message);
+        let died = SchedFail::Ejected(Ejection {
+            scheduler: "q".into(),
+            kind: EjectKind::ProcessDied { status: "killed by signal 9".into(), kernel: None },
+            process: None,
+            output: Output::default(),
+        });
+        assert_eq!(expected_ejection("q", "signal", Err(&died), None).outcome, Outcome::Fail);
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub use backend::BackendKind;
 pub use builder::{Vm, VmBuilder};
 pub use console::ConsoleLink;
 pub use error::VmError;
-pub use topology::Topology;
+pub use topology::{Distances, Topology};
 
 use std::path::PathBuf;
 use std::time::Duration;

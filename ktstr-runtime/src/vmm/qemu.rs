@@ -93,6 +93,12 @@ impl TcgThread {
     }
 }
 
+/// `-smp`: one socket per NUMA node and one die per LLC, since QEMU's
+/// x86 CPUID (leaf 4, 0x8000001d) shares L3 among the CPUs of a die.
+pub fn smp(t: &super::Topology) -> String {
+    format!("{},sockets={},dies={},cores={},threads={}", t.total_cpus(), t.numa_nodes, t.llcs, t.cores, t.threads)
+}
+
 /// The QEMU argument list for a config (without the per-run file paths
 /// that [`run`] adds). Public for tests and for `--dry-run` style output.
 pub fn args(cfg: &VmConfig, dir: &Path, threads: TcgThread, boot: BootCpus) -> Vec<String> {
@@ -107,12 +113,15 @@ pub fn args(cfg: &VmConfig, dir: &Path, threads: TcgThread, boot: BootCpus) -> V
         "-accel".into(),
         threads.accel().into(),
         "-cpu".into(),
-        "max".into(),
+        // TCG's `max` is AMD family 6 by default, where Linux puts the LLC
+        // at the node and ignores dies; as Intel it reads leaves 4 and 0x1f,
+        // which QEMU fills per die: one die per LLC (see `smp`).
+        "max,vendor=GenuineIntel".into(),
         "-no-reboot".into(),
         "-m".into(),
         format!("{}M", cfg.memory_mib),
         "-smp".into(),
-        format!("{},sockets={},cores={},threads={}", t.total_cpus(), t.total_llcs(), t.cores, t.threads),
+        smp(&t),
     ];
     let node_mib = cfg.memory_mib / t.numa_nodes as u64;
     let per_node_cpus = t.total_cpus() / t.numa_nodes;
@@ -131,6 +140,12 @@ pub fn args(cfg: &VmConfig, dir: &Path, threads: TcgThread, boot: BootCpus) -> V
             let first = n * per_node_cpus;
             a.push("-numa".into());
             a.push(format!("node,nodeid={n},cpus={}-{},memdev=m{n}", first, first + per_node_cpus - 1));
+        }
+        for i in 0..t.numa_nodes {
+            for j in (0..t.numa_nodes).filter(|&j| j != i) {
+                a.push("-numa".into());
+                a.push(format!("dist,src={i},dst={j},val={}", t.distance(i, j)));
+            }
         }
     }
     a.extend([
@@ -171,8 +186,24 @@ fn channel_location(cfg: &VmConfig, dir: &Path) -> (PathBuf, u64) {
     (dir.join(format!("ram{node}")), cfg.channel.gpa - node * node_bytes)
 }
 
+/// Most vCPUs QEMU's `pc` machine takes without x2APIC, which TCG lacks
+/// before QEMU 8.1: APIC id 255 is the xAPIC broadcast.
+pub const TCG_MAX_CPUS: u32 = 255;
+
+/// A topology this backend cannot give is a skip (`VmError::HostLimit`).
+pub fn check_limits(t: &super::Topology) -> Result<(), VmError> {
+    if t.total_cpus() > TCG_MAX_CPUS {
+        return Err(VmError::HostLimit(format!(
+            "{} vCPUs asked; QEMU TCG's pc machine takes at most {TCG_MAX_CPUS} (no x2APIC under TCG); run it on KVM",
+            t.total_cpus()
+        )));
+    }
+    Ok(())
+}
+
 pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
     let start = Instant::now();
+    check_limits(&cfg.topology)?;
     if !cfg.memory_mib.is_multiple_of(cfg.topology.numa_nodes as u64) {
         return Err(VmError::Topology(format!(
             "{} MiB of memory does not split evenly over {} NUMA nodes",
@@ -415,15 +446,36 @@ mod tests {
     fn smp_and_numa_args() {
         let a = args(&cfg(Topology::new(2, 2, 2, 2), 512), Path::new("/d"), TcgThread::Single, BootCpus::One).join(" ");
         assert!(a.contains("-accel tcg,thread=single"), "{a}");
-        assert!(a.contains("-smp 16,sockets=4,cores=2,threads=2"), "{a}");
+        assert!(a.contains("-cpu max,vendor=GenuineIntel"), "{a}");
+        assert!(a.contains("-smp 16,sockets=2,dies=2,cores=2,threads=2"), "{a}");
+        assert!(a.contains("-numa dist,src=0,dst=1,val=20 -numa dist,src=1,dst=0,val=20 "), "{a}");
         assert!(a.contains("node,nodeid=0,cpus=0-7,memdev=m0"), "{a}");
         assert!(a.contains("node,nodeid=1,cpus=8-15,memdev=m1"), "{a}");
         assert!(a.contains("size=256M,mem-path=/d/ram1"), "{a}");
         assert!(!a.contains("memory-backend=m0"));
         let one = args(&cfg(Topology::cpus(4), 256), Path::new("/d"), TcgThread::Multi, BootCpus::One).join(" ");
         assert!(one.contains("-accel tcg,thread=multi"), "{one}");
-        assert!(one.contains("-smp 4,sockets=1,cores=4,threads=1"));
+        assert!(one.contains("-smp 4,sockets=1,dies=1,cores=4,threads=1"));
         assert!(one.contains("memory-backend=m0") && !one.contains("-numa"));
+    }
+
+    #[test]
+    fn more_than_255_vcpus_is_a_host_limit() {
+        assert!(check_limits(&Topology::new(4, 4, 8, 2).with_distances(Default::default())).unwrap_err().is_skip());
+        assert!(check_limits(&Topology::new(4, 2, 8, 2)).is_ok());
+    }
+
+    #[test]
+    fn numa_distances_from_the_topology() {
+        let t = Topology::new(4, 1, 2, 1).with_distances(crate::vmm::Distances::Grouped { group: 2, near: 16, far: 32 });
+        let a = args(&cfg(t, 1024), Path::new("/d"), TcgThread::Multi, BootCpus::One);
+        let dists: Vec<&String> = a.iter().filter(|x| x.starts_with("dist,")).collect();
+        assert_eq!(dists.len(), 12, "every ordered pair of distinct nodes");
+        assert!(dists.contains(&&"dist,src=0,dst=1,val=16".to_string()));
+        assert!(dists.contains(&&"dist,src=3,dst=0,val=32".to_string()));
+        assert!(dists.contains(&&"dist,src=3,dst=2,val=16".to_string()));
+        assert!(a.contains(&"node,nodeid=3,cpus=6-7,memdev=m3".to_string()));
+        assert!(a.contains(&"8,sockets=4,dies=1,cores=2,threads=1".to_string()));
     }
 
     #[test]

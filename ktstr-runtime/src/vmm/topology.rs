@@ -1,5 +1,25 @@
 //! Requested guest CPU topology.
 
+/// Most vCPUs a VM may have: x2APIC ids, `CONFIG_NR_CPUS` in `ktstr.kconfig`.
+pub const MAX_CPUS: u32 = 256;
+
+/// ACPI SLIT distance of a node to itself; remote distances are larger.
+pub const LOCAL_DISTANCE: u8 = 10;
+/// What firmware reports between two nodes when nothing says otherwise.
+pub const REMOTE_DISTANCE: u8 = 20;
+
+/// NUMA distances between distinct nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Distances {
+    /// Every remote node at [`REMOTE_DISTANCE`].
+    #[default]
+    Uniform,
+    /// Nodes in the same run of `group` consecutive nodes are `near`,
+    /// others `far` (two sockets of two dies each, say).
+    Grouped { group: u32, near: u8, far: u8 },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Topology {
     pub numa_nodes: u32,
@@ -9,11 +29,48 @@ pub struct Topology {
     pub cores: u32,
     /// Threads per core.
     pub threads: u32,
+    /// Distances between nodes (SLIT, QEMU `-numa dist`).
+    #[serde(default, skip_serializing_if = "Distances::is_uniform")]
+    pub distances: Distances,
+}
+
+impl Distances {
+    pub fn is_uniform(&self) -> bool {
+        *self == Distances::Uniform
+    }
 }
 
 impl Topology {
     pub const fn new(numa_nodes: u32, llcs: u32, cores: u32, threads: u32) -> Self {
-        Self { numa_nodes, llcs, cores, threads }
+        Self { numa_nodes, llcs, cores, threads, distances: Distances::Uniform }
+    }
+
+    /// The same topology with non-uniform node distances.
+    pub const fn with_distances(mut self, d: Distances) -> Self {
+        self.distances = d;
+        self
+    }
+
+    /// SLIT distance from node `from` to node `to`.
+    pub fn distance(&self, from: u32, to: u32) -> u8 {
+        if from == to {
+            return LOCAL_DISTANCE;
+        }
+        match self.distances {
+            Distances::Uniform => REMOTE_DISTANCE,
+            Distances::Grouped { group, near, far } => {
+                if from / group.max(1) == to / group.max(1) {
+                    near
+                } else {
+                    far
+                }
+            }
+        }
+    }
+
+    /// True with more than one thread per core.
+    pub const fn smt(&self) -> bool {
+        self.threads > 1
     }
 
     /// `n` CPUs: one node, one LLC, `n` single-thread cores.
@@ -51,8 +108,15 @@ impl Topology {
         if self.numa_nodes == 0 || self.llcs == 0 || self.cores == 0 || self.threads == 0 {
             return Err(format!("topology {self:?}: every dimension must be at least 1"));
         }
-        if self.total_cpus() > 64 {
-            return Err(format!("topology asks for {} CPUs; ktstr supports at most 64", self.total_cpus()));
+        if self.total_cpus() > MAX_CPUS {
+            return Err(format!("topology asks for {} CPUs; ktstr supports at most {MAX_CPUS}", self.total_cpus()));
+        }
+        if let Distances::Grouped { group, near, far } = self.distances {
+            if group == 0 || near <= LOCAL_DISTANCE || far < near {
+                return Err(format!(
+                    "topology {self:?}: grouped distances need group >= 1 and {LOCAL_DISTANCE} < near <= far"
+                ));
+            }
         }
         Ok(())
     }
@@ -76,8 +140,25 @@ mod tests {
         assert_eq!(t.node_of(7), 0);
         assert_eq!(t.node_of(8), 1);
         assert!(Topology::new(1, 0, 1, 1).validate().is_err());
-        assert!(Topology::cpus(65).validate().is_err());
+        assert!(Topology::cpus(256).validate().is_ok());
+        assert!(Topology::cpus(257).validate().unwrap_err().contains("at most 256"));
         assert!(Topology::new(3, 1, 1, 1).check_memory(512).unwrap_err().contains("multiple of 3"));
         assert!(Topology::new(2, 1, 1, 1).check_memory(512).is_ok());
+    }
+
+    #[test]
+    fn distances() {
+        let u = Topology::new(3, 1, 1, 1);
+        assert_eq!((u.distance(0, 0), u.distance(0, 2), u.distance(2, 1)), (10, 20, 20));
+        let g = Topology::new(4, 1, 1, 1).with_distances(Distances::Grouped { group: 2, near: 16, far: 32 });
+        let row = |i| (0..4).map(|j| g.distance(i, j)).collect::<Vec<_>>();
+        assert_eq!(row(0), [10, 16, 32, 32]);
+        assert_eq!(row(3), [32, 32, 16, 10]);
+        assert!(g.validate().is_ok());
+        let bad = Topology::new(2, 1, 1, 1).with_distances(Distances::Grouped { group: 1, near: 10, far: 20 });
+        assert!(bad.validate().unwrap_err().contains("near"));
+        // Uniform distances keep result.json's topology shape unchanged.
+        assert!(!serde_json::to_string(&u).unwrap().contains("distances"));
+        assert!(serde_json::to_string(&g).unwrap().contains("\"grouped\""));
     }
 }

@@ -103,13 +103,64 @@ fn list_single_kernel() {
         assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
     assert!(!names.iter().any(|n| n.ends_with("::ktstr")), "cargo-test wrappers leak into the list: {names:?}");
-    assert!(!names.iter().any(|n| n.matches('/').count() > 1), "no kernel suffixes in single-kernel mode: {names:?}");
+    let plain: Vec<&String> = names.iter().filter(|n| !n.starts_with("gauntlet/")).collect();
+    assert!(!plain.iter().any(|n| n.matches('/').count() > 1), "no kernel suffixes in single-kernel mode: {plain:?}");
 
     let r = run(&["--list", "--format", "terse", "--ignored"], &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let ignored = listed(&r);
     assert!(ignored.contains(&"ktstr/demo_panics".to_string()), "{ignored:?}");
-    assert!(ignored.iter().all(|n| n.starts_with("ktstr/demo_")), "only demo_ tests are ignored: {ignored:?}");
+    assert!(
+        ignored.iter().all(|n| n.starts_with("ktstr/demo_") || n.starts_with("gauntlet/")),
+        "only demo_ tests and gauntlet variants are ignored: {ignored:?}"
+    );
+}
+
+/// What `cargo nextest list` shows: every VM test also as
+/// `gauntlet/{name}/{preset}`, ignored, once per preset its constraints
+/// allow; none for host_only, demo_ or `gauntlet = false` tests.
+#[test]
+fn list_gauntlet_variants() {
+    use ktstr_runtime::preset::PRESETS;
+    let all = listed(&run(&["--list", "--format", "terse"], &[]));
+    let ignored = listed(&run(&["--list", "--format", "terse", "--ignored"], &[]));
+    let variants: Vec<&String> = all.iter().filter(|n| n.starts_with("gauntlet/")).collect();
+    assert!(!variants.is_empty(), "{all:?}");
+    for v in &variants {
+        assert!(ignored.contains(v), "{v} is not listed as ignored");
+    }
+    let of = |test: &str| -> Vec<String> {
+        variants.iter().filter_map(|n| n.strip_prefix(&format!("gauntlet/{test}/"))).map(String::from).collect()
+    };
+    let where_ = |f: &dyn Fn(&ktstr_runtime::vmm::Topology) -> bool| -> Vec<String> {
+        PRESETS.iter().filter(|p| f(&p.topology)).map(|p| p.name.to_string()).collect()
+    };
+    // No constraints: every rung, 2 to 256 vCPUs.
+    assert_eq!(of("topology_matches_request"), where_(&|_| true));
+    assert_eq!(of("topology_matches_request").len(), PRESETS.len());
+    // max_cpus = 16.
+    assert_eq!(of("two_cgroups_share_cpu"), where_(&|t| t.total_cpus() <= 16));
+    // requires_smt, min_llcs = 2.
+    let smt = of("topology_llcs_and_smt_match_request");
+    assert_eq!(smt, where_(&|t| t.threads > 1 && t.numa_nodes * t.llcs >= 2));
+    assert_eq!(smt, ["llc2-smt", "numa2-smt", "llc4-smt", "numa4-far-smt", "numa4-llc4-smt"]);
+    for none in ["guest_gets_cmdline_and_files", "host_workers_report", "demo_panics"] {
+        assert_eq!(of(none), Vec::<String>::new(), "{none}: gauntlet = false, host_only or demo_");
+    }
+    // Each variant once.
+    let mut sorted = variants.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), variants.len());
+    // Multi-kernel mode: the kernel suffix goes last.
+    let r = run(&["--list", "--format", "terse", "--ignored"], &[("KTSTR_KERNEL_LIST", "a=/x;b=/y")]);
+    let multi = listed(&r);
+    assert!(multi.contains(&"gauntlet/topology_matches_request/tiny/kernel_b".to_string()), "{multi:?}");
+    assert!(!multi.contains(&"gauntlet/topology_matches_request/tiny".to_string()));
+    // --exact on an excluded preset says why.
+    let r = run(&["--exact", "gauntlet/two_cgroups_share_cpu/llc4-smt"], &[]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("two_cgroups_share_cpu has no gauntlet variant on preset llc4-smt: 32 CPUs > max_cpus 16"), "{}", r.stderr);
 }
 
 #[test]
@@ -494,4 +545,46 @@ fn body_output_of_10mib_is_cheap() {
         loud.stderr.lines().find(|l| l.starts_with("demo_prints_10mib: wrote")).unwrap_or("")
     );
     assert!(extra < Duration::from_secs(10), "10 MiB of output cost {extra:?}");
+}
+
+/// Boots `gauntlet/topology_matches_request/{preset}` for each preset: the
+/// guest's sysfs (nodes, distances, LLC sharing, SMT siblings) must match
+/// the preset (`topo_view`). Returns the failures, one line each.
+fn gauntlet_topology(presets: &[&ktstr_runtime::preset::Preset], kernel: &Path) -> Vec<String> {
+    let env = [("KTSTR_TEST_KERNEL", kernel.to_str().unwrap())];
+    let mut bad = Vec::new();
+    for p in presets {
+        let name = format!("gauntlet/topology_matches_request/{}", p.name);
+        let r = run(&["--exact", &name, "--nocapture"], &env);
+        eprintln!("{name}: {} vCPUs, exit {} in {:.1}s", p.cpus(), r.code, r.took.as_secs_f64());
+        // Exit 0 is also a skip: only the PASS banner says it ran.
+        if r.code != 0 || !r.stderr.contains(&format!("ktstr: PASS: {name}")) {
+            let why = r.stderr.lines().find(|l| l.starts_with("ktstr: FAIL") || l.starts_with("ktstr: SKIP")).unwrap_or("no verdict");
+            bad.push(format!("{name}: exit {}: {why}", r.code));
+        }
+    }
+    bad
+}
+
+/// Every preset up to 16 vCPUs boots with the topology it names.
+#[test]
+fn gauntlet_topology_up_to_16_vcpus() {
+    let Some(k) = need_kernels(1) else { return };
+    let presets: Vec<_> = ktstr_runtime::preset::PRESETS.iter().filter(|p| p.cpus() <= 16).collect();
+    assert!(presets.len() >= 8, "{presets:?}");
+    let bad = gauntlet_topology(&presets, &k[0]);
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// The 64-vCPU rung (slow under TCG: every CPU is brought up by init).
+#[test]
+fn gauntlet_topology_64_vcpus() {
+    if !testing::slow_tests_enabled() {
+        return;
+    }
+    let Some(k) = need_kernels(1) else { return };
+    let presets: Vec<_> = ktstr_runtime::preset::PRESETS.iter().filter(|p| p.cpus() == 64).collect();
+    assert_eq!(presets.len(), 1);
+    let bad = gauntlet_topology(&presets, &k[0]);
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
 }

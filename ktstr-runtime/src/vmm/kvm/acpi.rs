@@ -139,11 +139,24 @@ pub fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     v
 }
 
+/// APIC ids from here on need x2APIC (0xff is the xAPIC broadcast id):
+/// MADT and SRAT describe those CPUs with their x2APIC structures.
+pub const X2APIC_FROM: u32 = 0xff;
+
 pub fn madt(t: &Topology) -> Vec<u8> {
     let mut m = Sdt::new(b"APIC", 4);
     m.u32(LAPIC_ADDR as u32).u32(1); // PCAT_COMPAT: dual 8259s present
+    // ACPI processor UIDs are the CPU indexes; ids only grow with the
+    // index, so every CPU past 254 is an x2APIC one.
+    let mut x2apic = false;
     for cpu in 0..t.total_cpus() {
-        m.u8(0).u8(8).u8(cpu as u8).u8(cpuid::apic_id(t, cpu) as u8).u32(1);
+        let id = cpuid::apic_id(t, cpu);
+        if id < X2APIC_FROM {
+            m.u8(0).u8(8).u8(cpu as u8).u8(id as u8).u32(1);
+        } else {
+            m.u8(9).u8(16).u16(0).u32(id).u32(1).u32(cpu);
+            x2apic = true;
+        }
     }
     m.u8(1).u8(12).u8(0).u8(0).u32(IOAPIC_ADDR as u32).u32(0);
     // No override for ISA IRQ0: KVM's default GSI routing sends the
@@ -154,6 +167,10 @@ pub fn madt(t: &Topology) -> Vec<u8> {
     m.u8(2).u8(10).u8(0).u8(SCI_IRQ).u32(SCI_IRQ.into()).u16(0xd);
     // LINT1 of every local APIC is NMI.
     m.u8(4).u8(6).u8(0xff).u16(0).u8(1);
+    if x2apic {
+        // The same for the x2APIC CPUs (UID 0xffffffff: all of them).
+        m.u8(0xa).u8(12).u16(0).u32(u32::MAX).u8(1).bytes(&[0; 3]);
+    }
     m.finish()
 }
 
@@ -187,7 +204,13 @@ pub fn srat(t: &Topology, memory_mib: u64) -> Vec<u8> {
     s.u32(1).u64(0);
     for cpu in 0..t.total_cpus() {
         let p = cpuid::placement(t, cpu);
-        s.u8(0).u8(16).u8(p.node as u8).u8(p.apic_id as u8).u32(1).u8(0).bytes(&[0; 3]).u32(0);
+        if p.apic_id < X2APIC_FROM {
+            // Proximity domain bits 7:0, APIC id, flags, SAPIC EID, domain bits 31:8, clock domain.
+            s.u8(0).u8(16).u8(p.node as u8).u8(p.apic_id as u8).u32(1).u8(0).bytes(&(p.node >> 8).to_le_bytes()[..3]).u32(0);
+        } else {
+            // Processor Local x2APIC Affinity.
+            s.u8(2).u8(24).u16(0).u32(p.node).u32(p.apic_id).u32(1).u32(0).u32(0);
+        }
     }
     for (node, base, len) in node_memory(t, memory_mib) {
         s.u8(1).u8(40).u32(node).u16(0).u64(base).u64(len).u32(0).u32(1).u64(0);
@@ -201,7 +224,7 @@ pub fn slit(t: &Topology) -> Vec<u8> {
     s.u64(n as u64);
     for i in 0..n {
         for j in 0..n {
-            s.u8(if i == j { 10 } else { 20 });
+            s.u8(t.distance(i as u32, j as u32));
         }
     }
     s.finish()
@@ -377,26 +400,120 @@ mod tests {
         assert_eq!(&l[36..], &[2, 0, 0, 0, 0, 0, 0, 0, 10, 20, 20, 10]);
     }
 
-    /// `KTSTR_ACPI_DUMP=DIR` writes each table to DIR/SIG.dat, for
-    /// checking with ACPICA's disassembler (`iasl -d`).
+    /// Every table of a layout, by signature, found through RSDP → XSDT
+    /// → FADT (DSDT, FACS), as `iasl -d` wants them one per file.
+    fn table_files(t: Topology, mib: u64) -> Vec<(String, Vec<u8>)> {
+        let base = 0xe_0000u64;
+        let tables = build(&t, mib, base);
+        let b = &tables.bytes;
+        let at = |addr: u64| (addr - base) as usize;
+        let len = |off: usize| u32::from_le_bytes(b[off + 4..off + 8].try_into().unwrap()) as usize;
+        let sig = |off: usize| String::from_utf8_lossy(&b[off..off + 4]).into_owned();
+        let mut out = vec![("RSDP".to_string(), b[..36].to_vec())];
+        let xsdt = at(u64::from_le_bytes(b[24..32].try_into().unwrap()));
+        out.push(("XSDT".into(), b[xsdt..xsdt + len(xsdt)].to_vec()));
+        for e in (xsdt + 36..xsdt + len(xsdt)).step_by(8) {
+            let off = at(u64::from_le_bytes(b[e..e + 8].try_into().unwrap()));
+            out.push((sig(off), b[off..off + len(off)].to_vec()));
+            if &b[off..off + 4] == b"FACP" {
+                let facs = at(u32::from_le_bytes(b[off + 36..off + 40].try_into().unwrap()).into());
+                let dsdt = at(u32::from_le_bytes(b[off + 40..off + 44].try_into().unwrap()).into());
+                out.push(("FACS".into(), b[facs..facs + 64].to_vec()));
+                out.push(("DSDT".into(), b[dsdt..dsdt + len(dsdt)].to_vec()));
+            }
+        }
+        out
+    }
+
+    /// `KTSTR_ACPI_DUMP=DIR` writes each table of the largest preset to
+    /// DIR/SIG.dat, for looking at with ACPICA's disassembler (`iasl -d`).
     #[test]
     fn dump_for_iasl() {
         let Some(dir) = std::env::var_os("KTSTR_ACPI_DUMP") else { return };
-        let dir = std::path::PathBuf::from(dir);
-        let t = Topology::new(2, 2, 2, 1);
-        let (_blob, tables) = parse(t, 1024);
-        for h in tables.headers() {
-            let sig = h.signature.as_str().to_string();
-            let len = h.length as usize;
-            let at = _blob.0.bytes.windows(4).position(|w| w == sig.as_bytes()).unwrap();
-            std::fs::write(dir.join(format!("{sig}.dat")), &_blob.0.bytes[at..at + len]).unwrap();
+        let p = crate::preset::PRESETS.last().unwrap();
+        for (sig, bytes) in table_files(p.topology, p.memory_mib()) {
+            std::fs::write(std::path::Path::new(&dir).join(format!("{sig}.dat")), bytes).unwrap();
         }
-        let dsdt = dsdt();
-        std::fs::write(dir.join("DSDT.dat"), &dsdt).unwrap();
-        let b = &_blob.0.bytes;
-        std::fs::write(dir.join("RSDP.dat"), &b[..36]).unwrap();
-        let facs = b.windows(4).position(|w| w == b"FACS").unwrap();
-        std::fs::write(dir.join("FACS.dat"), &b[facs..facs + 64]).unwrap();
+    }
+
+    /// The largest preset's tables (x2APIC MADT and SRAT entries, a 4×4
+    /// SLIT) and the far/near preset's SLIT disassemble without a single
+    /// error, warning or unknown field.
+    #[test]
+    fn tables_disassemble_cleanly_with_iasl() {
+        let have = std::process::Command::new("iasl").arg("-v").output().is_ok_and(|o| o.status.success());
+        if !crate::testing::premise(have, "ACPICA's iasl", "apt-get install acpica-tools (scripts/setup.sh does)") {
+            return;
+        }
+        let largest = crate::preset::PRESETS.last().unwrap();
+        let far = crate::preset::find("numa4-far").unwrap();
+        for p in [largest, far] {
+            let dir = tempfile::tempdir().unwrap();
+            let files = table_files(p.topology, p.memory_mib());
+            let sigs: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
+            assert_eq!(sigs, ["RSDP", "XSDT", "FACP", "FACS", "DSDT", "APIC", "SRAT", "SLIT"], "{}", p.name);
+            // iasl (20200925) cannot read an RSDP from a file; `parse` checks its checksums.
+            for (sig, bytes) in files.iter().filter(|f| f.0 != "RSDP") {
+                let dat = dir.path().join(format!("{sig}.dat"));
+                std::fs::write(&dat, bytes).unwrap();
+                let out = std::process::Command::new("iasl").arg("-d").arg(&dat).current_dir(dir.path()).output().unwrap();
+                let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+                assert!(out.status.success(), "{} {sig}: iasl -d failed:\n{log}", p.name);
+                let dsl = std::fs::read_to_string(dir.path().join(format!("{sig}.dsl"))).unwrap();
+                for bad in ["Error", "Warning", "Unknown", "Invalid", "Incorrect"] {
+                    assert!(!log.contains(bad) && !dsl.contains(bad), "{} {sig}: {bad} in iasl's output:\n{log}\n{dsl}", p.name);
+                }
+                if sig == "SLIT" {
+                    let row0 = dsl.lines().find(|l| l.contains("Locality   0")).unwrap_or_default().to_string();
+                    let want: String = (0..p.topology.numa_nodes).map(|j| format!("{:02X} ", p.topology.distance(0, j))).collect();
+                    assert!(row0.contains(want.trim_end()), "{}: SLIT row 0 {row0:?}, want {want:?}\n{dsl}", p.name);
+                }
+                if sig == "APIC" && p.cpus() == 256 {
+                    assert_eq!(dsl.matches("Processor Local x2APIC").count(), 1, "{dsl}");
+                    assert!(dsl.contains("Processor x2Apic ID : 000000FF"), "{dsl}");
+                }
+                if sig == "SRAT" && p.cpus() == 256 {
+                    assert_eq!(dsl.matches("Processor Local x2APIC Affinity").count(), 1, "{dsl}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn x2apic_entries_past_254() {
+        let p = crate::preset::PRESETS.last().unwrap();
+        let t = p.topology;
+        assert_eq!(cpuid::apic_id(&t, 255), 0xff);
+        let (blob, tables) = parse(t, p.memory_mib());
+        let madt = tables.find_table::<acpi::madt::Madt>().unwrap();
+        let (mut xapic, mut x2apic, mut x2nmi) = (0, Vec::new(), 0);
+        for e in madt.get().entries() {
+            match e {
+                acpi::madt::MadtEntry::LocalApic(_) => xapic += 1,
+                acpi::madt::MadtEntry::LocalX2Apic(x) => x2apic.push((x.x2apic_id, x.processor_uid, x.flags)),
+                acpi::madt::MadtEntry::X2ApicNmi(n) => {
+                    assert_eq!((n.processor_uid, n.nmi_line), (u32::MAX, 1));
+                    x2nmi += 1
+                }
+                _ => {}
+            }
+        }
+        assert_eq!((xapic, x2apic, x2nmi), (255, vec![(0xff, 255, 1)], 1));
+        let srat = tables.find_table::<Srat>().unwrap();
+        let s = &blob.0.bytes[srat.physical_start() - 0xe_0000..][..srat.region_length()];
+        // 255 16-byte xAPIC entries, then the x2APIC one: type 2, node 3, id 0xff.
+        let x = 48 + 255 * 16;
+        assert_eq!((s[x], s[x + 1]), (2, 24));
+        assert_eq!(u32::from_le_bytes(s[x + 4..x + 8].try_into().unwrap()), 3);
+        assert_eq!(u32::from_le_bytes(s[x + 8..x + 12].try_into().unwrap()), 0xff);
+        let slit = tables.find_table::<Slit>().unwrap();
+        let l = &blob.0.bytes[slit.physical_start() - 0xe_0000..][..slit.region_length()];
+        assert_eq!(&l[44..48], &[10, 20, 20, 20]);
+        let far = crate::preset::find("numa4-far").unwrap();
+        let (blob, tables) = parse(far.topology, far.memory_mib());
+        let slit = tables.find_table::<Slit>().unwrap();
+        let l = &blob.0.bytes[slit.physical_start() - 0xe_0000..][..slit.region_length()];
+        assert_eq!(&l[44..], &[10, 16, 32, 32, 16, 10, 32, 32, 32, 32, 10, 16, 32, 32, 16, 10]);
     }
 
     #[test]

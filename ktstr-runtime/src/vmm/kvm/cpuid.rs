@@ -87,9 +87,11 @@ pub fn for_vcpu(base: &[kvm_cpuid_entry2], t: &Topology, cpu: u32) -> Vec<kvm_cp
         match e.function {
             0 => e.eax = e.eax.max(0xb),
             1 => {
-                e.ebx = (e.ebx & 0xffff) | ((1u32 << shift).max(per_pkg) << 16 & 0x00ff_0000) | (p.apic_id << 24);
+                // The initial APIC id is 8 bits; leaves 0xb/0x1f carry all 32.
+                e.ebx = (e.ebx & 0xffff) | ((1u32 << shift).max(per_pkg) << 16 & 0x00ff_0000) | ((p.apic_id & 0xff) << 24);
                 e.edx |= 1 << 28; // HTT: EBX[23:16] is valid
                 e.ecx |= 1 << 31; // running under a hypervisor
+                e.ecx |= 1 << 21; // x2APIC: the in-kernel LAPIC emulates it
                 // TSC-deadline timer: the in-kernel LAPIC emulates it, but
                 // KVM_GET_SUPPORTED_CPUID leaves it to the VMM. Without it
                 // Linux calibrates the LAPIC timer against the PIT, and
@@ -206,6 +208,32 @@ mod tests {
             assert_eq!(l3.eax & 0x3fff, 3 | (3 << 5), "type and level kept");
         }
         assert_eq!(find(&e, 4, 0).unwrap().eax >> 26, 1);
+    }
+
+    #[test]
+    fn x2apic_ids_for_256_cpus() {
+        let t = Topology::new(4, 4, 8, 2);
+        assert_eq!((thread_bits(&t), package_shift(&t)), (1, 4));
+        let ids: Vec<u32> = (0..256).map(|c| apic_id(&t, c)).collect();
+        assert_eq!(ids, (0..256).collect::<Vec<_>>(), "dense: power-of-two cores and threads");
+        let mut b = base();
+        b[0].eax = 0x1f;
+        let e = for_vcpu(&b, &t, 255);
+        let l1 = find(&e, 1, 0).unwrap();
+        assert_eq!(l1.ebx >> 24, 0xff);
+        assert!(l1.ecx & (1 << 21) != 0, "x2APIC offered");
+        for leaf in [0xb, 0x1f] {
+            let smt = find(&e, leaf, 0).unwrap();
+            let core = find(&e, leaf, 1).unwrap();
+            assert_eq!((smt.eax, smt.ebx, smt.edx), (1, 2, 255));
+            assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (4, 16, 0x201, 255));
+        }
+        // Sparse ids past 255: 6 cores per LLC leave gaps.
+        let odd = Topology::new(4, 5, 6, 2);
+        assert_eq!(apic_id(&odd, 239), (19 << 4) | (5 << 1) | 1);
+        let e = for_vcpu(&b, &odd, 239);
+        assert_eq!(find(&e, 0xb, 1).unwrap().edx, 315);
+        assert_eq!(find(&e, 1, 0).unwrap().ebx >> 24, 315 & 0xff);
     }
 
     #[test]

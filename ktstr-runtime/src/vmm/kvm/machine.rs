@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_CAP_X2APIC_API, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK, KVM_X2APIC_API_USE_32BIT_IDS,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -143,18 +146,17 @@ impl Machine {
     pub fn new(topo: Topology, memory_mib: u64) -> Result<Self, VmError> {
         let created = Instant::now();
         topo.validate().map_err(VmError::Topology)?;
-        // xAPIC ids are 8 bits and 0xff is the broadcast id.
-        if let Some(c) = (0..topo.total_cpus()).find(|&c| super::cpuid::apic_id(&topo, c) >= 0xff) {
-            return Err(VmError::Topology(format!(
-                "{topo:?}: CPU {c} would get APIC id {:#x}, beyond what xAPIC addresses; use power-of-two cores/threads",
-                super::cpuid::apic_id(&topo, c)
-            )));
-        }
+        let max_apic_id = (0..topo.total_cpus()).map(|c| super::cpuid::apic_id(&topo, c)).max().unwrap_or(0);
         let kvm = open_kvm()?;
         // A valid topology this host's KVM cannot give is a skip, not a fail.
         let max = kvm.get_max_vcpus();
         if topo.total_cpus() as usize > max {
             return Err(VmError::HostLimit(format!("{} vCPUs asked; this host's KVM allows {max}", topo.total_cpus())));
+        }
+        // vCPU ids are the APIC ids, which may be sparse.
+        let max_id = kvm.get_max_vcpu_id();
+        if max_apic_id as usize >= max_id {
+            return Err(VmError::HostLimit(format!("APIC id {max_apic_id} asked; this host's KVM allows vCPU ids below {max_id}")));
         }
         let vm = create_vm(&kvm)?;
         let mem = memory::create(memory_mib)?;
@@ -174,6 +176,16 @@ impl Machine {
         vm.set_tss_address(TSS_ADDR).map_err(|e| kvm_err("KVM_SET_TSS_ADDR", e))?;
         vm.set_identity_map_address(IDENTITY_MAP_ADDR).map_err(|e| kvm_err("KVM_SET_IDENTITY_MAP_ADDR", e))?;
         vm.create_irq_chip().map_err(|e| kvm_err("KVM_CREATE_IRQCHIP", e))?;
+        if max_apic_id >= super::acpi::X2APIC_FROM {
+            // 32-bit APIC ids in interrupt routing and the LAPIC state, and
+            // no xAPIC broadcast meaning for id 0xff in x2APIC mode.
+            let cap = kvm_enable_cap {
+                cap: KVM_CAP_X2APIC_API,
+                args: [(KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK).into(), 0, 0, 0],
+                ..Default::default()
+            };
+            vm.enable_cap(&cap).map_err(|e| kvm_err("KVM_ENABLE_CAP(KVM_CAP_X2APIC_API)", e))?;
+        }
         vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })
             .map_err(|e| kvm_err("KVM_CREATE_PIT2", e))?;
 
