@@ -156,6 +156,10 @@ pub struct TimingsJson {
     pub vm_total_s: Option<f64>,
     /// The whole run as the host saw it (kernel lookup, initramfs, VM or body).
     pub wall_s: f64,
+    /// Share of the vCPUs' time the host kept them waiting for a CPU
+    /// (TCG only, `vmm::host_wait`); absent where not measured.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub vcpu_wait_pct: Option<f64>,
 }
 
 /// `result.json`, schema 1. New fields may be added; these keep their meaning.
@@ -282,7 +286,7 @@ mod tests {
             cause: "Kernel panic - not syncing: x".into(),
             message: "the guest kernel panicked".into(),
             details: String::new(),
-            timings: TimingsJson { setup_s: Some(0.1), to_init_s: None, vm_total_s: Some(1.5), wall_s: 2.0 },
+            timings: TimingsJson { setup_s: Some(0.1), to_init_s: None, vm_total_s: Some(1.5), wall_s: 2.0, vcpu_wait_pct: None },
             metrics: serde_json::json!({}),
             repeat: None,
         }

@@ -18,6 +18,9 @@ pub fn conclude(name: &str, def: &TestDef, mut run: Run) -> (Verdict, Option<Pat
     let console = run.vm.as_ref().map_or("", |r| r.console.as_str());
     run.verdict.cause =
         cause::classify(&Facts { verdict: &run.verdict, exit: run.vm.as_ref().map(|r| &r.exit), console, test_at: Some(&at) });
+    if let Some(note) = contention_note(&run.verdict, vcpu_wait_pct(def, &run)) {
+        run.verdict.cause.push_str(&note);
+    }
     if !run.output_printed {
         crate::output::print(&run.output);
     }
@@ -76,6 +79,7 @@ fn result_json(name: &str, def: &TestDef, run: &Run) -> ResultJson {
         to_init_s: run.vm.as_ref().and_then(|r| r.timings.to_init).map(|d| d.as_secs_f64()),
         vm_total_s: run.vm.as_ref().map(|r| r.timings.total.as_secs_f64()),
         wall_s: run.wall.as_secs_f64(),
+        vcpu_wait_pct: vcpu_wait_pct(def, run),
     };
     ResultJson {
         schema: artifacts::SCHEMA,
@@ -94,5 +98,38 @@ fn result_json(name: &str, def: &TestDef, run: &Run) -> ResultJson {
             _ => serde_json::json!({}),
         },
         repeat: artifacts::repeat(),
+    }
+}
+
+/// How much of its vCPUs' time the host withheld from this VM, in %.
+fn vcpu_wait_pct(def: &TestDef, run: &Run) -> Option<f64> {
+    let vm = run.vm.as_ref()?;
+    let waited = vm.timings.vcpu_wait?;
+    Some(crate::vmm::host_wait::wait_pct(waited, def.topology.total_cpus(), vm.timings.total))
+}
+
+/// A FAIL from a VM the host starved says so in its cause: its CPU-time
+/// figures are skewed (TCG has no steal time), whatever else it says.
+fn contention_note(v: &Verdict, pct: Option<f64>) -> Option<String> {
+    let pct = pct.filter(|p| *p > crate::vmm::host_wait::CONTENTION_PCT)?;
+    (v.outcome == crate::verdict::Outcome::Fail).then(|| {
+        format!(
+            " [host contention: the vCPU threads waited {pct:.0}% of the run for a host CPU; TCG has no steal time, so guest CPU-time figures from this run are skewed]"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fail_under_host_contention_names_it() {
+        let fail = Verdict::fail("fair_share: CPU time not shared");
+        let note = contention_note(&fail, Some(31.4)).unwrap();
+        assert!(note.contains("waited 31% of the run") && note.contains("no steal time"), "{note}");
+        assert_eq!(contention_note(&fail, Some(4.0)), None, "below the threshold");
+        assert_eq!(contention_note(&fail, None), None, "not measured");
+        assert_eq!(contention_note(&Verdict::pass(), Some(50.0)), None, "a pass needs no excuse");
     }
 }

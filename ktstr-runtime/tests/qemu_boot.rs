@@ -116,3 +116,40 @@ fn pattern(chunk: u32, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The backend measures how long the host kept the vCPU threads waiting
+/// (TCG has no steal time): a VM whose vCPUs spin while this process runs
+/// twice as many busy threads as the host has CPUs must show well over
+/// the 10 % that makes a FAIL name host contention.
+#[test]
+fn host_contention_is_measured() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let Some(ks) = kernels() else { return };
+    let k = &ks[0];
+    let quiet = boot(k, Topology::cpus(2), 512, "probe.spin_ms=500", 120);
+    assert_eq!(quiet.exit, ExitKind::PowerOff, "console:\n{}", quiet.console_tail(30));
+    let qw = quiet.timings.vcpu_wait.expect("the vCPU threads were sampled");
+    println!("no hogs: vCPUs waited {qw:?} of {:?}", quiet.timings.total);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let n = 2 * std::thread::available_parallelism().map_or(2, |n| n.get());
+    let hogs: Vec<_> = (0..n)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let busy = boot(k, Topology::cpus(2), 512, "probe.spin_ms=2000", 240);
+    stop.store(true, Ordering::Relaxed);
+    hogs.into_iter().for_each(|h| h.join().unwrap());
+    assert_eq!(busy.exit, ExitKind::PowerOff, "console:\n{}", busy.console_tail(30));
+    let waited = busy.timings.vcpu_wait.expect("sampled");
+    let pct = ktstr_runtime::vmm::host_wait::wait_pct(waited, 2, busy.timings.total);
+    println!("host contention: vCPUs waited {waited:?} of {:?} ({pct:.0}%)", busy.timings.total);
+    assert!(pct > ktstr_runtime::vmm::host_wait::CONTENTION_PCT, "{n} host hogs, yet the vCPUs waited only {pct:.1}%");
+}

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod builder;
 pub mod console;
 pub mod error;
+pub mod host_wait;
 pub mod kvm;
 pub mod qemu;
 pub mod topology;
@@ -80,6 +81,10 @@ pub struct Timings {
     /// on the data channel; `None` if it never did.
     pub to_init: Option<Duration>,
     pub total: Duration,
+    /// Time the host kept the vCPU threads runnable but not running
+    /// (TCG only: [`host_wait`]); `None` where not measured.
+    #[serde(default)]
+    pub vcpu_wait: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]

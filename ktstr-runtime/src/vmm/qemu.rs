@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 
 use super::{console_shows_panic, BackendKind, ExitKind, Timings, VmConfig, VmError, VmResult};
+use super::host_wait;
 use crate::channel;
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -105,6 +106,9 @@ pub fn args(cfg: &VmConfig, dir: &Path, threads: TcgThread, boot: BootCpus) -> V
     let t = cfg.topology;
     let mut a: Vec<String> = vec![
         "-nodefaults".into(),
+        // Named vCPU threads (`CPU N/TCG`): the host-contention sampler finds them.
+        "-name".into(),
+        "ktstr,debug-threads=on".into(),
         "-no-user-config".into(),
         "-display".into(),
         "none".into(),
@@ -278,7 +282,15 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
     let mut to_init = None;
     let mut exit = None;
     let deadline = boot + cfg.timeout;
+    let task_dir = PathBuf::from(format!("/proc/{}/task", child.id()));
+    let mut vcpu_wait = host_wait::VcpuWait::default();
+    let mut polls = 0u32;
     loop {
+        // Every 100 ms: the vCPU threads' run-queue wait (host contention).
+        if polls.is_multiple_of(20) {
+            vcpu_wait.sample(&task_dir, host_wait::is_qemu_tcg_vcpu);
+        }
+        polls = polls.wrapping_add(1);
         if qmp.is_none() {
             qmp = Qmp::connect(&dir.path().join("qmp"));
         }
@@ -357,7 +369,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         console,
         com2,
         messages,
-        timings: Timings { setup, to_init, total: start.elapsed() },
+        timings: Timings { setup, to_init, total: start.elapsed(), vcpu_wait: vcpu_wait.waited() },
     })
 }
 

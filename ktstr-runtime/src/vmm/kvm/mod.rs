@@ -58,7 +58,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         console: out.console,
         com2: out.com2,
         messages,
-        timings: Timings { setup: out.setup, to_init: out.to_init, total: start.elapsed() },
+        timings: Timings { setup: out.setup, to_init: out.to_init, total: start.elapsed(), vcpu_wait: None },
     })
 }
 
