@@ -429,7 +429,7 @@ mod tests {
             mirror: None,
             print_env: false,
             repeat: 1,
-            common: crate::kernel_cmd::CommonArgs { extra_kconfig: None, offline: false, max_kernels: 16 },
+            common: crate::kernel_cmd::CommonArgs { extra_kconfig: None, offline: false, max_kernels: 16, quiet: false },
             nextest_args: vec!["-E".into(), "test(kernel_6_12)".into(), "--".into(), "--exact".into()],
         };
         assert_eq!(nextest_argv(&a), ["nextest", "run", "--release", "-p", "p1", "-E", "test(kernel_6_12)", "--", "--exact"]);
