@@ -538,4 +538,28 @@ fn progress_lines_on_a_miss_none_on_a_hit_or_with_quiet() {
         assert!(l.contains(" elapsed, ETA ") || l.contains(" elapsed, over the previous build's "), "ETA from the previous build: {l}");
     }
     assert_eq!(builds(), 3);
+
+    // A moved branch is a new key and a new source: its ETA comes from the
+    // last build under the same label.
+    let main = format!("git+file://{}#main", repo.display());
+    let has_eta = |e: &str, label: &str| {
+        let lines: Vec<&str> = e.lines().filter(|l| l.starts_with(&format!("ktstr: [{label}] "))).collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        lines.iter().all(|l| l.contains(" elapsed, ETA ") || l.contains(" elapsed, over the previous build's "))
+    };
+    let move_main = |text: &str| {
+        std::fs::write(repo.join("marker"), text).unwrap();
+        git(&repo, &["add", "marker"]);
+        git(&repo, &["commit", "-q", "-m", "move main"]);
+    };
+    // Moved first: at the tag's commit it would share the tag's source (and its ETA).
+    move_main("one\n");
+    let out = ktstr(&cache, &["kernel", "build", &main]);
+    let (main_label, _, _) = built(&out);
+    assert!(!has_eta(&err(&out), &main_label), "first build of this label and source: no ETA: {}", err(&out));
+    move_main("two\n");
+    let out = ktstr(&cache, &["kernel", "build", &main]);
+    built(&out);
+    assert!(has_eta(&err(&out), &main_label), "ETA from the label's last build: {}", err(&out));
+    assert_eq!(builds(), 5);
 }

@@ -42,6 +42,12 @@ pub fn default_root() -> PathBuf {
     }
 }
 
+/// The timing-record id of the last build under a kernel label (beside
+/// the per-key records; never a cache key, which has no `label:` prefix).
+pub fn label_timing_id(label: &str) -> String {
+    format!("label:{label}")
+}
+
 /// `{version}-tarball-{arch}-kc{kc}`: a release tarball from the mirror,
 /// verified against the mirror's SHA-256 sums.
 pub fn tarball_key(version: &str, kc: &str) -> String {

@@ -619,7 +619,8 @@ impl<'a> Resolver<'a> {
                 note(format!("{} is a dirty or non-git tree: building in place, not caching", src.display()));
                 let label = label::path_label(src, true);
                 let _line = KernelLine::begin(&label, self.opts.quiet);
-                progress::set_previous(self.cache.previous_duration(&label, None));
+                let label_id = cache::label_timing_id(&label);
+                progress::set_previous(self.cache.previous_duration(&label_id, None));
                 let started = Instant::now();
                 // Another run building this tree goes first; we rebuild after it.
                 let _turn = inplace::lock(src)?;
@@ -628,7 +629,7 @@ impl<'a> Resolver<'a> {
                 config::configure(src, &base, &self.fragments(), &self.make, &log)?;
                 let art = build::build(src, &self.make, &log)?;
                 // In-place rebuilds are incremental: the last one predicts the next.
-                self.cache.record_duration(&label, started.elapsed().as_secs_f64());
+                self.cache.record_duration(&label_id, started.elapsed().as_secs_f64());
                 Ok(ResolvedKernel {
                     label,
                     image: art.image,
@@ -756,7 +757,9 @@ impl<'a> Resolver<'a> {
                 note(format!("not reusing stale {} ({why}); `cargo ktstr kernel clean --stale` removes it", e.key));
             }
         }
-        progress::set_previous(self.cache.previous_duration(&job.key, Some(&job.source)));
+        // ETA: this key's previous build, else its source's, else the last build under this label (a moved branch).
+        let label_id = cache::label_timing_id(&job.label);
+        progress::set_previous(self.cache.previous_duration(&job.key, Some(&job.source)).or_else(|| self.cache.previous_duration(&label_id, None)));
         if job.kind != "local" {
             progress::phase(Phase::Fetch, &format!("{} [{}, {base}]", job.source, job.key));
         }
@@ -798,6 +801,7 @@ impl<'a> Resolver<'a> {
         drop(lock);
         let lock = self.cache.lock_shared(&entry.key)?;
         self.cache.record_duration(&entry.key, started.elapsed().as_secs_f64());
+        self.cache.record_duration(&label_id, started.elapsed().as_secs_f64());
         progress::done(format!("cached {} in {}: {}", entry.key, progress::short_duration(started.elapsed()), entry.dir.display()));
         drop(tmp);
         Ok(ResolvedKernel {

@@ -68,7 +68,8 @@ pub fn short_duration(d: Duration) -> String {
 pub fn eta_text(previous: Option<Duration>, elapsed: Duration) -> Option<String> {
     let prev = previous?;
     Some(match prev.checked_sub(elapsed) {
-        Some(left) if !left.is_zero() => format!("ETA {}", short_duration(left)),
+        // Rounded up: "ETA 0s" while still short of the previous time would read as done.
+        Some(left) if !left.is_zero() => format!("ETA {}", short_duration(Duration::from_secs(left.as_secs() + u64::from(left.subsec_nanos() > 0)))),
         _ => format!("over the previous build's {}", short_duration(prev)),
     })
 }
@@ -182,10 +183,10 @@ fn spinner_style(previous: Option<Duration>) -> ProgressStyle {
         .with_key("eta_prev", eta)
 }
 
-fn spinner(label: &str, previous: Option<Duration>) -> ProgressBar {
-    let b = multi().add(ProgressBar::new_spinner());
-    b.set_style(spinner_style(previous));
-    b.set_prefix(label.to_string());
+fn spinner(label: &str, previous: Option<Duration>, msg: String) -> ProgressBar {
+    // Styled and filled before it joins the display: no empty first frame.
+    let b = ProgressBar::new_spinner().with_style(spinner_style(previous)).with_prefix(label.to_string()).with_message(msg);
+    let b = multi().add(b);
     b.enable_steady_tick(Duration::from_millis(200));
     b
 }
@@ -203,8 +204,11 @@ pub fn phase(phase: Phase, detail: &str) {
         }
         l.phase = Some(phase);
         if l.tty {
-            let bar = l.bar.get_or_insert_with(|| spinner(&l.label, l.previous));
-            bar.set_message(if detail.is_empty() { phase.to_string() } else { format!("{phase}: {detail}") });
+            let msg = if detail.is_empty() { phase.to_string() } else { format!("{phase}: {detail}") };
+            match &l.bar {
+                Some(b) => b.set_message(msg),
+                None => l.bar = Some(spinner(&l.label, l.previous, msg)),
+            }
         } else {
             let eta = eta_text(l.previous, started.elapsed());
             eprintln!("{}", plain_line(&l.label, phase, detail, started.elapsed(), eta.as_deref()));
@@ -409,6 +413,9 @@ mod tests {
         assert_eq!(eta_text(Some(s(300)), s(0)).as_deref(), Some("ETA 5m00s"));
         assert_eq!(eta_text(Some(s(300)), s(120)).as_deref(), Some("ETA 3m00s"));
         assert_eq!(eta_text(Some(s(300)), s(299)).as_deref(), Some("ETA 1s"));
+        // A part second left rounds up, never to "ETA 0s".
+        assert_eq!(eta_text(Some(s(300)), Duration::from_millis(299_900)).as_deref(), Some("ETA 1s"));
+        assert_eq!(eta_text(Some(s(300)), Duration::from_millis(100_500)).as_deref(), Some("ETA 3m20s"));
         // At or past the previous duration: never "ETA 0s" or negative.
         assert_eq!(eta_text(Some(s(300)), s(300)).as_deref(), Some("over the previous build's 5m00s"));
         assert_eq!(eta_text(Some(s(300)), s(4000)).as_deref(), Some("over the previous build's 5m00s"));
