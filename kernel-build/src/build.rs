@@ -124,10 +124,12 @@ pub fn run_logged(mut cmd: Command, log: &Path, what: &str) -> Result<()> {
     let status = child.wait()?;
     step.finish();
     if !status.success() {
-        eprintln!("ktstr: last lines of {}:", log.display());
-        for l in &tail {
-            eprintln!("  {l}");
-        }
+        progress::suspend(|| {
+            eprintln!("ktstr: last lines of {}:", log.display());
+            for l in &tail {
+                eprintln!("  {l}");
+            }
+        });
         let code = status.code().map(|c| format!("exit {c}")).unwrap_or_else(|| "killed by a signal".into());
         bail!("{what} failed ({code}); full log: {}", log.display());
     }

@@ -31,6 +31,12 @@ pub fn note(msg: impl AsRef<str>) {
     multi().suspend(|| eprintln!("ktstr: {}", msg.as_ref()));
 }
 
+/// Runs `f` (which prints to stderr) with every live bar cleared first and
+/// redrawn after, so its output does not tear a progress line.
+pub fn suspend<R>(f: impl FnOnce() -> R) -> R {
+    multi().suspend(f)
+}
+
 /// What a kernel being resolved is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
