@@ -97,6 +97,9 @@ pub struct CommonArgs {
     /// Most kernels one range may expand to.
     #[arg(long, value_name = "N", default_value_t = kernel_build::DEFAULT_MAX_KERNELS)]
     pub max_kernels: usize,
+    /// Hide the per-kernel progress lines (fetch, configure, build); warnings and errors still print.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
 }
 
 impl CommonArgs {
@@ -107,6 +110,7 @@ impl CommonArgs {
         }
         opts.offline = self.offline;
         opts.max_kernels = self.max_kernels;
+        opts.quiet = self.quiet;
         Ok(())
     }
 }

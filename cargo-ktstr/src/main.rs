@@ -85,7 +85,8 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line, the whole context chain, no backtrace.
             let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {msg}");
+            // Above any progress line still drawn by a kernel resolve on another thread.
+            kernel_build::progress::suspend(|| eprintln!("error: {msg}"));
             ExitCode::from(1)
         }
     }

@@ -494,7 +494,7 @@ mod tests {
             print_env: false,
             gauntlet: None,
             repeat: 1,
-            common: crate::kernel_cmd::CommonArgs { extra_kconfig: None, offline: false, max_kernels: 16 },
+            common: crate::kernel_cmd::CommonArgs { extra_kconfig: None, offline: false, max_kernels: 16, quiet: false },
             nextest_args: vec![],
         }
     }

@@ -390,7 +390,7 @@ fn git_refs_and_clean_or_dirty_trees() {
     assert_eq!(builds(), 1);
     let out = ktstr(&cache, &["kernel", "build", &format!("{url}#v6.12")]);
     assert_eq!(built(&out).2, key);
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cache hit {key}")));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "a hit is quiet");
     assert_eq!(builds(), 1, "a hit builds nothing");
 
     let (_, _, main1) = built(&ktstr(&cache, &["kernel", "build", &format!("{url}#main")]));
@@ -410,7 +410,7 @@ fn git_refs_and_clean_or_dirty_trees() {
     assert_eq!(builds(), 4);
     let out = ktstr(&cache, &["kernel", "build", repo.to_str().unwrap()]);
     assert_eq!(built(&out).2, local);
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("cache hit {local}")));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "a hit is quiet");
     assert_eq!(builds(), 4, "a clean tree already cached is not rebuilt");
 
     // Dirty: built in place every time, never cached.
@@ -463,4 +463,103 @@ fn tarball_git_repo_is_made_once_and_reused() {
     assert_ne!(repo2, repo);
     assert!(!repo.exists());
     assert_eq!(git(&repo2, &["rev-parse", "v6.12^{commit}"]), commit, "same tree, same commit");
+}
+
+/// The `ktstr: [label] phase: …` lines of a run's stderr, as phase names.
+fn phases(stderr: &str, label: &str) -> Vec<String> {
+    let prefix = format!("ktstr: [{label}] ");
+    stderr.lines().filter_map(|l| l.strip_prefix(&prefix)).map(|r| r.split([':', ' ']).next().unwrap().to_string()).collect()
+}
+
+/// Progress to a pipe: on a miss one plain line per phase (fetch,
+/// configure, build) and the closing `cached` line, no carriage returns
+/// or escape codes; nothing on a hit (`kernel build` and `test`); nothing
+/// with `-q`; an ETA once a previous build of the key is known, also after
+/// `kernel clean` removed the entry (the timing record outlives it).
+#[test]
+fn progress_lines_on_a_miss_none_on_a_hit_or_with_quiet() {
+    if !need_make() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("linux");
+    let record = d.path().join("record");
+    let cache = d.path().join("cache");
+    fake_tree(&repo, &record);
+    std::fs::write(repo.join(".gitignore"), "/.config\n/arch/\n/.ktstr-*\n").unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A", "."]);
+    git(&repo, &["commit", "-q", "-m", "import"]);
+    git(&repo, &["tag", "-a", "v6.12", "-m", "v6.12"]);
+    let spec = format!("git+file://{}#v6.12", repo.display());
+    let builds = || steps(&record).iter().filter(|l| *l == "build start").count();
+    let err = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // Miss: fetch, configure, build, one line each, then `cached`; no ETA yet.
+    let out = ktstr(&cache, &["kernel", "build", &spec]);
+    let (label, _, key) = built(&out);
+    let e = err(&out);
+    assert_eq!(phases(&e, &label), ["fetch", "configure", "build"], "{e}");
+    assert!(!e.contains('\r') && !e.contains('\x1b'), "plain output has no CR or escape codes: {e:?}");
+    for l in e.lines().filter(|l| l.starts_with(&format!("ktstr: [{label}] "))) {
+        assert!(l.ends_with(" elapsed)"), "no previous build, no ETA: {l}");
+    }
+    assert!(e.contains(&format!("ktstr: [{label}] fetch: file://")) && e.contains(&key), "fetch names source and key: {e}");
+    assert!(e.contains(&format!("ktstr: [{label}] configure: tinyconfig + ktstr.kconfig; log: ")), "{e}");
+    assert!(e.contains(&format!("ktstr: [{label}] build: make -j")) && e.contains(" bzImage"), "{e}");
+    assert!(e.lines().any(|l| l.starts_with(&format!("ktstr: cached {key} in "))), "{e}");
+    assert_eq!(builds(), 1);
+
+    // Hit: nothing at all, from `kernel build` and from `test`.
+    let out = ktstr(&cache, &["kernel", "build", &spec]);
+    assert_eq!(built(&out).2, key);
+    assert_eq!(err(&out), "", "a hit is quiet");
+    let out = ktstr(&cache, &["test", "--kernel", &spec, "--print-env"]);
+    assert!(out.status.success(), "{}", err(&out));
+    assert_eq!(err(&out), "", "a hit is quiet under `test` too");
+    assert_eq!(builds(), 1);
+
+    // A miss with -q (the entry cleaned): it builds, and prints nothing.
+    let clean = ktstr(&cache, &["kernel", "clean", &key]);
+    assert!(clean.status.success(), "{}", err(&clean));
+    let out = ktstr(&cache, &["test", "-q", "--kernel", &spec, "--print-env"]);
+    assert!(out.status.success(), "{}", err(&out));
+    assert_eq!(builds(), 2, "-q still builds");
+    assert_eq!(err(&out), "", "-q hides the progress");
+
+    // Cleaned again: the timing record survives, so every phase line has an ETA.
+    let clean = ktstr(&cache, &["kernel", "clean", &key]);
+    assert!(clean.status.success(), "{}", err(&clean));
+    let out = ktstr(&cache, &["kernel", "build", &spec]);
+    built(&out);
+    let e = err(&out);
+    assert_eq!(phases(&e, &label), ["fetch", "configure", "build"], "{e}");
+    for l in e.lines().filter(|l| l.starts_with(&format!("ktstr: [{label}] "))) {
+        assert!(l.contains(" elapsed, ETA ") || l.contains(" elapsed, over the previous build's "), "ETA from the previous build: {l}");
+    }
+    assert_eq!(builds(), 3);
+
+    // A moved branch is a new key and a new source: its ETA comes from the
+    // last build under the same label.
+    let main = format!("git+file://{}#main", repo.display());
+    let has_eta = |e: &str, label: &str| {
+        let lines: Vec<&str> = e.lines().filter(|l| l.starts_with(&format!("ktstr: [{label}] "))).collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        lines.iter().all(|l| l.contains(" elapsed, ETA ") || l.contains(" elapsed, over the previous build's "))
+    };
+    let move_main = |text: &str| {
+        std::fs::write(repo.join("marker"), text).unwrap();
+        git(&repo, &["add", "marker"]);
+        git(&repo, &["commit", "-q", "-m", "move main"]);
+    };
+    // Moved first: at the tag's commit it would share the tag's source (and its ETA).
+    move_main("one\n");
+    let out = ktstr(&cache, &["kernel", "build", &main]);
+    let (main_label, _, _) = built(&out);
+    assert!(!has_eta(&err(&out), &main_label), "first build of this label and source: no ETA: {}", err(&out));
+    move_main("two\n");
+    let out = ktstr(&cache, &["kernel", "build", &main]);
+    built(&out);
+    assert!(has_eta(&err(&out), &main_label), "ETA from the label's last build: {}", err(&out));
+    assert_eq!(builds(), 5);
 }

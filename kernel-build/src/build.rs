@@ -10,7 +10,7 @@ use std::sync::mpsc;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::progress::{note, StepLine};
+use crate::progress::{self, note, StepLine};
 use crate::tree;
 
 /// Lines of the log shown when a command fails.
@@ -124,10 +124,12 @@ pub fn run_logged(mut cmd: Command, log: &Path, what: &str) -> Result<()> {
     let status = child.wait()?;
     step.finish();
     if !status.success() {
-        eprintln!("ktstr: last lines of {}:", log.display());
-        for l in &tail {
-            eprintln!("  {l}");
-        }
+        progress::suspend(|| {
+            eprintln!("ktstr: last lines of {}:", log.display());
+            for l in &tail {
+                eprintln!("  {l}");
+            }
+        });
         let code = status.code().map(|c| format!("exit {c}")).unwrap_or_else(|| "killed by a signal".into());
         bail!("{what} failed ({code}); full log: {}", log.display());
     }
@@ -146,19 +148,28 @@ pub struct Artifacts {
 pub fn build(src: &Path, make: &Make, log: &Path) -> Result<Artifacts> {
     let (target, rel) = tree::image_target();
     let jobs = format!("-j{}", make.jobs);
-    note(format!(
-        "building {target} in {} ({jobs}{}); log: {}",
+    let what = format!(
+        "make {jobs} {target}{} in {}; log: {}",
+        if make.ccache_dir.is_some() { " (ccache)" } else { "" },
         src.display(),
-        if make.ccache_dir.is_some() { ", ccache" } else { "" },
         log.display()
-    ));
+    );
+    // With a kernel line (every resolve) this is its build phase; bare callers get a note.
+    let line = progress::line_active();
+    if line {
+        progress::phase(progress::Phase::Build, &what);
+    } else {
+        note(what);
+    }
     let started = std::time::Instant::now();
     make.run(src, &[&jobs, target], log, &format!("make {target}"))?;
     let image = src.join(rel);
     if !image.is_file() {
         return Err(anyhow!("make finished but {} is missing; full log: {}", image.display(), log.display()));
     }
-    note(format!("built {} in {:.1} min", image.display(), started.elapsed().as_secs_f64() / 60.0));
+    if !line {
+        note(format!("built {} in {:.1} min", image.display(), started.elapsed().as_secs_f64() / 60.0));
+    }
     let vmlinux = Some(src.join("vmlinux")).filter(|p| p.is_file());
     Ok(Artifacts { image, vmlinux, config: src.join(".config") })
 }

@@ -18,6 +18,9 @@ use crate::tree;
 pub const CACHE_DIR_ENV: &str = "KTSTR_CACHE_DIR";
 const METADATA: &str = "metadata.json";
 const TMP_PREFIX: &str = ".tmp-";
+/// Per-key build durations (`{root}/.timings/{key}`, seconds as text):
+/// they outlive `kernel clean`, so a rebuild after a clean still has an ETA.
+const TIMINGS: &str = ".timings";
 /// A temp dir without its lock file is only stale once it is this old
 /// (its creator may be between mkdir and taking the lock).
 const UNLOCKED_TMP_GRACE: Duration = Duration::from_secs(120);
@@ -37,6 +40,12 @@ pub fn default_root() -> PathBuf {
         Some(d) => PathBuf::from(d),
         None => user_cache_home().join("ktstr/kernels"),
     }
+}
+
+/// The timing-record id of the last build under a kernel label (beside
+/// the per-key records; never a cache key, which has no `label:` prefix).
+pub fn label_timing_id(label: &str) -> String {
+    format!("label:{label}")
 }
 
 /// `{version}-tarball-{arch}-kc{kc}`: a release tarball from the mirror,
@@ -277,6 +286,46 @@ impl Cache {
         &self.root
     }
 
+    fn timing_path(&self, id: &str) -> PathBuf {
+        self.root.join(TIMINGS).join(id.replace('/', "_"))
+    }
+
+    /// Remembers that building `id` (a cache key, or an uncached tree's
+    /// label) took `secs`. Best effort: a failure only costs a later ETA.
+    pub fn record_duration(&self, id: &str, secs: f64) {
+        let path = self.timing_path(id);
+        let Some(dir) = path.parent() else { return };
+        let _ = std::fs::create_dir_all(dir);
+        // Temp file + rename: a concurrent reader never sees half a number.
+        if let Ok(mut f) = tempfile::NamedTempFile::new_in(dir) {
+            use std::io::Write;
+            if writeln!(f, "{secs:.1}").is_ok() {
+                let _ = f.persist(&path);
+            }
+        }
+    }
+
+    /// How long the previous build of `id` took, for an ETA: its timing
+    /// record, else the metadata of an entry under that key (a `--force`
+    /// rebuild or a stale entry), else the newest entry built from the same
+    /// `source` (other configuration, or an old key shape).
+    pub fn previous_duration(&self, id: &str, source: Option<&str>) -> Option<Duration> {
+        let positive = |s: f64| (s.is_finite() && s > 0.0).then(|| Duration::from_secs_f64(s));
+        if let Some(d) = std::fs::read_to_string(self.timing_path(id)).ok().and_then(|t| t.trim().parse::<f64>().ok()).and_then(positive) {
+            return Some(d);
+        }
+        if let Some(d) = self.lookup(id).and_then(|e| positive(e.meta.build_duration_secs)) {
+            return Some(d);
+        }
+        let source = source?;
+        self.list()
+            .ok()?
+            .into_iter()
+            .filter(|e| e.meta.source == source && positive(e.meta.build_duration_secs).is_some())
+            .max_by_key(|e| e.meta.build_time)
+            .and_then(|e| positive(e.meta.build_duration_secs))
+    }
+
     pub fn entry_dir(&self, key: &str) -> PathBuf {
         self.root.join(key)
     }
@@ -495,6 +544,35 @@ mod tests {
             extra_kconfig: None,
             extra_kconfig_sha256: None,
         }
+    }
+
+    #[test]
+    fn previous_duration_prefers_record_then_key_then_source() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Cache::open(Some(d.path())).unwrap();
+        assert_eq!(c.previous_duration("k1", Some("src")), None, "an empty cache knows nothing");
+        // Two entries of the same source (other keys): the newest build counts.
+        for (key, t, secs) in [("old", 1, 100.0), ("new", 5, 300.0)] {
+            fake_entry(&c, key, t);
+            let mut m = meta(key, t);
+            m.build_duration_secs = secs;
+            std::fs::write(c.entry_dir(key).join(METADATA), serde_json::to_vec(&m).unwrap()).unwrap();
+        }
+        assert_eq!(c.previous_duration("k1", Some("src")), Some(Duration::from_secs(300)));
+        assert_eq!(c.previous_duration("k1", Some("other")), None);
+        assert_eq!(c.previous_duration("k1", None), None);
+        // An entry under the key itself wins over the same source.
+        assert_eq!(c.previous_duration("old", Some("src")), Some(Duration::from_secs(100)));
+        // The timing record wins over both, and outlives a clean of the entry.
+        c.record_duration("old", 42.0);
+        assert_eq!(c.previous_duration("old", Some("src")), Some(Duration::from_secs(42)));
+        c.clean(None, &["old".to_string()]).unwrap();
+        assert!(c.lookup("old").is_none());
+        assert_eq!(c.previous_duration("old", None), Some(Duration::from_secs(42)));
+        assert!(c.list().unwrap().iter().all(|e| e.key != ".timings"), "the record dir is not an entry");
+        // Junk in a record is ignored, not trusted.
+        std::fs::write(d.path().join(".timings/new"), "soon\n").unwrap();
+        assert_eq!(c.previous_duration("new", None), Some(Duration::from_secs(300)));
     }
 
     fn fake_entry(c: &Cache, key: &str, t: u64) {

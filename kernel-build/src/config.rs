@@ -206,6 +206,7 @@ impl KconfigIndex {
 /// Produces `src/.config`: base, then the fragments merged in order with
 /// `merge_config.sh -m`, then `make olddefconfig`, then [`verify`] of them all.
 pub fn configure(src: &Path, base: &Base, fragments: &[&str], make: &Make, log: &Path) -> Result<()> {
+    crate::progress::phase(crate::progress::Phase::Configure, &format!("{base} + ktstr.kconfig{}; log: {}", if fragments.len() > 1 { " + extra fragment" } else { "" }, log.display()));
     let from = base_digest(base, Some(src))?;
     match base {
         Base::Tinyconfig => make.run(src, &["tinyconfig"], log, "tinyconfig")?,

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use git2::{build::CheckoutBuilder, Direction, FetchOptions, Oid, Remote, Repository, StatusOptions};
 
-use crate::progress::note;
+use crate::progress::detail_or_note;
 
 fn is_hex(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())
@@ -67,7 +67,7 @@ pub fn fetch_checkout(url: &str, git_ref: &str, want: Option<Oid>, dest: &Path) 
         return Ok(oid);
     }
     let repo = Repository::init(dest).with_context(|| format!("git init {}", dest.display()))?;
-    note(format!("fetching {git_ref} from {url}"));
+    detail_or_note(format!("fetching {git_ref} from {url}"));
     let narrow = match want {
         Some(o) if git_ref.len() == 40 => vec![format!("+{o}:refs/ktstr/want")],
         _ => vec![
@@ -122,7 +122,7 @@ fn borrow_local(url: &str, git_ref: &str, want: Option<Oid>, dest: &Path) -> Res
     std::fs::write(&alternates, format!("{}\n", objects.display()))?;
     // Reopened so libgit2 reads the alternates file.
     let repo = Repository::open(dest)?;
-    note(format!("checking out {oid} from {url} (shared objects)"));
+    detail_or_note(format!("checking out {oid} from {url} (shared objects)"));
     let obj = repo.find_commit(oid).with_context(|| format!("commit {oid} not in {url}"))?.into_object();
     repo.checkout_tree(&obj, Some(CheckoutBuilder::new().force()))
         .with_context(|| format!("checking out {oid}"))?;

@@ -37,7 +37,7 @@ pub use config::{Base, Fragment, InputDigest};
 pub use spec::{KernelSpec, SpecError, TarballSource, Version};
 
 #[cfg(feature = "fetch")]
-use progress::note;
+use progress::{note, KernelLine, Phase};
 
 /// The ktstr kernel config fragment, embedded at compile time.
 pub const KCONFIG: &str = include_str!("../../ktstr.kconfig");
@@ -111,6 +111,8 @@ pub struct Options {
     pub offline: bool,
     /// Most kernels one range may expand to.
     pub max_kernels: usize,
+    /// Hide the per-kernel progress line (`--quiet`); notes and errors remain.
+    pub quiet: bool,
 }
 
 #[cfg(feature = "fetch")]
@@ -126,6 +128,7 @@ impl Default for Options {
             ccache: true,
             offline: false,
             max_kernels: DEFAULT_MAX_KERNELS,
+            quiet: false,
         }
     }
 }
@@ -502,8 +505,11 @@ impl<'a> Resolver<'a> {
         if self.opts.offline {
             bail!("{url}: offline (--offline / {OFFLINE_ENV}=1), and a tarball URL must be downloaded to be keyed; download it and give its path");
         }
-        let tmp = self.cache.temp_build("download")?;
         let name = url.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("tarball");
+        // Keyed by content: the download comes first, shown under the file's name.
+        let _line = KernelLine::begin(name, self.opts.quiet);
+        progress::phase(Phase::Fetch, url);
+        let tmp = self.cache.temp_build("download")?;
         let file = tmp.path().join(name);
         let sha = fetch::download(url, &file)?;
         let local = TarballSource::Local(file.clone());
@@ -546,6 +552,8 @@ impl<'a> Resolver<'a> {
             }),
             None => {
                 // A short id nothing advertises: fetch first to learn the commit.
+                let _line = KernelLine::begin(&label, self.opts.quiet);
+                progress::phase(Phase::Fetch, &format!("{git_ref} from {url}"));
                 let tmp = self.cache.temp_build("git-fetch")?;
                 let dir = tmp.path().join("src");
                 let oid = git::fetch_checkout(url, git_ref, None, &dir)?;
@@ -609,14 +617,21 @@ impl<'a> Resolver<'a> {
             }
             _ => {
                 note(format!("{} is a dirty or non-git tree: building in place, not caching", src.display()));
+                let label = label::path_label(src, true);
+                let _line = KernelLine::begin(&label, self.opts.quiet);
+                let label_id = cache::label_timing_id(&label);
+                progress::set_previous(self.cache.previous_duration(&label_id, None));
+                let started = Instant::now();
                 // Another run building this tree goes first; we rebuild after it.
                 let _turn = inplace::lock(src)?;
                 let log = src.join(".ktstr-build.log");
                 let _ = std::fs::remove_file(&log);
                 config::configure(src, &base, &self.fragments(), &self.make, &log)?;
                 let art = build::build(src, &self.make, &log)?;
+                // In-place rebuilds are incremental: the last one predicts the next.
+                self.cache.record_duration(&label_id, started.elapsed().as_secs_f64());
                 Ok(ResolvedKernel {
-                    label: label::path_label(src, true),
+                    label,
                     image: art.image,
                     dir: src.to_path_buf(),
                     version,
@@ -699,12 +714,16 @@ impl<'a> Resolver<'a> {
         fetch: impl FnOnce(&Path) -> Result<(PathBuf, Option<String>)>,
     ) -> Result<ResolvedKernel> {
         let started = Instant::now();
+        // Nothing shows until a phase starts: a hit stays quiet.
+        let _line = KernelLine::begin(&job.label, self.opts.quiet);
         let mut waited = false;
         let lock = loop {
             if !self.opts.force {
                 if let Some(r) = self.hit(&job.key, &job.label)? {
-                    let after = if waited { " after waiting" } else { "" };
-                    note(format!("cache hit {}{after} ({:.2}s)", job.key, started.elapsed().as_secs_f64()));
+                    if waited {
+                        // Closes the "waiting for another build" note.
+                        note(format!("cache hit {} after waiting ({:.2}s)", job.key, started.elapsed().as_secs_f64()));
+                    }
                     return Ok(r);
                 }
             }
@@ -738,7 +757,12 @@ impl<'a> Resolver<'a> {
                 note(format!("not reusing stale {} ({why}); `cargo ktstr kernel clean --stale` removes it", e.key));
             }
         }
-        note(format!("building {} ({}) from {}", job.key, base, job.source));
+        // ETA: this key's previous build, else its source's, else the last build under this label (a moved branch).
+        let label_id = cache::label_timing_id(&job.label);
+        progress::set_previous(self.cache.previous_duration(&job.key, Some(&job.source)).or_else(|| self.cache.previous_duration(&label_id, None)));
+        if job.kind != "local" {
+            progress::phase(Phase::Fetch, &format!("{} [{}, {base}]", job.source, job.key));
+        }
         let tmp = match prefetched {
             Some(t) => t,
             None => self.cache.temp_build(&job.key)?,
@@ -776,7 +800,9 @@ impl<'a> Resolver<'a> {
         // Release waiters first; removing the multi-GB build dir takes a while.
         drop(lock);
         let lock = self.cache.lock_shared(&entry.key)?;
-        note(format!("cached {} in {:.1} min: {}", entry.key, started.elapsed().as_secs_f64() / 60.0, entry.dir.display()));
+        self.cache.record_duration(&entry.key, started.elapsed().as_secs_f64());
+        self.cache.record_duration(&label_id, started.elapsed().as_secs_f64());
+        progress::done(format!("cached {} in {}: {}", entry.key, progress::short_duration(started.elapsed()), entry.dir.display()));
         drop(tmp);
         Ok(ResolvedKernel {
             label: job.label,
