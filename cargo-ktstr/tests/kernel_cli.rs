@@ -3,7 +3,7 @@
 
 mod fixture;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use fixture::{entries, git};
@@ -356,6 +356,21 @@ fn built(out: &Output) -> (String, std::path::PathBuf, String) {
     (label.to_string(), image, key)
 }
 
+/// A fake kernel tree committed to a git repo at `{dir}/linux` and tagged
+/// `v6.12`, with the record file its stand-in `make` writes and a cache
+/// dir: `(repo, record, cache)`.
+fn tagged_fake_repo(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (repo, record, cache) = (dir.join("linux"), dir.join("record"), dir.join("cache"));
+    fake_tree(&repo, &record);
+    // What a kernel tree's own .gitignore does for its build outputs.
+    std::fs::write(repo.join(".gitignore"), "/.config\n/arch/\n/.ktstr-*\n").unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A", "."]);
+    git(&repo, &["commit", "-q", "-m", "import"]);
+    git(&repo, &["tag", "-a", "v6.12", "-m", "v6.12"]);
+    (repo, record, cache)
+}
+
 /// Git tags and branches, clean and dirty trees, on a stand-in kernel tree
 /// in a real git repo (the real-kernel check of this path is the slow
 /// `git_tag_builds_a_real_kernel`): a tag builds under `{tag}-git-{commit7}`
@@ -368,16 +383,7 @@ fn git_refs_and_clean_or_dirty_trees() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let repo = d.path().join("linux");
-    let record = d.path().join("record");
-    let cache = d.path().join("cache");
-    fake_tree(&repo, &record);
-    // What a kernel tree's own .gitignore does for its build outputs.
-    std::fs::write(repo.join(".gitignore"), "/.config\n/arch/\n/.ktstr-*\n").unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    git(&repo, &["add", "-A", "."]);
-    git(&repo, &["commit", "-q", "-m", "import"]);
-    git(&repo, &["tag", "-a", "v6.12", "-m", "v6.12"]);
+    let (repo, record, cache) = tagged_fake_repo(d.path());
     let c1 = git(&repo, &["rev-parse", "HEAD"]);
     let url = format!("git+file://{}", repo.display());
     let builds = || steps(&record).iter().filter(|l| *l == "build start").count();
@@ -482,15 +488,7 @@ fn progress_lines_on_a_miss_none_on_a_hit_or_with_quiet() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let repo = d.path().join("linux");
-    let record = d.path().join("record");
-    let cache = d.path().join("cache");
-    fake_tree(&repo, &record);
-    std::fs::write(repo.join(".gitignore"), "/.config\n/arch/\n/.ktstr-*\n").unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    git(&repo, &["add", "-A", "."]);
-    git(&repo, &["commit", "-q", "-m", "import"]);
-    git(&repo, &["tag", "-a", "v6.12", "-m", "v6.12"]);
+    let (repo, record, cache) = tagged_fake_repo(d.path());
     let spec = format!("git+file://{}#v6.12", repo.display());
     let builds = || steps(&record).iter().filter(|l| *l == "build start").count();
     let err = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
