@@ -47,12 +47,7 @@ fn wake_all(topo: Topology) {
     m.memory().write_slice(&ap_trampoline(n as u8 - 1), GuestAddress(TRAMPOLINE)).unwrap();
     let mut a = Asm::new(RAW_CODE);
     a.mov32(Reg::Rax, 1).cpuid().mov_rr(Reg::Rax, Reg::Rbx).shr64(Reg::Rax, 24).out_eax(TEST_PORT);
-    a.mov64(Reg::Rdi, LAPIC_ADDR);
-    a.store32(Reg::Rdi, 0xf0, 0x1ff); // SVR: APIC software-enabled
-    a.store32(Reg::Rdi, 0x310, 0);
-    a.store32(Reg::Rdi, 0x300, 0x000c_4500); // INIT, all excluding self
-    let sipi = 0x000c_4600 | (TRAMPOLINE >> 12) as u32;
-    a.store32(Reg::Rdi, 0x300, sipi).store32(Reg::Rdi, 0x300, sipi);
+    a.wake_all_aps(LAPIC_ADDR, TRAMPOLINE);
     a.halt_forever();
     m.load_raw(&a.finish()).unwrap();
     let out = m.run(Duration::from_secs(30)).unwrap();

@@ -156,12 +156,7 @@ fn wake_all(topo: Topology) {
     mem.write_slice(&staged[..channel::HEADER_SIZE as usize], GuestAddress(CHANNEL.gpa)).unwrap();
 
     let mut a = Asm::new(RAW_CODE);
-    a.mov64(Reg::Rdi, LAPIC_ADDR);
-    a.store32(Reg::Rdi, 0xf0, 0x1ff); // SVR: APIC software-enabled
-    a.store32(Reg::Rdi, 0x310, 0);
-    a.store32(Reg::Rdi, 0x300, 0x000c_4500); // INIT, all excluding self
-    let sipi = 0x000c_4600 | (TRAMPOLINE >> 12) as u32;
-    a.store32(Reg::Rdi, 0x300, sipi).store32(Reg::Rdi, 0x300, sipi);
+    a.wake_all_aps(LAPIC_ADDR, TRAMPOLINE);
     let entry = a.label();
     a.bind(entry);
     let entry_addr = a.addr_of(entry);

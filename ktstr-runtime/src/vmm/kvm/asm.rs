@@ -256,6 +256,18 @@ impl Asm {
         self.bytes(&[0x0f, 0x20, 0xc0 | (n << 3)])
     }
 
+    /// Software-enables the xAPIC at `lapic` and broadcasts INIT then two
+    /// SIPIs to every other CPU, starting them at the page `trampoline`.
+    pub fn wake_all_aps(&mut self, lapic: u64, trampoline: u64) -> &mut Self {
+        let sipi = 0x000c_4600 | (trampoline >> 12) as u32;
+        self.mov64(Reg::Rdi, lapic)
+            .store32(Reg::Rdi, 0xf0, 0x1ff) // SVR: APIC software-enabled
+            .store32(Reg::Rdi, 0x310, 0)
+            .store32(Reg::Rdi, 0x300, 0x000c_4500) // INIT, all excluding self
+            .store32(Reg::Rdi, 0x300, sipi)
+            .store32(Reg::Rdi, 0x300, sipi)
+    }
+
     /// `cli; hlt` forever.
     pub fn halt_forever(&mut self) -> &mut Self {
         let l = self.label();
