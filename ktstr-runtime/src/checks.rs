@@ -184,7 +184,7 @@ mod tests {
     }
 
     fn report(workers: Vec<WorkerReport>) -> Report {
-        Report { duration: Duration::from_secs(2), workers }
+        Report { duration: Duration::from_secs(2), workers, ..Default::default() }
     }
 
     #[test]

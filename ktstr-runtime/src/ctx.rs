@@ -229,8 +229,27 @@ impl Ctx {
     /// records their metrics for `result.json`, then applies the
     /// checks the test declared in its attribute.
     pub fn run(&self, groups: &[WorkerGroup], dur: Duration) -> Result<Report> {
-        let r = workers::run(groups, dur)?;
+        self.run_plan(groups, dur, crate::scenario::Plan::default())
+    }
+
+    /// A run with steps at given times: `ctx.scenario().at(t, Step::…)…run(&groups, dur)`
+    /// (see [`crate::scenario`]).
+    pub fn scenario(&self) -> crate::scenario::Scenario<'_> {
+        crate::scenario::Scenario::new(self)
+    }
+
+    /// Cpusets from the topology the guest reports: per LLC, per NUMA
+    /// node, halves, sets overlapping by N CPUs.
+    pub fn cpusets(&self) -> Result<crate::scenario::TopoSets> {
+        crate::scenario::TopoSets::read()
+    }
+
+    pub(crate) fn run_plan(&self, groups: &[WorkerGroup], dur: Duration, plan: crate::scenario::Plan) -> Result<Report> {
+        let r = workers::run_plan(groups, dur, plan)?;
         self.runs.borrow_mut().push(serde_json::to_value(r.metrics()).unwrap_or_default());
+        if let Some(e) = crate::scenario::failure(&r.steps) {
+            bail!("{e}");
+        }
         r.check(&self.def.checks)?;
         Ok(r)
     }

@@ -44,6 +44,7 @@ pub mod prelude;
 pub mod preset;
 pub mod registry;
 pub mod report;
+pub mod scenario;
 pub mod scheduler;
 pub mod shell;
 pub mod summary;

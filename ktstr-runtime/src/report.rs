@@ -55,6 +55,9 @@ pub struct WorkerReport {
     pub failed_children: u64,
     /// Sequence work: iterations of each phase.
     pub phase_iterations: Vec<u64>,
+    /// Where and when it ran: last stamp per CPU, CPU changes, progress
+    /// per time slot (guest monotonic ns, like [`Report::steps`]).
+    pub trace: crate::work::trace::Trace,
     /// `comm`, policy and nice as the kernel reported them after setup.
     pub comm: String,
     pub policy: String,
@@ -70,10 +73,16 @@ impl WorkerReport {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Report {
     pub duration: Duration,
     pub workers: Vec<WorkerReport>,
+    /// When the workers' clock started (guest CLOCK_MONOTONIC ns; they
+    /// were released up to 20 ms before): step and trace times minus this
+    /// are offsets into the run.
+    pub start_ns: u64,
+    /// Scenario steps in the order they ran (`Ctx::scenario`).
+    pub steps: Vec<crate::scenario::StepRecord>,
 }
 
 impl std::fmt::Display for Report {
@@ -214,10 +223,10 @@ mod tests {
 
     #[test]
     fn checks() {
-        let r = Report { duration: Duration::from_secs(1), workers: vec![w("a", 500, "0", "0-1"), w("b", 480, "1", "0-1")] };
+        let r = Report { duration: Duration::from_secs(1), workers: vec![w("a", 500, "0", "0-1"), w("b", 480, "1", "0-1")], ..Default::default() };
         r.assert_no_starvation().unwrap().assert_fair_share(0.1).unwrap().assert_in_cpuset().unwrap();
 
-        let r = Report { duration: Duration::from_secs(1), workers: vec![w("a", 900, "0", "0"), w("b", 10, "0-1", "0")] };
+        let r = Report { duration: Duration::from_secs(1), workers: vec![w("a", 900, "0", "0"), w("b", 10, "0-1", "0")], ..Default::default() };
         let e = r.assert_no_starvation().unwrap_err().to_string();
         assert!(e.lines().next().unwrap().starts_with("not_starved: starved workers: b[0] got 10.0 ms of CPU (limit 22.8 ms"), "{e}");
         let e = r.assert_fair_share(0.5).unwrap_err().to_string();
@@ -227,7 +236,7 @@ mod tests {
         let mut sl = w("s", 100, "0", "0");
         sl.spinner = false;
         sl.work = "sleep_wake".into();
-        let r = Report { duration: Duration::from_secs(1), workers: vec![sl] };
+        let r = Report { duration: Duration::from_secs(1), workers: vec![sl], ..Default::default() };
         assert!(r.assert_no_starvation().unwrap_err().to_string().contains("0 wakeups"));
     }
 }

@@ -11,6 +11,12 @@ pub struct ReportMetrics {
     pub duration_s: f64,
     pub workers: Vec<WorkerMetrics>,
     pub groups: Vec<GroupMetrics>,
+    /// The run's clock start, guest CLOCK_MONOTONIC ns (steps and `on_cpu` use the same clock).
+    #[serde(default)]
+    pub start_ns: u64,
+    /// Scenario steps as they ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<crate::scenario::StepRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +41,9 @@ pub struct WorkerMetrics {
     pub minor_faults: u64,
     pub cpus: String,
     pub allowed: String,
+    /// Per CPU it ran on: first and last stamp there (guest monotonic ns) and the stamp count.
+    #[serde(default)]
+    pub on_cpu: Vec<crate::work::trace::CpuSpan>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +105,7 @@ impl WorkerMetrics {
             minor_faults: w.minor_faults,
             cpus: w.cpus.to_string(),
             allowed: w.allowed.to_string(),
+            on_cpu: w.trace.on_cpu.clone(),
         }
     }
 }
@@ -151,6 +161,8 @@ impl Report {
                 .iter()
                 .map(|g| GroupMetrics::of(g, &self.group(g).collect::<Vec<_>>()))
                 .collect(),
+            start_ns: self.start_ns,
+            steps: self.steps.clone(),
         }
     }
 }
@@ -181,6 +193,7 @@ mod tests {
         let r = Report {
             duration: Duration::from_secs(2),
             workers: vec![mk("pp", 0, 90, &[10_000, 20_000]), mk("pp", 1, 110, &[30_000]), mk("solo", 0, 5, &[])],
+            ..Default::default()
         };
         let m = r.metrics();
         assert_eq!(m.workers.len(), 3);

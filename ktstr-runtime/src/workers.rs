@@ -12,6 +12,8 @@ use crate::cpuset::CpuSet;
 use crate::metrics::SchedStat;
 use crate::policy::{set_affinity, set_comm, Policy};
 use crate::report::{Report, WorkerReport};
+use crate::scenario::step::Undo;
+use crate::scenario::Plan;
 use crate::work::tally::{cputime_ns, now_ns, Tally};
 use crate::work::{GroupRes, Role};
 
@@ -177,6 +179,7 @@ fn worker_main(g: &WorkerGroup, index: usize, res: &GroupRes, go_ns: u64, deadli
     let (v0, i0, f0) = rusage();
     let ss0 = SchedStat::read_self();
     let mut t = Tally::default();
+    t.trace = crate::work::trace::Trace::new(go_ns, deadline);
     t.gap.stamp(go_ns, crate::work::tally::thread_cputime_ns);
     t.tick();
     let mut phases = Vec::new();
@@ -204,6 +207,7 @@ fn worker_main(g: &WorkerGroup, index: usize, res: &GroupRes, go_ns: u64, deadli
         exclusion_violations: t.exclusion_violations,
         failed_children: t.failed_children,
         phase_iterations: phases,
+        trace: t.trace,
         comm,
         policy,
         nice,
@@ -259,14 +263,24 @@ struct Child {
 /// and collects their reports. Workers still running `dur + 10 s` after
 /// the start are killed and reported as an error.
 pub fn run(groups: &[WorkerGroup], dur: Duration) -> Result<Report> {
+    run_plan(groups, dur, Plan::default())
+}
+
+/// [`run`] with scenario steps, run by a thread of this process at their
+/// times while the workers work; what they changed is undone at the end.
+/// A failed step (or cleanup) is in `Report::steps`, not an `Err`:
+/// `Ctx::run` records the figures, then fails on it.
+pub fn run_plan(groups: &[WorkerGroup], dur: Duration, mut plan: Plan) -> Result<Report> {
     if groups.iter().map(|g| g.n).sum::<usize>() == 0 {
         bail!("ctx.run: no workers given");
     }
     for g in groups {
         g.validate()?;
     }
+    plan.prepare(groups, dur)?;
     let mut kids: Vec<Child> = Vec::new();
-    let result = spawn_all(groups, dur, &mut kids);
+    let mut undo = Undo::default();
+    let result = spawn_all(groups, dur, &plan, &mut undo, &mut kids);
     if result.is_err() {
         for k in &kids {
             // SAFETY: killing and reaping our own children.
@@ -282,10 +296,26 @@ pub fn run(groups: &[WorkerGroup], dur: Duration) -> Result<Report> {
             libc::close(k.res_r);
         }
     }
-    result
+    // Workers are gone: cgroups the steps made are empty, CPUs can return.
+    let t0 = now_ns();
+    let cleanup = undo.run();
+    let mut report = result?;
+    if let Err(e) = cleanup {
+        let t1 = now_ns();
+        report.steps.push(crate::scenario::StepRecord {
+            name: "cleanup".into(),
+            start_ns: t0,
+            end_ns: t1,
+            offset_ms: t0.saturating_sub(report.start_ns) as f64 / 1e6,
+            took_ms: (t1 - t0) as f64 / 1e6,
+            error: Some(format!("{e:#}")),
+            ..Default::default()
+        });
+    }
+    Ok(report)
 }
 
-fn spawn_all(groups: &[WorkerGroup], dur: Duration, kids: &mut Vec<Child>) -> Result<Report> {
+fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo, kids: &mut Vec<Child>) -> Result<Report> {
     for (gi, g) in groups.iter().enumerate() {
         // Dropped (the parent's copies closed) once the group is forked.
         let res = GroupRes::new(&g.work, g.n)?;
@@ -350,32 +380,43 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, kids: &mut Vec<Child>) -> Re
         // SAFETY: closing our end of the go pipe.
         unsafe { libc::close(k.go_w) };
     }
-    let give_up = deadline + 10_000_000_000;
-    loop {
-        let mut pending = 0;
-        for k in kids.iter_mut().filter(|k| k.status.is_none()) {
-            let mut st = 0;
-            // SAFETY: reaping our own child.
-            let r = unsafe { libc::waitpid(k.pid, &mut st, libc::WNOHANG) };
-            if r == k.pid {
-                k.status = Some(st);
-            } else {
-                pending += 1;
+    let pids: Vec<(String, usize, i32)> = kids.iter().map(|k| (groups[k.group].label.clone(), k.index, k.pid)).collect();
+    // The steps run beside the wait for the workers; both end by the deadline.
+    let (waited, steps) = std::thread::scope(|s| {
+        let pids = &pids;
+        let stepper = (!plan.is_empty()).then(|| s.spawn(move || plan.execute(start, pids, undo)));
+        let waited = (|| -> Result<()> {
+            let give_up = deadline + 10_000_000_000;
+            loop {
+                let mut pending = 0;
+                for k in kids.iter_mut().filter(|k| k.status.is_none()) {
+                    let mut st = 0;
+                    // SAFETY: reaping our own child.
+                    let r = unsafe { libc::waitpid(k.pid, &mut st, libc::WNOHANG) };
+                    if r == k.pid {
+                        k.status = Some(st);
+                    } else {
+                        pending += 1;
+                    }
+                }
+                if pending == 0 {
+                    break;
+                }
+                if now_ns() > give_up {
+                    let stuck: Vec<String> = kids
+                        .iter()
+                        .filter(|k| k.status.is_none())
+                        .map(|k| format!("{}[{}] (pid {})", groups[k.group].label, k.index, k.pid))
+                        .collect();
+                    bail!("workers still running 10 s past the deadline: {}", stuck.join(", "));
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
-        }
-        if pending == 0 {
-            break;
-        }
-        if now_ns() > give_up {
-            let stuck: Vec<String> = kids
-                .iter()
-                .filter(|k| k.status.is_none())
-                .map(|k| format!("{}[{}] (pid {})", groups[k.group].label, k.index, k.pid))
-                .collect();
-            bail!("workers still running 10 s past the deadline: {}", stuck.join(", "));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+            Ok(())
+        })();
+        (waited, stepper.map(|h| h.join().unwrap_or_default()).unwrap_or_default())
+    });
+    waited?;
     let mut workers = Vec::new();
     for k in kids.iter() {
         let bytes = read_all(k.res_r);
@@ -400,7 +441,7 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, kids: &mut Vec<Child>) -> Re
         }
         workers.push(r);
     }
-    Ok(Report { duration: dur, workers })
+    Ok(Report { duration: dur, workers, start_ns: start, steps })
 }
 
 #[cfg(test)]

@@ -101,9 +101,20 @@ fn online_all_in(root: &Path) -> Result<Bringup, String> {
     if offline.is_empty() {
         return Ok(Bringup::default());
     }
-    // A new CPU calibrates its delay loop against jiffies. With the boot CPU
-    // idle (tickless) while it waits for the new one, jiffies stall and each
-    // bring-up took 1-2 s on Debian's HZ=250 kernel; a spinner keeps its tick.
+    let result = with_ticker(|| {
+        offline.iter().try_for_each(|&cpu| {
+            let f = root.join(format!("cpu{cpu}/online"));
+            std::fs::write(&f, "1").map_err(|e| format!("bringing CPU {cpu} online ({}): {e}", f.display()))
+        })
+    });
+    result.map(|()| Bringup { onlined: offline, fair_servers: Vec::new(), took: start.elapsed() })
+}
+
+/// Runs `f` (a CPU bring-up) with a spinning thread beside it. A new CPU
+/// calibrates its delay loop against jiffies; with the boot CPU idle
+/// (tickless) while it waits for the new one, jiffies stall and each
+/// bring-up took 1-2 s on Debian's HZ=250 kernel; a spinner keeps its tick.
+pub fn with_ticker<T>(f: impl FnOnce() -> T) -> T {
     let done = Arc::new(AtomicBool::new(false));
     let ticker = {
         let done = Arc::clone(&done);
@@ -113,13 +124,10 @@ fn online_all_in(root: &Path) -> Result<Bringup, String> {
             }
         })
     };
-    let result = offline.iter().try_for_each(|&cpu| {
-        let f = root.join(format!("cpu{cpu}/online"));
-        std::fs::write(&f, "1").map_err(|e| format!("bringing CPU {cpu} online ({}): {e}", f.display()))
-    });
+    let r = f();
     done.store(true, Ordering::Relaxed);
     let _ = ticker.join();
-    result.map(|()| Bringup { onlined: offline, fair_servers: Vec::new(), took: start.elapsed() })
+    r
 }
 
 #[cfg(test)]

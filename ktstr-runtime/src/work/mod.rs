@@ -6,6 +6,7 @@ pub mod pingpong;
 pub mod shared;
 pub mod solo;
 pub mod tally;
+pub mod trace;
 
 use std::time::Duration;
 

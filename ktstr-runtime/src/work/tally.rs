@@ -61,6 +61,8 @@ pub struct Tally {
     pub exclusion_violations: u64,
     /// Fork churn: children that did not exit with status 0.
     pub failed_children: u64,
+    /// Where and when it ran (per CPU, moves, progress per slot).
+    pub trace: super::trace::Trace,
     seed: u64,
 }
 
@@ -78,6 +80,7 @@ impl Tally {
         }
         let now = now_ns();
         self.gap.stamp(now, thread_cputime_ns);
+        self.trace.stamp(c, now);
         now
     }
 
