@@ -12,6 +12,10 @@ use std::sync::{Arc, Mutex};
 
 const MS: fn(u64) -> Duration = Duration::from_millis;
 const NS_PER_MS: f64 = 1e6;
+/// A stamp reads the CPU, then the clock: one migrated between the two
+/// shows the old CPU at a time after the step that moved it. Windows
+/// after a step start this much later.
+const STAMP_RACE_NS: u64 = 10_000_000;
 
 fn one_cpu(c: u32) -> CpuSet {
     CpuSet::empty().with(c)
@@ -38,9 +42,13 @@ pub fn cpuset_shrink(ctx: &Ctx) -> Result<()> {
     println!("{r}");
     let s = r.step("cpuset a=0")?;
     println!("step `{}` asked at {} ms, ran at {:.1} ms, took {:.2} ms", s.name, s.at_ms, s.offset_ms, s.took_ms);
+    for w in &r.workers {
+        let moves: Vec<String> = w.trace.moves.iter().map(|m| format!("cpu{}@{:.1}ms", m.cpu, ms_between(r.start_ns, m.at_ns))).collect();
+        println!("{} moves: {}", w.name(), moves.join(" "));
+    }
     ensure!(a.effective_cpus()? == one_cpu(0), "cpuset.cpus.effective is {} after the step", a.effective_cpus()?);
     ensure!(
-        r.workers.iter().any(|w| w.trace.last_on(1).is_some_and(|t| t < s.start_ns)),
+        r.workers.iter().any(|w| w.trace.on_cpu.iter().any(|c| c.cpu == 1 && c.first_ns < s.start_ns)),
         "no worker ran on CPU 1 before the shrink: nothing to leave\n{r}"
     );
     for w in &r.workers {
@@ -77,7 +85,7 @@ pub fn cpu_offline(ctx: &Ctx) -> Result<()> {
     println!("offline ran at {:.1} ms, took {:.1} ms; online ran at {:.1} ms, took {:.1} ms", off.offset_ms, off.took_ms, on.offset_ms, on.took_ms);
     let w = &r.workers[0];
     ensure!(w.trace.cpu_at(off.start_ns) == Some(1), "{} was on CPU {:?} before CPU 1 went offline", w.name(), w.trace.cpu_at(off.start_ns));
-    let away = w.trace.cpus_between(off.end_ns, on.start_ns);
+    let away = w.trace.cpus_between(off.end_ns + STAMP_RACE_NS, on.start_ns);
     ensure!(!away.is_empty() && !away.contains(1), "{} was on CPUs {away} while CPU 1 was offline", w.name());
     let kept = w.trace.stamps_between(off.end_ns, on.start_ns);
     let before = w.trace.stamps_between(r.start_ns, off.start_ns);
@@ -103,7 +111,7 @@ fn offline_cpu_is_back_after_the_run(ctx: &Ctx) -> Result<()> {
     let off = r.step("offline cpu1")?;
     ensure!(off.error.is_none());
     for w in &r.workers {
-        ensure!(w.trace.cpus_between(off.end_ns, r.start_ns + 1_000_000_000).iter().all(|c| c == 0), "{} ran on CPU 1 while it was offline", w.name());
+        ensure!(w.trace.cpus_between(off.end_ns + STAMP_RACE_NS, r.start_ns + 1_000_000_000).iter().all(|c| c == 0), "{} ran on CPU 1 while it was offline", w.name());
     }
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online")?;
     ensure!(online.trim() == "0-1", "online CPUs after the run: {online}");
@@ -168,7 +176,7 @@ fn move_between_cgroups_changes_cgroup_and_cpus(ctx: &Ctx) -> Result<()> {
     let mv = r.step("move a -> b")?;
     let w = &r.workers[0];
     let end = r.start_ns + r.duration.as_nanos() as u64;
-    let (before, after) = (w.trace.cpus_between(r.start_ns, mv.start_ns), w.trace.cpus_between(mv.end_ns, end));
+    let (before, after) = (w.trace.cpus_between(r.start_ns, mv.start_ns), w.trace.cpus_between(mv.end_ns + STAMP_RACE_NS, end));
     println!("{} ran on {before} before the move, on {after} after; custom step saw {:?}", w.name(), seen.lock().unwrap());
     ensure!(before == one_cpu(0) && after == one_cpu(1), "{} ran on {before} before and {after} after moving from a (CPU 0) to b (CPU 1)", w.name());
     let cg = seen.lock().unwrap().clone();
@@ -208,7 +216,7 @@ fn nested_cgroup_create_move_remove(ctx: &Ctx) -> Result<()> {
     let (i, o) = (r.step("move home -> outer/inner")?, r.step("move home -> home")?);
     let end = r.start_ns + r.duration.as_nanos() as u64;
     for w in &r.workers {
-        let (inside, after) = (w.trace.cpus_between(i.end_ns, o.start_ns), w.trace.cpus_between(o.end_ns, end));
+        let (inside, after) = (w.trace.cpus_between(i.end_ns + STAMP_RACE_NS, o.start_ns), w.trace.cpus_between(o.end_ns + STAMP_RACE_NS, end));
         ensure!(inside == one_cpu(1) && after == one_cpu(0), "{} ran on {inside} inside outer/inner (CPU 1) and {after} back home (CPU 0)", w.name());
         ensure!(w.trace.stamps_between(i.end_ns, o.start_ns) > 0);
     }

@@ -21,18 +21,20 @@ pub struct CpuSpan {
     pub stamps: u64,
 }
 
-/// The worker arrived on `cpu` at `at_ns` (its first stamp there).
+/// A stay on one CPU: the first stamp after arriving there (`at_ns`)
+/// to the last before leaving (`last_ns`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Move {
     pub cpu: u32,
     pub at_ns: u64,
+    pub last_ns: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Trace {
     /// One entry per CPU the worker was seen on, in order of first visit.
     pub on_cpu: Vec<CpuSpan>,
-    /// Its first CPU, then every change, up to [`MAX_MOVES`].
+    /// Its stay on its first CPU, then one per change, up to [`MAX_MOVES`].
     pub moves: Vec<Move>,
     /// CPU changes not kept in `moves`.
     pub moves_dropped: u64,
@@ -75,10 +77,14 @@ impl Trace {
                     self.on_cpu.len() - 1
                 }
             };
-            if self.moves.len() < MAX_MOVES {
-                self.moves.push(Move { cpu, at_ns: now });
+            if self.moves.len() < MAX_MOVES && self.moves_dropped == 0 {
+                self.moves.push(Move { cpu, at_ns: now, last_ns: now });
             } else {
                 self.moves_dropped += 1;
+            }
+        } else if self.moves_dropped == 0 {
+            if let Some(m) = self.moves.last_mut() {
+                m.last_ns = now;
             }
         }
         let s = &mut self.on_cpu[self.cur];
@@ -112,16 +118,11 @@ impl Trace {
             .map(|m| m.cpu)
     }
 
-    /// CPUs it arrived on in `[from, to)` (plus the one it was on at `from`).
+    /// CPUs whose stays overlap `[from, to)`: where it ran then (from the
+    /// kept stays; a truncated log ends early).
     pub fn cpus_between(&self, from: u64, to: u64) -> crate::cpuset::CpuSet {
         let mut s = crate::cpuset::CpuSet::empty();
-        if let Some(c) = self.cpu_at(from) {
-            s.insert(c);
-        }
-        self.moves
-            .iter()
-            .filter(|m| m.at_ns >= from && m.at_ns < to)
-            .for_each(|m| s.insert(m.cpu));
+        self.moves.iter().filter(|m| m.at_ns < to && m.last_ns >= from).for_each(|m| s.insert(m.cpu));
         s
     }
 
@@ -166,24 +167,17 @@ mod tests {
         assert_eq!(
             t.moves,
             [
-                Move {
-                    cpu: 1,
-                    at_ns: 1000 * MS
-                },
-                Move {
-                    cpu: 0,
-                    at_ns: 1100 * MS
-                },
-                Move {
-                    cpu: 1,
-                    at_ns: 1200 * MS
-                }
+                Move { cpu: 1, at_ns: 1000 * MS, last_ns: 1099 * MS },
+                Move { cpu: 0, at_ns: 1100 * MS, last_ns: 1149 * MS },
+                Move { cpu: 1, at_ns: 1200 * MS, last_ns: 1200 * MS }
             ]
         );
         assert_eq!(t.cpu_at(999 * MS), None);
         assert_eq!(t.cpu_at(1150 * MS), Some(0));
         assert_eq!(t.cpus_between(1050 * MS, 1150 * MS).to_string(), "0-1");
         assert_eq!(t.cpus_between(1110 * MS, 1150 * MS).to_string(), "0");
+        // Nothing ran in [1150, 1200): its last CPU is not where it ran then.
+        assert_eq!(t.cpus_between(1150 * MS, 1200 * MS).to_string(), "");
         // Slots wholly inside [1000, 1100): 10 slots of 10 stamps.
         assert_eq!(t.stamps_between(1000 * MS, 1100 * MS), 100);
         // A partial slot at either end is left out.
