@@ -63,7 +63,7 @@ pub fn cpuset_shrink(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
-#[ktstr_test(cpus = 2, timeout_s = 60)]
+#[ktstr_test(cpus = 2, timeout_s = 60, gauntlet = false)]
 fn cpuset_shrink_leaves_removed_cpus(ctx: &Ctx) -> Result<()> {
     cpuset_shrink(ctx)
 }
@@ -97,7 +97,7 @@ pub fn cpu_offline(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
-#[ktstr_test(cpus = 2, timeout_s = 60)]
+#[ktstr_test(cpus = 2, timeout_s = 60, gauntlet = false)]
 fn cpu_offline_worker_moves_and_keeps_running(ctx: &Ctx) -> Result<()> {
     cpu_offline(ctx)
 }
@@ -105,7 +105,7 @@ fn cpu_offline_worker_moves_and_keeps_running(ctx: &Ctx) -> Result<()> {
 /// A step left undone is undone at the end: CPU 1 taken offline and
 /// never brought back is online again when the run returns, with its
 /// fair server parameters (6.12 gives a hot-added CPU runtime 0).
-#[ktstr_test(cpus = 2, timeout_s = 60)]
+#[ktstr_test(cpus = 2, timeout_s = 60, gauntlet = false)]
 fn offline_cpu_is_back_after_the_run(ctx: &Ctx) -> Result<()> {
     let r = ctx.scenario().at(MS(300), Step::offline(1)).run(&[ctx.workers(2)], MS(1000))?;
     let off = r.step("offline cpu1")?;
@@ -144,7 +144,7 @@ pub fn weight_shift(ctx: &Ctx) -> Result<(f64, f64)> {
     Ok((before, after))
 }
 
-#[ktstr_test(cpus = 2, timeout_s = 60)]
+#[ktstr_test(cpus = 2, timeout_s = 60, gauntlet = false)]
 fn share_weight_change_shifts_share(ctx: &Ctx) -> Result<()> {
     let (before, after) = weight_shift(ctx)?;
     ensure!((before / 0.5 - 1.0).abs() <= 0.15, "b got {:.1} % at weights 100:100, want 50 % ± 15 %", before * 100.0);
@@ -155,7 +155,7 @@ fn share_weight_change_shifts_share(ctx: &Ctx) -> Result<()> {
 /// A worker moved from cgroup a (CPU 0) into b (CPU 1) changes cgroup and
 /// CPU: a custom step reads /proc/PID/cgroup at 1 s, and the trace shows
 /// it on CPU 0 only before the move and on CPU 1 only after it.
-#[ktstr_test(cpus = 2, timeout_s = 60)]
+#[ktstr_test(cpus = 2, timeout_s = 60, gauntlet = false)]
 fn move_between_cgroups_changes_cgroup_and_cpus(ctx: &Ctx) -> Result<()> {
     let a = ctx.cgroup("a")?.cpus(one_cpu(0))?;
     let b = ctx.cgroup("b")?.cpus(one_cpu(1))?;
@@ -189,7 +189,7 @@ fn move_between_cgroups_changes_cgroup_and_cpus(ctx: &Ctx) -> Result<()> {
 /// given CPU 1, the workers move in and out again, and inner is removed,
 /// each at its time. The trace shows them on CPU 1 only while inside; a
 /// custom step sees their cgroup path; inner is gone at the end.
-#[ktstr_test(cpus = 2, timeout_s = 60)]
+#[ktstr_test(cpus = 2, timeout_s = 60, gauntlet = false)]
 fn nested_cgroup_create_move_remove(ctx: &Ctx) -> Result<()> {
     let outer = ctx.cgroup("outer")?.cpus(CpuSet::first(2))?;
     let home = ctx.cgroup("home")?.cpus(one_cpu(0))?;
@@ -229,7 +229,7 @@ fn nested_cgroup_create_move_remove(ctx: &Ctx) -> Result<()> {
 /// A step that fails fails the run with one line naming it (removing a
 /// cgroup that still holds workers: EBUSY), later steps do not run, and
 /// what earlier steps made is still cleaned up.
-#[ktstr_test(cpus = 2, timeout_s = 60)]
+#[ktstr_test(cpus = 2, timeout_s = 60, gauntlet = false)]
 fn failing_step_names_itself(ctx: &Ctx) -> Result<()> {
     let a = ctx.cgroup("a")?;
     let extra = a.child("x");
@@ -257,7 +257,7 @@ fn failing_step_names_itself(ctx: &Ctx) -> Result<()> {
 /// LLC and per node match sysfs, the halves split the nodes, and sets
 /// overlapping by 1 share exactly one CPU. Workers in per-LLC and
 /// per-node cgroups never leave them (the `isolated` key checks it).
-#[ktstr_test(numa_nodes = 2, llcs = 2, cores = 1, threads = 1, memory_mib = 512, timeout_s = 60, isolated)]
+#[ktstr_test(numa_nodes = 2, llcs = 2, cores = 1, threads = 1, memory_mib = 512, timeout_s = 60, isolated, gauntlet = false)]
 fn topology_cpusets(ctx: &Ctx) -> Result<()> {
     let t = ctx.cpusets()?;
     let show = |v: &[CpuSet]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" ");
@@ -298,25 +298,29 @@ const SIMPLE_FIFO: Scheduler = Scheduler::new("scx_simple_fifo").binary("scx_sim
 /// Holds: cpumasks are enforced by the kernel core whatever the BPF
 /// scheduler does (a task on a CPU it may no longer use is migrated by
 /// the same stopper; scx_simple's select_cpu picks among allowed CPUs).
-#[ktstr_test(scheduler = SIMPLE_VTIME, cpus = 2, memory_mib = 512, timeout_s = 60)]
+#[ktstr_test(scheduler = SIMPLE_VTIME, cpus = 2, memory_mib = 512, timeout_s = 60, gauntlet = false)]
 fn scx_simple_cpuset_shrink_leaves_removed_cpus(ctx: &Ctx) -> Result<()> {
     cpuset_shrink(ctx)
 }
 
-/// Holds: scx_simple charges each task's used slice × 100 / p->scx.weight
-/// to its vtime, and p->scx.weight is the nice weight scaled to 100
-/// (nice 5: 33), so nice 0 : nice 5 get 100 : 33 (24.8 %, EEVDF 24.7 %).
-#[ktstr_test(scheduler = SIMPLE_VTIME, cpus = 2, memory_mib = 512, timeout_s = 60)]
-fn share_scx_simple_nice_weights(ctx: &Ctx) -> Result<()> {
+/// Differs: two spinners at nice 0 and nice 5 alternate 20 ms slices
+/// (50 % each ± 15 %) although scx_simple's vtime mode charges used
+/// slice × 100 / p->scx.weight (nice 5: 33). In 6.12 a CPU whose task's
+/// slice ran out calls ops.dispatch() *before* that task is re-enqueued
+/// (balance_one() runs ahead of put_prev_task_scx()), and simple_dispatch
+/// consumes the shared DSQ without comparing against `prev`: the one
+/// queued task always runs next, so the vtime order never decides between
+/// two tasks. (EEVDF gives nice 5 24.7 %: `share_nice_weights`.)
+#[ktstr_test(scheduler = SIMPLE_VTIME, cpus = 2, memory_mib = 512, timeout_s = 60, gauntlet = false)]
+fn share_scx_simple_nice_pair_alternates(ctx: &Ctx) -> Result<()> {
     let got = nice5_share(ctx)?;
-    let want = 33.0 / 133.0;
-    ensure!((got / want - 1.0).abs() <= 0.15, "nice 5 got {:.1} % under scx_simple (vtime), weights give {:.1} % (±15 %)", got * 100.0, want * 100.0);
+    ensure!((got / 0.5 - 1.0).abs() <= 0.15, "nice 5 got {:.1} % beside nice 0 under scx_simple (vtime): two tasks alternate slices, want 50 % ± 15 %", got * 100.0);
     Ok(())
 }
 
 /// Differs: in FIFO mode scx_simple ignores weights; every task runs
 /// its full 20 ms slice in turn, so nice 5 gets half (±15 %).
-#[ktstr_test(scheduler = SIMPLE_FIFO, cpus = 2, memory_mib = 512, timeout_s = 60)]
+#[ktstr_test(scheduler = SIMPLE_FIFO, cpus = 2, memory_mib = 512, timeout_s = 60, gauntlet = false)]
 fn share_scx_simple_fifo_ignores_nice(ctx: &Ctx) -> Result<()> {
     let got = nice5_share(ctx)?;
     ensure!((got / 0.5 - 1.0).abs() <= 0.15, "nice 5 got {:.1} % under scx_simple -f, FIFO gives 50 % (±15 %)", got * 100.0);
@@ -335,10 +339,12 @@ fn nice5_share(ctx: &Ctx) -> Result<f64> {
     Ok(got)
 }
 
-/// Differs: scx_simple has no cgroup support (no cgroup_* ops), so
-/// cpu.weight is not read: after b's weight goes to 300 the two spinners
-/// still split CPU 1 evenly (50 % ± 15 %, not 75 %).
-#[ktstr_test(scheduler = SIMPLE_VTIME, cpus = 2, memory_mib = 512, timeout_s = 60)]
+/// Differs: scx_simple has no cgroup support (no cgroup_* ops; the
+/// kernel logs `"simple" does not implement cgroup cpu.weight`), so after
+/// b's weight goes to 300 the two spinners still split CPU 1 evenly
+/// (50 % ± 15 %, not 75 %); with two tasks on a CPU they would alternate
+/// anyway (see `share_scx_simple_nice_pair_alternates`).
+#[ktstr_test(scheduler = SIMPLE_VTIME, cpus = 2, memory_mib = 512, timeout_s = 60, gauntlet = false)]
 fn share_scx_simple_ignores_cgroup_weight(ctx: &Ctx) -> Result<()> {
     let (before, after) = weight_shift(ctx)?;
     for (when, s) in [("before", before), ("after", after)] {
@@ -352,7 +358,7 @@ fn share_scx_simple_ignores_cgroup_weight(ctx: &Ctx) -> Result<()> {
 /// loader then restarts it), so the harness sees it leave and fails the
 /// test. Fails on purpose; `driver::scx_simple_cpu_offline_unregisters`
 /// checks the failure.
-#[ktstr_test(scheduler = SIMPLE_VTIME, cpus = 2, memory_mib = 512, timeout_s = 60)]
+#[ktstr_test(scheduler = SIMPLE_VTIME, cpus = 2, memory_mib = 512, timeout_s = 60, gauntlet = false)]
 fn demo_scx_simple_cpu_offline(ctx: &Ctx) -> Result<()> {
     cpu_offline(ctx)
 }
