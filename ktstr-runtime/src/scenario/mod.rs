@@ -242,7 +242,7 @@ mod tests {
         let mut p = Plan {
             steps: vec![(
                 ms(5),
-                Step::move_group("x", &CgroupRef::new("/c/ktstr-1/a")),
+                Step::move_group("x", CgroupRef::new("/c/ktstr-1/a")),
             )],
         };
         assert!(p

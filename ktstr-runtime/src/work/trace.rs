@@ -190,7 +190,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded() {
-        let mut t = Trace::new(0, 3600_000 * MS);
+        let mut t = Trace::new(0, 3_600_000 * MS);
         assert_eq!(t.slots.len() as u64, MAX_SLOTS);
         for i in 0..1000u64 {
             t.stamp((i % 2) as u32, i * MS);
