@@ -245,6 +245,9 @@ impl Ctx {
     }
 
     pub(crate) fn run_plan(&self, groups: &[WorkerGroup], dur: Duration, plan: crate::scenario::Plan) -> Result<Report> {
+        if !self.in_guest && plan.has_hotplug() {
+            bail!("CPU hotplug steps run only in the guest; this test runs on the host (host_only or an exported .run)");
+        }
         let r = workers::run_plan(groups, dur, plan)?;
         self.runs.borrow_mut().push(serde_json::to_value(r.metrics()).unwrap_or_default());
         if let Some(e) = crate::scenario::failure(&r.steps) {

@@ -114,6 +114,10 @@ impl std::fmt::Display for Report {
                 w.allowed.to_string()
             )?;
         }
+        for s in &self.steps {
+            let err = s.error.as_deref().map(|e| format!(" FAILED: {e}")).unwrap_or_default();
+            writeln!(f, "step {:<28} at {:>7.0} ms, ran at {:>8.1} ms, took {:>7.2} ms{err}", s.name, s.at_ms, s.offset_ms, s.took_ms)?;
+        }
         Ok(())
     }
 }

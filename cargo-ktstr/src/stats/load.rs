@@ -53,8 +53,9 @@ pub struct Entry {
     pub figures: Vec<Figure>,
 }
 
-/// Identity fields, not measurements: left out of the figures.
-const NOT_FIGURES: &[&str] = &["pid", "index", "schema"];
+/// Identity fields and guest clock readings (scenario step and per-CPU
+/// trace timestamps: instants, not measurements): left out of the figures.
+const NOT_FIGURES: &[&str] = &["pid", "index", "schema", "cpu", "start_ns", "end_ns", "first_ns", "last_ns"];
 
 /// `{artifacts}` as the test binaries pick it: `--artifact-dir`, else
 /// `$KTSTR_ARTIFACT_DIR`, else `{cargo target dir}/ktstr`.
@@ -240,7 +241,7 @@ fn flatten_run(run: &Value, prefix: &str, out: &mut Vec<Figure>) {
         }
     }
     for (k, v) in obj {
-        if k != "groups" && k != "workers" {
+        if k != "groups" && k != "workers" && !NOT_FIGURES.contains(&k.as_str()) {
             leaves(v, &format!("{prefix}{k}"), Level::Run, out);
         }
     }
@@ -356,6 +357,13 @@ mod tests {
         // The producer's spread wins over a derived one.
         assert_eq!(f.iter().filter(|x| x.key == "run1.pp.iterations_cv_pct").map(|x| x.value).collect::<Vec<_>>(), [3.0]);
         assert_eq!(f.iter().find(|x| x.key == "run1.pp.wake_p99_us").unwrap().field, "wake_p99_us");
+
+        // Scenario steps: how late and how long are figures, clock instants are not.
+        let steps = json!({"runs": [{"duration_s": 1.0, "start_ns": 5_000_000_000u64, "groups": [], "workers": [
+            {"group": "a", "index": 0, "on_cpu": [{"cpu": 1, "first_ns": 5, "last_ns": 9, "stamps": 40}]}],
+            "steps": [{"name": "offline cpu1", "at_ms": 600.0, "start_ns": 5_600_000_000u64, "end_ns": 5_700_000_000u64, "offset_ms": 600.2, "took_ms": 84.5}]}]});
+        let keys: Vec<String> = flatten_metrics(&steps).into_iter().map(|x| x.key).collect();
+        assert_eq!(keys, ["duration_s", "steps[0].at_ms", "steps[0].offset_ms", "steps[0].took_ms", "a[0].on_cpu[0].stamps"]);
 
         // Not the runtime's shape: flattened as it comes.
         let f = flatten_metrics(&json!({"x": {"y": [1, 2]}}));

@@ -60,6 +60,11 @@ impl Plan {
         self.steps.is_empty()
     }
 
+    /// Whether a step takes a CPU offline or online (never on a host).
+    pub(crate) fn has_hotplug(&self) -> bool {
+        self.steps.iter().any(|(_, s)| matches!(s.action, step::Action::Offline(_) | step::Action::Online(_)))
+    }
+
     /// Sorts the steps and refuses any past the run's end or naming a group
     /// the run does not have.
     pub(crate) fn prepare(&mut self, groups: &[WorkerGroup], dur: Duration) -> Result<()> {
@@ -235,6 +240,8 @@ mod tests {
         let mut p = Plan {
             steps: vec![(ms(50), Step::offline(1))],
         };
+        assert!(p.has_hotplug(), "refused on a host");
+        assert!(!Plan { steps: vec![(ms(5), Step::weight(CgroupRef::new("/c"), 5))] }.has_hotplug());
         assert_eq!(
             p.prepare(&g, ms(50)).unwrap_err().to_string(),
             "step offline cpu1 at 50 ms is not before the run's end (50 ms)"
