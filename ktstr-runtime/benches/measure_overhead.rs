@@ -1,7 +1,7 @@
 //! What measuring costs a spinner: work chunks per CPU-second of a bare loop
 //! (stops on a flag another thread sets) against the measured loop every
-//! `Work::Spin` worker runs (a clock read, a CPU read and the gap tracker
-//! after each chunk). Runs on the host, no VM. Prints the median loss over
+//! `Work::Spin` worker runs (a clock read, a CPU read, the gap tracker and
+//! the trace after each chunk). Runs on the host, no VM. Prints the median loss over
 //! alternating rounds; the goal is under 2 %.
 //!
 //! `cargo bench -p ktstr-runtime --bench measure_overhead [-- ROUNDS MS]`
@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ktstr_runtime::work::tally::{chunk, now_ns, Tally};
+use ktstr_runtime::work::trace::Trace;
 
 /// This thread's CPU time: host load steals wall time, not CPU time, so
 /// chunks per CPU-second compare the loops themselves.
@@ -40,8 +41,11 @@ fn bare(ms: u64) -> f64 {
 
 fn measured(ms: u64) -> f64 {
     let mut t = Tally::default();
+    let start = now_ns();
+    // The trace a worker keeps (per-CPU stays, progress slots) is part of the cost.
+    t.trace = Trace::new(start, start + ms * 1_000_000);
     let c0 = thread_cpu();
-    let n = t.burn_until(now_ns() + ms * 1_000_000);
+    let n = t.burn_until(start + ms * 1_000_000);
     n as f64 / (thread_cpu() - c0)
 }
 

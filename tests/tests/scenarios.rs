@@ -33,12 +33,13 @@ fn cgroup_of(pid: i32) -> Result<String> {
 }
 
 /// A cgroup's cpuset shrinks from CPUs 0-1 to 0 mid-run: every worker
-/// stops running on CPU 1 within 100 ms of the step (the write moves a
-/// running task off before it returns: cpuset → set_cpus_allowed_ptr →
-/// migration stopper), and keeps running on CPU 0 afterwards.
+/// stops running on CPU 1 within 100 ms of the step's start (the write
+/// moves a running task off before it returns: cpuset →
+/// set_cpus_allowed_ptr → migration stopper), and keeps running on CPU 0
+/// from 100 ms after it.
 pub fn cpuset_shrink(ctx: &Ctx) -> Result<()> {
     let a = ctx.cgroup("a")?.cpus(CpuSet::first(2))?;
-    let r = ctx.scenario().at(MS(1000), Step::cpuset(&a, one_cpu(0))).run(&[a.workers(2)], MS(2000))?;
+    let r = ctx.scenario().at(MS(1000), Step::cpuset(&a, one_cpu(0))).run(&[a.workers(2)], MS(2500))?;
     println!("{r}");
     let s = r.step("cpuset a=0")?;
     println!("step `{}` asked at {} ms, ran at {:.1} ms, took {:.2} ms", s.name, s.at_ms, s.offset_ms, s.took_ms);
@@ -53,12 +54,14 @@ pub fn cpuset_shrink(ctx: &Ctx) -> Result<()> {
     );
     for w in &r.workers {
         let last1 = w.trace.last_on(1).map(|t| ms_between(s.start_ns, t));
-        let after = w.trace.stamps_between(s.end_ns, r.start_ns + r.duration.as_nanos() as u64);
+        // From the step's start: the write can block well after the move
+        // (1 s seen under heavy host load, rebuilding sched domains).
+        let after = w.trace.stamps_between(s.start_ns + 100_000_000, r.start_ns + r.duration.as_nanos() as u64);
         println!("{}: last on CPU 1 {:?} ms from the step, {after} stamps on CPU 0 after it", w.name(), last1);
         if let Some(d) = last1 {
             ensure!(d <= 100.0, "{} ran on removed CPU 1 {d:.1} ms after the cpuset shrank to 0 (limit 100 ms)", w.name());
         }
-        ensure!(after > 0 && w.trace.last_on(0).is_some_and(|t| t > s.end_ns), "{} did not keep running on CPU 0 after the shrink", w.name());
+        ensure!(after > 0 && w.trace.last_on(0).is_some_and(|t| t > s.start_ns + 100_000_000), "{} did not keep running on CPU 0 after the shrink", w.name());
     }
     Ok(())
 }
@@ -77,9 +80,9 @@ pub fn cpu_offline(ctx: &Ctx) -> Result<()> {
     let a = ctx.cgroup("a")?.cpus(one_cpu(1))?;
     let r = ctx
         .scenario()
-        .at(MS(600), Step::offline(1))
-        .at(MS(1400), Step::online(1))
-        .run(&[a.workers(1)], MS(2200))?;
+        .at(MS(500), Step::offline(1))
+        .at(MS(1700), Step::online(1))
+        .run(&[a.workers(1)], MS(2500))?;
     println!("{r}");
     let (off, on) = (r.step("offline cpu1")?, r.step("online cpu1")?);
     println!("offline ran at {:.1} ms, took {:.1} ms; online ran at {:.1} ms, took {:.1} ms", off.offset_ms, off.took_ms, on.offset_ms, on.took_ms);
