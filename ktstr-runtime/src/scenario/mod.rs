@@ -96,7 +96,11 @@ impl Plan {
         for (t, s) in &self.steps {
             sleep_until(start_ns + t.as_nanos() as u64);
             let t0 = now_ns();
-            let r = s.apply(&sc, undo);
+            // A panicking closure fails its step like an error does.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.apply(&sc, undo))).unwrap_or_else(|p| {
+                let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+                Err(anyhow::anyhow!("panicked: {}", msg.unwrap_or_default()))
+            });
             let t1 = now_ns();
             let error = r.err().map(|e| format!("{e:#}"));
             let failed = error.is_some();
@@ -218,6 +222,10 @@ mod tests {
         let start = now_ns();
         let mut undo = step::Undo::default();
         let recs = p.execute(start, &[], &mut undo);
+        let mut q = Plan { steps: vec![(ms(1), Step::custom("p", |_| panic!("oops")))] };
+        q.prepare(&g, ms(50)).unwrap();
+        let rq = q.execute(now_ns(), &[], &mut undo);
+        assert_eq!(rq[0].error.as_deref(), Some("panicked: oops"));
         assert_eq!(
             *log.lock().unwrap(),
             ["a", "b", "c", "d"],
