@@ -166,9 +166,11 @@ fn share_weight_change_shifts_share(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
-/// A worker moved from cgroup a (CPU 0) into b (CPU 1) changes cgroup and
-/// CPU: a custom step reads /proc/PID/cgroup at 1 s, and the trace shows
-/// it on CPU 0 only before the move and on CPU 1 only after it.
+/// Workers moved from cgroup a (CPU 0) into b (CPU 1) change cgroup and
+/// CPU: worker 1 alone at 600 ms (`move_worker`), then the whole group
+/// at 1200 ms (`move_group`). A custom step reads /proc/PID/cgroup in
+/// between; the traces show each worker on CPU 0 only before its move and
+/// on CPU 1 only after it.
 #[ktstr_test(cpus = 2, timeout_s = 60, gauntlet = false)]
 fn move_between_cgroups_changes_cgroup_and_cpus(ctx: &Ctx) -> Result<()> {
     let a = ctx.cgroup("a")?.cpus(one_cpu(0))?;
@@ -183,19 +185,21 @@ fn move_between_cgroups_changes_cgroup_and_cpus(ctx: &Ctx) -> Result<()> {
     });
     let r = ctx
         .scenario()
-        .at(MS(600), Step::move_group("a", &b))
-        .at(MS(1000), read)
-        .run(&[a.workers(1)], MS(1600))?;
+        .at(MS(600), Step::move_worker("a", 1, &b))
+        .at(MS(900), read)
+        .at(MS(1200), Step::move_group("a", &b))
+        .run(&[a.workers(2)], MS(1800))?;
     println!("{r}");
-    let mv = r.step("move a -> b")?;
-    let w = &r.workers[0];
     let end = r.start_ns + r.duration.as_nanos() as u64;
-    let (before, after) = (w.trace.cpus_between(r.start_ns, mv.start_ns), w.trace.cpus_between(mv.end_ns + STAMP_RACE_NS, end));
-    println!("{} ran on {before} before the move, on {after} after; custom step saw {:?}", w.name(), seen.lock().unwrap());
-    ensure!(before == one_cpu(0) && after == one_cpu(1), "{} ran on {before} before and {after} after moving from a (CPU 0) to b (CPU 1)", w.name());
+    for (w, mv) in r.workers.iter().zip([r.step("move a -> b")?, r.step("move a[1] -> b")?]) {
+        let (before, after) = (w.trace.cpus_between(r.start_ns, mv.start_ns), w.trace.cpus_between(mv.end_ns + STAMP_RACE_NS, end));
+        println!("{} ran on {before} before `{}` (at {:.0} ms), on {after} after", w.name(), mv.name, mv.offset_ms);
+        ensure!(before == one_cpu(0) && after == one_cpu(1), "{} ran on {before} before and {after} after `{}` from a (CPU 0) to b (CPU 1)", w.name(), mv.name);
+    }
     let cg = seen.lock().unwrap().clone();
-    ensure!(cg.len() == 1 && cg[0].ends_with("/b"), "the worker's cgroup at 1 s: {cg:?}");
-    ensure!(r.step("read cgroups")?.start_ns >= r.start_ns + 1_000_000_000);
+    println!("cgroups at 900 ms: {cg:?}");
+    ensure!(cg.len() == 2 && cg[0].ends_with("/a") && cg[1].ends_with("/b"), "a[0] and a[1] were in {cg:?} at 900 ms; want a and b");
+    ensure!(r.step("read cgroups")?.start_ns >= r.start_ns + 900_000_000);
     Ok(())
 }
 
