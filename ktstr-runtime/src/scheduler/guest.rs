@@ -235,7 +235,9 @@ impl Probe {
         let st = state();
         let lost_kernel = self.log.exit.is_some();
         let died = self.proc_.status.is_some();
-        let left = st != "enabled" || ops() != self.attached_ops;
+        // An empty root/ops (briefly, around an enable) is not a replacement.
+        let now_ops = ops();
+        let left = st != "enabled" || (!now_ops.is_empty() && now_ops != self.attached_ops);
         if !lost_kernel && !died && !left {
             return None;
         }
