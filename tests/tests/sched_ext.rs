@@ -108,6 +108,15 @@ fn scx_flatcg_workload(ctx: &Ctx) -> Result<()> {
     workload(ctx, "flatcg")
 }
 
+/// A scheduler registering a name nobody declared still attaches (it
+/// enabled after our start); the attach and PASS lines name it.
+const RENAMED: Scheduler = Scheduler::new("renamed_simple").binary("scx_simple");
+
+#[ktstr_test(scheduler = RENAMED, cpus = 2, memory_mib = 512, timeout_s = 60, gauntlet = false)]
+fn scheduler_with_an_unexpected_ops_name_attaches(ctx: &Ctx) -> Result<()> {
+    workload(ctx, "simple")
+}
+
 #[ktstr_test(scheduler = BPFLAND, cpus = 2, memory_mib = 1024, timeout_s = 90)]
 fn scx_bpfland_workload(ctx: &Ctx) -> Result<()> {
     scx_workload(ctx, &BPFLAND)
