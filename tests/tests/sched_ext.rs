@@ -46,6 +46,9 @@ fn workload(ctx: &Ctx, ops: &str) -> Result<()> {
 /// [`workload`] for an scx project scheduler: ops at the end is `sched`'s
 /// versioned name (`want` describes it for the message).
 fn scx_workload(ctx: &Ctx, sched: &Scheduler) -> Result<()> {
+    // Every task is on it (no --partial): the contrast to scx_rusty_partial_flag_takes_effect.
+    let switch_all = std::fs::read_to_string("/sys/kernel/sched_ext/switch_all")?;
+    ensure!(switch_all.trim() == "1", "switch_all {:?} under {}; want 1", switch_all.trim(), sched.name);
     workload_then(ctx, |now| sched.classify_ops(now) == OpsName::Versioned, &format!("{}_VERSION_TARGET", sched.name.trim_start_matches("scx_")))
 }
 
@@ -139,7 +142,7 @@ fn scx_bpfland_gets_scheduler_args(_ctx: &Ctx) -> Result<()> {
 
 /// `scx_rusty --partial` sets SCX_OPS_SWITCH_PARTIAL: the kernel then
 /// switches only SCHED_EXT tasks, so switch_all reads 0 (1 without it,
-/// which scx_rusty_workload checks through its own run).
+/// which scx_rusty_workload checks).
 #[ktstr_test(scheduler = RUSTY, scheduler_args = ["--partial"], llcs = 2, cores = 2, threads = 1, memory_mib = 2048, timeout_s = 120, gauntlet = false)]
 fn scx_rusty_partial_flag_takes_effect(_ctx: &Ctx) -> Result<()> {
     let (_, argv) = process("scx_rusty")?;
