@@ -91,7 +91,8 @@ echo "schedulers: $SCX_BIN"
 
 # --- The scx project's schedulers (crates.io, pinned; not per kernel) -----
 step "scx project schedulers"
-SCX_RS_BIN=$(scripts/build-scx-rs.sh | tail -n1)
+# Setup owns the machine: build with every core (the script defaults to 1).
+SCX_RS_BIN=$(JOBS=${JOBS:-$(nproc)} scripts/build-scx-rs.sh | tail -n1)
 echo "scx project schedulers: $SCX_RS_BIN"
 
 step_done
