@@ -2,8 +2,9 @@
 # Sourced by .ci/run and scripts/quickstart.sh: installs what ktstr needs on
 # Debian (packages, cargo-nextest, busybox-static for scripts/nested-kvm.sh),
 # fetches the Debian 6.12 cloud kernel, builds the ktstr 6.12 kernel and the
-# sched_ext example schedulers, all cached under ~/.cache/ktstr (a second
-# run reuses everything). Exports DEB_KERNEL, KTSTR_KERNEL_DIR and SCX_BIN
+# sched_ext example schedulers and the scx project's scx_bpfland and
+# scx_rusty, all cached under ~/.cache/ktstr (a second run reuses
+# everything). Exports DEB_KERNEL, KTSTR_KERNEL_DIR, SCX_BIN and SCX_RS_BIN
 # for the caller.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -39,9 +40,11 @@ phase_summary() {
 # busybox-static is `cargo ktstr shell`'s userland; tmux drives its
 # interactive test (cargo-ktstr/tests/shell.rs).
 # acpica-tools: iasl disassembles the KVM backend's ACPI tables in a test.
+# clang-19: the scx project's schedulers need clang >= 18 for their BPF
+# (scripts/build-scx-rs.sh); the kernel's examples build with clang-16.
 step "packages"
 PKGS=(linux-source-6.12 qemu-system-x86 flex bison bc libelf-dev libssl-dev
-      dwarves cpio ccache clang-16 llvm-16 bpftool lz4 zstd xz-utils
+      dwarves cpio ccache clang-16 llvm-16 clang-19 bpftool lz4 zstd xz-utils
       pkg-config zlib1g-dev make gcc libc6-dev git util-linux bsdutils dash coreutils
       busybox-static tmux acpica-tools)
 missing=()
@@ -86,5 +89,11 @@ step "sched_ext fixtures"
 SCX_BIN=$(scripts/build-scx.sh --vmlinux "$KTSTR_KERNEL_DIR/vmlinux" | tail -n1)
 echo "schedulers: $SCX_BIN"
 
+# --- The scx project's schedulers (crates.io, pinned; not per kernel) -----
+step "scx project schedulers"
+# Setup owns the machine: build with every core (the script defaults to 1).
+SCX_RS_BIN=$(JOBS=${JOBS:-$(nproc)} scripts/build-scx-rs.sh | tail -n1)
+echo "scx project schedulers: $SCX_RS_BIN"
+
 step_done
-export DEB_KERNEL KTSTR_KERNEL_DIR SCX_BIN
+export DEB_KERNEL KTSTR_KERNEL_DIR SCX_BIN SCX_RS_BIN

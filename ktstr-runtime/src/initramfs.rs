@@ -1,11 +1,14 @@
 //! In-process newc initramfs: `/init` is a given binary, packed with its
 //! ELF interpreter and every shared library it needs, plus extra files.
 //! Archives are cached by content hash so the second VM of the same
-//! binary reuses the first one's archive.
+//! binary reuses the first one's archive; the cache keeps the most
+//! recently used archives within a size budget (every rebuilt test
+//! binary makes a new one, so it would otherwise grow without bound).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -144,14 +147,55 @@ impl Initramfs {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(format!("{}.cpio", self.content_hash()?));
         if path.is_file() {
+            // A hit is a use: the mtime orders archives for eviction.
+            let _ = std::fs::File::options().append(true).open(&path).and_then(|f| f.set_modified(SystemTime::now()));
             return Ok(path);
         }
         let bytes = self.build()?;
         let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
         tmp.write_all(&bytes)?;
         tmp.persist(&path).with_context(|| format!("storing {}", path.display()))?;
+        prune(&dir, cache_budget(), &path);
         Ok(path)
     }
+}
+
+/// Default size budget of the initramfs cache, in MiB.
+const CACHE_BUDGET_MIB: u64 = 2048;
+
+/// `KTSTR_INITRAMFS_CACHE_MIB`, else [`CACHE_BUDGET_MIB`], in bytes.
+fn cache_budget() -> u64 {
+    let mib = std::env::var("KTSTR_INITRAMFS_CACHE_MIB").ok().and_then(|v| v.trim().parse().ok());
+    mib.unwrap_or(CACHE_BUDGET_MIB) << 20
+}
+
+/// Removes the least recently used archives in `dir` until the rest fit
+/// in `budget` bytes, never `keep` (the archive just stored). A running
+/// VM that already opened a removed archive keeps reading it. Returns
+/// the paths removed.
+pub fn prune(dir: &Path, budget: u64, keep: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut entries: Vec<(SystemTime, u64, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cpio"))
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((m.modified().ok()?, m.len(), e.path()))
+        })
+        .collect();
+    let mut total: u64 = entries.iter().map(|e| e.1).sum();
+    entries.sort();
+    let mut removed = Vec::new();
+    for (_, len, path) in entries {
+        if total <= budget {
+            break;
+        }
+        if path != keep && std::fs::remove_file(&path).is_ok() {
+            total -= len;
+            removed.push(path);
+        }
+    }
+    removed
 }
 
 fn next(ino: &mut u32) -> u32 {
@@ -260,13 +304,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::env::set_var("XDG_CACHE_HOME", dir.path());
         let a = Initramfs::new(std::env::current_exe().unwrap()).unwrap();
+        use std::os::unix::fs::MetadataExt;
         let p1 = a.build_cached().unwrap();
-        let m1 = std::fs::metadata(&p1).unwrap().modified().unwrap();
+        let i1 = std::fs::metadata(&p1).unwrap().ino();
         let p2 = a.build_cached().unwrap();
         assert_eq!(p1, p2);
-        assert_eq!(m1, std::fs::metadata(&p2).unwrap().modified().unwrap());
+        // Not rewritten: the same file.
+        assert_eq!(i1, std::fs::metadata(&p2).unwrap().ino());
         let b = a.clone().data("x", vec![1], 0o644);
         assert_ne!(b.build_cached().unwrap(), p1);
+    }
+
+    #[test]
+    fn prune_evicts_least_recently_used_first() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::now() - Duration::from_secs(100);
+        let mk = |name: &str, age: u64| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, vec![0u8; 1000]).unwrap();
+            let f = std::fs::File::options().append(true).open(&p).unwrap();
+            f.set_modified(t0 + Duration::from_secs(age)).unwrap();
+            p
+        };
+        let old = mk("a.cpio", 1);
+        let kept = mk("b.cpio", 0); // the oldest, but the one just stored
+        let mid = mk("c.cpio", 2);
+        let new = mk("d.cpio", 3);
+        std::fs::write(dir.path().join("notes.txt"), vec![0u8; 5000]).unwrap();
+        // Budget for two archives: the oldest unprotected ones go.
+        assert_eq!(prune(dir.path(), 2000, &kept), vec![old, mid]);
+        assert!(kept.exists() && new.exists() && dir.path().join("notes.txt").exists());
+        // Within budget: nothing goes.
+        assert!(prune(dir.path(), 2000, &kept).is_empty());
     }
 
     #[test]

@@ -7,7 +7,7 @@ pub use crate::ctx::{Ctx, SeenTopology};
 pub use crate::guest::supervise::Skip;
 pub use crate::report::{Report, WorkerReport};
 pub use crate::scenario::{CgroupRef, Step, StepCtx, StepRecord, TopoSets};
-pub use crate::scheduler::Scheduler;
+pub use crate::scheduler::{OpsName, Scheduler};
 pub use crate::vmm::Topology;
 pub use crate::metrics::Histogram;
 pub use crate::policy::Policy;

@@ -26,6 +26,12 @@ const EXITS_AT_ONCE: Scheduler = Scheduler::new("exits_at_once").binary("/usr/bi
 const NEVER_ATTACHES: Scheduler = Scheduler::new("never_attaches").binary("/usr/bin/sleep").args(&["600"]).attach_timeout_s(3);
 const MISSING: Scheduler = Scheduler::new("scx_not_built_anywhere");
 
+/// The scx project's schedulers (crates.io, built by scripts/build-scx-rs.sh).
+/// They register versioned ops names (`bpfland_1.1.4_x86_64_unknown_linux_gnu`).
+const BPFLAND: Scheduler = Scheduler::new("scx_bpfland");
+/// rusty's userspace load balancer and BPF verification are slow under TCG.
+const RUSTY: Scheduler = Scheduler::new("scx_rusty").attach_timeout_s(60);
+
 fn sched_ext_state() -> (String, String) {
     let r = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
     (r("/sys/kernel/sched_ext/state"), r("/sys/kernel/sched_ext/root/ops"))
@@ -34,6 +40,19 @@ fn sched_ext_state() -> (String, String) {
 /// Spinners in two cgroups plus sleep/wake workers: nobody starves and
 /// the scheduler is still the one sched_ext runs at the end.
 fn workload(ctx: &Ctx, ops: &str) -> Result<()> {
+    workload_then(ctx, |now| now == ops, ops)
+}
+
+/// [`workload`] for an scx project scheduler: ops at the end is `sched`'s
+/// versioned name (`want` describes it for the message).
+fn scx_workload(ctx: &Ctx, sched: &Scheduler) -> Result<()> {
+    // Every task is on it (no --partial): the contrast to scx_rusty_partial_flag_takes_effect.
+    let switch_all = std::fs::read_to_string("/sys/kernel/sched_ext/switch_all")?;
+    ensure!(switch_all.trim() == "1", "switch_all {:?} under {}; want 1", switch_all.trim(), sched.name);
+    workload_then(ctx, |now| sched.classify_ops(now) == OpsName::Versioned, &format!("{}_VERSION_TARGET", sched.name.trim_start_matches("scx_")))
+}
+
+fn workload_then(ctx: &Ctx, ops_ok: impl Fn(&str) -> bool, ops: &str) -> Result<()> {
     let a = ctx.cgroup("a")?.cpus(ctx.all_cpus())?;
     let b = ctx.cgroup("b")?.cpus(ctx.all_cpus())?;
     let sleepy = ctx.sleepers(2, Duration::from_millis(2), Duration::from_millis(5));
@@ -41,7 +60,31 @@ fn workload(ctx: &Ctx, ops: &str) -> Result<()> {
     println!("{report}");
     report.assert_no_starvation()?.assert_in_cpuset()?;
     let (state, now) = sched_ext_state();
-    ensure!(state == "enabled" && now == ops, "sched_ext state {state:?}, ops {now:?} after the workload; want {ops:?}");
+    ensure!(state == "enabled" && ops_ok(&now), "sched_ext state {state:?}, ops {now:?} after the workload; want {ops:?}");
+    Ok(())
+}
+
+/// Pid and argv of the one process whose comm is `comm`.
+fn process(comm: &str) -> Result<(i32, Vec<String>)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm) {
+            let argv = std::fs::read(e.path().join("cmdline"))?;
+            let argv = argv.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            found.push((pid, argv));
+        }
+    }
+    ensure!(found.len() == 1, "want one {comm} process, found {}", found.len());
+    Ok(found.remove(0))
+}
+
+/// SIGKILLs the scheduler process `comm` and gives the watch time to see it.
+fn kill_scheduler(comm: &str) -> Result<()> {
+    let (pid, _) = process(comm)?;
+    // SAFETY: signalling a process by pid.
+    ensure!(unsafe { libc::kill(pid, libc::SIGKILL) } == 0, "kill {comm} (pid {pid}): {}", std::io::Error::last_os_error());
+    std::thread::sleep(Duration::from_secs(2));
     Ok(())
 }
 
@@ -66,6 +109,47 @@ fn scx_central_workload(ctx: &Ctx) -> Result<()> {
 #[ktstr_test(scheduler = FLATCG, cpus = 2, memory_mib = 512, timeout_s = 60)]
 fn scx_flatcg_workload(ctx: &Ctx) -> Result<()> {
     workload(ctx, "flatcg")
+}
+
+/// A scheduler registering a name nobody declared still attaches (it
+/// enabled after our start); the attach and PASS lines name it.
+const RENAMED: Scheduler = Scheduler::new("renamed_simple").binary("scx_simple");
+
+#[ktstr_test(scheduler = RENAMED, cpus = 2, memory_mib = 512, timeout_s = 60, gauntlet = false)]
+fn scheduler_with_an_unexpected_ops_name_attaches(ctx: &Ctx) -> Result<()> {
+    workload(ctx, "simple")
+}
+
+#[ktstr_test(scheduler = BPFLAND, cpus = 2, memory_mib = 1024, timeout_s = 90)]
+fn scx_bpfland_workload(ctx: &Ctx) -> Result<()> {
+    scx_workload(ctx, &BPFLAND)
+}
+
+/// rusty builds per-LLC domains and balances load from userspace: 4 CPUs
+/// in 2 LLCs give it two domains to balance between.
+#[ktstr_test(scheduler = RUSTY, llcs = 2, cores = 2, threads = 1, memory_mib = 2048, timeout_s = 120)]
+fn scx_rusty_workload(ctx: &Ctx) -> Result<()> {
+    scx_workload(ctx, &RUSTY)
+}
+
+/// `scheduler_args` reach scx_bpfland's command line, after none of its own.
+#[ktstr_test(scheduler = BPFLAND, scheduler_args = ["--slice-us", "5000", "--local-kthreads"], cpus = 2, memory_mib = 1024, timeout_s = 90, gauntlet = false)]
+fn scx_bpfland_gets_scheduler_args(_ctx: &Ctx) -> Result<()> {
+    let (_, argv) = process("scx_bpfland")?;
+    ensure!(argv[1..] == ["--slice-us", "5000", "--local-kthreads"], "scx_bpfland argv {argv:?}");
+    Ok(())
+}
+
+/// `scx_rusty --partial` sets SCX_OPS_SWITCH_PARTIAL: the kernel then
+/// switches only SCHED_EXT tasks, so switch_all reads 0 (1 without it,
+/// which scx_rusty_workload checks).
+#[ktstr_test(scheduler = RUSTY, scheduler_args = ["--partial"], llcs = 2, cores = 2, threads = 1, memory_mib = 2048, timeout_s = 120, gauntlet = false)]
+fn scx_rusty_partial_flag_takes_effect(_ctx: &Ctx) -> Result<()> {
+    let (_, argv) = process("scx_rusty")?;
+    ensure!(argv[1..] == ["--partial"], "scx_rusty argv {argv:?}");
+    let switch_all = std::fs::read_to_string("/sys/kernel/sched_ext/switch_all")?;
+    ensure!(switch_all.trim() == "0", "switch_all {:?} under scx_rusty --partial; want 0", switch_all.trim());
+    Ok(())
 }
 
 /// Keeps the CPUs busy long enough for the injected fault to fire; the
@@ -109,18 +193,19 @@ fn demo_expected_scx_error_never_comes(_ctx: &Ctx) -> Result<()> {
 /// The body kills the scheduler and still returns Ok: the watch must fail it.
 #[ktstr_test(scheduler = SIMPLE, cpus = 2, memory_mib = 512, timeout_s = 30)]
 fn demo_scheduler_killed_during_body(_ctx: &Ctx) -> Result<()> {
-    let mut killed = 0;
-    for e in std::fs::read_dir("/proc")?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "scx_simple") {
-            // SAFETY: signalling a process by pid.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            killed += 1;
-        }
-    }
-    ensure!(killed == 1, "found {killed} scx_simple processes");
-    std::thread::sleep(Duration::from_secs(2));
-    Ok(())
+    kill_scheduler("scx_simple")
+}
+
+/// The same for the scx project's schedulers, mid-workload.
+#[ktstr_test(scheduler = BPFLAND, cpus = 2, memory_mib = 1024, timeout_s = 90)]
+fn demo_scx_bpfland_killed_during_body(ctx: &Ctx) -> Result<()> {
+    let killer = std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(1));
+        kill_scheduler("scx_bpfland")
+    });
+    let report = ctx.run(&[ctx.workers(2), ctx.sleepers(2, Duration::from_millis(1), Duration::from_millis(2))], Duration::from_secs(4))?;
+    println!("{report}");
+    killer.join().map_err(|_| anyhow!("the killer thread panicked"))?
 }
 
 #[ktstr_test(scheduler = EXITS_AT_ONCE, cpus = 1, memory_mib = 256, timeout_s = 20)]
@@ -209,11 +294,14 @@ mod driver {
         else {
             return;
         };
-        let r = child("ktstr/scx_simple_workload", &[("KTSTR_KERNEL_LIST", ""), ("KTSTR_KERNEL", ""), ("KTSTR_TEST_KERNEL", &deb)]);
-        assert_eq!(r.code, 0, "a skip exits 0:\n{}", r.stderr);
-        let skip = r.stderr.lines().find(|l| l.starts_with("ktstr: SKIP: ")).unwrap_or_else(|| panic!("no SKIP line:\n{}", r.stderr));
-        assert!(skip.contains("lacks CONFIG_SCHED_CLASS_EXT") && skip.contains("cloud-amd64"), "{skip}");
-        assert!(!r.stderr.contains("ktstr: PASS:"), "{}", r.stderr);
+        // The example schedulers and the scx project's ones alike.
+        for name in ["scx_simple_workload", "scx_bpfland_workload", "scx_rusty_workload"] {
+            let r = child(&format!("ktstr/{name}"), &[("KTSTR_KERNEL_LIST", ""), ("KTSTR_KERNEL", ""), ("KTSTR_TEST_KERNEL", &deb)]);
+            assert_eq!(r.code, 0, "{name}: a skip exits 0:\n{}", r.stderr);
+            let skip = r.stderr.lines().find(|l| l.starts_with("ktstr: SKIP: ")).unwrap_or_else(|| panic!("{name}: no SKIP line:\n{}", r.stderr));
+            assert!(skip.contains("lacks CONFIG_SCHED_CLASS_EXT") && skip.contains("cloud-amd64"), "{skip}");
+            assert!(!r.stderr.contains("ktstr: PASS:"), "{}", r.stderr);
+        }
     }
 
     fn fails_with(name: &str, needles: &[&str]) {
@@ -255,6 +343,11 @@ mod driver {
             "ktstr/demo_scheduler_killed_during_body",
             &["scheduler scx_simple died during the test (killed by signal 9", "unreg_user (unregistered from user space)"],
         );
+    }
+
+    #[test]
+    fn scx_bpfland_killed_mid_workload_fails_naming_it() {
+        fails_with("ktstr/demo_scx_bpfland_killed_during_body", &["scheduler scx_bpfland died during the test (killed by signal 9"]);
     }
 
     #[test]
@@ -332,7 +425,7 @@ mod driver {
         let (code, err) = run(&vm);
         eprintln!("{err}");
         assert_eq!(code, Some(0), "{err}");
-        assert!(err.contains("ktstr: PASS: ktstr/scx_simple_workload: scheduler scx_simple attached in"), "{err}");
+        assert!(err.contains("ktstr: PASS: ktstr/scx_simple_workload: scheduler scx_simple (ops \"simple\") attached in"), "{err}");
         assert!(err.contains("/sched/scx_simple") && !err.contains("scx fixture cache"), "the carried binary was used: {err}");
     }
 }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::kmsg::{Kmsg, ScxLog};
-use super::{EjectKind, Ejection, ExitKind, KernelExit, Output, SchedFail, Scheduler, StartError};
+use super::{EjectKind, Ejection, ExitKind, KernelExit, OpsName, Output, SchedFail, Scheduler, StartError};
 use crate::verdict::{Outcome, Verdict};
 
 pub const SCX_DIR: &str = "/sys/kernel/sched_ext";
@@ -43,6 +43,33 @@ pub fn state() -> String {
 /// `/sys/kernel/sched_ext/root/ops`, or "" when no scheduler is loaded.
 pub fn ops() -> String {
     read_trim(&format!("{SCX_DIR}/root/ops"))
+}
+
+/// `/sys/kernel/sched_ext/enable_seq`: bumped on every enable (6.12+);
+/// `None` when the kernel lacks it.
+pub fn enable_seq() -> Option<u64> {
+    std::fs::read_to_string(format!("{SCX_DIR}/enable_seq")).ok()?.trim().parse().ok()
+}
+
+/// The ops name of a scheduler sched_ext enabled after our start, or
+/// `None` while there is none. Before the start the state was `disabled`
+/// with enable count `seq_before`; now it is `state` with `seq_now`, ops
+/// `ops`, and `logged` is the `BPF scheduler "X" enabled` name the kernel
+/// logged since. The kernel sets `enabled` a moment before it bumps the
+/// count, so either the count or the log line proves a new enable; a
+/// kernel without the count relies on the `disabled` checked before the
+/// start. The name does not decide: the scx project's schedulers
+/// register versioned names, and whatever we started is what attached.
+pub fn enabled_since_start(seq_before: Option<u64>, state: &str, seq_now: Option<u64>, ops: &str, logged: Option<&str>) -> Option<String> {
+    if state != "enabled" {
+        return None;
+    }
+    let fresh = match (seq_before, seq_now) {
+        (Some(b), Some(n)) => n > b || logged.is_some(),
+        _ => true,
+    };
+    let name = [ops.trim(), logged.unwrap_or("").trim()].into_iter().find(|n| !n.is_empty())?;
+    fresh.then(|| name.to_string())
 }
 
 /// `None` when this kernel can run sched_ext schedulers, else the skip reason.
@@ -119,6 +146,8 @@ struct Probe {
     stdout_path: PathBuf,
     stderr_path: PathBuf,
     monitor_pid: i32,
+    /// The ops name sched_ext showed at attach; a different one later means ours left.
+    attached_ops: String,
 }
 
 impl Probe {
@@ -201,12 +230,14 @@ impl Probe {
     }
 
     /// Checks the scheduler is still attached; builds the ejection if not.
-    fn ejection(&mut self, sched: &Scheduler) -> Option<Ejection> {
+    fn ejection(&mut self) -> Option<Ejection> {
         self.poll();
         let st = state();
         let lost_kernel = self.log.exit.is_some();
         let died = self.proc_.status.is_some();
-        let left = st != "enabled" || !sched.ops_matches(&ops());
+        // An empty root/ops (briefly, around an enable) is not a replacement.
+        let now_ops = ops();
+        let left = st != "enabled" || (!now_ops.is_empty() && now_ops != self.attached_ops);
         if !lost_kernel && !died && !left {
             return None;
         }
@@ -323,6 +354,7 @@ pub struct Running {
     watcher: Option<std::thread::JoinHandle<()>>,
     attach_time: Duration,
     pid: i32,
+    ops: String,
     stopped: bool,
 }
 
@@ -368,6 +400,7 @@ impl Running {
             println!("ktstr: guest: cannot read /dev/kmsg ({e}); sched_ext exit reasons will be missing");
             Kmsg::none()
         });
+        let seq_before = enable_seq();
         let t0 = Instant::now();
         let (monitor_pid, pipe) = spawn_monitored(path, sched.args, &out, &err).map_err(|e| {
             StartError::Fail(SchedFail::Spawn { name: name.clone(), path: path.display().to_string(), error: e.to_string() })
@@ -381,10 +414,16 @@ impl Running {
             stdout_path,
             stderr_path,
             monitor_pid,
+            attached_ops: String::new(),
         };
         let limit = Duration::from_secs(sched.attach_timeout_s);
+        let mut attached_ops = None;
         let attached = probe.wait_for(limit, |p| {
-            p.proc_.status.is_some() || p.proc_.exec_errno.is_some() || (state() == "enabled" && sched.ops_matches(&ops()))
+            if p.proc_.status.is_some() || p.proc_.exec_errno.is_some() {
+                return true;
+            }
+            attached_ops = enabled_since_start(seq_before, &state(), enable_seq(), &ops(), p.log.enabled.as_deref());
+            attached_ops.is_some()
         });
         let attach_time = t0.elapsed();
         if let Some(errno) = probe.proc_.exec_errno {
@@ -401,7 +440,7 @@ impl Running {
             probe.poll();
             // The kernel logged it enabled, then an error exit: it attached and
             // was ejected before this poll saw it (e.g. PID 1 itself stalled).
-            let attached_then_ejected = probe.log.enabled.as_deref().is_some_and(|o| sched.ops_matches(o));
+            let attached_then_ejected = probe.log.enabled.is_some();
             if let Some(k) = probe.log.exit.clone().filter(|k| attached_then_ejected && k.kind.is_error()) {
                 return Err(SchedFail::Ejected(Ejection {
                     scheduler: name,
@@ -426,12 +465,16 @@ impl Running {
             return Err(SchedFail::AttachTimeout { name, waited_ms: attach_time.as_millis(), state: st, ops: op, output: probe.output() }.into());
         }
         let pid = probe.proc_.pid.unwrap_or(0);
-        println!(
-            "ktstr: guest: scheduler {} (pid {pid}, ops {:?}) attached in {} ms",
-            sched.name,
-            ops(),
-            attach_time.as_millis()
-        );
+        let ops_name = attached_ops.unwrap_or_default();
+        probe.attached_ops = ops_name.clone();
+        let note = match sched.classify_ops(&ops_name) {
+            OpsName::Unexpected => format!(
+                " (not {:?} or its versioned form; accepted: it enabled after this scheduler started)",
+                sched.ops_name.unwrap_or(sched.name)
+            ),
+            _ => String::new(),
+        };
+        println!("ktstr: guest: scheduler {} (pid {pid}, ops {ops_name:?}{note}) attached in {} ms", sched.name, attach_time.as_millis());
         let mut me = Running {
             sched: *sched,
             probe: Arc::new(Mutex::new(probe)),
@@ -440,6 +483,7 @@ impl Running {
             watcher: None,
             attach_time,
             pid,
+            ops: ops_name,
             stopped: false,
         };
         me.spawn_watcher();
@@ -447,10 +491,10 @@ impl Running {
     }
 
     fn spawn_watcher(&mut self) {
-        let (probe, ej, stop, sched) = (self.probe.clone(), self.ejection.clone(), self.stop_flag.clone(), self.sched);
+        let (probe, ej, stop) = (self.probe.clone(), self.ejection.clone(), self.stop_flag.clone());
         self.watcher = Some(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let found = probe.lock().unwrap_or_else(|e| e.into_inner()).ejection(&sched);
+                let found = probe.lock().unwrap_or_else(|e| e.into_inner()).ejection();
                 if let Some(e) = found {
                     println!("ktstr: guest: {e}");
                     *ej.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
@@ -470,6 +514,11 @@ impl Running {
         self.pid
     }
 
+    /// The ops name sched_ext reported when it attached.
+    pub fn ops(&self) -> &str {
+        &self.ops
+    }
+
     /// The ejection the watcher saw, if any (non-blocking).
     pub fn check(&self) -> Option<Ejection> {
         self.ejection.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -486,7 +535,7 @@ impl Running {
         }
         let mut p = self.probe.lock().unwrap_or_else(|e| e.into_inner());
         let seen = self.ejection.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(e) = seen.or_else(|| p.ejection(&self.sched)) {
+        if let Some(e) = seen.or_else(|| p.ejection()) {
             p.signal(libc::SIGKILL);
             p.wait_for(Duration::from_secs(2), |p| p.proc_.status.is_some());
             return Err(SchedFail::Ejected(e));
@@ -602,14 +651,14 @@ fn run_under_plain(sched: &Scheduler, path: &Path, body: impl FnOnce() -> Verdic
         Err(StartError::Skip(m)) => return Verdict::skip(m),
         Err(StartError::Fail(f)) => return Verdict::fail(f.to_string()).with_details(f.details()),
     };
-    let attach = running.attach_time();
+    let (attach, ops_name) = (running.attach_time(), running.ops().to_string());
     let mut v = body();
     match running.stop() {
         Ok(stopped) => {
             // The host prints a pass's message: it carries the attach time.
             if v.outcome == Outcome::Pass {
                 let note = format!(
-                    "scheduler {} attached in {} ms, detached {} ms after SIGINT",
+                    "scheduler {} (ops {ops_name:?}) attached in {} ms, detached {} ms after SIGINT",
                     sched.name,
                     attach.as_millis(),
                     stopped.detach_time.as_millis()
@@ -681,6 +730,25 @@ mod tests {
     }
 
     #[test]
+    fn attach_is_judged_by_a_new_enable_not_the_name() {
+        let v = "bpfland_1.1.4_x86_64_unknown_linux_gnu";
+        // Versioned or unexpected names attach once the count moved.
+        assert_eq!(enabled_since_start(Some(3), "enabled", Some(4), v, None).as_deref(), Some(v));
+        assert_eq!(enabled_since_start(Some(3), "enabled", Some(4), "whatever", None).as_deref(), Some("whatever"));
+        // The kernel logs the line just before it bumps the count.
+        assert_eq!(enabled_since_start(Some(3), "enabled", Some(3), v, Some(v)).as_deref(), Some(v));
+        // Nothing new enabled: a stale state/count is not an attach.
+        assert_eq!(enabled_since_start(Some(3), "enabled", Some(3), v, None), None);
+        assert_eq!(enabled_since_start(Some(3), "enabling", Some(3), "", None), None);
+        assert_eq!(enabled_since_start(Some(3), "disabled", Some(4), "", Some(v)), None);
+        // Absent ops: the log's name stands in; with neither, not attached.
+        assert_eq!(enabled_since_start(Some(3), "enabled", Some(4), "", Some(v)).as_deref(), Some(v));
+        assert_eq!(enabled_since_start(Some(3), "enabled", Some(4), "\n", None), None);
+        // Without enable_seq the `disabled` checked before the start decides.
+        assert_eq!(enabled_since_start(None, "enabled", None, "simple", None).as_deref(), Some("simple"));
+    }
+
+    #[test]
     fn classification() {
         let k = |kind| Some(KernelExit { ops: "q".into(), kind, msg: None, log: vec![] });
         let now = || "disabled (ops \"\")".to_string();
@@ -714,6 +782,7 @@ mod tests {
             stdout_path: t.path().join("o"),
             stderr_path: t.path().join("e"),
             monitor_pid: mon,
+            attached_ops: String::new(),
         };
         assert!(probe.wait_for(Duration::from_secs(10), |p| p.proc_.status.is_some()));
         assert!(probe.proc_.pid.is_some());

@@ -6,7 +6,9 @@
 //! current directory or an ancestor, `$PATH`, and last the fixture cache
 //! of `scripts/build-scx.sh` (`$KTSTR_SCX_CACHE_DIR`, else
 //! `~/.cache/ktstr/scx`): the entry named like the booted kernel's cache
-//! key first, then the newest. A name containing `/` is a path.
+//! key first, then the newest; then the scx project's schedulers built by
+//! `scripts/build-scx-rs.sh` (`$KTSTR_SCX_RS_CACHE_DIR`, else
+//! `~/.cache/ktstr/scx-rs`, its `bin`). A name containing `/` is a path.
 //! `$KTSTR_SCHEDULER` (a path) overrides all of it: an exported `.run`
 //! sets it to the binary it carries.
 
@@ -28,8 +30,20 @@ pub struct SearchEnv {
     pub cwd: Option<PathBuf>,
     pub path: Option<String>,
     pub scx_cache: Option<PathBuf>,
+    /// `bin` of the scx project scheduler cache (scripts/build-scx-rs.sh).
+    pub scx_rs_bin: Option<PathBuf>,
     /// Cache key (directory name) of the kernel the VM boots, if known.
     pub kernel_key: Option<String>,
+}
+
+/// `bin` of the cache `scripts/build-scx-rs.sh` fills: symlinks to the
+/// pinned scx_bpfland, scx_rusty builds.
+pub fn scx_rs_bin() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("KTSTR_SCX_RS_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|x| x.join("ktstr/scx-rs")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache/ktstr/scx-rs")))
+        .map(|r| r.join("bin"))
 }
 
 /// Root of the fixture cache written by `scripts/build-scx.sh`.
@@ -55,6 +69,7 @@ impl SearchEnv {
             cwd: std::env::current_dir().ok(),
             path: std::env::var("PATH").ok(),
             scx_cache: scx_cache_root(),
+            scx_rs_bin: scx_rs_bin(),
             kernel_key,
         }
     }
@@ -107,6 +122,9 @@ impl SearchEnv {
             if !v.last().is_some_and(|l| l.0.starts_with("scx")) {
                 v.push(("scx fixture cache (empty; run scripts/build-scx.sh)".into(), root.clone()));
             }
+        }
+        if let Some(b) = &self.scx_rs_bin {
+            v.push(("scx project schedulers; scripts/build-scx-rs.sh".into(), b.clone()));
         }
         v
     }
@@ -181,6 +199,7 @@ mod tests {
             cwd: Some(root.join("ws/tests")),
             path: Some(root.join("bin").display().to_string()),
             scx_cache: Some(root.join("scx")),
+            scx_rs_bin: Some(root.join("scx-rs/bin")),
             kernel_key: Some("6.12.9-tarball-x86_64-kc1".into()),
         };
         std::fs::create_dir_all(root.join("ws/tests")).unwrap();
@@ -188,10 +207,13 @@ mod tests {
 
         let err = find_binary_in(&s, &env).unwrap_err().to_string();
         assert!(err.contains("scheduler scx_x: binary `scx_x` not found"), "{err}");
-        for part in ["a (KTSTR_SCHEDULER_DIR)", "b (KTSTR_SCHEDULER_DIR)", "deps (test binary dir)", "target/release (target dir)", "bin (PATH)", "scx (scx fixture cache (empty"] {
+        for part in ["a (KTSTR_SCHEDULER_DIR)", "b (KTSTR_SCHEDULER_DIR)", "deps (test binary dir)", "target/release (target dir)", "bin (PATH)", "scx (scx fixture cache (empty", "scx-rs/bin (scx project schedulers; scripts/build-scx-rs.sh)"] {
             assert!(err.contains(part), "{part} missing in {err}");
         }
 
+        // The scx project cache comes last.
+        let rs = exe(&root.join("scx-rs/bin"), "scx_x");
+        assert_eq!(find_binary_in(&s, &env).unwrap(), rs);
         // The scx cache: the entry of the booted kernel wins over a newer one.
         let mine = exe(&root.join("scx/6.12.9-tarball-x86_64-kc1/bin"), "scx_x");
         std::thread::sleep(std::time::Duration::from_millis(20));

@@ -29,8 +29,10 @@ pub struct Scheduler {
     /// path (contains `/`).
     pub binary: &'static str,
     pub args: &'static [&'static str],
-    /// The name `/sys/kernel/sched_ext/root/ops` shows once attached;
-    /// `None` accepts `name` or `name` without its `scx_` prefix.
+    /// The name `/sys/kernel/sched_ext/root/ops` is expected to show once
+    /// attached (see [`Scheduler::classify_ops`]); `None` expects `name`
+    /// or `name` without its `scx_` prefix. Informational: attach is
+    /// judged by sched_ext enabling after the start, whatever the name.
     pub ops_name: Option<&'static str>,
     /// Bound on start → `enabled`. BPF verification under TCG is slow.
     pub attach_timeout_s: u64,
@@ -63,13 +65,34 @@ impl Scheduler {
         self
     }
 
-    /// Whether `root/ops` (trimmed) names this scheduler.
-    pub fn ops_matches(&self, ops: &str) -> bool {
+    /// How an ops name sched_ext reports (`root/ops` or the kernel's
+    /// `BPF scheduler "X" enabled` line) relates to the declared name.
+    pub fn classify_ops(&self, ops: &str) -> OpsName {
         let ops = ops.trim();
-        match self.ops_name {
-            Some(want) => ops == want,
-            None => ops == self.name || Some(ops) == self.name.strip_prefix("scx_"),
+        if ops.is_empty() {
+            return OpsName::Absent;
         }
+        let bases: &[&str] = match self.ops_name {
+            Some(want) => &[want],
+            None => &[self.name, self.name.strip_prefix("scx_").unwrap_or(self.name)],
+        };
+        if bases.contains(&ops) {
+            return OpsName::Exact;
+        }
+        // scx_utils names ops `BASE_VERSION_TARGET` (bpfland_1.1.4_x86_64_unknown_linux_gnu).
+        let versioned = |b: &&str| {
+            ops.strip_prefix(*b).and_then(|r| r.strip_prefix('_')).is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+        };
+        if bases.iter().any(versioned) {
+            OpsName::Versioned
+        } else {
+            OpsName::Unexpected
+        }
+    }
+
+    /// Whether `ops` names this scheduler, exactly or in the versioned form.
+    pub fn ops_matches(&self, ops: &str) -> bool {
+        matches!(self.classify_ops(ops), OpsName::Exact | OpsName::Versioned)
     }
 
     /// Path of the binary inside the guest (named after the scheduler, so
@@ -79,6 +102,20 @@ impl Scheduler {
             self.name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
         format!("{GUEST_DIR}/{safe}")
     }
+}
+
+/// How a reported ops name relates to a scheduler's declared name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpsName {
+    /// The declared ops name, the scheduler name, or the name without `scx_`.
+    Exact,
+    /// One of those followed by `_VERSION…`, as the scx project's
+    /// schedulers register (`bpfland_1.1.4_x86_64_unknown_linux_gnu`).
+    Versioned,
+    /// Something else: still our scheduler if it enabled after our start.
+    Unexpected,
+    /// Empty: nothing is loaded.
+    Absent,
 }
 
 /// Why sched_ext disabled a scheduler: the kernel's `enum scx_exit_kind`,
@@ -328,6 +365,26 @@ mod tests {
         const Q: Scheduler = Scheduler::new("mine").ops_name("qmap");
         assert!(Q.ops_matches("qmap") && !Q.ops_matches("mine"));
         assert_eq!(Scheduler::new("a b/c").guest_path(), "/ktstr/sched/a_b_c");
+    }
+
+    #[test]
+    fn ops_names_exact_versioned_unexpected_absent() {
+        const BPFLAND: Scheduler = Scheduler::new("scx_bpfland");
+        let c = |s: &Scheduler, ops: &str| s.classify_ops(ops);
+        assert_eq!(c(&BPFLAND, "bpfland"), OpsName::Exact);
+        assert_eq!(c(&BPFLAND, "scx_bpfland\n"), OpsName::Exact);
+        assert_eq!(c(&BPFLAND, "bpfland_1.1.4_x86_64_unknown_linux_gnu"), OpsName::Versioned);
+        assert_eq!(c(&BPFLAND, "scx_bpfland_1.0.0_gdeadbeef_aarch64"), OpsName::Versioned);
+        // A longer name sharing the prefix is not a version of it.
+        assert_eq!(c(&BPFLAND, "bpfland_next"), OpsName::Unexpected);
+        assert_eq!(c(&BPFLAND, "rusty_1.1.4_x86_64_unknown_linux_gnu"), OpsName::Unexpected);
+        assert_eq!(c(&BPFLAND, ""), OpsName::Absent);
+        assert_eq!(c(&BPFLAND, " \n"), OpsName::Absent);
+        // A declared ops name replaces the name-derived ones.
+        const Q: Scheduler = Scheduler::new("scx_mine").ops_name("qmap");
+        assert_eq!(c(&Q, "qmap_2.0_x86_64"), OpsName::Versioned);
+        assert_eq!(c(&Q, "mine"), OpsName::Unexpected);
+        assert!(BPFLAND.ops_matches("bpfland_1.1.4_x86_64_unknown_linux_gnu") && !BPFLAND.ops_matches(""));
     }
 
     #[test]
