@@ -327,6 +327,22 @@ fn scx_simple_cpuset_shrink_leaves_removed_cpus(ctx: &Ctx) -> Result<()> {
     cpuset_shrink(ctx)
 }
 
+/// Holds under the scx project's schedulers too (same reason): scx_bpfland,
+/// and scx_rusty on two LLCs (its two balancing domains; the cgroup
+/// keeps to CPUs 0-1 of the four).
+const BPFLAND: Scheduler = Scheduler::new("scx_bpfland");
+const RUSTY: Scheduler = Scheduler::new("scx_rusty").attach_timeout_s(60);
+
+#[ktstr_test(scheduler = BPFLAND, cpus = 2, memory_mib = 1024, timeout_s = 90, gauntlet = false)]
+fn scx_bpfland_cpuset_shrink_leaves_removed_cpus(ctx: &Ctx) -> Result<()> {
+    cpuset_shrink(ctx)
+}
+
+#[ktstr_test(scheduler = RUSTY, llcs = 2, cores = 2, threads = 1, memory_mib = 2048, timeout_s = 120, gauntlet = false)]
+fn scx_rusty_cpuset_shrink_leaves_removed_cpus(ctx: &Ctx) -> Result<()> {
+    cpuset_shrink(ctx)
+}
+
 /// Differs: two spinners at nice 0 and nice 5 alternate 20 ms slices
 /// (50 % each ± 15 %) although scx_simple's vtime mode charges used
 /// slice × 100 / p->scx.weight (nice 5: 33). In 6.12 a CPU whose task's
