@@ -3,7 +3,8 @@
 # Debian (packages, cargo-nextest, busybox-static for scripts/nested-kvm.sh),
 # fetches the Debian 6.12 cloud kernel, builds the ktstr 6.12 kernel and the
 # sched_ext example schedulers, all cached under ~/.cache/ktstr (a second
-# run reuses everything). Exports DEB_KERNEL, KTSTR_KERNEL_DIR and SCX_BIN
+# run reuses everything), and the moto S3 server for the remote-cache
+# tests. Exports DEB_KERNEL, KTSTR_KERNEL_DIR, SCX_BIN and KTSTR_MOTO_SERVER
 # for the caller.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -56,6 +57,29 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
 
+# --- moto: the S3-compatible server the remote-cache tests start on 127.0.0.1
+step "moto"
+# A venv of our own (Debian's Python refuses system-wide pip installs);
+# an existing moto_server on PATH is used as is.
+if command -v moto_server >/dev/null; then
+	KTSTR_MOTO_SERVER=$(command -v moto_server)
+else
+	MOTO_VENV=$CACHE/moto-venv
+	if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
+		if ! python3 -m venv --help >/dev/null 2>&1; then
+			SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+			DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+		fi
+		rm -rf "$MOTO_VENV.tmp" && python3 -m venv "$MOTO_VENV.tmp"
+		"$MOTO_VENV.tmp/bin/pip" install -q 'moto[server]'
+		rm -rf "$MOTO_VENV" && mv "$MOTO_VENV.tmp" "$MOTO_VENV"
+		# The venv's scripts name their interpreter by absolute path: fix it after the move.
+		sed -i "1s|$MOTO_VENV.tmp|$MOTO_VENV|" "$MOTO_VENV"/bin/*
+	fi
+	KTSTR_MOTO_SERVER=$MOTO_VENV/bin/moto_server
+fi
+echo "moto: $KTSTR_MOTO_SERVER"
+
 # --- The Debian 6.12 cloud kernel (prebuilt, no sched_ext) ----------------
 step "debian cloud kernel"
 DEB_DIR=$CACHE/debian
@@ -87,4 +111,4 @@ SCX_BIN=$(scripts/build-scx.sh --vmlinux "$KTSTR_KERNEL_DIR/vmlinux" | tail -n1)
 echo "schedulers: $SCX_BIN"
 
 step_done
-export DEB_KERNEL KTSTR_KERNEL_DIR SCX_BIN
+export DEB_KERNEL KTSTR_KERNEL_DIR SCX_BIN KTSTR_MOTO_SERVER
