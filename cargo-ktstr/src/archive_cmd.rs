@@ -9,7 +9,9 @@
 //! - `nextest-archive.tar.zst`: `cargo nextest archive`'s own archive;
 //! - `kernels/{n}/`: the files of the n-th kernel (cache entry files, or
 //!   the image of a path kernel), absent for a remote reference;
-//! - `schedulers/`: every executable of the scheduler directories.
+//! - `schedulers/`: every executable of the scheduler directories;
+//! - `workspace/`: the workspace's `Cargo.toml` files and
+//!   `.config/nextest.toml`, which nextest reads (no sources).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -24,6 +26,8 @@ const MANIFEST: &str = "ktstr-archive.json";
 const NEXTEST_ARCHIVE: &str = "nextest-archive.tar.zst";
 const SCHEDULERS: &str = "schedulers";
 const SCHEMA: u32 = 1;
+/// The stand-in workspace root: its manifests only.
+const WORKSPACE: &str = "workspace";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -151,6 +155,15 @@ pub fn run(args: ArchiveArgs) -> Result<i32> {
     let mut tar = tar::Builder::new(enc);
     tar.follow_symlinks(true);
     append_file(&mut tar, &nextest_file, NEXTEST_ARCHIVE)?;
+    // nextest on the runner wants the workspace's manifests (and reads its
+    // .config/nextest.toml profiles): they travel, the sources do not.
+    let (root, dirs) = workspace_layout(&nextest_file)?;
+    for rel in std::iter::once(PathBuf::from(".config/nextest.toml")).chain(dirs.iter().map(|d| d.join("Cargo.toml"))) {
+        let from = root.join(&rel);
+        if from.is_file() {
+            append_file(&mut tar, &from, &format!("{WORKSPACE}/{}", rel.display()))?;
+        }
+    }
 
     let mut archived = Vec::new();
     for (n, h) in labelled.iter().enumerate() {
@@ -280,9 +293,9 @@ pub fn kernel_env(x: &Extracted, opts: &kernel_build::Options) -> Result<(Option
     Ok((first, list, held))
 }
 
-/// Package directories relative to the workspace root, from the cargo
-/// metadata nextest stores in its archive.
-fn package_dirs(nextest_archive: &Path) -> Result<Vec<PathBuf>> {
+/// The workspace root and its package directories (relative to it), from
+/// the cargo metadata nextest stores in its archive.
+fn workspace_layout(nextest_archive: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
     let f = std::fs::File::open(nextest_archive)?;
     let mut ar = tar::Archive::new(zstd::stream::read::Decoder::new(f)?);
     for e in ar.entries()? {
@@ -300,9 +313,9 @@ fn package_dirs(nextest_archive: &Path) -> Result<Vec<PathBuf>> {
                     .collect()
             })
             .unwrap_or_default();
-        return Ok(dirs);
+        return Ok((root, dirs));
     }
-    Ok(Vec::new())
+    bail!("{} holds no target/nextest/cargo-metadata.json; is it a nextest archive?", nextest_archive.display())
 }
 
 /// `cargo ktstr test --archive FILE`: extract, export the kernels, run
@@ -314,9 +327,9 @@ pub fn run_archive(file: &Path, partition: Option<&str>, nextest_args: Vec<Strin
     let nextest = test_cmd::find_nextest().ok_or_else(|| anyhow!("cargo-nextest is not installed; install it with: cargo install cargo-nextest --locked"))?;
     // nextest wants a workspace root to remap to; tests find no sources
     // there, but each package's directory exists (nextest runs tests in it).
-    let ws = x.path("workspace");
+    let ws = x.path(WORKSPACE);
     std::fs::create_dir_all(&ws)?;
-    for rel in package_dirs(&x.path(&x.manifest.nextest_archive))? {
+    for rel in workspace_layout(&x.path(&x.manifest.nextest_archive))?.1 {
         std::fs::create_dir_all(ws.join(rel))?;
     }
     let mut argv: Vec<OsString> = vec!["nextest".into(), "run".into(), "--archive-file".into(), x.path(&x.manifest.nextest_archive).into()];
@@ -383,7 +396,9 @@ mod tests {
             {"manifest_path":"/home/u/.cargo/registry/x/Cargo.toml"}]}"#;
         let p = d.path().join("n.tar.zst");
         std::fs::write(&p, tar_zst(&[("target/nextest/binaries-metadata.json", b"{}"), ("target/nextest/cargo-metadata.json", meta)])).unwrap();
-        assert_eq!(package_dirs(&p).unwrap(), [PathBuf::from(""), PathBuf::from("tests")]);
+        let (root, dirs) = workspace_layout(&p).unwrap();
+        assert_eq!(root, Path::new("/src/ws"));
+        assert_eq!(dirs, [PathBuf::from(""), PathBuf::from("tests")]);
     }
 
     fn manifest(kernels: Vec<ArchivedKernel>) -> Vec<u8> {
