@@ -158,3 +158,52 @@ fn archive_partitions_run_every_test_once_without_a_workspace() {
     want.insert("ktstr/host_side".into(), "PASS".into());
     assert_eq!(union, want);
 }
+
+/// `--remote-kernels`: the archive carries the kernel's key, not its files;
+/// a runner with the remote configured and an empty cache downloads it
+/// (and says so) and runs the suite; without the remote it is told what to set.
+#[test]
+fn archive_with_remote_kernel_references() {
+    if !slow() {
+        return;
+    }
+    let Some(m) = moto::Moto::start() else { return };
+    m.bucket("refs");
+    let url = "s3://refs/kernels";
+    let _serial = serial();
+    let f = Fixture::new();
+    let key = tarball_key(&f);
+    let out_dir = tempfile::tempdir().unwrap();
+    let suite = out_dir.path().join("suite.tar.zst");
+    let mut c = f.cargo_ktstr_in(&fixture::test_cache());
+    m.apply(&mut c, url);
+    let o = c.args(["archive", "--kernel", TARBALL, "--remote-kernels", "-o", suite.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(&format!("uploaded {key} to {url}")), "{}", text(&o));
+    let size = std::fs::metadata(&suite).unwrap().len();
+    assert!(size < 5 << 20, "no kernel files in the archive: {size} bytes");
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let cache = elsewhere.path().join("cache");
+    let run = |remote: bool| {
+        let mut c = fixture::cargo_ktstr(&cache);
+        if remote {
+            m.apply(&mut c, url);
+        }
+        c.current_dir(elsewhere.path())
+            .args(["test", "--archive", suite.to_str().unwrap(), "--", "-E", "not test(fails_on_purpose)"])
+            .output()
+            .unwrap()
+    };
+    let o = run(false);
+    assert!(!o.status.success() && text(&o).contains(&format!("names kernel {key} in remote cache {url}; set KTSTR_REMOTE_CACHE")), "{}", text(&o));
+    let o = run(true);
+    let out = text(&o);
+    eprintln!("{out}");
+    assert!(out.contains(&format!("kernel {key}: from remote cache {url}, no build")), "{out}");
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    let rs = results(&out);
+    assert_eq!(rs.len(), 3, "{rs:?}");
+    assert!(rs.iter().all(|(s, _)| s == "PASS"), "{rs:?}");
+    assert_eq!(fixture::entries(&cache), [key]);
+}
