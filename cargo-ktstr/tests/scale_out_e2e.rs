@@ -180,8 +180,21 @@ fn archive_with_remote_kernel_references() {
     let o = c.args(["archive", "--kernel", TARBALL, "--remote-kernels", "-o", suite.to_str().unwrap()]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains(&format!("uploaded {key} to {url}")), "{}", text(&o));
-    let size = std::fs::metadata(&suite).unwrap().len();
-    assert!(size < 5 << 20, "no kernel files in the archive: {size} bytes");
+    let mut names = Vec::new();
+    let mut manifest = String::new();
+    let mut ar = tar::Archive::new(zstd::stream::read::Decoder::new(std::fs::File::open(&suite).unwrap()).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let n = e.path().unwrap().to_string_lossy().into_owned();
+        if n == "ktstr-archive.json" {
+            std::io::Read::read_to_string(&mut e, &mut manifest).unwrap();
+        }
+        names.push(n);
+    }
+    assert!(names.iter().all(|n| !n.starts_with("kernels/")), "no kernel files in the archive: {names:?}");
+    let am: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    assert_eq!(am["kernels"][0]["key"], key.as_str(), "{manifest}");
+    assert_eq!(am["kernels"][0]["remote"], url, "{manifest}");
 
     let elsewhere = tempfile::tempdir().unwrap();
     let cache = elsewhere.path().join("cache");
