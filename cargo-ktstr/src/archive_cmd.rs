@@ -318,6 +318,17 @@ fn workspace_layout(nextest_archive: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
     bail!("{} holds no target/nextest/cargo-metadata.json; is it a nextest archive?", nextest_archive.display())
 }
 
+/// `cargo-nextest`'s arguments for running an extracted archive.
+pub fn nextest_argv(archive: &Path, ws: &Path, partition: Option<&str>, nextest_args: Vec<String>) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = vec!["nextest".into(), "run".into(), "--archive-file".into(), archive.into()];
+    argv.extend(["--workspace-remap".into(), ws.into()]);
+    if let Some(p) = partition {
+        argv.extend(["--partition".into(), p.into()]);
+    }
+    argv.extend(nextest_args.into_iter().map(OsString::from));
+    argv
+}
+
 /// `cargo ktstr test --archive FILE`: extract, export the kernels, run
 /// `cargo-nextest nextest run --archive-file … --workspace-remap …`
 /// (no cargo needed), remove the extraction, exit with nextest's code.
@@ -332,12 +343,7 @@ pub fn run_archive(file: &Path, partition: Option<&str>, nextest_args: Vec<Strin
     for rel in workspace_layout(&x.path(&x.manifest.nextest_archive))?.1 {
         std::fs::create_dir_all(ws.join(rel))?;
     }
-    let mut argv: Vec<OsString> = vec!["nextest".into(), "run".into(), "--archive-file".into(), x.path(&x.manifest.nextest_archive).into()];
-    argv.extend(["--workspace-remap".into(), ws.clone().into()]);
-    if let Some(p) = partition {
-        argv.extend(["--partition".into(), p.into()]);
-    }
-    argv.extend(nextest_args.into_iter().map(OsString::from));
+    let argv = nextest_argv(&x.path(&x.manifest.nextest_archive), &ws, partition, nextest_args);
     let mut cmd = Command::new(&nextest);
     cmd.args(&argv).current_dir(&ws);
     cmd.env_remove("KTSTR_TEST_KERNEL").env_remove("KTSTR_KERNEL_LIST").env_remove("KTSTR_REPEAT");
@@ -451,6 +457,24 @@ mod tests {
         assert!(extract(&file).err().unwrap().to_string().contains("cargo ktstr archive"));
         std::fs::write(&file, b"plain text").unwrap();
         assert!(extract(&file).is_err());
+    }
+
+    /// Partitions and the gauntlet compose: the partition splits whatever
+    /// the gauntlet's filter selects (variants × kernels alike).
+    #[test]
+    fn archive_runs_partition_the_gauntlet_too() {
+        let g = crate::test_cmd::gauntlet_args(&["tiny".into()], &["--no-fail-fast".into()]);
+        let argv: Vec<String> = nextest_argv(Path::new("/x/n.tar.zst"), Path::new("/x/ws"), Some("count:2/4"), g)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            argv,
+            [
+                "nextest", "run", "--archive-file", "/x/n.tar.zst", "--workspace-remap", "/x/ws", "--partition", "count:2/4",
+                "--run-ignored", "only", "-E", &crate::test_cmd::gauntlet_filter(&["tiny".into()]), "--no-fail-fast"
+            ]
+        );
     }
 
     #[test]
