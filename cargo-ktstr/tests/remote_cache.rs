@@ -93,7 +93,7 @@ fn second_runner_downloads_instead_of_building() {
         assert!(x == y, "{f} differs between the runners");
     }
     // Only whole entries land locally: no temp dirs left in B's cache.
-    assert_eq!(fixture::entries(&cb), [key.clone()]);
+    assert_eq!(fixture::entries(&cb), std::slice::from_ref(&key));
 
     let again = run(&m, &url, &cb, &["kernel", "build", spec]);
     ok(&again);

@@ -6,6 +6,7 @@
 //! - `cargo ktstr archive` on two kernels, then two partitions of it run
 //!   in a clean directory with no workspace and no cargo on PATH: together
 //!   they run every test × kernel exactly once, with a plain run's results.
+//!
 //! Slow (kernel boots, a crate build): only with KTSTR_SLOW_TESTS=1.
 
 mod fixture;

@@ -142,7 +142,7 @@ impl Manifest {
 #[derive(Debug)]
 pub enum Pulled {
     /// Downloaded, verified and stored in the local cache.
-    Hit { entry: CacheEntry, bytes: u64, elapsed: Duration },
+    Hit { entry: Box<CacheEntry>, bytes: u64, elapsed: Duration },
     /// No manifest under the key.
     Missing,
     /// A manifest whose objects are missing or do not verify; the reason.
@@ -413,7 +413,7 @@ impl Remote {
             return Ok(Pulled::Corrupt(format!("it is stale ({why})")));
         }
         let entry = cache.install(lock, &tmp, &staged, key)?;
-        Ok(Pulled::Hit { entry, bytes, elapsed: started.elapsed() })
+        Ok(Pulled::Hit { entry: Box::new(entry), bytes, elapsed: started.elapsed() })
     }
 
     /// Deletes the manifest (and objects) of `key`; for tests and tools.
