@@ -65,16 +65,15 @@ if command -v moto_server >/dev/null; then
 	KTSTR_MOTO_SERVER=$(command -v moto_server)
 else
 	MOTO_VENV=$CACHE/moto-venv
-	if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
-		if ! python3 -m venv --help >/dev/null 2>&1; then
+	# Made in place (a venv does not survive a move); the stamp marks it complete.
+	if [ ! -e "$MOTO_VENV/.ktstr-complete" ]; then
+		if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
 			SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
 			DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
 		fi
-		rm -rf "$MOTO_VENV.tmp" && python3 -m venv "$MOTO_VENV.tmp"
-		"$MOTO_VENV.tmp/bin/pip" install -q 'moto[server]'
-		rm -rf "$MOTO_VENV" && mv "$MOTO_VENV.tmp" "$MOTO_VENV"
-		# The venv's scripts name their interpreter by absolute path: fix it after the move.
-		sed -i "1s|$MOTO_VENV.tmp|$MOTO_VENV|" "$MOTO_VENV"/bin/*
+		rm -rf "$MOTO_VENV" && python3 -m venv "$MOTO_VENV"
+		"$MOTO_VENV/bin/pip" install -q 'moto[server]'
+		touch "$MOTO_VENV/.ktstr-complete"
 	fi
 	KTSTR_MOTO_SERVER=$MOTO_VENV/bin/moto_server
 fi
