@@ -243,7 +243,12 @@ impl Remote {
         let raw = match self.get(&rel) {
             Ok(b) => b,
             Err(e) if is_not_found(&e) => return Ok(None),
-            Err(e) => return Err(anyhow!("remote kernel cache {}: reading {rel}: {e}", self.cfg.url)),
+            Err(e) => {
+                return Err(anyhow!(
+                    "remote kernel cache {}: reading {rel}: {e} (check {ENDPOINT_ENV}/AWS_ENDPOINT_URL and the AWS_* credentials)",
+                    self.cfg.url
+                ))
+            }
         };
         let m: Manifest = match serde_json::from_slice(&raw) {
             Ok(m) => m,
