@@ -158,6 +158,11 @@ fn archive_partitions_run_every_test_once_without_a_workspace() {
     }
     want.insert("ktstr/host_side".into(), "PASS".into());
     assert_eq!(union, want);
+
+    // And the same as a plain run of the same suite on the same kernels, here.
+    let o = f.cargo_ktstr(&["test", "--kernel", TARBALL, "--kernel", deb.to_str().unwrap(), "--", "--no-fail-fast"]);
+    let plain: BTreeMap<String, String> = results(&text(&o)).into_iter().map(|(s, n)| (n, s)).collect();
+    assert_eq!(union, plain, "partitions vs a plain run");
 }
 
 /// `--remote-kernels`: the archive carries the kernel's key, not its files;
