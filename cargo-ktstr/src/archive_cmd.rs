@@ -369,6 +369,9 @@ pub fn run_archive(file: &Path, partition: Option<&str>, nextest_args: Vec<Strin
         if let Some(l) = &list {
             println!("KTSTR_KERNEL_LIST={l}");
         }
+        if let Some(s) = &x.manifest.schedulers {
+            println!("KTSTR_SCHEDULER_DIR={}", x.path(s).display());
+        }
         println!("exec: {} {}", nextest.display(), argv.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
         return Ok(0);
     }

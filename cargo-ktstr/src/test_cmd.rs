@@ -22,10 +22,11 @@ Examples:
   cargo ktstr test --kernel 6.12 --kernel ../linux --repeat 3 && cargo ktstr stats --compare 6.12 linux
   cargo ktstr test --kernel 6.12 --gauntlet                 # every test on every topology preset
   cargo ktstr test --kernel 6.12 --gauntlet tiny llc2 -- -E 'test(topology_matches_request)'
+  cargo ktstr test --archive suite.tar.zst --partition count:2/4   # a share of a `cargo ktstr archive`
 
 Everything after `--` goes to `cargo nextest run` untouched.
 Environment: KTSTR_KERNEL_PARALLELISM (kernels resolved at once, default: CPU count),
-KTSTR_CACHE_DIR, KTSTR_KERNEL_MIRROR, KTSTR_OFFLINE.";
+KTSTR_CACHE_DIR, KTSTR_KERNEL_MIRROR, KTSTR_OFFLINE, KTSTR_REMOTE_CACHE (docs/ci.md).";
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]

@@ -181,9 +181,18 @@ fn archive_with_remote_kernel_references() {
     let key = tarball_key(&f);
     let out_dir = tempfile::tempdir().unwrap();
     let suite = out_dir.path().join("suite.tar.zst");
+    // A stand-in scheduler binary (and a file that is not executable, left out).
+    let scheds = out_dir.path().join("scheds");
+    std::fs::create_dir(&scheds).unwrap();
+    std::fs::write(scheds.join("scx_fake"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(scheds.join("scx_fake"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(scheds.join("README"), "not a scheduler").unwrap();
     let mut c = f.cargo_ktstr_in(&fixture::test_cache());
     m.apply(&mut c, url);
-    let o = c.args(["archive", "--kernel", TARBALL, "--remote-kernels", "-o", suite.to_str().unwrap()]).output().unwrap();
+    let o = c
+        .args(["archive", "--kernel", TARBALL, "--remote-kernels", "--scheduler-dir", scheds.to_str().unwrap(), "-o", suite.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains(&format!("uploaded {key} to {url}")), "{}", text(&o));
     let mut names = Vec::new();
@@ -198,6 +207,8 @@ fn archive_with_remote_kernel_references() {
         names.push(n);
     }
     assert!(names.iter().all(|n| !n.starts_with("kernels/")), "no kernel files in the archive: {names:?}");
+    assert!(names.contains(&"schedulers/scx_fake".to_string()) && !names.iter().any(|n| n.ends_with("README")), "{names:?}");
+    assert!(names.contains(&"workspace/Cargo.toml".to_string()), "{names:?}");
     let am: serde_json::Value = serde_json::from_str(&manifest).unwrap();
     assert_eq!(am["kernels"][0]["key"], key.as_str(), "{manifest}");
     assert_eq!(am["kernels"][0]["remote"], url, "{manifest}");
@@ -224,5 +235,13 @@ fn archive_with_remote_kernel_references() {
     let rs = results(&out);
     assert_eq!(rs.len(), 3, "{rs:?}");
     assert!(rs.iter().all(|(s, _)| s == "PASS"), "{rs:?}");
-    assert_eq!(fixture::entries(&cache), [key]);
+    assert_eq!(fixture::entries(&cache), std::slice::from_ref(&key));
+    // The carried schedulers are what the test binaries search first.
+    let mut c = fixture::cargo_ktstr(&cache);
+    m.apply(&mut c, url);
+    let o = c.current_dir(elsewhere.path()).args(["test", "--archive", suite.to_str().unwrap(), "--print-env"]).output().unwrap();
+    let env = String::from_utf8_lossy(&o.stdout).into_owned();
+    let dir = env.lines().find_map(|l| l.strip_prefix("KTSTR_SCHEDULER_DIR=")).unwrap_or_else(|| panic!("{}", text(&o)));
+    assert!(dir.ends_with("/schedulers"), "{env}");
+    assert!(env.contains(&format!("KTSTR_KERNEL={}", cache.join(&key).join("bzImage").display())), "{env}");
 }
