@@ -457,10 +457,6 @@ impl Remote {
         v.sort();
         Ok(v)
     }
-
-    pub fn bucket(&self) -> &str {
-        &self.cfg.bucket
-    }
 }
 
 /// A few random bits for upload ids (two runners in one second and pid).
