@@ -4,7 +4,8 @@
 # fetches the Debian 6.12 cloud kernel, builds the ktstr 6.12 kernel and the
 # sched_ext example schedulers and the scx project's scx_bpfland and
 # scx_rusty, all cached under ~/.cache/ktstr (a second run reuses
-# everything). Exports DEB_KERNEL, KTSTR_KERNEL_DIR, SCX_BIN and SCX_RS_BIN
+# everything), and the moto S3 server for the remote-cache tests. Exports
+# DEB_KERNEL, KTSTR_KERNEL_DIR, SCX_BIN, SCX_RS_BIN and KTSTR_MOTO_SERVER
 # for the caller.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -59,6 +60,28 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
 
+# --- moto: the S3-compatible server the remote-cache tests start on 127.0.0.1
+step "moto"
+# A venv of our own (Debian's Python refuses system-wide pip installs);
+# an existing moto_server on PATH is used as is.
+if command -v moto_server >/dev/null; then
+	KTSTR_MOTO_SERVER=$(command -v moto_server)
+else
+	MOTO_VENV=$CACHE/moto-venv
+	# Made in place (a venv does not survive a move); the stamp marks it complete.
+	if [ ! -e "$MOTO_VENV/.ktstr-complete" ]; then
+		if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+			SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+			DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+		fi
+		rm -rf "$MOTO_VENV" && python3 -m venv "$MOTO_VENV"
+		"$MOTO_VENV/bin/pip" install -q 'moto[server]'
+		touch "$MOTO_VENV/.ktstr-complete"
+	fi
+	KTSTR_MOTO_SERVER=$MOTO_VENV/bin/moto_server
+fi
+echo "moto: $KTSTR_MOTO_SERVER"
+
 # --- The Debian 6.12 cloud kernel (prebuilt, no sched_ext) ----------------
 step "debian cloud kernel"
 DEB_DIR=$CACHE/debian
@@ -96,4 +119,4 @@ SCX_RS_BIN=$(JOBS=${JOBS:-$(nproc)} scripts/build-scx-rs.sh | tail -n1)
 echo "scx project schedulers: $SCX_RS_BIN"
 
 step_done
-export DEB_KERNEL KTSTR_KERNEL_DIR SCX_BIN SCX_RS_BIN
+export DEB_KERNEL KTSTR_KERNEL_DIR SCX_BIN SCX_RS_BIN KTSTR_MOTO_SERVER

@@ -7,6 +7,8 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use kernel_build::{Base, Cache, Options};
 
+use crate::remote_cmd;
+
 const EXAMPLES: &str = "\
 Examples:
   cargo ktstr kernel build 6.12                          # newest 6.12.x from kernel.org
@@ -20,11 +22,18 @@ Examples:
   cargo ktstr kernel list --json
   cargo ktstr kernel clean --keep 2
   cargo ktstr kernel clean --stale                       # entries a resolve will not reuse
+  KTSTR_REMOTE_CACHE=s3://ci-kernels/ktstr cargo ktstr kernel list --remote
+  cargo ktstr kernel push 6.12.117-tarball-585a4a0-x86_64-kc22c3df21   # upload a cached entry
+  cargo ktstr kernel pull 6.12.117-tarball-585a4a0-x86_64-kc22c3df21   # download one into the cache
 
 Spec forms: VERSION (6.12, 6.12.9, 6.13-rc3), RANGE (6.10..6.12), TARBALL (path or URL,
 .tar.xz/.tar.gz), git+URL#REF, PATH (source tree, image file, or a directory holding one),
 CACHE-KEY. Build prints `label=image` on stdout, one line per kernel; --dry-run prints
-`SPEC KEY hit|miss` instead.";
+`SPEC KEY hit|miss` instead.
+
+Remote cache: KTSTR_REMOTE_CACHE=s3://BUCKET/PREFIX (credentials from AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_REGION; a self-hosted store's URL in KTSTR_REMOTE_ENDPOINT or
+AWS_ENDPOINT_URL). A local miss downloads from it before building; a build is uploaded.";
 
 #[derive(Debug, Args)]
 #[command(after_help = EXAMPLES)]
@@ -42,6 +51,24 @@ pub enum KernelCommand {
         /// Print JSON (an array of metadata.json objects plus dir and disk size).
         #[arg(long)]
         json: bool,
+        /// List the remote cache (KTSTR_REMOTE_CACHE) instead: committed entries only.
+        #[arg(long)]
+        remote: bool,
+    },
+    /// Upload cached entries to the remote cache (KTSTR_REMOTE_CACHE).
+    Push {
+        /// Cache keys (see `kernel list`).
+        #[arg(value_name = "KEY", required = true)]
+        keys: Vec<String>,
+        /// Replace the remote entry even if one is there.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Download entries from the remote cache into the local one (verified).
+    Pull {
+        /// Cache keys (see `kernel list --remote`).
+        #[arg(value_name = "KEY", required = true)]
+        keys: Vec<String>,
     },
     /// Remove cached kernels (never ones whose lock is held).
     Clean {
@@ -111,6 +138,7 @@ impl CommonArgs {
         opts.offline = self.offline;
         opts.max_kernels = self.max_kernels;
         opts.quiet = self.quiet;
+        opts.remote = kernel_build::remote::Config::from_env()?;
         Ok(())
     }
 }
@@ -118,7 +146,10 @@ impl CommonArgs {
 pub fn run(args: KernelArgs) -> Result<()> {
     match args.command {
         KernelCommand::Build(b) => build(b),
-        KernelCommand::List { json } => list(json),
+        KernelCommand::List { json, remote: true } => remote_cmd::list(json),
+        KernelCommand::List { json, remote: false } => list(json),
+        KernelCommand::Push { keys, force } => remote_cmd::push(&keys, force),
+        KernelCommand::Pull { keys } => remote_cmd::pull(&keys),
         KernelCommand::Clean { keep, stale, keys } => clean(keep, stale, &keys),
     }
 }
@@ -157,7 +188,7 @@ fn build(b: BuildArgs) -> Result<()> {
     Ok(())
 }
 
-fn age(secs: u64) -> String {
+pub(crate) fn age(secs: u64) -> String {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let a = now.saturating_sub(secs);
     match a {
@@ -168,7 +199,7 @@ fn age(secs: u64) -> String {
     }
 }
 
-fn size(bytes: u64) -> String {
+pub(crate) fn size(bytes: u64) -> String {
     let mib = bytes as f64 / (1u64 << 20) as f64;
     if mib >= 1024.0 {
         format!("{:.1}G", mib / 1024.0)

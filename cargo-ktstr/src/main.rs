@@ -4,9 +4,11 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod archive_cmd;
 mod completions;
 mod export_cmd;
 mod kernel_cmd;
+mod remote_cmd;
 mod stats;
 mod stats_cmd;
 mod shell_cmd;
@@ -41,6 +43,8 @@ pub struct Cli {
 pub enum Command {
     /// Resolve kernels, then run `cargo nextest run` with them.
     Test(test_cmd::TestArgs),
+    /// One file with the test binaries, kernels and schedulers, for `test --archive` elsewhere.
+    Archive(archive_cmd::ArchiveArgs),
     /// Build, list and clean cached kernels.
     Kernel(kernel_cmd::KernelArgs),
     /// Write a self-contained NAME.run reproducer of one test.
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(args());
     let res = match cli.command {
         Command::Test(t) => test_cmd::run(t),
+        Command::Archive(a) => archive_cmd::run(a),
         Command::Kernel(k) => kernel_cmd::run(k).map(|()| 0),
         Command::Export(e) => export_cmd::run(e),
         Command::Stats(s) => stats_cmd::run(s),

@@ -22,10 +22,11 @@ Examples:
   cargo ktstr test --kernel 6.12 --kernel ../linux --repeat 3 && cargo ktstr stats --compare 6.12 linux
   cargo ktstr test --kernel 6.12 --gauntlet                 # every test on every topology preset
   cargo ktstr test --kernel 6.12 --gauntlet tiny llc2 -- -E 'test(topology_matches_request)'
+  cargo ktstr test --archive suite.tar.zst --partition count:2/4   # a share of a `cargo ktstr archive`
 
 Everything after `--` goes to `cargo nextest run` untouched.
 Environment: KTSTR_KERNEL_PARALLELISM (kernels resolved at once, default: CPU count),
-KTSTR_CACHE_DIR, KTSTR_KERNEL_MIRROR, KTSTR_OFFLINE.";
+KTSTR_CACHE_DIR, KTSTR_KERNEL_MIRROR, KTSTR_OFFLINE, KTSTR_REMOTE_CACHE (docs/ci.md).";
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]
@@ -52,6 +53,13 @@ pub struct TestArgs {
     /// arguments narrows it further.
     #[arg(long, value_name = "PRESET", num_args = 0.., value_delimiter = ',')]
     pub gauntlet: Option<Vec<String>>,
+    /// Run the tests of a `cargo ktstr archive` file (no sources, cargo or
+    /// kernel build needed); conflicts with --kernel, -p and --release.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernels", "packages", "release", "repeat"])]
+    pub archive: Option<PathBuf>,
+    /// nextest partition of the archive's tests, e.g. `count:2/4` or `hash:1/3`.
+    #[arg(long, value_name = "PART", requires = "archive")]
+    pub partition: Option<String>,
     /// Print the environment and the nextest command instead of running it.
     #[arg(long, hide = true)]
     pub print_env: bool,
@@ -85,10 +93,31 @@ pub struct Handoff {
     pub id: String,
 }
 
-/// Resolved kernels → env vars. The same image named twice collapses;
-/// distinct kernels whose labels sanitize alike each get `_{hash6}` of
-/// their id (design.md: labels are unique within one run).
+impl Handoff {
+    pub fn of(spec: &str, k: &ResolvedKernel) -> Handoff {
+        Handoff {
+            spec: spec.to_string(),
+            label: k.label.clone(),
+            image: k.image.clone(),
+            id: k.cache_key.clone().unwrap_or_else(|| k.image.display().to_string()),
+        }
+    }
+}
+
+/// Resolved kernels → env vars (see [`unique_kernels`]).
 pub fn kernel_env(kernels: &[Handoff]) -> Result<KernelEnv> {
+    let uniq = unique_kernels(kernels)?;
+    let mut env = KernelEnv { kernel: uniq.first().map(|k| k.image.clone()), list: None };
+    if uniq.len() >= 2 {
+        env.list = Some(uniq.iter().map(|k| format!("{}={}", k.label, k.image.display())).collect::<Vec<_>>().join(";"));
+    }
+    Ok(env)
+}
+
+/// The kernels a run exports, in order: the same image named twice
+/// collapses; distinct kernels whose labels sanitize alike each get
+/// `_{hash6}` of their id (design.md: labels are unique within one run).
+pub fn unique_kernels(kernels: &[Handoff]) -> Result<Vec<Handoff>> {
     let mut distinct: Vec<Handoff> = Vec::new();
     for k in kernels {
         if !distinct.iter().any(|u| u.image == k.image) {
@@ -121,15 +150,11 @@ pub fn kernel_env(kernels: &[Handoff]) -> Result<KernelEnv> {
         }
         uniq.push(k);
     }
-    let mut env = KernelEnv { kernel: uniq.first().map(|k| k.image.clone()), list: None };
-    if uniq.len() >= 2 {
-        env.list = Some(uniq.iter().map(|k| format!("{}={}", k.label, k.image.display())).collect::<Vec<_>>().join(";"));
-    }
-    Ok(env)
+    Ok(uniq.into_iter().cloned().collect())
 }
 
 /// `KTSTR_KERNEL_PARALLELISM`, else the CPU count.
-fn parallelism() -> Result<usize> {
+pub fn parallelism() -> Result<usize> {
     match std::env::var("KTSTR_KERNEL_PARALLELISM") {
         Ok(v) if !v.is_empty() => match v.parse::<usize>() {
             Ok(n) if n > 0 => Ok(n),
@@ -377,16 +402,15 @@ pub fn run(args: TestArgs) -> Result<i32> {
     }
     let mut opts = Options { mirror: args.mirror.clone(), ..Options::default() };
     args.common.apply(&mut opts)?;
+    if let Some(file) = &args.archive {
+        let nextest_args = match &args.gauntlet {
+            Some(presets) => gauntlet_args(presets, &args.nextest_args),
+            None => args.nextest_args.clone(),
+        };
+        return crate::archive_cmd::run_archive(file, args.partition.as_deref(), nextest_args, &opts, args.print_env);
+    }
     let kernels = if args.kernels.is_empty() { Vec::new() } else { resolve_all(&args.kernels, &opts, parallelism()?)? };
-    let handoff: Vec<Handoff> = kernels
-        .iter()
-        .map(|(s, k)| Handoff {
-            spec: s.clone(),
-            label: k.label.clone(),
-            image: k.image.clone(),
-            id: k.cache_key.clone().unwrap_or_else(|| k.image.display().to_string()),
-        })
-        .collect();
+    let handoff: Vec<Handoff> = kernels.iter().map(|(s, k)| Handoff::of(s, k)).collect();
     let env = kernel_env(&handoff)?;
 
     let mut cmd = Command::new(cargo());
@@ -494,6 +518,8 @@ mod tests {
             print_env: false,
             gauntlet: None,
             repeat: 1,
+            archive: None,
+            partition: None,
             common: crate::kernel_cmd::CommonArgs { extra_kconfig: None, offline: false, max_kernels: 16, quiet: false },
             nextest_args: vec![],
         }

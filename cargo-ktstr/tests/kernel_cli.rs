@@ -3,10 +3,10 @@
 
 mod fixture;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use fixture::{entries, git};
+use fixture::{entries, fake_tree, git, tagged_fake_repo};
 
 fn ktstr(cache: &Path, args: &[&str]) -> Output {
     fixture::cargo_ktstr(cache).args(args).output().expect("run cargo-ktstr")
@@ -197,29 +197,6 @@ fn crc32fast_hash(b: &[u8]) -> u32 {
     !crc
 }
 
-/// A dirty (non-git) source tree whose `make` is a stand-in: each configure
-/// and build step appends `start`/`end` around a sleep to `record`, so
-/// two builds running at once show up as two `start`s in a row.
-fn fake_tree(dir: &Path, record: &Path) {
-    std::fs::create_dir_all(dir.join("scripts/kconfig")).unwrap();
-    std::fs::write(dir.join("Kconfig"), "").unwrap();
-    let step = |what: &str, secs: &str| {
-        format!("\t@echo '{what} start' >> {r}\n\t@sleep {secs}\n\t@echo '{what} end' >> {r}\n", r = record.display())
-    };
-    let makefile = format!(
-        "VERSION = 6\nPATCHLEVEL = 12\nSUBLEVEL = 0\nEXTRAVERSION =\n\n\
-         tinyconfig defconfig:\n{}\t@echo '# fake' > .config\n\n\
-         olddefconfig:\n{}\n\
-         bzImage:\n{}\t@mkdir -p arch/x86/boot && echo image > arch/x86/boot/bzImage\n",
-        step("config", "0.2"),
-        step("olddefconfig", "0.3"),
-        step("build", "1.5"),
-    );
-    std::fs::write(dir.join("Makefile"), makefile).unwrap();
-    // merge_config.sh -m .config FRAGMENT: the fragment wins by coming last.
-    std::fs::write(dir.join("scripts/kconfig/merge_config.sh"), "cat \"$3\" >> \"$2\"\n").unwrap();
-}
-
 /// `start`/`end` lines of the fake tree's record, checked for overlap.
 fn steps(record: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(record).unwrap_or_default();
@@ -354,21 +331,6 @@ fn built(out: &Output) -> (String, std::path::PathBuf, String) {
     let image = std::path::PathBuf::from(image);
     let key = image.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
     (label.to_string(), image, key)
-}
-
-/// A fake kernel tree committed to a git repo at `{dir}/linux` and tagged
-/// `v6.12`, with the record file its stand-in `make` writes and a cache
-/// dir: `(repo, record, cache)`.
-fn tagged_fake_repo(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let (repo, record, cache) = (dir.join("linux"), dir.join("record"), dir.join("cache"));
-    fake_tree(&repo, &record);
-    // What a kernel tree's own .gitignore does for its build outputs.
-    std::fs::write(repo.join(".gitignore"), "/.config\n/arch/\n/.ktstr-*\n").unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    git(&repo, &["add", "-A", "."]);
-    git(&repo, &["commit", "-q", "-m", "import"]);
-    git(&repo, &["tag", "-a", "v6.12", "-m", "v6.12"]);
-    (repo, record, cache)
 }
 
 /// Git tags and branches, clean and dirty trees, on a stand-in kernel tree

@@ -436,6 +436,21 @@ impl Cache {
         Ok(CacheEntry { key: meta.key.clone(), dir: dest, meta })
     }
 
+    /// Puts a complete entry directory `staged` (inside `tmp`, e.g. a
+    /// verified download) in place as `key`, like [`Cache::store`] does a
+    /// build: one rename, under the caller's exclusive lock.
+    pub fn install(&self, _lock: &EntryLock, tmp: &TempBuild, staged: &Path, key: &str) -> Result<CacheEntry> {
+        let meta: Metadata = serde_json::from_slice(&std::fs::read(staged.join(METADATA))?)
+            .with_context(|| format!("{}: metadata.json does not parse", staged.display()))?;
+        File::open(staged)?.sync_all().ok();
+        let dest = self.entry_dir(key);
+        if dest.exists() {
+            std::fs::rename(&dest, tmp.dir.join("old"))?;
+        }
+        std::fs::rename(staged, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
+        Ok(CacheEntry { key: key.to_string(), dir: dest, meta })
+    }
+
     /// Every complete entry, newest first.
     pub fn list(&self) -> Result<Vec<CacheEntry>> {
         let mut out = Vec::new();

@@ -19,6 +19,8 @@ pub mod label;
 #[cfg(feature = "fetch")]
 pub mod mirror;
 pub mod progress;
+#[cfg(feature = "fetch")]
+pub mod remote;
 pub mod spec;
 pub mod tree;
 
@@ -67,6 +69,11 @@ pub const OFFLINE_ENV: &str = "KTSTR_OFFLINE";
 
 /// The [`fetch::Unreachable`] in `e`'s chain as text, else its root cause.
 #[cfg(feature = "fetch")]
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(feature = "fetch")]
 fn fetch_cause(e: &anyhow::Error) -> String {
     e.chain().find(|c| c.is::<fetch::Unreachable>()).unwrap_or(e.root_cause()).to_string()
 }
@@ -113,6 +120,9 @@ pub struct Options {
     pub max_kernels: usize,
     /// Hide the per-kernel progress line (`--quiet`); notes and errors remain.
     pub quiet: bool,
+    /// The remote cache (`KTSTR_REMOTE_CACHE`): a local miss looks there
+    /// before building, and a build is uploaded there.
+    pub remote: Option<remote::Config>,
 }
 
 #[cfg(feature = "fetch")]
@@ -129,6 +139,7 @@ impl Default for Options {
             offline: false,
             max_kernels: DEFAULT_MAX_KERNELS,
             quiet: false,
+            remote: None,
         }
     }
 }
@@ -220,6 +231,7 @@ struct Resolver<'a> {
     opts: &'a Options,
     cache: Cache,
     make: build::Make,
+    remote: Option<remote::Remote>,
 }
 
 /// Work for one cacheable kernel.
@@ -247,7 +259,8 @@ enum Pinned {
 impl<'a> Resolver<'a> {
     fn new(raw: &'a str, opts: &'a Options) -> Result<Self> {
         let cache = Cache::open(opts.cache_root.as_deref())?;
-        Ok(Resolver { raw, opts, cache, make: build::Make::new(opts.jobs, opts.ccache) })
+        let remote = opts.remote.clone().map(remote::Remote::new).transpose()?;
+        Ok(Resolver { raw, opts, cache, make: build::Make::new(opts.jobs, opts.ccache), remote })
     }
 
     fn resolve(&self, spec: &KernelSpec) -> Result<Vec<ResolvedKernel>> {
@@ -658,10 +671,21 @@ impl<'a> Resolver<'a> {
                 return Err(ResolveError::Stale { key: key.to_string(), reason }.into());
             }
         }
-        match self.hit(key, &label::cache_key_label(key))? {
-            Some(r) => Ok(r),
-            None => Err(ResolveError::NotCached { key: key.to_string(), root: self.cache.root().to_path_buf() }.into()),
+        let label = label::cache_key_label(key);
+        if let Some(r) = self.hit(key, &label)? {
+            return Ok(r);
         }
+        if self.remote.is_some() {
+            let lock = self.cache.lock_exclusive(key)?;
+            if !self.is_hit(key) {
+                self.pull_remote(&lock, key);
+            }
+            drop(lock);
+            if let Some(r) = self.hit(key, &label)? {
+                return Ok(r);
+            }
+        }
+        Err(ResolveError::NotCached { key: key.to_string(), root: self.cache.root().to_path_buf() }.into())
     }
 
     /// An entry found by [`Resolver::cached_version`], under a shared lock.
@@ -687,6 +711,53 @@ impl<'a> Resolver<'a> {
             built: false,
             lock: Some(Arc::new(lock)),
         }))
+    }
+
+    /// A local miss, under the exclusive `lock` on `key`: downloads the
+    /// remote cache's entry into the local cache when it has a good one.
+    /// Returns whether the remote had a corrupt entry (to be replaced by
+    /// the upload after the build). Every failure is one line, never fatal:
+    /// the caller builds instead.
+    fn pull_remote(&self, lock: &EntryLock, key: &str) -> bool {
+        let Some(r) = &self.remote else { return false };
+        match r.pull(&self.cache, lock, key) {
+            Ok(remote::Pulled::Hit { bytes, elapsed, .. }) => {
+                note(format!(
+                    "kernel {key}: from remote cache {}, no build ({:.1} MiB in {:.1}s)",
+                    r.url(),
+                    bytes as f64 / (1u64 << 20) as f64,
+                    elapsed.as_secs_f64()
+                ));
+                false
+            }
+            Ok(remote::Pulled::Missing) => false,
+            Ok(remote::Pulled::Corrupt(why)) => {
+                note(format!("warning: ignoring remote cache entry {}/{key}: {why}; building it", r.url()));
+                true
+            }
+            Err(e) => {
+                note(format!("warning: remote cache {} unusable ({}); building {key} locally", r.url(), one_line(&format!("{e:#}"))));
+                false
+            }
+        }
+    }
+
+    /// Uploads a fresh build; a failure is a one-line warning (the run goes on).
+    fn push_remote(&self, entry: &CacheEntry, replace: bool) {
+        let Some(r) = &self.remote else { return };
+        match r.push(entry, replace) {
+            Ok(remote::Pushed::Uploaded { bytes, elapsed }) => progress::done(format!(
+                "uploaded {} to remote cache {} ({:.1} MiB in {:.1}s)",
+                entry.key,
+                r.url(),
+                bytes as f64 / (1u64 << 20) as f64,
+                elapsed.as_secs_f64()
+            )),
+            Ok(remote::Pushed::AlreadyThere) => {
+                progress::done(format!("remote cache {} already has {} (another runner uploaded it first)", r.url(), entry.key))
+            }
+            Err(e) => note(format!("warning: uploading {} to remote cache {} failed: {}", entry.key, r.url(), one_line(&format!("{e:#}")))),
+        }
     }
 
     fn is_hit(&self, key: &str) -> bool {
@@ -751,6 +822,15 @@ impl<'a> Resolver<'a> {
                 break l;
             }
         };
+        // Local miss: another runner may have built it already.
+        let remote_corrupt = !self.opts.force && self.pull_remote(&lock, &job.key);
+        if !self.opts.force && self.is_hit(&job.key) {
+            drop(lock);
+            if let Some(r) = self.hit(&job.key, &job.label)? {
+                return Ok(r);
+            }
+            bail!("cache entry {} vanished right after its download (removed by `kernel clean`?)", job.key);
+        }
         // Say why an old build of the same source is not reused (it never is).
         for e in self.cache.list().unwrap_or_default() {
             if let (true, Some(why)) = (e.meta.source == job.source, e.meta.stale_reason()) {
@@ -804,6 +884,8 @@ impl<'a> Resolver<'a> {
         self.cache.record_duration(&label_id, started.elapsed().as_secs_f64());
         progress::done(format!("cached {} in {}: {}", entry.key, progress::short_duration(started.elapsed()), entry.dir.display()));
         drop(tmp);
+        // After the exclusive lock is gone: local waiters take the entry meanwhile.
+        self.push_remote(&entry, remote_corrupt);
         Ok(ResolvedKernel {
             label: job.label,
             image: entry.image(),
