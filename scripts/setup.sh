@@ -75,7 +75,7 @@ else
 			DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
 		fi
 		rm -rf "$MOTO_VENV" && python3 -m venv "$MOTO_VENV"
-		"$MOTO_VENV/bin/pip" install -q 'moto[server]'
+		"$MOTO_VENV/bin/pip" install -q 'moto[server]==5.2.5'  # pinned: the version the tests were proven with
 		touch "$MOTO_VENV/.ktstr-complete"
 	fi
 	KTSTR_MOTO_SERVER=$MOTO_VENV/bin/moto_server
