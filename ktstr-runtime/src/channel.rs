@@ -34,6 +34,9 @@ pub mod kind {
     pub const OUTPUT: u32 = 5;
     /// `cargo ktstr shell`: the shell's or command's exit status, decimal.
     pub const SHELL_EXIT: u32 = 6;
+    /// The guest reached the snapshot ready point and waits on the inbox
+    /// (`crate::snapshot::payload`).
+    pub const READY: u32 = 7;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +209,12 @@ impl GuestChannel {
         let mut ch = Self { map: map as *mut u8, len, committed: 0 };
         Writer::init(ch.region());
         Ok(ch)
+    }
+
+    /// The mapped region (header included) for the snapshot inbox, which
+    /// shares it while the uplink is idle.
+    pub fn raw(&self) -> (*mut u8, usize) {
+        (self.map, self.len)
     }
 
     fn region(&mut self) -> &mut [u8] {
