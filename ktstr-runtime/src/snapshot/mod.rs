@@ -174,20 +174,40 @@ fn file_sha(path: &Path) -> std::io::Result<(String, u64)> {
     Ok((h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect(), len))
 }
 
-fn file_crc(path: &Path) -> std::io::Result<(u32, u64)> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
+/// CRC32 of the data extents of `paths` (with their offsets), and the
+/// bytes read: holes in the RAM files cost nothing.
+fn files_crc(paths: &[PathBuf]) -> std::io::Result<(u32, u64)> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
     let mut h = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok((h.finalize(), len));
+    let mut read = 0u64;
+    for p in paths {
+        let f = std::fs::File::open(p)?;
+        let len = f.metadata()?.len();
+        h.update(&len.to_le_bytes());
+        let mut pos = 0i64;
+        while (pos as u64) < len {
+            // SAFETY: lseek on our own descriptor.
+            let data = unsafe { libc::lseek(f.as_raw_fd(), pos, libc::SEEK_DATA) };
+            if data < 0 {
+                break; // ENXIO: only a hole is left
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) }.max(data);
+            h.update(&data.to_le_bytes());
+            let mut off = data as u64;
+            while off < hole as u64 {
+                let n = buf.len().min((hole as u64 - off) as usize);
+                f.read_exact_at(&mut buf[..n], off)?;
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+            read += hole as u64 - data as u64;
+            pos = hole;
         }
-        h.update(&buf[..n]);
-        len += n as u64;
     }
+    Ok((h.finalize(), read))
 }
 
 /// The VM a save of `def` on `image` is made from and restored into.
@@ -245,7 +265,8 @@ impl KeyInputs {
 pub struct Meta {
     pub key: String,
     pub inputs: KeyInputs,
-    /// CRC32 and length of `state`: a corrupt save is never restored.
+    /// CRC32 of `state` and the RAM files' data, and how many bytes that
+    /// is: a corrupt save is never restored.
     pub state_crc: String,
     pub state_len: u64,
     /// Seconds from QEMU's start to the ready point, and to write the state.
@@ -269,6 +290,10 @@ impl Entry {
     }
     pub fn meta_path(&self) -> PathBuf {
         self.dir.join("meta.json")
+    }
+    /// The files a restore reads: the state, then each node's RAM.
+    pub fn files(&self, numa_nodes: u32) -> Vec<PathBuf> {
+        std::iter::once(self.state()).chain((0..numa_nodes).map(|n| self.dir.join(format!("ram{n}")))).collect()
     }
     pub fn meta(&self) -> Option<Meta> {
         serde_json::from_slice(&std::fs::read(self.meta_path()).ok()?).ok()
@@ -295,15 +320,10 @@ impl Entry {
         if !self.initrd().is_file() {
             return Err(Some(format!("{} is missing", self.initrd().display())));
         }
-        match file_crc(&self.state()) {
-            Ok((crc, len)) if format!("{crc:08x}") == meta.state_crc && len == meta.state_len => {
-                Ok(())
-            }
-            Ok(_) => Err(Some(format!(
-                "{} fails its checksum (corrupt)",
-                self.state().display()
-            ))),
-            Err(e) => Err(Some(format!("reading {}: {e}", self.state().display()))),
+        match files_crc(&self.files(inputs.numa_nodes)) {
+            Ok((crc, len)) if format!("{crc:08x}") == meta.state_crc && len == meta.state_len => Ok(()),
+            Ok(_) => Err(Some(format!("{} fails its checksum (corrupt)", self.dir.display()))),
+            Err(e) => Err(Some(format!("reading {}: {e}", self.dir.display()))),
         }
     }
 }
@@ -478,8 +498,7 @@ fn create(
             r.console_tail(5)
         ));
     }
-    let (crc, len) =
-        file_crc(&staged.state()).map_err(|e| format!("reading the new state: {e}"))?;
+    let (crc, len) = files_crc(&staged.files(inputs.numa_nodes)).map_err(|e| format!("reading the new save: {e}"))?;
     let save = r.timings.snapshot.unwrap_or_default();
     let meta = Meta {
         key: inputs.key(),
@@ -613,7 +632,12 @@ mod tests {
         std::fs::write(e.state(), b"QEVM state").unwrap();
         std::fs::write(e.initrd(), b"cpio").unwrap();
         assert!(e.check(&inputs).unwrap_err().unwrap().contains("meta.json"));
-        let (crc, len) = file_crc(&e.state()).unwrap();
+        // A RAM file with a hole before and after its data.
+        let ram = std::fs::File::create(e.dir.join("ram0")).unwrap();
+        ram.set_len(64 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&ram, &[7u8; 4096], 32 << 20).unwrap();
+        let (crc, len) = files_crc(&e.files(1)).unwrap();
+        assert!(len < 1 << 20, "holes are not read: {len}");
         let meta = Meta {
             key: inputs.key(),
             inputs: inputs.clone(),
@@ -630,8 +654,14 @@ mod tests {
             ..inputs.clone()
         };
         assert!(e.check(&other).unwrap_err().unwrap().contains("stale"));
+        std::os::unix::fs::FileExt::write_all_at(&ram, &[8u8], 32 << 20).unwrap();
+        assert!(e.check(&inputs).unwrap_err().unwrap().contains("corrupt"), "a changed RAM byte");
+        std::os::unix::fs::FileExt::write_all_at(&ram, &[7u8], 32 << 20).unwrap();
+        assert_eq!(e.check(&inputs), Ok(()));
         std::fs::write(e.state(), b"QEVM stbte").unwrap();
         assert!(e.check(&inputs).unwrap_err().unwrap().contains("corrupt"));
+        std::fs::remove_file(e.dir.join("ram0")).unwrap();
+        assert!(e.check(&inputs).unwrap_err().unwrap().contains("reading"));
     }
 
     #[test]

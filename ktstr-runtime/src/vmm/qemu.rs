@@ -177,9 +177,10 @@ pub fn args(cfg: &VmConfig, dir: &Path, threads: TcgThread, boot: BootCpus) -> V
         a.push("-initrd".into());
         a.push(i.display().to_string());
     }
-    if let super::Start::Restore { state, .. } = &cfg.start {
-        // Paused after loading: the inbox gets its first chunk before the guest runs.
-        a.extend(["-S".into(), "-incoming".into(), format!("exec:cat {}", shell_quote(&state.display().to_string()))]);
+    if let super::Start::Restore { .. } = &cfg.start {
+        // Paused after loading: the inbox gets its first chunk before the
+        // guest runs. `defer`: the capabilities go first ([`restore`]).
+        a.extend(["-S".into(), "-incoming".into(), "defer".into()]);
     }
     // Extra QEMU arguments for debugging (`-d int`, `-icount ...`), split on spaces.
     if let Ok(extra) = std::env::var(QEMU_ARGS_ENV) {
@@ -231,6 +232,14 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         .prefix("ktstr-vm-")
         .tempdir_in(if shm.is_dir() { shm } else { Path::new("/tmp") })
         .context("creating the VM's scratch directory")?;
+    if let super::Start::Restore { state, .. } = &cfg.start {
+        let t0 = Instant::now();
+        copy_ram(cfg, state.parent().unwrap_or(Path::new(".")), dir.path())
+            .map_err(|e| VmError::Snapshot(format!("copying the saved guest RAM: {e}")))?;
+        if std::env::var_os("KTSTR_SNAPSHOT_TRACE").is_some() {
+            eprintln!("ktstr: trace: RAM copied in {:?}", t0.elapsed());
+        }
+    }
     let mut cmd = Command::new(QEMU);
     cmd.args(args(cfg, dir.path(), threads, boot_cpus)).stdout(Stdio::piped()).stderr(Stdio::piped());
     match &cfg.console {
@@ -395,7 +404,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         if let (super::Start::Save { state }, Some(q)) = (&cfg.start, qmp.as_mut()) {
             if channel_has(&ram, offset, channel::kind::READY) {
                 let t0 = Instant::now();
-                let r = save(q, state);
+                let r = save(q, state).and_then(|()| {
+                    copy_ram(cfg, dir.path(), state.parent().unwrap_or(Path::new(".")))
+                        .map_err(|e| format!("copying guest RAM: {e}"))
+                });
                 kill(&mut child);
                 let _ = child.wait();
                 if let Err(e) = r {
@@ -537,6 +549,61 @@ fn channel_has(ram: &Path, offset: u64, kind: u32) -> bool {
         .is_some_and(|m| m.iter().any(|m| m.kind == kind))
 }
 
+/// Copies the guest RAM files (`ram{node}`) from `from` to `to`, holes
+/// and all: a saved guest touched a fraction of its memory.
+pub fn copy_ram(cfg: &VmConfig, from: &Path, to: &Path) -> std::io::Result<()> {
+    for n in 0..cfg.topology.numa_nodes {
+        let name = format!("ram{n}");
+        sparse_copy(&from.join(&name), &to.join(&name))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{} to {}: {e}", from.join(&name).display(), to.display())))?;
+    }
+    Ok(())
+}
+
+/// Copies the data extents of `src` (found with SEEK_DATA/SEEK_HOLE) into
+/// a new `dst` of the same length; the holes stay holes.
+pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let from = std::fs::File::open(src)?;
+    let len = from.metadata()?.len();
+    let to = std::fs::File::create(dst)?;
+    to.set_len(len)?;
+    let fd = from.as_raw_fd();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0i64;
+    while (pos as u64) < len {
+        // SAFETY: lseek on our own descriptor.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data past `pos`.
+            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(()) } else { Err(e) };
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut off = data as u64;
+        while off < hole as u64 {
+            let n = buf.len().min((hole as u64 - off) as usize);
+            from.read_exact_at(&mut buf[..n], off)?;
+            to.write_all_at(&buf[..n], off)?;
+            off += n as u64;
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
+/// Guest RAM (the shared memory-backend files) stays out of the stream:
+/// a save keeps a copy of the files ([`copy_ram`]), a restore its own copy.
+fn ignore_shared(q: &mut Qmp) -> Result<(), String> {
+    let caps = serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+    q.execute("migrate-set-capabilities", Some(caps), QMP_REPLY).map(drop)
+}
+
 /// Pauses the guest and writes its state to `state`: QEMU streams it to
 /// `cat`, which writes a `.part` file that is renamed into place once
 /// complete (QEMU reports completion when the pipe took the last byte,
@@ -550,6 +617,7 @@ fn save(q: &mut Qmp, state: &Path) -> Result<(), String> {
         QMP_REPLY,
     )?;
     q.execute("stop", None, QMP_REPLY)?;
+    ignore_shared(q)?;
     let uri = format!(
         "exec:cat > {p} && mv {p} {s}",
         p = shell_quote(&part.display().to_string()),
@@ -626,6 +694,10 @@ fn restore(
         }
         std::thread::sleep(POLL);
     };
+    let super::Start::Restore { state, .. } = &cfg.start else { return Err("not a restore".into()) };
+    ignore_shared(&mut q)?;
+    let uri = format!("exec:cat {}", shell_quote(&state.display().to_string()));
+    q.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })), QMP_REPLY)?;
     loop {
         if let Some(e) = exited(child) {
             return Err(e);
