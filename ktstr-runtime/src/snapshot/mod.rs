@@ -41,7 +41,7 @@ pub const ENV: &str = "KTSTR_SNAPSHOT";
 /// Whether snapshots are used without `KTSTR_SNAPSHOT`.
 pub const DEFAULT_ON: bool = false;
 /// The directory under the kernel cache root.
-pub const DIR: &str = ".snapshots";
+pub const DIR: &str = kernel_build::cache::SNAPSHOT_DIR;
 /// Bumped when the layout of a save or its key changes.
 const SCHEMA: u32 = 1;
 /// How long a test waits for another test that is writing the save it needs.
@@ -358,32 +358,23 @@ pub fn run(
     let t0 = Instant::now();
     let mut created = false;
     loop {
-        if let Some(shared) =
-            kernel_build::cache::try_lock_entry_shared(&entry.dir).map_err(|e| format!("{e:#}"))?
-        {
+        if let Some(shared) = kernel_build::cache::try_lock_entry_shared(&entry.dir).map_err(|e| format!("{e:#}"))? {
             match entry.check(&inputs) {
-                Ok(()) => {
-                    return restore(def, image, &entry, payload, shared).map(|r| (r, created))
+                Ok(()) => return restore(def, image, &entry, payload, shared).map(|r| (r, created)),
+                Err(Some(why)) if created => return Err(format!("the save just written is unusable: {why}")),
+                Err(Some(why)) => {
+                    // Stale or corrupt: this test boots cold, the next writes it again.
+                    drop(shared);
+                    discard(&entry);
+                    return Err(format!("{why}; removed it"));
                 }
-                Err(Some(why)) if created => {
-                    return Err(format!("the save just written is unusable: {why}"))
-                }
-                Err(_) => drop(shared),
+                Err(None) => drop(shared),
             }
-            if let Some(excl) = cache
-                .try_lock_exclusive(&key)
-                .map_err(|e| format!("{e:#}"))?
-            {
+            if let Some(excl) = cache.try_lock_exclusive(&key).map_err(|e| format!("{e:#}"))? {
                 // Another test may have written it between our two locks.
-                match entry.check(&inputs) {
-                    Ok(()) => {}
-                    Err(why) => {
-                        if let Some(why) = why {
-                            eprintln!("ktstr: snapshot {key}: {why}; writing it again");
-                        }
-                        create(def, image, &entry, &inputs, &excl)?;
-                        created = true;
-                    }
+                if entry.check(&inputs).is_err() {
+                    create(def, image, &entry, &inputs, &excl)?;
+                    created = true;
                 }
                 drop(excl);
                 continue;
@@ -397,6 +388,26 @@ pub fn run(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Removes a save nobody else uses (a test restoring it keeps it alive).
+fn discard(entry: &Entry) {
+    let Some(key) = entry.dir.file_name().map(|k| k.to_string_lossy().into_owned()) else { return };
+    if let Ok(Some(_x)) = Cache::at(entry.dir.parent()).try_lock_exclusive(&key) {
+        let _ = std::fs::remove_dir_all(&entry.dir);
+    }
+}
+
+/// Recomputes a save's checksum after its files were changed on purpose
+/// (tests that need a save QEMU cannot load but the checksum accepts).
+pub fn reseal(dir: &Path) -> Result<(), String> {
+    let entry = Entry { dir: dir.to_path_buf() };
+    let mut meta = entry.meta().ok_or_else(|| format!("{}: no readable meta.json", dir.display()))?;
+    let (crc, len) = files_crc(&entry.files(meta.inputs.numa_nodes)).map_err(|e| format!("{}: {e}", dir.display()))?;
+    meta.state_crc = format!("{crc:08x}");
+    meta.state_len = len;
+    std::fs::write(entry.meta_path(), serde_json::to_vec_pretty(&meta).unwrap_or_default())
+        .map_err(|e| format!("writing {}: {e}", entry.meta_path().display()))
 }
 
 fn restore(
@@ -423,11 +434,7 @@ fn restore(
         Err(VmError::Snapshot(why)) => {
             drop(lock);
             // A save that cannot be restored is removed; the next test writes it again.
-            if let Ok(Some(_x)) = Cache::at(entry.dir.parent())
-                .try_lock_exclusive(&entry.dir.file_name().unwrap_or_default().to_string_lossy())
-            {
-                let _ = std::fs::remove_dir_all(&entry.dir);
-            }
+            discard(entry);
             Err(format!("restoring {}: {why}", entry.dir.display()))
         }
         Err(e) => Err(e.to_string()),
