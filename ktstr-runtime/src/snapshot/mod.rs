@@ -75,7 +75,7 @@ pub fn cold_boot_reason(def: &TestDef) -> Option<&'static str> {
 
 /// How one VM test started.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", tag = "kind")]
 pub enum StartKind {
     /// A cold boot (snapshots off, or the test opts out).
     Cold,
@@ -342,6 +342,13 @@ pub fn run(
     payload_archive: &Path,
     opts: &Options,
 ) -> Result<(VmResult, bool), String> {
+    // Only the QEMU backend saves and restores so far; a host whose KVM
+    // boots kernels keeps booting them there.
+    let kind = crate::vmm::backend::select(crate::vmm::backend::BackendChoice::from_env().map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    if kind != BackendKind::QemuTcg {
+        return Err(format!("the {kind} backend cannot save or restore VMs yet"));
+    }
     let inputs = KeyInputs::of(def, image)?;
     let key = inputs.key();
     std::fs::create_dir_all(&opts.root)
