@@ -119,7 +119,7 @@ pub struct KeyInputs {
     pub kconfig: String,
     /// The runtime's version and the source of what runs at the ready point.
     pub runtime: String,
-    /// `qemu-system-x86_64 --version`.
+    /// The QEMU binary: path, size and modification time.
     pub qemu: String,
 }
 
@@ -151,17 +151,17 @@ pub fn runtime_fingerprint() -> String {
     format!("{}-{:08x}", env!("CARGO_PKG_VERSION"), h.finalize())
 }
 
+/// The QEMU binary on `PATH` by path, size and modification time: any
+/// upgrade changes it. (Asking `--version` costs a QEMU start, 200 ms on a
+/// loaded host, for every test.)
 fn qemu_version() -> Result<String, String> {
-    let out = std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .map_err(|e| format!("running qemu-system-x86_64 --version: {e}"))?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string())
+    use std::os::unix::fs::MetadataExt;
+    let path = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("qemu-system-x86_64")).find(|q| q.is_file()))
+        .ok_or("qemu-system-x86_64 not found on PATH")?;
+    let real = path.canonicalize().map_err(|e| format!("{}: {e}", path.display()))?;
+    let m = std::fs::metadata(&real).map_err(|e| format!("{}: {e}", real.display()))?;
+    Ok(format!("{} size={} mtime={}.{}", real.display(), m.len(), m.mtime(), m.mtime_nsec()))
 }
 
 /// First 16 hex digits of the SHA-256 of a file (a bzImage's CRC32 is
