@@ -910,6 +910,46 @@ mod tests {
     }
 
     #[test]
+    fn restore_args_wait_paused_for_the_incoming_state() {
+        let mut c = cfg(Topology::cpus(2), 256);
+        let plain = args(&c, Path::new("/d"), TcgThread::Multi, BootCpus::One);
+        assert!(!plain.iter().any(|a| a == "-incoming" || a == "-S"));
+        c.start = crate::vmm::Start::Restore {
+            state: "/s/state".into(),
+            payload: crate::snapshot::payload::Payload { test: "t".into(), preset: None, archive: "/a".into() },
+        };
+        let a = args(&c, Path::new("/d"), TcgThread::Multi, BootCpus::One).join(" ");
+        assert!(a.contains("-S -incoming defer"), "{a}");
+        // The VM itself is the saved one: same memory backend, kernel command line.
+        assert!(a.contains("mem-path=/d/ram0,share=on") && a.contains("-append console=ttyS0 maxcpus=1"), "{a}");
+    }
+
+    #[test]
+    fn shell_words_survive_quotes_and_spaces() {
+        let w = shell_quote("/home/o'neil/my cache/state");
+        let out = std::process::Command::new("sh").arg("-c").arg(format!("printf %s {w}")).output().unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), "/home/o'neil/my cache/state");
+    }
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("ram0"), dir.path().join("copy"));
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"head", 0).unwrap();
+        f.write_all_at(&[0xab; 3 << 20], 17 << 20).unwrap();
+        f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
+        sparse_copy(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&dst).unwrap().blocks() * 512;
+        assert!(blocks < 16 << 20, "the holes were filled: {blocks} bytes allocated");
+        assert!(sparse_copy(&dir.path().join("missing"), &dst).is_err());
+    }
+
+    #[test]
     fn channel_in_last_node() {
         let c = cfg(Topology::new(2, 1, 1, 1), 512);
         let (f, off) = channel_location(&c, Path::new("/d"));
