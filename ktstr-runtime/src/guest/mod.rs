@@ -215,6 +215,7 @@ fn run_named_test(named: Option<(String, Option<String>)>) -> Verdict {
         def = def.leak_variant(preset);
     }
     enable_test_controllers();
+    let _ = channel_send(kind::BODY, name.as_bytes());
     println!("ktstr: guest: running {name}");
     match def.scheduler() {
         // sched_ext: start the scheduler, watch it during the body, stop it after.

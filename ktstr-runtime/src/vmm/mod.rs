@@ -103,8 +103,8 @@ pub struct Timings {
     /// (TCG only: [`host_wait`]); `None` where not measured.
     #[serde(default)]
     pub vcpu_wait: Option<Duration>,
-    /// Start of the VM (process spawn) until the guest printed that the
-    /// test body starts; `None` if it never did.
+    /// Start of the VM (process spawn) until the guest announced the test
+    /// body on the data channel (`kind::BODY`); `None` if it never did.
     #[serde(default)]
     pub to_body: Option<Duration>,
     /// [`Start::Save`]: pausing the guest and writing its state.
@@ -133,10 +133,6 @@ impl VmResult {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 }
-
-/// The line guest init prints as a test body starts: the end of "boot to
-/// body" for cold boots and restores alike.
-pub const BODY_START_MARKER: &str = "ktstr: guest: running ";
 
 /// Panic detection shared by both backends: the kernel prints this before
 /// it halts or reboots (`panic=-1`).

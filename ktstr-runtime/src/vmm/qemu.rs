@@ -300,7 +300,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
     let mut shutdown_reason: Option<String> = None;
     let mut to_init = None;
     let mut to_body = None;
-    let mut body_scan = 0usize;
+    let mut body_scan = 0u64;
     let mut snapshot_time = None;
     let mut exit = None;
     let deadline = boot + cfg.timeout;
@@ -389,17 +389,14 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         } else if to_init.is_none() && channel_has_init(&ram, offset) {
             to_init = Some(boot.elapsed());
         }
-        if to_body.is_none() {
-            let c = console.lock().unwrap();
-            // Rescan a marker's length back: it may straddle two reads.
-            let from = body_scan.saturating_sub(super::BODY_START_MARKER.len());
-            if c[from..]
-                .windows(super::BODY_START_MARKER.len())
-                .any(|w| w == super::BODY_START_MARKER.as_bytes())
-            {
+        // The body's start: a BODY record on the channel (a restore's inbox
+        // reuses the region, so only once the payload is taken).
+        if to_body.is_none() && sender.is_none() {
+            let committed = header_committed(&ram, offset);
+            let kinds = channel::scan_kinds(committed, &mut body_scan, |off, len| read_region(&ram, offset + off, len as u64).ok());
+            if kinds.contains(&channel::kind::BODY) {
                 to_body = Some(boot.elapsed());
             }
-            body_scan = c.len();
         }
         if let (super::Start::Save { state }, Some(q)) = (&cfg.start, qmp.as_mut()) {
             if channel_has(&ram, offset, channel::kind::READY) {
