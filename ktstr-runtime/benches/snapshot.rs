@@ -48,7 +48,11 @@ fn runs(n: usize, failed: &mut usize, mut f: impl FnMut() -> Run, mut take: impl
             ok += 1;
         } else {
             *failed += 1;
-            eprintln!("bench: a run failed ({:?}): {}", r.start, r.verdict.message.lines().next().unwrap_or(""));
+            eprintln!(
+                "bench: a run failed ({:?}): {}",
+                r.start,
+                r.verdict.message.lines().next().unwrap_or("")
+            );
         }
     }
 }
@@ -71,7 +75,10 @@ fn main() {
         .split(',')
         .filter_map(|c| c.trim().parse().ok())
         .collect();
-    let runs_n: usize = std::env::var("KTSTR_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let runs_n: usize = std::env::var("KTSTR_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
     let base = registry::find("bench_body").expect("bench_body is registered");
     println!(
         "{:<44} {:>5} {:>10} {:>13} {:>8} {:>12} {:>7} {:>7}",
@@ -81,12 +88,22 @@ fn main() {
         // The runtime resolves the kernel from here, as under `cargo ktstr test`.
         std::env::set_var("KTSTR_TEST_KERNEL", &k);
         for &n in &cpus {
-            let def: &'static TestDef = Box::leak(Box::new(TestDef { topology: Topology::cpus(n), ..*base }));
+            let def: &'static TestDef = Box::leak(Box::new(TestDef {
+                topology: Topology::cpus(n),
+                ..*base
+            }));
             let store = tempfile::tempdir().unwrap();
-            let opts = Options { root: store.path().join("snapshots") };
+            let opts = Options {
+                root: store.path().join("snapshots"),
+            };
             let mut failed = 0;
             let mut cold = Vec::new();
-            runs(runs_n, &mut failed, || run(def, None), |r| cold.push(to_body(r)));
+            runs(
+                runs_n,
+                &mut failed,
+                || run(def, None),
+                |r| cold.push(to_body(r)),
+            );
             // Writing the snapshot, `runs_n` times over (each into an empty store).
             let (mut ready, mut save) = (Vec::new(), Vec::new());
             runs(
@@ -98,22 +115,43 @@ fn main() {
                 },
                 |r| {
                     assert_eq!(r.start, StartKind::Restored { created: true });
-                    let entry = std::fs::read_dir(&opts.root).unwrap().flatten().find(|e| e.path().join("meta.json").is_file()).unwrap();
-                    let meta: Meta = serde_json::from_slice(&std::fs::read(entry.path().join("meta.json")).unwrap()).unwrap();
+                    let entry = std::fs::read_dir(&opts.root)
+                        .unwrap()
+                        .flatten()
+                        .find(|e| e.path().join("meta.json").is_file())
+                        .unwrap();
+                    let meta: Meta = serde_json::from_slice(
+                        &std::fs::read(entry.path().join("meta.json")).unwrap(),
+                    )
+                    .unwrap();
                     ready.push(Duration::from_secs_f64(meta.boot_s));
                     save.push(Duration::from_secs_f64(meta.save_s));
                 },
             );
             let mut restored = Vec::new();
-            runs(runs_n, &mut failed, || run(def, Some(&opts)), |r| {
-                assert_eq!(r.start, StartKind::Restored { created: false });
-                if std::env::var_os("KTSTR_BENCH_CONSOLE").is_some() {
-                    eprintln!("{}", r.vm.as_ref().unwrap().console);
-                }
-                restored.push(to_body(r));
-            });
+            runs(
+                runs_n,
+                &mut failed,
+                || run(def, Some(&opts)),
+                |r| {
+                    assert_eq!(r.start, StartKind::Restored { created: false });
+                    if std::env::var_os("KTSTR_BENCH_CONSOLE").is_some() {
+                        eprintln!("{}", r.vm.as_ref().unwrap().console);
+                    }
+                    restored.push(to_body(r));
+                },
+            );
             let name = k.file_name().unwrap().to_string_lossy().into_owned();
-            let name = if name == "bzImage" { k.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned() } else { name };
+            let name = if name == "bzImage" {
+                k.parent()
+                    .unwrap()
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            } else {
+                name
+            };
             let (c, r) = (median(cold), median(restored));
             println!(
                 "{:<44} {:>5} {:>10} {:>13} {:>8} {:>12} {:>7.2} {:>7}",

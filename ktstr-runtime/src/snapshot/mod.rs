@@ -128,7 +128,10 @@ impl KeyInputs {
     pub fn key(&self) -> String {
         let all = crc32fast::hash(&serde_json::to_vec(self).unwrap_or_default());
         let img = &self.image_sha[..self.image_sha.len().min(8)];
-        format!("{img}-{}c{}n-{}m-{all:08x}", self.cpus, self.numa_nodes, self.memory_mib)
+        format!(
+            "{img}-{}c{}n-{}m-{all:08x}",
+            self.cpus, self.numa_nodes, self.memory_mib
+        )
     }
 }
 
@@ -157,11 +160,23 @@ pub fn runtime_fingerprint() -> String {
 fn qemu_version() -> Result<String, String> {
     use std::os::unix::fs::MetadataExt;
     let path = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("qemu-system-x86_64")).find(|q| q.is_file()))
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("qemu-system-x86_64"))
+                .find(|q| q.is_file())
+        })
         .ok_or("qemu-system-x86_64 not found on PATH")?;
-    let real = path.canonicalize().map_err(|e| format!("{}: {e}", path.display()))?;
+    let real = path
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let m = std::fs::metadata(&real).map_err(|e| format!("{}: {e}", real.display()))?;
-    Ok(format!("{} size={} mtime={}.{}", real.display(), m.len(), m.mtime(), m.mtime_nsec()))
+    Ok(format!(
+        "{} size={} mtime={}.{}",
+        real.display(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec()
+    ))
 }
 
 /// First 16 hex digits of the SHA-256 of a file (a bzImage's CRC32 is
@@ -171,7 +186,13 @@ fn file_sha(path: &Path) -> std::io::Result<(String, u64)> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let len = std::io::copy(&mut f, &mut h)?;
-    Ok((h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect(), len))
+    Ok((
+        h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        len,
+    ))
 }
 
 /// CRC32 of the data extents of `paths` (with their offsets), and the
@@ -238,7 +259,8 @@ impl KeyInputs {
 
     /// [`KeyInputs::of`] with the QEMU version given.
     pub fn with_qemu(def: &TestDef, image: &Path, qemu: String) -> Result<Self, String> {
-        let (sha, len) = file_sha(image).map_err(|e| format!("reading kernel image {}: {e}", image.display()))?;
+        let (sha, len) = file_sha(image)
+            .map_err(|e| format!("reading kernel image {}: {e}", image.display()))?;
         let vm = ready_vm(def, image, Path::new("initrd"), READY_TIMEOUT, Start::Boot)
             .map_err(|e| e.to_string())?;
         let mut cfg = vm.config;
@@ -293,7 +315,9 @@ impl Entry {
     }
     /// The files a restore reads: the state, then each node's RAM.
     pub fn files(&self, numa_nodes: u32) -> Vec<PathBuf> {
-        std::iter::once(self.state()).chain((0..numa_nodes).map(|n| self.dir.join(format!("ram{n}")))).collect()
+        std::iter::once(self.state())
+            .chain((0..numa_nodes).map(|n| self.dir.join(format!("ram{n}"))))
+            .collect()
     }
     pub fn meta(&self) -> Option<Meta> {
         serde_json::from_slice(&std::fs::read(self.meta_path()).ok()?).ok()
@@ -321,8 +345,13 @@ impl Entry {
             return Err(Some(format!("{} is missing", self.initrd().display())));
         }
         match files_crc(&self.files(inputs.numa_nodes)) {
-            Ok((crc, len)) if format!("{crc:08x}") == meta.state_crc && len == meta.state_len => Ok(()),
-            Ok(_) => Err(Some(format!("{} fails its checksum (corrupt)", self.dir.display()))),
+            Ok((crc, len)) if format!("{crc:08x}") == meta.state_crc && len == meta.state_len => {
+                Ok(())
+            }
+            Ok(_) => Err(Some(format!(
+                "{} fails its checksum (corrupt)",
+                self.dir.display()
+            ))),
             Err(e) => Err(Some(format!("reading {}: {e}", self.dir.display()))),
         }
     }
@@ -344,8 +373,10 @@ pub fn run(
 ) -> Result<(VmResult, bool), String> {
     // Only the QEMU backend saves and restores so far; a host whose KVM
     // boots kernels keeps booting them there.
-    let kind = crate::vmm::backend::select(crate::vmm::backend::BackendChoice::from_env().map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
+    let kind = crate::vmm::backend::select(
+        crate::vmm::backend::BackendChoice::from_env().map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
     if kind != BackendKind::QemuTcg {
         return Err(format!("the {kind} backend cannot save or restore VMs yet"));
     }
@@ -365,10 +396,16 @@ pub fn run(
     let t0 = Instant::now();
     let mut created = false;
     loop {
-        if let Some(shared) = kernel_build::cache::try_lock_entry_shared(&entry.dir).map_err(|e| format!("{e:#}"))? {
+        if let Some(shared) =
+            kernel_build::cache::try_lock_entry_shared(&entry.dir).map_err(|e| format!("{e:#}"))?
+        {
             match entry.check(&inputs) {
-                Ok(()) => return restore(def, image, &entry, payload, shared).map(|r| (r, created)),
-                Err(Some(why)) if created => return Err(format!("the save just written is unusable: {why}")),
+                Ok(()) => {
+                    return restore(def, image, &entry, payload, shared).map(|r| (r, created))
+                }
+                Err(Some(why)) if created => {
+                    return Err(format!("the save just written is unusable: {why}"))
+                }
                 Err(Some(why)) => {
                     // Stale or corrupt: this test boots cold, the next writes it again.
                     drop(shared);
@@ -377,7 +414,10 @@ pub fn run(
                 }
                 Err(None) => drop(shared),
             }
-            if let Some(excl) = cache.try_lock_exclusive(&key).map_err(|e| format!("{e:#}"))? {
+            if let Some(excl) = cache
+                .try_lock_exclusive(&key)
+                .map_err(|e| format!("{e:#}"))?
+            {
                 // Another test may have written it between our two locks.
                 if entry.check(&inputs).is_err() {
                     create(def, image, &entry, &inputs, &excl)?;
@@ -399,7 +439,13 @@ pub fn run(
 
 /// Removes a save nobody else uses (a test restoring it keeps it alive).
 fn discard(entry: &Entry) {
-    let Some(key) = entry.dir.file_name().map(|k| k.to_string_lossy().into_owned()) else { return };
+    let Some(key) = entry
+        .dir
+        .file_name()
+        .map(|k| k.to_string_lossy().into_owned())
+    else {
+        return;
+    };
     if let Ok(Some(_x)) = Cache::at(entry.dir.parent()).try_lock_exclusive(&key) {
         let _ = std::fs::remove_dir_all(&entry.dir);
     }
@@ -408,13 +454,21 @@ fn discard(entry: &Entry) {
 /// Recomputes a save's checksum after its files were changed on purpose
 /// (tests that need a save QEMU cannot load but the checksum accepts).
 pub fn reseal(dir: &Path) -> Result<(), String> {
-    let entry = Entry { dir: dir.to_path_buf() };
-    let mut meta = entry.meta().ok_or_else(|| format!("{}: no readable meta.json", dir.display()))?;
-    let (crc, len) = files_crc(&entry.files(meta.inputs.numa_nodes)).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let entry = Entry {
+        dir: dir.to_path_buf(),
+    };
+    let mut meta = entry
+        .meta()
+        .ok_or_else(|| format!("{}: no readable meta.json", dir.display()))?;
+    let (crc, len) = files_crc(&entry.files(meta.inputs.numa_nodes))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     meta.state_crc = format!("{crc:08x}");
     meta.state_len = len;
-    std::fs::write(entry.meta_path(), serde_json::to_vec_pretty(&meta).unwrap_or_default())
-        .map_err(|e| format!("writing {}: {e}", entry.meta_path().display()))
+    std::fs::write(
+        entry.meta_path(),
+        serde_json::to_vec_pretty(&meta).unwrap_or_default(),
+    )
+    .map_err(|e| format!("writing {}: {e}", entry.meta_path().display()))
 }
 
 fn restore(
@@ -512,7 +566,8 @@ fn create(
             r.console_tail(5)
         ));
     }
-    let (crc, len) = files_crc(&staged.files(inputs.numa_nodes)).map_err(|e| format!("reading the new save: {e}"))?;
+    let (crc, len) = files_crc(&staged.files(inputs.numa_nodes))
+        .map_err(|e| format!("reading the new save: {e}"))?;
     let save = r.timings.snapshot.unwrap_or_default();
     let meta = Meta {
         key: inputs.key(),
@@ -669,7 +724,10 @@ mod tests {
         };
         assert!(e.check(&other).unwrap_err().unwrap().contains("stale"));
         std::os::unix::fs::FileExt::write_all_at(&ram, &[8u8], 32 << 20).unwrap();
-        assert!(e.check(&inputs).unwrap_err().unwrap().contains("corrupt"), "a changed RAM byte");
+        assert!(
+            e.check(&inputs).unwrap_err().unwrap().contains("corrupt"),
+            "a changed RAM byte"
+        );
         std::os::unix::fs::FileExt::write_all_at(&ram, &[7u8], 32 << 20).unwrap();
         assert_eq!(e.check(&inputs), Ok(()));
         std::fs::write(e.state(), b"QEVM stbte").unwrap();
