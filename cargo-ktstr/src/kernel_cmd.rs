@@ -277,6 +277,14 @@ fn clean(keep: Option<usize>, stale: bool, keys: &[String]) -> Result<()> {
     for k in &r.locked {
         eprintln!("kept {k}: its lock is held (a build or test is using it)");
     }
+    // VM snapshots are made from cached kernels; any clean drops them.
+    let snaps = cache.clean_snapshots()?;
+    for k in &snaps.removed {
+        println!("removed VM snapshot {k}");
+    }
+    for k in &snaps.locked {
+        eprintln!("kept VM snapshot {k}: a test is restoring from it");
+    }
     if !r.missing.is_empty() {
         bail!("no such cache entr{}: {}", if r.missing.len() == 1 { "y" } else { "ies" }, r.missing.join(", "));
     }

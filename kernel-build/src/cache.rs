@@ -513,6 +513,42 @@ impl Cache {
     }
 }
 
+/// VM snapshots (ktstr-runtime's `snapshot` module) live in this directory
+/// under the root, one locked entry per key like a kernel's. They are
+/// made from cached kernels and cheap to make again, so every `clean`
+/// removes the ones no test is restoring.
+pub const SNAPSHOT_DIR: &str = ".snapshots";
+
+impl Cache {
+    /// Removes every VM snapshot whose lock nobody holds (a restoring test
+    /// holds it shared, the test writing it exclusively).
+    pub fn clean_snapshots(&self) -> Result<CleanReport> {
+        let snaps = Cache { root: self.root.join(SNAPSHOT_DIR) };
+        let mut report = CleanReport::default();
+        let Ok(rd) = std::fs::read_dir(&snaps.root) else { return Ok(report) };
+        let mut keys: Vec<String> = rd
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        keys.sort();
+        for key in keys {
+            let Some(lock) = snaps.try_lock_exclusive(&key)? else {
+                report.locked.push(key);
+                continue;
+            };
+            let doomed = snaps.root.join(format!("{TMP_PREFIX}rm-{key}-{}", std::process::id()));
+            std::fs::rename(snaps.entry_dir(&key), &doomed).with_context(|| format!("removing snapshot {key}"))?;
+            let _ = std::fs::remove_dir_all(&doomed);
+            let _ = std::fs::remove_file(&lock.path);
+            drop(lock);
+            report.removed.push(key);
+        }
+        Ok(report)
+    }
+}
+
 /// Read-side helpers for consumers that never build (test binaries).
 impl Cache {
     /// The cache at `root` or [`default_root`] as it is: nothing is created
@@ -531,6 +567,31 @@ impl Cache {
         }
         let key = dir.file_name()?.to_str()?.to_string();
         (!key.starts_with('.')).then_some(key)
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+
+    #[test]
+    fn clean_snapshots_removes_all_but_locked_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::at(Some(dir.path()));
+        assert!(cache.clean_snapshots().unwrap().removed.is_empty(), "no snapshot dir: nothing to do");
+        let snaps = dir.path().join(SNAPSHOT_DIR);
+        for k in ["a-1c1n-256m-0", "b-2c1n-512m-0"] {
+            std::fs::create_dir_all(snaps.join(k)).unwrap();
+            std::fs::write(snaps.join(k).join("state"), b"x").unwrap();
+        }
+        let in_use = lock_entry_shared(&snaps.join("b-2c1n-512m-0")).unwrap();
+        let r = cache.clean_snapshots().unwrap();
+        assert_eq!(r.removed, ["a-1c1n-256m-0"]);
+        assert_eq!(r.locked, ["b-2c1n-512m-0"], "a test restoring from it keeps it");
+        assert!(!snaps.join("a-1c1n-256m-0").exists() && snaps.join("b-2c1n-512m-0/state").exists());
+        drop(in_use);
+        assert_eq!(cache.clean_snapshots().unwrap().removed, ["b-2c1n-512m-0"]);
+        assert_eq!(std::fs::read_dir(&snaps).unwrap().count(), 0, "no leftovers, lock files included");
     }
 }
 

@@ -160,6 +160,10 @@ pub struct TimingsJson {
     /// (TCG only, `vmm::host_wait`); absent where not measured.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub vcpu_wait_pct: Option<f64>,
+    /// VM start to the guest's "running NAME" line (cold boot or restore);
+    /// absent on the host or when the body never started.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub to_body_s: Option<f64>,
 }
 
 /// `result.json`, schema 1. New fields may be added; these keep their meaning.
@@ -189,6 +193,11 @@ pub struct ResultJson {
     /// `{"index": i, "count": N}` under `cargo ktstr test --repeat N`; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repeat: Option<RepeatJson>,
+    /// How the VM started: `{"kind": "cold"}`, `{"kind": "restored",
+    /// "created": bool}` (from a VM snapshot), `{"kind": "fallback",
+    /// "reason": …}` (snapshots on, booted cold); absent on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<serde_json::Value>,
 }
 
 /// Writes `result.json`, `console.log` (when there is a console) and
@@ -286,9 +295,10 @@ mod tests {
             cause: "Kernel panic - not syncing: x".into(),
             message: "the guest kernel panicked".into(),
             details: String::new(),
-            timings: TimingsJson { setup_s: Some(0.1), to_init_s: None, vm_total_s: Some(1.5), wall_s: 2.0, vcpu_wait_pct: None },
+            timings: TimingsJson { setup_s: Some(0.1), to_init_s: None, vm_total_s: Some(1.5), wall_s: 2.0, vcpu_wait_pct: None, to_body_s: None },
             metrics: serde_json::json!({}),
             repeat: None,
+            start: Some(serde_json::json!({"kind": "cold"})),
         }
     }
 

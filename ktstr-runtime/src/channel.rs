@@ -34,6 +34,11 @@ pub mod kind {
     pub const OUTPUT: u32 = 5;
     /// `cargo ktstr shell`: the shell's or command's exit status, decimal.
     pub const SHELL_EXIT: u32 = 6;
+    /// The guest reached the snapshot ready point and waits on the inbox
+    /// (`crate::snapshot::payload`).
+    pub const READY: u32 = 7;
+    /// The test body starts now (its name): the end of "boot to body".
+    pub const BODY: u32 = 8;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +99,24 @@ pub fn decode(region: &[u8]) -> Result<Vec<Message>, ChannelError> {
         off = start + padded(len);
     }
     Ok(out)
+}
+
+/// Kinds of the records from byte `*pos` of the data area up to the
+/// committed length, reading only their headers through `read(offset,
+/// len)` (offsets into the region); `*pos` moves past them. A region
+/// opened afresh (committed below `*pos`) is walked from the start.
+pub fn scan_kinds(committed: u64, pos: &mut u64, mut read: impl FnMut(u64, usize) -> Option<Vec<u8>>) -> Vec<u32> {
+    if committed < *pos {
+        *pos = 0;
+    }
+    let mut kinds = Vec::new();
+    while *pos + RECORD_HEADER as u64 <= committed {
+        let Some(h) = read(HEADER_SIZE + *pos, 8).filter(|h| h.len() == 8) else { break };
+        kinds.push(u32::from_le_bytes(h[..4].try_into().unwrap()));
+        let len = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+        *pos += (RECORD_HEADER + padded(len)) as u64;
+    }
+    kinds
 }
 
 /// Writes records into a channel region held in memory. The guest wraps
@@ -208,6 +231,12 @@ impl GuestChannel {
         Ok(ch)
     }
 
+    /// The mapped region (header included) for the snapshot inbox, which
+    /// shares it while the uplink is idle.
+    pub fn raw(&self) -> (*mut u8, usize) {
+        (self.map, self.len)
+    }
+
     fn region(&mut self) -> &mut [u8] {
         // SAFETY: `map` is a live mapping of `len` bytes owned by self.
         unsafe { std::slice::from_raw_parts_mut(self.map, self.len) }
@@ -282,6 +311,28 @@ mod tests {
         assert!(w.send(kind::BLOB, &[0u8; 100]).is_err());
         w.send(kind::BLOB, &[1u8; 40]).unwrap();
         assert_eq!(decode(&buf).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn scan_walks_headers_incrementally() {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut w = Writer::init(&mut buf);
+        w.send(kind::INIT, b"init").unwrap();
+        w.send(kind::OUTPUT, &[7u8; 1001]).unwrap();
+        let committed = w.committed as u64;
+        let mut pos = 0;
+        let read = |b: &[u8], off: u64, len: usize| Some(b[off as usize..off as usize + len].to_vec());
+        assert_eq!(scan_kinds(committed, &mut pos, |o, l| read(&buf, o, l)), [kind::INIT, kind::OUTPUT]);
+        assert_eq!(scan_kinds(committed, &mut pos, |o, l| read(&buf, o, l)).len(), 0, "nothing new");
+        let mut w = Writer { region: &mut buf, committed: committed as usize };
+        w.send(kind::BODY, b"t").unwrap();
+        let c2 = w.committed as u64;
+        assert_eq!(scan_kinds(c2, &mut pos, |o, l| read(&buf, o, l)), [kind::BODY], "only the new record");
+        // Reopened: the walk starts over.
+        let mut w = Writer::init(&mut buf);
+        w.send(kind::INIT, b"again").unwrap();
+        let c3 = w.committed as u64;
+        assert_eq!(scan_kinds(c3, &mut pos, |o, l| read(&buf, o, l)), [kind::INIT]);
     }
 
     #[test]

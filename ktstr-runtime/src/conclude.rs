@@ -80,6 +80,7 @@ fn result_json(name: &str, def: &TestDef, run: &Run) -> ResultJson {
         vm_total_s: run.vm.as_ref().map(|r| r.timings.total.as_secs_f64()),
         wall_s: run.wall.as_secs_f64(),
         vcpu_wait_pct: vcpu_wait_pct(def, run),
+        to_body_s: run.vm.as_ref().and_then(|r| r.timings.to_body).map(|d| d.as_secs_f64()),
     };
     ResultJson {
         schema: artifacts::SCHEMA,
@@ -98,6 +99,7 @@ fn result_json(name: &str, def: &TestDef, run: &Run) -> ResultJson {
             _ => serde_json::json!({}),
         },
         repeat: artifacts::repeat(),
+        start: (!def.host_only).then(|| serde_json::to_value(&run.start).unwrap_or_default()),
     }
 }
 

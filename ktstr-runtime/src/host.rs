@@ -57,6 +57,8 @@ pub struct Run {
     /// echoes it live); a VM's output is printed when the VM is done.
     pub output_printed: bool,
     pub wall: Duration,
+    /// Cold boot or snapshot restore (`Cold` on the host).
+    pub start: crate::snapshot::StartKind,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +105,15 @@ pub fn run_host_only(def: &'static TestDef) -> Verdict {
 pub fn run_on_host(run: impl FnOnce() -> Verdict) -> Run {
     let t0 = std::time::Instant::now();
     let verdict = run();
-    Run { verdict, vm: None, kernel: None, output: supervise::take_host_output(), output_printed: true, wall: t0.elapsed() }
+    Run {
+        verdict,
+        vm: None,
+        kernel: None,
+        output: supervise::take_host_output(),
+        output_printed: true,
+        wall: t0.elapsed(),
+        start: crate::snapshot::StartKind::Cold,
+    }
 }
 
 /// Boots the test's VM and returns its verdict.
@@ -112,7 +122,21 @@ pub fn run_vm(def: &'static TestDef, choice: &KernelChoice) -> Verdict {
 }
 
 /// Boots the test's VM: the verdict with the VM's console, output and timings.
+/// Snapshots as `KTSTR_SNAPSHOT` says ([`crate::snapshot`]).
 pub fn run_vm_full(def: &'static TestDef, choice: &KernelChoice) -> Run {
+    let snapshots = match crate::snapshot::env_switch() {
+        Ok(on) => on.unwrap_or(crate::snapshot::DEFAULT_ON).then(crate::snapshot::Options::from_env),
+        Err(e) => {
+            let mut run = run_vm_with(def, choice, None);
+            run.verdict = Verdict::fail(e);
+            return run;
+        }
+    };
+    run_vm_with(def, choice, snapshots.as_ref())
+}
+
+/// [`run_vm_full`] with snapshots off (`None`) or kept at the given place.
+pub fn run_vm_with(def: &'static TestDef, choice: &KernelChoice, snapshots: Option<&crate::snapshot::Options>) -> Run {
     let t0 = std::time::Instant::now();
     let found = match choice {
         KernelChoice::Discover => discovery::discover(),
@@ -128,6 +152,7 @@ pub fn run_vm_full(def: &'static TestDef, choice: &KernelChoice) -> Run {
         output: Vec::new(),
         output_printed: false,
         wall: Duration::ZERO,
+        start: crate::snapshot::StartKind::Cold,
     };
     match found {
         Ok(f) => {
@@ -135,7 +160,7 @@ pub fn run_vm_full(def: &'static TestDef, choice: &KernelChoice) -> Run {
                 KernelChoice::Entry(e) => RunKernel::of_entry(e, Some(f.image.clone())),
                 KernelChoice::Discover => RunKernel::of_image(&f.image),
             });
-            match boot(def, &f) {
+            match boot(def, &f, snapshots, &mut run.start) {
                 Ok((v, r)) => {
                     run.verdict = v;
                     run.output = crate::output::from_messages(&r.messages);
@@ -222,9 +247,55 @@ pub(crate) fn test_initramfs(def: &'static TestDef, found: &Found) -> Result<Ini
     Ok(ir)
 }
 
-fn boot(def: &'static TestDef, found: &Found) -> Result<(Verdict, VmResult), Verdict> {
+fn boot(
+    def: &'static TestDef,
+    found: &Found,
+    snapshots: Option<&crate::snapshot::Options>,
+    start: &mut crate::snapshot::StartKind,
+) -> Result<(Verdict, VmResult), Verdict> {
+    use crate::snapshot::{self, StartKind};
     let _cache_lock = lock_cache_entry(&found.image, &discovery::cache_root(), CACHE_LOCK_TIMEOUT)?;
     let initrd = test_initramfs(def, found)?.build_cached().map_err(|e| Verdict::fail(format!("initramfs: {e:#}")))?;
+    let restored = match snapshots {
+        Some(opts) if snapshot::cold_boot_reason(def).is_none() => match snapshot::run(def, &found.image, &initrd, opts) {
+            Ok((r, created)) => {
+                *start = StartKind::Restored { created };
+                Some(r)
+            }
+            Err(reason) => {
+                snapshot::warn_fallback(&reason);
+                *start = StartKind::Fallback { reason };
+                None
+            }
+        },
+        _ => None,
+    };
+    let r = match restored {
+        Some(r) => r,
+        None => cold_boot(def, found, initrd)?,
+    };
+    let v = interpret(def, &r);
+    eprintln!(
+        "ktstr: {}: kernel {} ({}), guest uname -r {}, {} backend{}, init after {}, body after {}, total {:.2}s, {:?}",
+        def.name,
+        found.image.display(),
+        found.how,
+        if v.kernel_release.is_empty() { "?" } else { &v.kernel_release },
+        r.backend,
+        match start {
+            StartKind::Restored { created: true } => " (snapshot written, restored)",
+            StartKind::Restored { created: false } => " (restored from snapshot)",
+            _ => "",
+        },
+        r.timings.to_init.map_or("-".into(), |d| format!("{:.2}s", d.as_secs_f64())),
+        r.timings.to_body.map_or("-".into(), |d| format!("{:.2}s", d.as_secs_f64())),
+        r.timings.total.as_secs_f64(),
+        r.exit,
+    );
+    Ok((v, r))
+}
+
+fn cold_boot(def: &'static TestDef, found: &Found, initrd: PathBuf) -> Result<VmResult, Verdict> {
     let mut b = Vm::builder()
         .kernel(&found.image)
         .initramfs(initrd)
@@ -238,20 +309,7 @@ fn boot(def: &'static TestDef, found: &Found) -> Result<(Verdict, VmResult), Ver
     if !def.cmdline.is_empty() {
         b = b.cmdline(def.cmdline);
     }
-    let r = b.build().map_err(vm_error)?.run().map_err(vm_error)?;
-    let v = interpret(def, &r);
-    eprintln!(
-        "ktstr: {}: kernel {} ({}), guest uname -r {}, {} backend, init after {}, total {:.2}s, {:?}",
-        def.name,
-        found.image.display(),
-        found.how,
-        if v.kernel_release.is_empty() { "?" } else { &v.kernel_release },
-        r.backend,
-        r.timings.to_init.map_or("-".into(), |d| format!("{:.2}s", d.as_secs_f64())),
-        r.timings.total.as_secs_f64(),
-        r.exit,
-    );
-    Ok((v, r))
+    b.build().map_err(vm_error)?.run().map_err(vm_error)
 }
 
 /// The guest's verdict from the data channel, else the console marker;

@@ -8,7 +8,9 @@
 //! 2. Running a test, [`discovery`] resolves its kernel (the kernel cache
 //!    shared with `kernel-build`), [`initramfs`] packs the test binary,
 //!    include files, [`host_tools`] and the [`scheduler`].
-//! 3. [`vmm`] boots the VM on KVM or QEMU TCG ([`host`] picks and builds it).
+//! 3. [`vmm`] boots the VM on KVM or QEMU TCG ([`host`] picks and builds it),
+//!    or restores a [`snapshot`] saved at the guest's ready point and hands
+//!    it the test's files and name.
 //! 4. In the guest the binary is PID 1: [`guest`] mounts, brings CPUs
 //!    online, starts the scheduler, runs the body under supervision.
 //! 5. The body drives [`ctx`]: [`cgroup`]s, [`workers`] doing [`work`] under
@@ -47,6 +49,7 @@ pub mod report;
 pub mod scenario;
 pub mod scheduler;
 pub mod shell;
+pub mod snapshot;
 pub mod summary;
 pub mod testing;
 pub mod topo_view;

@@ -45,6 +45,9 @@ pub struct TestDef {
     pub preset: Option<&'static Preset>,
     pub file: &'static str,
     pub line: u32,
+    /// Always boot this test's kernel, never start it from a VM snapshot
+    /// (tests of boot itself; `cmdline` implies it, see [`crate::snapshot`]).
+    pub cold_boot: bool,
 }
 
 fn unset_body(_: &Ctx) -> anyhow::Result<()> {
@@ -73,6 +76,7 @@ impl TestDef {
         preset: None,
         file: "",
         line: 0,
+        cold_boot: false,
     };
 
     /// Ignored by default under nextest (`demo_` prefix).

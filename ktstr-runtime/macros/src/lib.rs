@@ -17,7 +17,7 @@ pub fn ktstr_test(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
-const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files, host_tools, scheduler, scheduler_args, expect_scx_error, gauntlet, min_cpus, max_cpus, min_llcs, min_numa_nodes, requires_smt, max_gap_ms, max_wake_p99_us, max_spread_pct, max_migrations_per_s, not_starved, isolated";
+const KEYS: &str = "cpus, numa_nodes, llcs, cores, threads, memory_mib, timeout_s, host_only, expect_err, cmdline, include_files, host_tools, scheduler, scheduler_args, expect_scx_error, gauntlet, min_cpus, max_cpus, min_llcs, min_numa_nodes, requires_smt, max_gap_ms, max_wake_p99_us, max_spread_pct, max_migrations_per_s, not_starved, isolated, cold_boot";
 /// Largest VM, a test's own or a gauntlet preset
 /// (`ktstr_runtime::vmm::topology::MAX_CPUS`: x2APIC, `CONFIG_NR_CPUS`).
 const MAX_CPUS: u64 = 256;
@@ -47,6 +47,8 @@ struct Attrs {
     max_migrations_per_s: Option<f64>,
     not_starved: bool,
     isolated: bool,
+    /// Never start from a VM snapshot.
+    cold_boot: bool,
     scheduler_args: Vec<String>,
     expect_scx_error: Option<String>,
     /// `gauntlet = false`: no topology variants.
@@ -117,6 +119,7 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
                 "expect_err" => a.expect_err = true,
                 "not_starved" => a.not_starved = true,
                 "isolated" => a.isolated = true,
+                "cold_boot" => a.cold_boot = true,
                 "requires_smt" => a.requires_smt = true,
                 _ => {
                     return Err(syn::Error::new_spanned(
@@ -154,6 +157,7 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
                     "expect_err" => a.expect_err = boolean(v, &key)?,
                     "not_starved" => a.not_starved = boolean(v, &key)?,
                     "isolated" => a.isolated = boolean(v, &key)?,
+                    "cold_boot" => a.cold_boot = boolean(v, &key)?,
                     "max_gap_ms" => a.max_gap_ms = Some(int(v, &key, 1, 3_600_000)?),
                     "max_wake_p99_us" => a.max_wake_p99_us = Some(int(v, &key, 1, 3_600_000_000)?),
                     "max_spread_pct" => a.max_spread_pct = Some(number(v, &key, 0.0)?),
@@ -274,9 +278,9 @@ fn parse_attrs(attr: TokenStream2) -> syn::Result<Attrs> {
         let span = metas.iter().find(|m| m.path().is_ident("host_only")).map(|m| m.span()).unwrap_or_else(Span::call_site);
         return Err(syn::Error::new(span, "`host_only` tests have no gauntlet variants; drop the gauntlet/min_*/max_cpus/requires_smt keys"));
     }
-    if a.host_only && (a.cpus.is_some() || topo_span.is_some() || a.memory_mib.is_some() || a.cmdline.is_some() || a.scheduler.is_some()) {
+    if a.host_only && (a.cpus.is_some() || topo_span.is_some() || a.memory_mib.is_some() || a.cmdline.is_some() || a.scheduler.is_some() || a.cold_boot) {
         let span = metas.iter().find(|m| m.path().is_ident("host_only")).map(|m| m.span()).unwrap_or_else(Span::call_site);
-        return Err(syn::Error::new(span, "`host_only` tests never boot a VM; drop the topology/memory_mib/cmdline/scheduler keys"));
+        return Err(syn::Error::new(span, "`host_only` tests never boot a VM; drop the topology/memory_mib/cmdline/scheduler/cold_boot keys"));
     }
     Ok(a)
 }
@@ -333,7 +337,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     if let Some(t) = attrs.timeout_s {
         fields.push(quote!(timeout_s: #t));
     }
-    let (host_only, expect_err) = (attrs.host_only, attrs.expect_err);
+    let (host_only, expect_err, cold_boot) = (attrs.host_only, attrs.expect_err, attrs.cold_boot);
     if let Some(c) = &attrs.cmdline {
         fields.push(quote!(cmdline: #c));
     }
@@ -432,6 +436,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
             func: #ident,
             host_only: #host_only,
             expect_err: #expect_err,
+            cold_boot: #cold_boot,
             file: ::core::file!(),
             line: ::core::line!(),
             #(#fields,)*
@@ -475,6 +480,9 @@ mod tests {
         let a = parse_attrs("max_gap_ms = 50, max_wake_p99_us = 900, max_spread_pct = 12.5, max_migrations_per_s = 3, not_starved, isolated = true".parse().unwrap()).unwrap();
         assert_eq!((a.max_gap_ms, a.max_wake_p99_us, a.max_spread_pct, a.max_migrations_per_s), (Some(50), Some(900), Some(12.5), Some(3.0)));
         assert!(a.not_starved && a.isolated);
+        assert!(parse_attrs("cold_boot".parse().unwrap()).unwrap().cold_boot);
+        assert!(parse_attrs("cold_boot = true".parse().unwrap()).unwrap().cold_boot);
+        assert!(!parse_attrs("cold_boot = false".parse().unwrap()).unwrap().cold_boot);
         let a = parse_attrs("include_files = [\"a\", \"b\"]".parse().unwrap()).unwrap();
         assert_eq!(a.include_files, ["a", "b"]);
         let a = parse_attrs("min_cpus = 4, max_cpus = 64, min_llcs = 2, min_numa_nodes = 2, requires_smt".parse().unwrap()).unwrap();

@@ -8,6 +8,7 @@
 //! off. Every path ends in a power-off so the host never waits for a hang.
 
 pub mod cpus;
+pub mod ready;
 pub mod supervise;
 
 use std::ffi::CString;
@@ -65,8 +66,22 @@ pub fn power_off() -> ! {
 
 /// PID 1 entry point; never returns.
 pub fn init() -> ! {
-    let bringup = prepare();
+    // After a snapshot restore the ready init execs us with the test's name;
+    // the body must not see these variables.
+    let restored = std::env::var_os(ready::RESTORED_ENV).is_some();
+    let named = std::env::var(ready::TEST_ENV).ok().map(|t| (t, std::env::var(ready::PRESET_ENV).ok()));
+    for v in [ready::RESTORED_ENV, ready::TEST_ENV, ready::PRESET_ENV] {
+        std::env::remove_var(v);
+    }
+    if !restored {
+        // /proc first: the command line says which init this is.
+        let _ = mount("proc", "/proc", "proc", None);
+    }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if !restored && cmdline.split_whitespace().any(|a| a == ready::READY_ARG) {
+        ready::run()
+    }
+    let bringup = prepare_with(restored);
     if cmdline.split_whitespace().any(|a| a == crate::shell::SHELL_ARG) {
         // `cargo ktstr shell --test NAME`: the test's VM, a shell instead of the body.
         crate::shell::guest::run_test_shell(cmdline_arg(&cmdline, TEST_ARG).unwrap_or(""), bringup)
@@ -74,7 +89,7 @@ pub fn init() -> ! {
     // A test must never run on fewer CPUs than its topology asked for.
     let mut verdict = match bringup {
         Err(e) => Verdict::fail(format!("guest CPU bring-up failed: {e}")),
-        Ok(_) => std::panic::catch_unwind(run_named_test).unwrap_or_else(|p| {
+        Ok(_) => std::panic::catch_unwind(|| run_named_test(named)).unwrap_or_else(|p| {
             Verdict::fail(format!("ktstr guest init panicked: {}", supervise::panic_message(&*p)))
         }),
     };
@@ -95,17 +110,27 @@ pub fn init() -> ! {
 /// data channel (announcing INIT), and every present CPU online. Returns
 /// the CPU bring-up's result; the rest is reported on the console.
 pub fn prepare() -> Result<cpus::Bringup, String> {
+    prepare_with(false)
+}
+
+/// [`prepare`]; `restored`: the ready init before us mounted everything.
+fn prepare_with(restored: bool) -> Result<cpus::Bringup, String> {
     // The kernel starts init with no PATH; host tools (`host_tools`) go first.
     std::env::set_var("PATH", crate::host_tools::GUEST_PATH);
     let mut problems = Vec::new();
-    for (src, dst, fs, data) in [
+    let basic = [
         ("proc", "/proc", "proc", None),
         ("sysfs", "/sys", "sysfs", None),
         ("devtmpfs", "/dev", "devtmpfs", None),
         ("cgroup2", CGROUP_ROOT, "cgroup2", None),
         ("tmpfs", "/tmp", "tmpfs", Some("mode=1777")),
-    ] {
-        if let Err(e) = mount(src, dst, fs, data) {
+    ];
+    for (src, dst, fs, data) in if restored { &basic[..0] } else { &basic[..] } {
+        // Mounting proc again would stack a second instance over the first.
+        if *fs == "proc" && std::path::Path::new("/proc/self").exists() {
+            continue;
+        }
+        if let Err(e) = mount(src, dst, fs, *data) {
             problems.push(e);
         }
     }
@@ -120,7 +145,7 @@ pub fn prepare() -> Result<cpus::Bringup, String> {
         println!("ktstr: guest: {p}");
     }
     // debugfs first: the CPU bring-up restores fair servers through it.
-    let absent = mount_tool_filesystems();
+    let absent = if restored { Vec::new() } else { mount_tool_filesystems() };
     if !absent.is_empty() {
         println!("ktstr: guest: this kernel offers no {} (tools that need them will not work)", absent.join(", "));
     }
@@ -170,21 +195,27 @@ fn mount_tool_filesystems() -> Vec<String> {
     absent
 }
 
-fn run_named_test() -> Verdict {
+/// Runs the test named by the restored payload (`named`), else by the command line.
+fn run_named_test(named: Option<(String, Option<String>)>) -> Verdict {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let Some(name) = cmdline_arg(&cmdline, TEST_ARG) else {
+    let (name, preset) = match &named {
+        Some((t, p)) => (Some(t.as_str()), p.as_deref()),
+        None => (cmdline_arg(&cmdline, TEST_ARG), cmdline_arg(&cmdline, PRESET_ARG)),
+    };
+    let Some(name) = name else {
         return Verdict::fail(format!("no {TEST_ARG}= on the guest kernel command line"));
     };
     let Some(mut def) = registry::find(name) else {
         return Verdict::fail(format!("the guest binary has no ktstr test named {name}"));
     };
-    if let Some(p) = cmdline_arg(&cmdline, PRESET_ARG) {
+    if let Some(p) = preset {
         let Some(preset) = crate::preset::find(p) else {
             return Verdict::fail(format!("the guest binary has no gauntlet preset named {p}"));
         };
         def = def.leak_variant(preset);
     }
     enable_test_controllers();
+    let _ = channel_send(kind::BODY, name.as_bytes());
     println!("ktstr: guest: running {name}");
     match def.scheduler() {
         // sched_ext: start the scheduler, watch it during the body, stop it after.

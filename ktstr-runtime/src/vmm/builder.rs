@@ -19,6 +19,7 @@ pub struct VmBuilder {
     channel_mib: u64,
     backend: Option<BackendKind>,
     console: Option<super::ConsoleLink>,
+    start: super::Start,
 }
 
 /// A configured VM, ready to run once.
@@ -40,6 +41,7 @@ impl Vm {
             channel_mib: 4,
             backend: None,
             console: None,
+            start: super::Start::Boot,
         }
     }
 
@@ -125,6 +127,11 @@ impl VmBuilder {
         self.console = Some(link);
         self
     }
+    /// Boot, save at the ready point, or restore ([`super::Start`]).
+    pub fn start(mut self, s: super::Start) -> Self {
+        self.start = s;
+        self
+    }
     /// Forces a backend instead of `KTSTR_VMM`/auto-selection.
     pub fn backend(mut self, k: BackendKind) -> Self {
         self.backend = Some(k);
@@ -180,6 +187,7 @@ impl VmBuilder {
                 timeout: self.timeout,
                 channel,
                 console: self.console,
+                start: self.start,
             },
             backend: self.backend,
         })

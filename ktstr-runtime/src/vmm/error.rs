@@ -73,6 +73,10 @@ pub enum VmError {
     /// allows, say): a SKIP.
     #[error("topology not available on this host: {0}")]
     HostLimit(String),
+    /// Saving or restoring a VM snapshot failed before the test started;
+    /// the caller boots cold instead.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// Any other host-side failure.
     #[error(transparent)]
     Host(#[from] anyhow::Error),

@@ -51,6 +51,24 @@ pub struct VmConfig {
     /// Interactive mode: a live COM1 link (`cargo ktstr shell`); `None`
     /// for test runs (no input, output only captured).
     pub console: Option<ConsoleLink>,
+    /// Cold boot, boot to the ready point and save, or restore a save.
+    pub start: Start,
+}
+
+/// How a VM starts (see [`crate::snapshot`]). Backends that cannot save
+/// or restore return [`VmError::Snapshot`] for the last two, and the
+/// caller boots cold.
+#[derive(Debug, Clone, Default)]
+pub enum Start {
+    /// Boot the kernel and run whatever `/init` does.
+    #[default]
+    Boot,
+    /// Boot to the guest's ready point (`ktstr.ready`), pause there and
+    /// write the VM's state to `state`; the VM then ends ([`ExitKind::Stopped`]).
+    Save { state: PathBuf },
+    /// Start from `state` (written by `Save` with the same config) and
+    /// hand the waiting guest `payload` through the data channel's inbox.
+    Restore { state: PathBuf, payload: crate::snapshot::payload::Payload },
 }
 
 /// How the VM ended.
@@ -85,6 +103,14 @@ pub struct Timings {
     /// (TCG only: [`host_wait`]); `None` where not measured.
     #[serde(default)]
     pub vcpu_wait: Option<Duration>,
+    /// Start of the VM (process spawn) until the guest announced the test
+    /// body on the data channel (`kind::BODY`); `None` if it never did.
+    #[serde(default)]
+    pub to_body: Option<Duration>,
+    /// [`Start::Save`]: pausing the guest and writing its state.
+    /// [`Start::Restore`]: loading the state, until the guest runs.
+    #[serde(default)]
+    pub snapshot: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]

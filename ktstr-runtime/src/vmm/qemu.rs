@@ -7,7 +7,7 @@
 //! ended comes from QMP's SHUTDOWN event, the console (panic) and QEMU's
 //! reset log (triple fault).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
@@ -20,6 +20,7 @@ use anyhow::{anyhow, Context};
 use super::{console_shows_panic, BackendKind, ExitKind, Timings, VmConfig, VmError, VmResult};
 use super::host_wait;
 use crate::channel;
+use crate::snapshot::payload::{FileWindow, Header, Progress, Sender};
 
 const QEMU: &str = "qemu-system-x86_64";
 const POLL: Duration = Duration::from_millis(5);
@@ -176,11 +177,21 @@ pub fn args(cfg: &VmConfig, dir: &Path, threads: TcgThread, boot: BootCpus) -> V
         a.push("-initrd".into());
         a.push(i.display().to_string());
     }
+    if let super::Start::Restore { .. } = &cfg.start {
+        // Paused after loading: the inbox gets its first chunk before the
+        // guest runs. `defer`: the capabilities go first ([`restore`]).
+        a.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+    }
     // Extra QEMU arguments for debugging (`-d int`, `-icount ...`), split on spaces.
     if let Ok(extra) = std::env::var(QEMU_ARGS_ENV) {
         a.extend(extra.split_whitespace().map(str::to_string));
     }
     a
+}
+
+/// `s` as one POSIX shell word (QEMU's `exec:` migration runs `/bin/sh -c`).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// The RAM file and offset that hold the channel region.
@@ -221,6 +232,14 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         .prefix("ktstr-vm-")
         .tempdir_in(if shm.is_dir() { shm } else { Path::new("/tmp") })
         .context("creating the VM's scratch directory")?;
+    if let super::Start::Restore { state, .. } = &cfg.start {
+        let t0 = Instant::now();
+        copy_ram(cfg, state.parent().unwrap_or(Path::new(".")), dir.path())
+            .map_err(|e| VmError::Snapshot(format!("copying the saved guest RAM: {e}")))?;
+        if std::env::var_os("KTSTR_SNAPSHOT_TRACE").is_some() {
+            eprintln!("ktstr: trace: RAM copied in {:?}", t0.elapsed());
+        }
+    }
     let mut cmd = Command::new(QEMU);
     cmd.args(args(cfg, dir.path(), threads, boot_cpus)).stdout(Stdio::piped()).stderr(Stdio::piped());
     match &cfg.console {
@@ -280,11 +299,38 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
     let mut qmp = None;
     let mut shutdown_reason: Option<String> = None;
     let mut to_init = None;
+    let mut to_body = None;
+    let mut body_scan = 0u64;
+    let mut snapshot_time = None;
     let mut exit = None;
     let deadline = boot + cfg.timeout;
     let task_dir = PathBuf::from(format!("/proc/{}/task", child.id()));
     let mut vcpu_wait = host_wait::VcpuWait::default();
     let mut polls = 0u32;
+    // Restore: load the state, hand the guest its first chunk, then let it run.
+    let mut sender = match &cfg.start {
+        super::Start::Restore { payload, .. } => match restore(
+            &mut child,
+            &dir.path().join("qmp"),
+            &ram,
+            offset,
+            cfg,
+            payload,
+        ) {
+            Ok((q, tx)) => {
+                qmp = Some(q);
+                snapshot_time = Some(boot.elapsed());
+                Some((tx, Instant::now()))
+            }
+            Err(e) => {
+                kill(&mut child);
+                let _ = child.wait();
+                let stderr = err_reader.join().unwrap_or_default();
+                return Err(VmError::Snapshot(format!("{e}{}", stderr_note(&stderr))));
+            }
+        },
+        _ => None,
+    };
     loop {
         // Every 100 ms: the vCPU threads' run-queue wait (host contention).
         if polls.is_multiple_of(20) {
@@ -311,8 +357,67 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
                 guest_input = None;
             }
         }
-        if to_init.is_none() && channel_has_init(&ram, offset) {
+        if let Some((tx, since)) = sender.as_mut() {
+            match tx.pump() {
+                Ok(Progress::Done) => {
+                    if std::env::var_os("KTSTR_SNAPSHOT_TRACE").is_some() {
+                        eprintln!("ktstr: trace: restore loaded {:?}, payload taken at {:?}", snapshot_time, boot.elapsed());
+                    }
+                    sender = None
+                }
+                Ok(Progress::Sent) => *since = Instant::now(),
+                Ok(Progress::Waiting) if since.elapsed() < PAYLOAD_STALL => {}
+                Ok(Progress::Waiting) => {
+                    let (sent, total) = (tx.sent(), tx.total());
+                    kill(&mut child);
+                    let _ = child.wait();
+                    let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
+                    let tail: Vec<&str> = console.lines().rev().take(5).collect();
+                    return Err(VmError::Snapshot(format!(
+                        "the restored guest stopped taking its test after {sent} of {total} bytes ({}s without progress); console: {}",
+                        PAYLOAD_STALL.as_secs(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                    )));
+                }
+                Err(e) => {
+                    kill(&mut child);
+                    return Err(VmError::Snapshot(format!(
+                        "writing the test into the restored guest: {e}"
+                    )));
+                }
+            }
+        } else if to_init.is_none() && channel_has_init(&ram, offset) {
             to_init = Some(boot.elapsed());
+        }
+        // The body's start: a BODY record on the channel (a restore's inbox
+        // reuses the region, so only once the payload is taken).
+        if to_body.is_none() && sender.is_none() {
+            let committed = header_committed(&ram, offset);
+            let kinds = channel::scan_kinds(committed, &mut body_scan, |off, len| read_region(&ram, offset + off, len as u64).ok());
+            if kinds.contains(&channel::kind::BODY) {
+                to_body = Some(boot.elapsed());
+            }
+        }
+        if let (super::Start::Save { state }, Some(q)) = (&cfg.start, qmp.as_mut()) {
+            if channel_has(&ram, offset, channel::kind::READY) {
+                let t0 = Instant::now();
+                let r = save(q, state).and_then(|()| {
+                    copy_ram(cfg, dir.path(), state.parent().unwrap_or(Path::new(".")))
+                        .map_err(|e| format!("copying guest RAM: {e}"))
+                });
+                kill(&mut child);
+                let _ = child.wait();
+                if let Err(e) = r {
+                    let stderr = err_reader.join().unwrap_or_default();
+                    return Err(VmError::Snapshot(format!(
+                        "saving the VM at its ready point: {e}{}",
+                        stderr_note(&stderr)
+                    )));
+                }
+                snapshot_time = Some(t0.elapsed());
+                exit = Some(ExitKind::Stopped);
+                break;
+            }
         }
         match child.try_wait() {
             Ok(Some(_)) => break,
@@ -328,6 +433,17 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
             break;
         }
         std::thread::sleep(POLL);
+    }
+    if let Some((tx, _)) = &sender {
+        let _ = child.wait();
+        let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
+        let tail: Vec<&str> = console.lines().rev().take(5).collect();
+        return Err(VmError::Snapshot(format!(
+            "the restored VM ended ({exit:?}) after taking {} of {} bytes of its test; console: {}",
+            tx.sent(),
+            tx.total(),
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )));
     }
     if let Some(q) = qmp.as_mut() {
         if shutdown_reason.is_none() {
@@ -369,7 +485,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         console,
         com2,
         messages,
-        timings: Timings { setup, to_init, total: start.elapsed(), vcpu_wait: vcpu_wait.waited() },
+        timings: Timings { setup, to_init, total: start.elapsed(), vcpu_wait: vcpu_wait.waited(), to_body, snapshot: snapshot_time },
     })
 }
 
@@ -399,39 +515,326 @@ fn read_region(ram: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Just enough QMP to learn why the guest stopped.
+/// How long a restored guest may sit on a chunk of its payload.
+const PAYLOAD_STALL: Duration = Duration::from_secs(30);
+/// Loading or writing a snapshot; both take well under a second here.
+const SNAPSHOT_IO: Duration = Duration::from_secs(120);
+const QMP_REPLY: Duration = Duration::from_secs(10);
+
+fn stderr_note(stderr: &str) -> String {
+    let t = stderr.trim();
+    if t.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; {QEMU} said: {}",
+            t.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
+        )
+    }
+}
+
+/// True once the guest published a message of `kind` (the uplink holds
+/// few messages before the ready point, so this reads little).
+fn channel_has(ram: &Path, offset: u64, kind: u32) -> bool {
+    let committed = header_committed(ram, offset);
+    if committed == 0 || committed > 64 * 1024 {
+        return false;
+    }
+    read_region(ram, offset, channel::HEADER_SIZE + committed)
+        .ok()
+        .and_then(|r| channel::decode(&r).ok())
+        .is_some_and(|m| m.iter().any(|m| m.kind == kind))
+}
+
+/// Copies the guest RAM files (`ram{node}`) from `from` to `to`, holes
+/// and all: a saved guest touched a fraction of its memory.
+pub fn copy_ram(cfg: &VmConfig, from: &Path, to: &Path) -> std::io::Result<()> {
+    for n in 0..cfg.topology.numa_nodes {
+        let name = format!("ram{n}");
+        sparse_copy(&from.join(&name), &to.join(&name))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{} to {}: {e}", from.join(&name).display(), to.display())))?;
+    }
+    Ok(())
+}
+
+/// Copies the data extents of `src` (found with SEEK_DATA/SEEK_HOLE) into
+/// a new `dst` of the same length; the holes stay holes.
+pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let from = std::fs::File::open(src)?;
+    let len = from.metadata()?.len();
+    let to = std::fs::File::create(dst)?;
+    to.set_len(len)?;
+    let fd = from.as_raw_fd();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0i64;
+    while (pos as u64) < len {
+        // SAFETY: lseek on our own descriptor.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data past `pos`.
+            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(()) } else { Err(e) };
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut off = data as u64;
+        while off < hole as u64 {
+            let n = buf.len().min((hole as u64 - off) as usize);
+            from.read_exact_at(&mut buf[..n], off)?;
+            to.write_all_at(&buf[..n], off)?;
+            off += n as u64;
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
+/// Guest RAM (the shared memory-backend files) stays out of the stream:
+/// a save keeps a copy of the files ([`copy_ram`]), a restore its own copy.
+fn ignore_shared(q: &mut Qmp) -> Result<(), String> {
+    let caps = serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+    q.execute("migrate-set-capabilities", Some(caps), QMP_REPLY).map(drop)
+}
+
+/// Pauses the guest and writes its state to `state`: QEMU streams it to
+/// `cat`, which writes a `.part` file that is renamed into place once
+/// complete (QEMU reports completion when the pipe took the last byte,
+/// not when `cat` wrote it).
+fn save(q: &mut Qmp, state: &Path) -> Result<(), String> {
+    let part = state.with_extension("part");
+    // The default 32 MiB/s cap is for live migration over a network.
+    q.execute(
+        "migrate-set-parameters",
+        Some(serde_json::json!({"max-bandwidth": 1u64 << 40})),
+        QMP_REPLY,
+    )?;
+    q.execute("stop", None, QMP_REPLY)?;
+    ignore_shared(q)?;
+    let uri = format!(
+        "exec:cat > {p} && mv {p} {s}",
+        p = shell_quote(&part.display().to_string()),
+        s = shell_quote(&state.display().to_string())
+    );
+    q.execute(
+        "migrate",
+        Some(serde_json::json!({ "uri": uri })),
+        QMP_REPLY,
+    )?;
+    let t0 = Instant::now();
+    loop {
+        let r = q.execute("query-migrate", None, QMP_REPLY)?;
+        match r["status"].as_str() {
+            Some("completed") => break,
+            Some(st @ ("failed" | "cancelled")) => {
+                return Err(format!(
+                    "migration {st}: {}",
+                    r["error-desc"].as_str().unwrap_or("no reason given")
+                ))
+            }
+            _ => {}
+        }
+        if t0.elapsed() > SNAPSHOT_IO {
+            return Err(format!(
+                "writing the state took over {}s",
+                SNAPSHOT_IO.as_secs()
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+    while !state.is_file() {
+        if t0.elapsed() > SNAPSHOT_IO {
+            return Err(format!(
+                "{} never appeared (cat or mv failed?)",
+                state.display()
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+/// Waits for QEMU (started with `-S -incoming`) to load the state, puts
+/// the first chunk of `payload` into the inbox and starts the guest.
+fn restore(
+    child: &mut Child,
+    qmp_path: &Path,
+    ram: &Path,
+    offset: u64,
+    cfg: &VmConfig,
+    payload: &crate::snapshot::payload::Payload,
+) -> Result<(Qmp, Sender<FileWindow>), String> {
+    let t0 = Instant::now();
+    let exited = |child: &mut Child| {
+        child
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|st| format!("{QEMU} could not load the snapshot ({st})"))
+    };
+    let mut q = loop {
+        if let Some(q) = Qmp::connect(qmp_path) {
+            break q;
+        }
+        if let Some(e) = exited(child) {
+            return Err(e);
+        }
+        if t0.elapsed() > SNAPSHOT_IO {
+            return Err(format!(
+                "{QEMU} opened no QMP socket within {}s",
+                SNAPSHOT_IO.as_secs()
+            ));
+        }
+        std::thread::sleep(POLL);
+    };
+    let super::Start::Restore { state, .. } = &cfg.start else { return Err("not a restore".into()) };
+    ignore_shared(&mut q)?;
+    let uri = format!("exec:cat {}", shell_quote(&state.display().to_string()));
+    q.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })), QMP_REPLY)?;
+    loop {
+        if let Some(e) = exited(child) {
+            return Err(e);
+        }
+        let r = q.execute("query-migrate", None, QMP_REPLY);
+        if let Some(e) = exited(child) {
+            return Err(e);
+        }
+        match r?["status"].as_str() {
+            Some("completed") => break,
+            Some(st @ ("failed" | "cancelled")) => {
+                return Err(format!("loading the snapshot: migration {st}"))
+            }
+            _ => {}
+        }
+        if t0.elapsed() > SNAPSHOT_IO {
+            return Err(format!(
+                "loading the snapshot took over {}s",
+                SNAPSHOT_IO.as_secs()
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(ram)
+        .map_err(|e| format!("opening guest RAM {}: {e}", ram.display()))?;
+    let header = Header::now(payload).map_err(|e| format!("payload header: {e}"))?;
+    let mut tx = Sender::new(
+        FileWindow { file, base: offset },
+        cfg.channel.size as usize,
+        payload,
+        &header,
+    )
+    .map_err(|e| format!("payload: {e}"))?;
+    tx.pump()
+        .map_err(|e| format!("writing the first chunk of the test: {e}"))?;
+    q.execute("cont", None, QMP_REPLY)?;
+    Ok((q, tx))
+}
+
+/// QMP over the monitor socket: the SHUTDOWN event, and commands for
+/// saving and restoring snapshots.
 struct Qmp {
-    stream: BufReader<UnixStream>,
+    stream: UnixStream,
+    /// Bytes of a line not complete yet.
+    partial: Vec<u8>,
+    /// A SHUTDOWN reason seen while waiting for a command's reply.
+    shutdown: Option<String>,
+    next_id: u64,
+    /// QEMU closed the socket.
+    eof: bool,
 }
 
 impl Qmp {
     fn connect(path: &Path) -> Option<Self> {
-        let s = UnixStream::connect(path).ok()?;
+        let mut s = UnixStream::connect(path).ok()?;
         s.set_read_timeout(Some(Duration::from_millis(1))).ok()?;
-        let mut w = s.try_clone().ok()?;
-        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").ok()?;
-        Some(Self { stream: BufReader::new(s) })
+        s.write_all(b"{\"execute\":\"qmp_capabilities\",\"id\":\"caps\"}\n")
+            .ok()?;
+        Some(Self {
+            stream: s,
+            partial: Vec::new(),
+            shutdown: None,
+            next_id: 0,
+            eof: false,
+        })
+    }
+
+    /// The complete JSON lines read so far (waits at most the 1 ms read timeout).
+    fn lines(&mut self) -> Vec<serde_json::Value> {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Err(_) => break,
+                Ok(n) => self.partial.extend_from_slice(&buf[..n]),
+            }
+        }
+        let mut out = Vec::new();
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) {
+                if v["event"] == "SHUTDOWN" {
+                    self.shutdown = v["data"]["reason"].as_str().map(str::to_string);
+                }
+                out.push(v);
+            }
+        }
+        out
     }
 
     /// Reads pending QMP lines; returns the SHUTDOWN reason if one came.
     fn poll_shutdown(&mut self) -> Option<String> {
-        let mut line = String::new();
-        let mut reason = None;
+        self.lines();
+        self.shutdown.take()
+    }
+
+    /// Runs one command; its `return` value, or its error as text.
+    fn execute(
+        &mut self,
+        cmd: &str,
+        args: Option<serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, String> {
+        self.next_id += 1;
+        let id = format!("k{}", self.next_id);
+        let mut req = serde_json::json!({ "execute": cmd, "id": id });
+        if let Some(a) = args {
+            req["arguments"] = a;
+        }
+        let mut line = req.to_string();
+        line.push('\n');
+        self.stream
+            .write_all(line.as_bytes())
+            .map_err(|e| format!("QMP {cmd}: {e}"))?;
+        let t0 = Instant::now();
         loop {
-            line.clear();
-            match self.stream.read_line(&mut line) {
-                Ok(0) => break,
-                Ok(_) => {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                        if v["event"] == "SHUTDOWN" {
-                            reason = v["data"]["reason"].as_str().map(str::to_string);
-                        }
-                    }
+            for v in self.lines() {
+                if v["id"] == id.as_str() {
+                    return match v.get("error") {
+                        Some(e) => Err(format!(
+                            "QMP {cmd}: {}",
+                            e["desc"].as_str().unwrap_or("error")
+                        )),
+                        None => Ok(v["return"].clone()),
+                    };
                 }
-                Err(_) => break,
+            }
+            if self.eof {
+                return Err(format!("QMP {cmd}: {QEMU} closed the monitor"));
+            }
+            if t0.elapsed() > timeout {
+                return Err(format!("QMP {cmd}: no reply within {}s", timeout.as_secs()));
             }
         }
-        reason
     }
 }
 
@@ -451,6 +854,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             channel: ChannelRegion { gpa: (mem - 4) << 20, size: 4 << 20 },
             console: None,
+            start: Default::default(),
         }
     }
 
@@ -500,6 +904,46 @@ mod tests {
         let a = args(&four, Path::new("/d"), TcgThread::Multi, BootCpus::One);
         let i = a.iter().position(|x| x == "-append").unwrap();
         assert_eq!(a[i + 1], "console=ttyS0 maxcpus=1");
+    }
+
+    #[test]
+    fn restore_args_wait_paused_for_the_incoming_state() {
+        let mut c = cfg(Topology::cpus(2), 256);
+        let plain = args(&c, Path::new("/d"), TcgThread::Multi, BootCpus::One);
+        assert!(!plain.iter().any(|a| a == "-incoming" || a == "-S"));
+        c.start = crate::vmm::Start::Restore {
+            state: "/s/state".into(),
+            payload: crate::snapshot::payload::Payload { test: "t".into(), preset: None, archive: "/a".into() },
+        };
+        let a = args(&c, Path::new("/d"), TcgThread::Multi, BootCpus::One).join(" ");
+        assert!(a.contains("-S -incoming defer"), "{a}");
+        // The VM itself is the saved one: same memory backend, kernel command line.
+        assert!(a.contains("mem-path=/d/ram0,share=on") && a.contains("-append console=ttyS0 maxcpus=1"), "{a}");
+    }
+
+    #[test]
+    fn shell_words_survive_quotes_and_spaces() {
+        let w = shell_quote("/home/o'neil/my cache/state");
+        let out = std::process::Command::new("sh").arg("-c").arg(format!("printf %s {w}")).output().unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), "/home/o'neil/my cache/state");
+    }
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("ram0"), dir.path().join("copy"));
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"head", 0).unwrap();
+        f.write_all_at(&[0xab; 3 << 20], 17 << 20).unwrap();
+        f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
+        sparse_copy(&src, &dst).unwrap();
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&dst).unwrap().blocks() * 512;
+        assert!(blocks < 16 << 20, "the holes were filled: {blocks} bytes allocated");
+        assert!(sparse_copy(&dir.path().join("missing"), &dst).is_err());
     }
 
     #[test]

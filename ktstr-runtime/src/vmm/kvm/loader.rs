@@ -164,6 +164,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             channel: ChannelRegion { gpa: 0x3c0_0000, size: 0x40_0000 },
             console: None,
+            start: Default::default(),
         }
     }
 

@@ -1,0 +1,292 @@
+//! VM snapshots (`ktstr_runtime::snapshot`) on a real kernel: each test
+//! gets its own restored VM (files do not carry over, random bytes
+//! differ, the clock is the host's), a corrupt save falls back to a cold
+//! boot, and a changed memory size makes a new save.
+//!
+//! The `snap_*` bodies run as ordinary VM tests too (cold or restored, as
+//! `KTSTR_SNAPSHOT` says); the plain `#[test]`s drive them with snapshots
+//! on, in a private snapshot directory, and check what crossed over.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ktstr_runtime::host::{self, KernelChoice, Run};
+use ktstr_runtime::prelude::*;
+use ktstr_runtime::registry::{self, TestDef};
+use ktstr_runtime::snapshot::{Options, StartKind};
+use ktstr_runtime::verdict::Outcome;
+
+/// Written by one test, so the next can check it is gone: one in a
+/// tmpfs the ready init mounted, one in the initramfs root.
+const MARKS: [&str; 2] = ["/tmp/ktstr-snapshot-mark", "/ktstr-snapshot-mark"];
+
+#[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 20, gauntlet = false)]
+fn snap_leaves_a_file(_ctx: &Ctx) -> Result<()> {
+    for m in MARKS {
+        // Present before we wrote it: a previous test's file reached this VM.
+        ensure!(
+            !Path::new(m).exists(),
+            "{m} exists before this test wrote it"
+        );
+        std::fs::write(m, b"left behind")?;
+    }
+    Ok(())
+}
+
+#[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 20, gauntlet = false)]
+fn snap_file_is_absent(_ctx: &Ctx) -> Result<()> {
+    for m in MARKS {
+        ensure!(
+            !Path::new(m).exists(),
+            "{m} from another test is visible here"
+        );
+    }
+    Ok(())
+}
+
+#[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 20, gauntlet = false)]
+fn snap_prints_random_bytes(_ctx: &Ctx) -> Result<()> {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    println!(
+        "urandom={}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    );
+    Ok(())
+}
+
+#[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 20, gauntlet = false)]
+fn snap_prints_clock(_ctx: &Ctx) -> Result<()> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
+    println!("realtime_ns={}", now.as_nanos());
+    Ok(())
+}
+
+#[ktstr_test(
+    cpus = 1,
+    memory_mib = 256,
+    timeout_s = 20,
+    gauntlet = false,
+    cold_boot
+)]
+fn snap_opts_out(_ctx: &Ctx) -> Result<()> {
+    Ok(())
+}
+
+/// A kernel to boot, or a skip that says how to get one.
+fn kernel() -> Option<()> {
+    ktstr_runtime::testing::require(
+        ktstr_runtime::discovery::discover().ok().map(drop),
+        "a kernel to boot",
+        "set KTSTR_TEST_KERNEL to a bzImage, or run under `cargo ktstr test --kernel ...`",
+    )
+}
+
+fn def(name: &str) -> &'static TestDef {
+    registry::find(name).unwrap_or_else(|| panic!("no test {name} in this binary"))
+}
+
+fn run(d: &'static TestDef, opts: &Options) -> Run {
+    let r = host::run_vm_with(d, &KernelChoice::Discover, Some(opts));
+    assert_eq!(
+        r.verdict.outcome,
+        Outcome::Pass,
+        "{}: {} {}",
+        d.name,
+        r.verdict.message,
+        r.verdict.details
+    );
+    r
+}
+
+fn stdout(r: &Run) -> String {
+    r.output
+        .iter()
+        .map(|c| String::from_utf8_lossy(&c.bytes).into_owned())
+        .collect()
+}
+
+fn value<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in the body's output: {out}"))
+}
+
+fn private_store() -> (tempfile::TempDir, Options) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        root: dir.path().join("snapshots"),
+    };
+    (dir, opts)
+}
+
+fn saves(opts: &Options) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&opts.root)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.')
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn restored_tests_do_not_see_each_others_files() {
+    let Some(()) = kernel() else { return };
+    let (_dir, opts) = private_store();
+    assert_eq!(
+        run(def("snap_leaves_a_file"), &opts).start,
+        StartKind::Restored { created: true }
+    );
+    // The same test again: its own marks must be gone (it fails otherwise).
+    assert_eq!(
+        run(def("snap_leaves_a_file"), &opts).start,
+        StartKind::Restored { created: false }
+    );
+    assert_eq!(
+        run(def("snap_file_is_absent"), &opts).start,
+        StartKind::Restored { created: false }
+    );
+    assert_eq!(
+        saves(&opts).len(),
+        1,
+        "one save for one kernel, topology and memory size"
+    );
+}
+
+#[test]
+fn restored_tests_draw_different_random_bytes() {
+    let Some(()) = kernel() else { return };
+    let (_dir, opts) = private_store();
+    let d = def("snap_prints_random_bytes");
+    let runs: Vec<Run> = (0..3).map(|_| run(d, &opts)).collect();
+    assert!(runs
+        .iter()
+        .all(|r| matches!(r.start, StartKind::Restored { .. })));
+    let bytes: Vec<String> = runs
+        .iter()
+        .map(|r| value(&stdout(r), "urandom=").to_string())
+        .collect();
+    assert!(bytes.iter().all(|b| b.len() == 64), "{bytes:?}");
+    // The two that restored the same save (without writing it) matter most.
+    assert_ne!(
+        bytes[1], bytes[2],
+        "two restores drew the same random bytes"
+    );
+    assert_ne!(bytes[0], bytes[1]);
+}
+
+#[test]
+fn restored_clock_is_the_hosts() {
+    let Some(()) = kernel() else { return };
+    let (_dir, opts) = private_store();
+    let d = def("snap_prints_clock");
+    run(d, &opts);
+    // Let the save age: a guest clock left at the save's time would now be far behind.
+    std::thread::sleep(Duration::from_secs(6));
+    let r = run(d, &opts);
+    let end = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    assert_eq!(r.start, StartKind::Restored { created: false });
+    let guest = Duration::from_nanos(
+        value(&stdout(&r), "realtime_ns=")
+            .trim()
+            .parse::<u64>()
+            .unwrap(),
+    );
+    let t = &r.vm.as_ref().unwrap().timings;
+    let to_body = t.to_body.expect("the body start was seen");
+    // Host time as the body started: the run's end less what followed it.
+    let host_at_body = end - (t.total - t.setup - to_body);
+    let skew = guest.abs_diff(host_at_body);
+    assert!(
+        skew < Duration::from_secs(2),
+        "guest CLOCK_REALTIME is {skew:?} off the host's"
+    );
+}
+
+#[test]
+fn corrupt_or_unloadable_save_falls_back_to_a_cold_boot() {
+    let Some(()) = kernel() else { return };
+    let (_dir, opts) = private_store();
+    let d = def("snap_file_is_absent");
+    run(d, &opts);
+    let save = saves(&opts).pop().expect("a save");
+    // One byte of saved guest RAM changed: the checksum catches it.
+    let ram = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(save.join("ram0"))
+        .unwrap();
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&ram, &mut b, 1 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&ram, &[b[0] ^ 0xff], 1 << 20).unwrap();
+    let r = run(d, &opts);
+    match &r.start {
+        StartKind::Fallback { reason } => assert!(reason.contains("corrupt"), "{reason}"),
+        other => panic!("a corrupt save was used: {other:?}"),
+    }
+    assert!(
+        r.vm.as_ref().unwrap().timings.snapshot.is_none(),
+        "cold boot"
+    );
+    // The next test writes the save again.
+    assert_eq!(run(d, &opts).start, StartKind::Restored { created: true });
+    // A state QEMU cannot load, with a matching checksum: the restore fails.
+    let save = saves(&opts).pop().unwrap();
+    std::fs::write(save.join("state"), b"QEVM not really a migration stream").unwrap();
+    ktstr_runtime::snapshot::reseal(&save).unwrap();
+    let r = run(d, &opts);
+    match &r.start {
+        StartKind::Fallback { reason } => assert!(reason.contains("restoring"), "{reason}"),
+        other => panic!("an unloadable save was used: {other:?}"),
+    }
+    assert!(
+        saves(&opts).is_empty(),
+        "a save that failed to restore is removed"
+    );
+}
+
+#[test]
+fn changed_memory_size_makes_a_new_save() {
+    let Some(()) = kernel() else { return };
+    let (_dir, opts) = private_store();
+    let d = def("snap_file_is_absent");
+    assert_eq!(run(d, &opts).start, StartKind::Restored { created: true });
+    let bigger: &'static TestDef = Box::leak(Box::new(TestDef {
+        memory_mib: 384,
+        ..*d
+    }));
+    assert_eq!(
+        run(bigger, &opts).start,
+        StartKind::Restored { created: true }
+    );
+    let keys: Vec<String> = saves(&opts)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(
+        keys.iter().any(|k| k.contains("-256m-")) && keys.iter().any(|k| k.contains("-384m-")),
+        "{keys:?}"
+    );
+    assert_eq!(
+        run(d, &opts).start,
+        StartKind::Restored { created: false },
+        "the first save still serves"
+    );
+}
+
+#[test]
+fn cold_boot_tests_never_restore() {
+    let Some(()) = kernel() else { return };
+    let (_dir, opts) = private_store();
+    let r = run(def("snap_opts_out"), &opts);
+    assert_eq!(r.start, StartKind::Cold);
+    assert!(saves(&opts).is_empty(), "no save made for a cold_boot test");
+}
