@@ -41,13 +41,14 @@ phase_summary() {
 # busybox-static is `cargo ktstr shell`'s userland; tmux drives its
 # interactive test (cargo-ktstr/tests/shell.rs).
 # acpica-tools: iasl disassembles the KVM backend's ACPI tables in a test.
+# binutils: objcopy strips DWARF from binaries packed into a guest initramfs.
 # clang-19: the scx project's schedulers need clang >= 18 for their BPF
 # (scripts/build-scx-rs.sh); the kernel's examples build with clang-16.
 step "packages"
 PKGS=(linux-source-6.12 qemu-system-x86 flex bison bc libelf-dev libssl-dev
       dwarves cpio ccache clang-16 llvm-16 clang-19 bpftool lz4 zstd xz-utils
       pkg-config zlib1g-dev make gcc libc6-dev git util-linux bsdutils dash coreutils
-      busybox-static tmux acpica-tools)
+      busybox-static tmux acpica-tools binutils)
 missing=()
 for p in "${PKGS[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

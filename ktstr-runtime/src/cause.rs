@@ -21,6 +21,8 @@ pub struct Facts<'a> {
 /// Console lines that start a kernel crash report, most specific first.
 const OOPS_MARKERS: &[&str] = &["Oops:", "general protection fault", "kernel BUG at", "BUG: ", "Unable to handle kernel"];
 const PANIC_MARKER: &str = "Kernel panic - not syncing:";
+/// The kernel could not write the initramfs into its rootfs (out of memory).
+const UNPACK_MARKER: &str = "Initramfs unpacking failed:";
 /// How far after an oops line its `RIP:` line may be.
 const RIP_WINDOW: usize = 60;
 
@@ -72,7 +74,15 @@ pub fn kernel_crash(console: &str) -> Option<String> {
     let line = lines[first].trim();
     if line.contains(PANIC_MARKER) {
         let start = line.find(PANIC_MARKER).unwrap_or(0);
-        return Some(line[start..].trim_end().to_string());
+        let panic = line[start..].trim_end();
+        // No init because the archive did not unpack: say why first.
+        if let Some(unpack) = lines[..first].iter().find(|l| l.contains(UNPACK_MARKER)) {
+            return Some(format!(
+                "{} (the initramfs did not fit in guest memory: raise memory_mib), then {panic}",
+                unpack.trim()
+            ));
+        }
+        return Some(panic.to_string());
     }
     let rip = lines[first + 1..].iter().take(RIP_WINDOW).find_map(|l| {
         let r = l.split("RIP: ").nth(1)?;
@@ -147,6 +157,7 @@ mod tests {
         static SIGNAL: TestDef = def("demo_killed_by_signal", 10, 176);
         static TIMEOUT: TestDef = def("demo_sleeps_past_timeout", 3, 171);
         static HANG: TestDef = def("demo_guest_hangs", 2, 203);
+        static TOOLS: TestDef = TestDef { name: "guest_has_tool_filesystems", timeout_s: 20, file: EX, line: 98, ..TestDef::DEFAULT };
         static SCX: TestDef = def("demo_scx", 60, 80);
         macro_rules! fixture {
             ($f:literal) => {
@@ -156,6 +167,8 @@ mod tests {
         let table: &[(&TestDef, (&str, &str), ExitKind, &str)] = &[
             (&PANIC, fixture!("kernel_panic_no_init.log"), ExitKind::Panic,
              "Kernel panic - not syncing: No working init found.  Try passing init= option to kernel. See Linux Documentation/admin-guide/init.rst for guidance."),
+            (&TOOLS, fixture!("initramfs_unpack_failed.log"), ExitKind::Panic,
+             "Initramfs unpacking failed: write error (the initramfs did not fit in guest memory: raise memory_mib), then Kernel panic - not syncing: No working init found.  Try passing init= option to kernel. See Linux Documentation/admin-guide/init.rst for guidance."),
             (&BODY_PANIC, fixture!("body_panic.log"), ExitKind::PowerOff,
              "test body panicked: demo body panic: the vector was empty (at tests/tests/examples.rs:160)"),
             (&BODY_ERR, fixture!("body_error.log"), ExitKind::PowerOff,
