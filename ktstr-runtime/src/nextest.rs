@@ -210,7 +210,13 @@ pub fn run_exact(name: &str) -> i32 {
             return 1;
         }
     };
-    let def = listed.run_def();
+    let def = match crate::cpu_override::from_env().and_then(|n| crate::cpu_override::apply(listed.run_def(), n)) {
+        Ok(d) => d,
+        Err(m) => {
+            eprintln!("ktstr: FAIL: {m}");
+            return 1;
+        }
+    };
     let run = match (def.host_only, listed.kernel) {
         (true, _) => host::run_on_host(|| host::run_host_only(def)),
         (false, Some(entry)) => host::run_vm_full(def, &KernelChoice::Entry(entry)),

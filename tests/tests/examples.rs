@@ -29,7 +29,7 @@ fn spinners_all_make_progress(ctx: &Ctx) -> Result<()> {
 }
 
 /// The guest sees the topology the test asked for (or, as a gauntlet
-/// variant, its preset's): CPUs, nodes and their distances, which CPUs
+/// variant, its preset's; or its own resized by `KTSTR_CPUS`): CPUs, nodes and their distances, which CPUs
 /// share an LLC, which are SMT siblings.
 #[ktstr_test(numa_nodes = 2, llcs = 1, cores = 2, threads = 1, timeout_s = 60)]
 fn topology_matches_request(ctx: &Ctx) -> Result<()> {
@@ -38,7 +38,11 @@ fn topology_matches_request(ctx: &Ctx) -> Result<()> {
     ensure!(ctx.all_cpus().len() == want.total_cpus(), "affinity {} (seen {seen:?})", ctx.all_cpus());
     let view = topo_view::read_view(std::path::Path::new("/sys/devices/system")).map_err(anyhow::Error::msg)?;
     let bad = topo_view::diff(&topo_view::expected(&want), &view);
-    let on = ctx.preset().map_or_else(|| "the test's own topology".to_string(), |p| format!("preset {}", p.name));
+    let on = match (ctx.preset(), ctx.cpus_override()) {
+        (Some(p), _) => format!("preset {}", p.name),
+        (None, Some(n)) => format!("the test's own topology resized to {n} CPUs (KTSTR_CPUS)"),
+        (None, None) => "the test's own topology".to_string(),
+    };
     ensure!(bad.is_empty(), "guest view differs from {on} ({want:?}): {}", bad.join("; "));
     println!("{on}: {} CPUs, {} nodes, distances {:?}", view.online.len(), view.node_cpus.len(), view.distances);
     Ok(())
