@@ -88,7 +88,7 @@ for n in $CPUS; do [[ $n =~ ^[1-9][0-9]*$ ]] || die "--cpus: $n is not a vCPU co
 [[ -z $SMP || $SMP =~ ^[1-9][0-9]*$ ]] || die "--smp $SMP is not a vCPU count"
 declare -a BOOTS=()
 if [ -n "$SMP" ] || [ -z "$CPUS" ]; then
-	c=${CPUS:-"-"}; BOOTS=("${SMP:-1}:${c// /,}")
+	c=${CPUS:--}; BOOTS=("${SMP:-1}:${c// /,}")
 else
 	for n in $CPUS; do BOOTS+=("$n:$n"); done
 fi
@@ -187,9 +187,13 @@ if [ -x /pin ]; then
 	/pin >/tmp/pin.out 2>&1 &
 	i=0; until grep -q holding /tmp/pin.out || [ \$i -ge 300 ]; do sleep 0.1; i=\$((i + 1)); done
 	grep -q holding /tmp/pin.out || { echo "nested-kvm: NO-PIN \$(cat /tmp/pin.out)"; poweroff -f; }
+	# A spinner keeps the boot CPU ticking: a new CPU calibrates against
+	# jiffies, which stall while the boot CPU idles tickless (docs/vmm.md).
+	( while :; do :; done ) & sp=\$!
 	for c in /sys/devices/system/cpu/cpu[0-9]*; do
 		[ "\$(cat \$c/online 2>/dev/null)" = 0 ] && { echo 1 >\$c/online || echo "nested-kvm: onlining \$c failed"; }
 	done
+	kill \$sp
 fi
 cs=\$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)
 if [ -c /dev/kvm ]; then echo "nested-kvm: READY uptime=\$(cut -d' ' -f1 /proc/uptime) cpus=\$(nproc) clocksource=\$cs"
@@ -284,7 +288,7 @@ for b in "${BOOTS[@]}"; do
 	runs=0
 done
 total=$(awk "BEGIN{printf \"%.1f\", $EPOCHREALTIME-$T0}")
-ncpus=$(wc -w <<<"${CPUS:-"-"}")
+ncpus=$(wc -w <<<"${CPUS:--}")
 expected=$(( $(wc -w <<<"$TLIST") * $(wc -w <<<"$KLIST") * ncpus + ${#RUNS[@]} ))
 echo "nested-kvm: SUMMARY results=$results/$expected failed=$fails outer_boots=${#BOOTS[@]} outer_boot=${boot_times}s total=${total}s outer_oops=$outer_oops log=$LOG"
 [ "$unready" = 0 ] || exit 101
