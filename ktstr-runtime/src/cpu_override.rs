@@ -39,6 +39,17 @@ pub fn resize(def: &TestDef, n: u32) -> Result<TestDef, String> {
     Ok(TestDef { topology, memory_mib, cpus_override: Some(n), ..*def })
 }
 
+/// Why `def` cannot run at `n` vCPUs: fewer than its `min_cpus` (a body
+/// that names CPU 1, say). Such a run is a SKIP (it never ran), not a
+/// vacuous pass; `max_cpus` and the other gauntlet keys only trim the
+/// ladder, and a resized run ignores them.
+pub fn refusal(def: &TestDef, n: Option<u32>) -> Option<String> {
+    let n = n?;
+    let min = def.gauntlet.min_cpus;
+    (!def.host_only && def.preset.is_none() && n < min)
+        .then(|| format!("{ENV}={n}: {} needs at least {min} vCPUs (its min_cpus); run it at {min} or more", def.name))
+}
+
 /// What one run of `def` boots under the override `n`: `def` itself for a
 /// `host_only` test, a gauntlet variant, or no override; else the resized
 /// test, leaked for the rest of this process (one run per process).
@@ -81,6 +92,15 @@ mod tests {
         assert!(std::ptr::eq(apply(&HOST, Some(4)).unwrap(), &HOST), "host_only tests boot no VM");
         let variant = PLAIN.leak_variant(&crate::preset::PRESETS[0]);
         assert!(std::ptr::eq(apply(variant, Some(4)).unwrap(), variant), "a gauntlet variant keeps its preset");
+        static TWO: TestDef = TestDef {
+            name: "two",
+            gauntlet: crate::preset::Constraints { min_cpus: 2, ..crate::preset::Constraints::DEFAULT },
+            ..TestDef::DEFAULT
+        };
+        assert_eq!(refusal(&TWO, Some(1)).unwrap(), "KTSTR_CPUS=1: two needs at least 2 vCPUs (its min_cpus); run it at 2 or more");
+        assert_eq!(refusal(&TWO, Some(2)), None);
+        assert_eq!(refusal(&TWO, None), None);
+        assert_eq!(refusal(&PLAIN, Some(1)), None, "min_cpus defaults to 1");
         // A node count the memory does not split over rounds the memory up.
         static ODD: TestDef = TestDef { name: "odd", topology: Topology::new(3, 1, 1, 1), memory_mib: 512, ..TestDef::DEFAULT };
         assert_eq!(apply(&ODD, Some(6)).unwrap().memory_mib, (512 + 3 * 16u64).next_multiple_of(3));

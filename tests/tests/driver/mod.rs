@@ -364,6 +364,14 @@ fn cpus_override_resizes_the_topology() {
     let r = run(&["--exact", "ktstr/topology_matches_request"], &[("KTSTR_TEST_KERNEL", k[0].to_str().unwrap()), ("KTSTR_CPUS", "0")]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("ktstr: FAIL: KTSTR_CPUS=0: want a vCPU count from 1 to 256"), "{}", r.stderr);
+    // Below a test's min_cpus: a SKIP that says why, with no VM booted.
+    let r = run(&["--exact", "ktstr/unfair_split_is_detected"], &[("KTSTR_TEST_KERNEL", k[0].to_str().unwrap()), ("KTSTR_CPUS", "1")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("ktstr: SKIP: KTSTR_CPUS=1: unfair_split_is_detected needs at least 2 vCPUs (its min_cpus)"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
