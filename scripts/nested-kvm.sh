@@ -245,7 +245,8 @@ chmod +x "$ROOT/init"
 (cd "$ROOT" && find . | cpio -o -H newc --quiet) >"$WORK/outer.cpio"
 echo "nested-kvm: outer initramfs $(du -m "$WORK/outer.cpio" | cut -f1) MiB; outer kernel $OUTER_KERNEL; -m $MEM, tcg thread=$TCG, ${#BOOTS[@]} outer boot(s)" >&2
 
-LOG=${LOG:-${TMPDIR:-/tmp}/nested-kvm.log}
+# A log of its own by default: several rigs may run at once.
+LOG=${LOG:-$(mktemp "${TMPDIR:-/tmp}/nested-kvm.XXXXXX.log")}
 : >"$LOG"
 T0=$EPOCHREALTIME
 fails=0 results=0 outer_oops=0 unready=0 boot_times=
