@@ -195,6 +195,10 @@ if [ -x /pin ]; then
 	done
 	kill \$sp
 fi
+# Several outer vCPUs run thread=multi, whose stale translations of
+# re-patched text reach the inner kernels too: they boot with maxcpus=1 and
+# ktstr's init brings their CPUs up (docs/vmm.md).
+[ "\$(nproc)" -gt 1 ] && export KTSTR_KVM_BOOT_CPUS=one
 cs=\$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)
 if [ -c /dev/kvm ]; then echo "nested-kvm: READY uptime=\$(cut -d' ' -f1 /proc/uptime) cpus=\$(nproc) clocksource=\$cs"
 else echo "nested-kvm: NO-KVM (svm: \$(grep -c svm /proc/cpuinfo))"; poweroff -f; fi

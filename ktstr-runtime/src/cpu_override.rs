@@ -39,15 +39,24 @@ pub fn resize(def: &TestDef, n: u32) -> Result<TestDef, String> {
     Ok(TestDef { topology, memory_mib, cpus_override: Some(n), ..*def })
 }
 
-/// Why `def` cannot run at `n` vCPUs: fewer than its `min_cpus` (a body
-/// that names CPU 1, say). Such a run is a SKIP (it never ran), not a
-/// vacuous pass; `max_cpus` and the other gauntlet keys only trim the
-/// ladder, and a resized run ignores them.
+/// Why `def` cannot run at `n` vCPUs: outside its `min_cpus`..`max_cpus`
+/// (a body that names CPU 1; a scheduler that works on one CPU only).
+/// Such a run is a SKIP (it never ran), not a vacuous pass or a known
+/// failure; the other gauntlet keys only pick presets, and a resized run
+/// ignores them.
 pub fn refusal(def: &TestDef, n: Option<u32>) -> Option<String> {
     let n = n?;
-    let min = def.gauntlet.min_cpus;
-    (!def.host_only && def.preset.is_none() && n < min)
-        .then(|| format!("{ENV}={n}: {} needs at least {min} vCPUs (its min_cpus); run it at {min} or more", def.name))
+    if def.host_only || def.preset.is_some() {
+        return None;
+    }
+    let (min, max) = (def.gauntlet.min_cpus, def.gauntlet.max_cpus);
+    if n < min {
+        return Some(format!("{ENV}={n}: {} needs at least {min} vCPUs (its min_cpus); run it at {min} or more", def.name));
+    }
+    if max != 0 && n > max {
+        return Some(format!("{ENV}={n}: {} runs on at most {max} vCPUs (its max_cpus); run it at {max} or fewer", def.name));
+    }
+    None
 }
 
 /// What one run of `def` boots under the override `n`: `def` itself for a
@@ -101,6 +110,14 @@ mod tests {
         assert_eq!(refusal(&TWO, Some(2)), None);
         assert_eq!(refusal(&TWO, None), None);
         assert_eq!(refusal(&PLAIN, Some(1)), None, "min_cpus defaults to 1");
+        assert_eq!(refusal(&PLAIN, Some(256)), None, "max_cpus 0 is no bound");
+        static ONE: TestDef = TestDef {
+            name: "one",
+            gauntlet: crate::preset::Constraints { max_cpus: 1, ..crate::preset::Constraints::DEFAULT },
+            ..TestDef::DEFAULT
+        };
+        assert_eq!(refusal(&ONE, Some(2)).unwrap(), "KTSTR_CPUS=2: one runs on at most 1 vCPUs (its max_cpus); run it at 1 or fewer");
+        assert_eq!(refusal(&ONE, Some(1)), None);
         // A node count the memory does not split over rounds the memory up.
         static ODD: TestDef = TestDef { name: "odd", topology: Topology::new(3, 1, 1, 1), memory_mib: 512, ..TestDef::DEFAULT };
         assert_eq!(apply(&ODD, Some(6)).unwrap().memory_mib, (512 + 3 * 16u64).next_multiple_of(3));
