@@ -19,8 +19,9 @@
 # with N outer vCPUs, so every inner vCPU has an outer one; else 1. Several
 # outer vCPUs need --pin (the nested-kvm-pin binary) and thread=multi
 # (the default then); see docs/vmm.md. Prints one line per run,
-#   nested-kvm: RESULT <PASS|FAIL|SKIP> kernel=LABEL test=NAME:TEST cpus=N|- rc=N secs=S init=S|- total=S|-
-# (init/total: the test's timing line; cpus=-: its own count) then a
+#   nested-kvm: RESULT <PASS|FAIL|SKIP> kernel=LABEL test=NAME:TEST cpus=N|- rc=N secs=S init=S|- total=S|- host_wait=P%
+# (init/total: the test's timing line; cpus=-: its own count; host_wait:
+# how much of the run the outer vCPU threads waited for a host CPU) then a
 # summary. Each --run LABEL=CMD runs CMD with `sh` in the first outer guest
 # (KTSTR_VMM=kvm; --bin binaries at /t/NAME, kernels at /k/LABEL/bzImage,
 # stdin /dev/null unless CMD pipes into it), prints its output as
@@ -260,8 +261,17 @@ fails=0 results=0 outer_oops=0 unready=0 boot_times=
 # and come up in init after nested-kvm-pin holds KVM's static keys
 # (docs/vmm.md); tsc=reliable keeps the outer kernel from flipping
 # sched_clock's static key at run time.
+# Host run-queue wait of the outer vCPU threads, in ns (TCG gives the
+# outer guest no steal time, so this is the only trace of host contention).
+vcpu_wait() {
+	local pid t
+	pid=$(cat "$WORK/qemu.pid" 2>/dev/null) || { echo 0; return; }
+	for t in /proc/"$pid"/task/*; do
+		case $(cat "$t/comm" 2>/dev/null) in "CPU "*) cut -d' ' -f2 "$t/schedstat" 2>/dev/null ;; esac
+	done | awk '{s += $1} END {printf "%d", s}'
+}
 boot_outer() {
-	local smp=$1 cpus=$2 runs=$3 t0=$EPOCHREALTIME ready= line extra=
+	local smp=$1 cpus=$2 runs=$3 t0=$EPOCHREALTIME ready= line extra= w0=0 s0=$EPOCHREALTIME
 	# NESTED_KVM_BOOT_CPUS=all boots every outer CPU at once (experiments).
 	[ "$smp" = 1 ] || [ "${NESTED_KVM_BOOT_CPUS:-}" = all ] || extra=" maxcpus=1"
 	echo "nested-kvm: outer boot: -smp $smp, tcg thread=$TCG, vCPU counts $cpus" >&2
@@ -272,7 +282,12 @@ boot_outer() {
 		"nested-kvm: READY"*)
 			ready=$(awk "BEGIN{printf \"%.1f\", $EPOCHREALTIME-$t0}")
 			echo "$line (outer boot ${ready}s wall)" ;;
+		"nested-kvm: BEGIN"*)
+			echo "$line"; w0=$(vcpu_wait); s0=$EPOCHREALTIME ;;
 		"nested-kvm: RESULT"*)
+			# The share of the run its outer vCPUs spent waiting for a host CPU.
+			line+=" host_wait=$(awk "BEGIN{printf \"%.0f\", 100 * ($(vcpu_wait) - $w0) / 1e9 / (($EPOCHREALTIME - $s0) * $smp)}")%"
+			printf '%s\n' "$line" >>"$LOG"
 			echo "$line"; results=$((results + 1))
 			case $line in *" FAIL "*) fails=$((fails + 1)) ;; esac ;;
 		"["*"Oops"*|"["*"BUG:"*|"["*"Kernel panic"*)
@@ -281,6 +296,7 @@ boot_outer() {
 		"nested-kvm: "*|*"ktstr: "*|*"Unhandled"*|*"Kernel panic"*|"  console| "*) echo "$line" ;;
 		esac
 	done < <(timeout "$TIMEOUT" qemu-system-x86_64 -nodefaults -no-user-config -display none -machine pc \
+		-name nested-kvm,debug-threads=on -pidfile "$WORK/qemu.pid" \
 		-accel tcg,thread="$TCG" -cpu max -smp "$smp" -m "$MEM" -no-reboot -serial stdio \
 		-kernel "$OUTER_KERNEL" -initrd "$WORK/outer.cpio" \
 		-append "console=ttyS0 panic=-1 loglevel=4 tsc=reliable$extra nested_kvm.cpus=$cpus nested_kvm.runs=$runs" </dev/null 2>&1)
