@@ -268,7 +268,7 @@ vcpu_wait() {
 	pid=$(cat "$WORK/qemu.pid" 2>/dev/null) || { echo 0; return; }
 	for t in /proc/"$pid"/task/*; do
 		case $(cat "$t/comm" 2>/dev/null) in "CPU "*) cut -d' ' -f2 "$t/schedstat" 2>/dev/null ;; esac
-	done | awk '{s += $1} END {printf "%d", s}'
+	done | awk '{s += $1} END {printf "%.0f", s}'
 }
 boot_outer() {
 	local smp=$1 cpus=$2 runs=$3 t0=$EPOCHREALTIME ready= line extra= w0=0 s0=$EPOCHREALTIME
