@@ -8,18 +8,20 @@
 # Slow by nature (every outer instruction is emulated): a proof rig, not a
 # backend. Usage:
 #   scripts/nested-kvm.sh --bin NAME=PATH... --kernel LABEL=IMAGE... \
-#       [--cpus N,N...] [--pin PATH] [--sched-dir DIR] [--smp N] [--mem MIB] \
+#       [--cpus N,N...] [--pin PATH] [--sched-dir DIR] [--smp N|match] [--mem MIB] \
 #       [--tcg single|multi] [--outer-kernel IMAGE --outer-modules DIR] \
 #       [--timeout S] [--log FILE] [--boot-only] [--show-console] \
 #       [--run LABEL=CMD...] [NAME:TEST...]
 # Each NAME:TEST (e.g. `examples:spinners_all_make_progress`) runs once per
 # --kernel, and with --cpus once per vCPU count (KTSTR_CPUS=N: the test's
-# topology resized to N vCPUs). Outer vCPUs: --smp N for one outer boot
-# running everything; without it, with --cpus, one outer boot per count N
-# with N outer vCPUs, so every inner vCPU has an outer one; else 1. Several
-# outer vCPUs need --pin (the nested-kvm-pin binary) and thread=multi
-# (the default then); see docs/vmm.md. Prints one line per run,
-#   nested-kvm: RESULT <PASS|FAIL|SKIP> kernel=LABEL test=NAME:TEST cpus=N|- rc=N secs=S init=S|- total=S|- host_wait=P%
+# topology resized to N vCPUs). Outer vCPUs: one by default (thread=single:
+# no TCG translation race anywhere), --smp N for N, --smp match for one
+# outer boot per --cpus count N with N outer vCPUs (fairer CPU-time
+# accounting, but exposed to multi-threaded TCG's stale translations of
+# re-patched kernel text). Several outer vCPUs need --pin (the
+# nested-kvm-pin binary) and run thread=multi; see docs/vmm.md. Prints one
+# line per run,
+#   nested-kvm: RESULT <PASS|FAIL|SKIP> kernel=LABEL test=NAME:TEST cpus=N|- rc=N secs=S init=S|- total=S|- host_wait=P%|-
 # (init/total: the test's timing line; cpus=-: its own count; host_wait:
 # how much of the run the outer vCPU threads waited for a host CPU) then a
 # summary. Each --run LABEL=CMD runs CMD with `sh` in the first outer guest
@@ -66,7 +68,7 @@ while [ $# -gt 0 ]; do
 	--run) RUNS+=("$2"); shift 2 ;;
 	--pin) PIN=$2; shift 2 ;;
 	--cpus) CPUS=$2; shift 2 ;;
-	-h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+	-h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
 	-*) die "unknown option $1 (see --help)" ;;
 	*) TESTS+=("$1"); shift ;;
 	esac
@@ -86,12 +88,13 @@ fi
 # Boot plan: "SMP:CPU,CPU..." per outer boot.
 CPUS=${CPUS//,/ }
 for n in $CPUS; do [[ $n =~ ^[1-9][0-9]*$ ]] || die "--cpus: $n is not a vCPU count (want e.g. 1,2,4)"; done
-[[ -z $SMP || $SMP =~ ^[1-9][0-9]*$ ]] || die "--smp $SMP is not a vCPU count"
+[[ -z $SMP || $SMP = match || $SMP =~ ^[1-9][0-9]*$ ]] || die "--smp $SMP: want a vCPU count or match"
 declare -a BOOTS=()
-if [ -n "$SMP" ] || [ -z "$CPUS" ]; then
-	c=${CPUS:--}; BOOTS=("${SMP:-1}:${c// /,}")
-else
+if [ "$SMP" = match ] && [ -n "$CPUS" ]; then
 	for n in $CPUS; do BOOTS+=("$n:$n"); done
+else
+	[ "$SMP" != match ] || SMP=
+	c=${CPUS:--}; BOOTS=("${SMP:-1}:${c// /,}")
 fi
 MAXSMP=1
 for b in "${BOOTS[@]}"; do [ "${b%%:*}" -le "$MAXSMP" ] || MAXSMP=${b%%:*}; done
@@ -230,7 +233,8 @@ for n in \${cpus:--}; do
 	done
 done
 unset KTSTR_CPUS
-grep -q nested_kvm.runs=1 /proc/cmdline || { echo "nested-kvm: DONE"; poweroff -f; }
+# The host reads the outer vCPUs' wait for the last RESULT while QEMU runs.
+grep -q nested_kvm.runs=1 /proc/cmdline || { echo "nested-kvm: DONE"; sleep 1; poweroff -f; }
 for r in /runs/*.sh; do
 	[ -f "\$r" ] || continue
 	label=\$(basename "\$r" .sh)
@@ -244,6 +248,7 @@ for r in /runs/*.sh; do
 	echo "nested-kvm: RESULT \$v run=\$label rc=\$rc secs=\$(awk "BEGIN{print \$e-\$s}")"
 done
 echo "nested-kvm: DONE"
+sleep 1
 poweroff -f
 EOF
 chmod +x "$ROOT/init"
@@ -265,19 +270,20 @@ fails=0 results=0 outer_oops=0 unready=0 boot_times=
 # outer guest no steal time, so this is the only trace of host contention).
 vcpu_wait() {
 	local pid t
-	pid=$(cat "$WORK/qemu.pid" 2>/dev/null) || { echo 0; return; }
+	pid=$(cat "$WORK/qemu.pid" 2>/dev/null) && [ -d /proc/"$pid" ] || { echo -; return; }
 	for t in /proc/"$pid"/task/*; do
 		case $(cat "$t/comm" 2>/dev/null) in "CPU "*) cut -d' ' -f2 "$t/schedstat" 2>/dev/null ;; esac
 	done | awk '{s += $1} END {printf "%.0f", s}'
 }
 boot_outer() {
-	local smp=$1 cpus=$2 runs=$3 t0=$EPOCHREALTIME ready= line extra= w0=0 s0=$EPOCHREALTIME
+	local smp=$1 cpus=$2 runs=$3 t0=$EPOCHREALTIME ready= line extra= w0=- w1= s0=$EPOCHREALTIME
 	# NESTED_KVM_BOOT_CPUS=all boots every outer CPU at once (experiments).
 	[ "$smp" = 1 ] || [ "${NESTED_KVM_BOOT_CPUS:-}" = all ] || extra=" maxcpus=1"
 	echo "nested-kvm: outer boot: -smp $smp, tcg thread=$TCG, vCPU counts $cpus" >&2
 	while IFS= read -r line; do
 		line=${line%$'\r'}
-		printf '%s\n' "$line" >>"$LOG"
+		# RESULT lines are logged once host_wait is added.
+		[[ $line == "nested-kvm: RESULT"* ]] || printf '%s\n' "$line" >>"$LOG"
 		case $line in
 		"nested-kvm: READY"*)
 			ready=$(awk "BEGIN{printf \"%.1f\", $EPOCHREALTIME-$t0}")
@@ -286,7 +292,9 @@ boot_outer() {
 			echo "$line"; w0=$(vcpu_wait); s0=$EPOCHREALTIME ;;
 		"nested-kvm: RESULT"*)
 			# The share of the run its outer vCPUs spent waiting for a host CPU.
-			line+=" host_wait=$(awk "BEGIN{printf \"%.0f\", 100 * ($(vcpu_wait) - $w0) / 1e9 / (($EPOCHREALTIME - $s0) * $smp)}")%"
+			w1=$(vcpu_wait)
+			if [ "$w0" = - ] || [ "$w1" = - ]; then line+=" host_wait=-"
+			else line+=" host_wait=$(awk "BEGIN{printf \"%.0f\", 100 * ($w1 - $w0) / 1e9 / (($EPOCHREALTIME - $s0) * $smp)}")%"; fi
 			printf '%s\n' "$line" >>"$LOG"
 			echo "$line"; results=$((results + 1))
 			case $line in *" FAIL "*) fails=$((fails + 1)) ;; esac ;;

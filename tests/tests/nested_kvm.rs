@@ -3,7 +3,8 @@
 //! loaded and runs this crate's example and sched_ext test binaries
 //! inside it with `KTSTR_VMM=kvm`, against the ktstr kernel and the
 //! Debian cloud kernel, each test resized to each vCPU count
-//! (`KTSTR_CPUS`), on an outer guest with as many vCPUs.
+//! (`KTSTR_CPUS`), on an outer guest of one vCPU (`NESTED_KVM_SMP=match`:
+//! one outer boot per count with as many; docs/vmm.md weighs the two).
 //!
 //! Slow (minutes of emulated CPU): runs only with `KTSTR_SLOW_TESTS=1`.
 //! By default (what CI runs) a subset at 1 and 2 vCPUs; with
@@ -17,12 +18,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// CI's subset: the include-file test, fairness between cgroups, the NUMA
+/// CI's subset: the include-file test, spinners on every vCPU, the NUMA
 /// topology as the kernel reads our ACPI tables, and one sched_ext
-/// scheduler.
+/// scheduler. Not `two_cgroups_share_cpu`: its ±25 % CPU-time check is
+/// unsound in the rig (docs/vmm.md, "Outer vCPUs").
 const CI_TESTS: &[&str] = &[
     "examples:guest_gets_cmdline_and_files",
-    "examples:two_cgroups_share_cpu",
+    "examples:spinners_all_make_progress",
     "examples:topology_matches_request",
     "sched_ext:scx_simple_workload",
 ];
