@@ -272,13 +272,17 @@ vcpu_wait() {
 	local pid t
 	pid=$(cat "$WORK/qemu.pid" 2>/dev/null) && [ -d /proc/"$pid" ] || { echo -; return; }
 	for t in /proc/"$pid"/task/*; do
-		case $(cat "$t/comm" 2>/dev/null) in "CPU "*) cut -d' ' -f2 "$t/schedstat" 2>/dev/null ;; esac
+		# thread=multi names them "CPU N/TCG", thread=single "ALL CPUs/TCG".
+		case $(cat "$t/comm" 2>/dev/null) in "CPU "*|"ALL CPUs"*) cut -d' ' -f2 "$t/schedstat" 2>/dev/null ;; esac
 	done | awk '{s += $1} END {printf "%.0f", s}'
 }
 boot_outer() {
 	local smp=$1 cpus=$2 runs=$3 t0=$EPOCHREALTIME ready= line extra= w0=- w1= s0=$EPOCHREALTIME
 	# NESTED_KVM_BOOT_CPUS=all boots every outer CPU at once (experiments).
 	[ "$smp" = 1 ] || [ "${NESTED_KVM_BOOT_CPUS:-}" = all ] || extra=" maxcpus=1"
+	# Host threads running the outer vCPUs: one for all under thread=single.
+	local threads=$smp
+	[ "$TCG" = multi ] || threads=1
 	echo "nested-kvm: outer boot: -smp $smp, tcg thread=$TCG, vCPU counts $cpus" >&2
 	while IFS= read -r line; do
 		line=${line%$'\r'}
@@ -294,7 +298,7 @@ boot_outer() {
 			# The share of the run its outer vCPUs spent waiting for a host CPU.
 			w1=$(vcpu_wait)
 			if [ "$w0" = - ] || [ "$w1" = - ]; then line+=" host_wait=-"
-			else line+=" host_wait=$(awk "BEGIN{printf \"%.0f\", 100 * ($w1 - $w0) / 1e9 / (($EPOCHREALTIME - $s0) * $smp)}")%"; fi
+			else line+=" host_wait=$(awk "BEGIN{printf \"%.0f\", 100 * ($w1 - $w0) / 1e9 / (($EPOCHREALTIME - $s0) * $threads)}")%"; fi
 			printf '%s\n' "$line" >>"$LOG"
 			echo "$line"; results=$((results + 1))
 			case $line in *" FAIL "*) fails=$((fails + 1)) ;; esac ;;
