@@ -71,7 +71,7 @@ fn result_json(name: &str, def: &TestDef, run: &Run) -> ResultJson {
         serde_json::json!({
             "numa_nodes": t.numa_nodes, "llcs": t.llcs, "cores": t.cores, "threads": t.threads,
             "cpus": t.total_cpus(), "memory_mib": def.memory_mib,
-            "preset": def.preset.map(|p| p.name),
+            "preset": def.preset.map(|p| p.name), "cpus_override": def.cpus_override,
         })
     });
     let timings = TimingsJson {

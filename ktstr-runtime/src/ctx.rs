@@ -98,9 +98,15 @@ impl Ctx {
         self.in_guest
     }
 
-    /// The topology the test asked for.
+    /// The topology this run boots: the test's own, its gauntlet preset's,
+    /// or its own resized by `KTSTR_CPUS` ([`crate::cpu_override`]).
     pub fn topology(&self) -> Topology {
         self.def.topology
+    }
+
+    /// The vCPU count `KTSTR_CPUS` resized this run to; `None` otherwise.
+    pub fn cpus_override(&self) -> Option<u32> {
+        self.def.cpus_override
     }
 
     /// The gauntlet preset this run boots (`gauntlet/{name}/{preset}`);

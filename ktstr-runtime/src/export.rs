@@ -354,7 +354,7 @@ pub fn preamble(test: &TestDef, vm: bool, members: &[Member]) -> String {
     s.push_str("set -euo pipefail\n\n");
     s.push_str(&format!("KTSTR_TEST={}\n", q(test.name)));
     s.push_str(&format!("KTSTR_MODE={}\n", q(if vm { "vm" } else { "host" })));
-    s.push_str(&format!("KTSTR_CPUS={}\n", q(&test.topology.total_cpus().to_string())));
+    s.push_str(&format!("KTSTR_NEEDS_CPUS={}\n", q(&test.topology.total_cpus().to_string())));
     s.push_str(&format!("KTSTR_SCHED={}\n", q(member("sched/").as_deref().unwrap_or(""))));
     s.push_str(&format!("KTSTR_KERNEL_IMAGE={}\n", q(member("kernel/").as_deref().unwrap_or(""))));
     s.push_str(&format!("KTSTR_IGNORED={}\n", q(if test.ignored() { "1" } else { "" })));
@@ -416,7 +416,7 @@ if [ "$KTSTR_MODE" = host ]; then
         die "a sched_ext scheduler ($ops) is already loaded (state: $state); stop it first (kill its scx_* process or systemctl stop scx)"
     fi
     ncpu=$(getconf _NPROCESSORS_ONLN)
-    [ "$ncpu" -ge "$KTSTR_CPUS" ] || die "the test needs $KTSTR_CPUS CPUs, this host has $ncpu online"
+    [ "$ncpu" -ge "$KTSTR_NEEDS_CPUS" ] || die "the test needs $KTSTR_NEEDS_CPUS CPUs, this host has $ncpu online"
 elif [ "${KTSTR_VMM:-auto}" != tcg ] && ! [ -w /dev/kvm ]; then
     die "no write access to /dev/kvm: enable KVM and join the kvm group (sudo usermod -aG kvm \$USER, then log in again); or run with KTSTR_VMM=tcg to use QEMU TCG (slow)"
 fi

@@ -306,6 +306,9 @@ fn cold_boot(def: &'static TestDef, found: &Found, initrd: PathBuf) -> Result<Vm
     if let Some(p) = def.preset {
         b = b.cmdline(format!("{PRESET_ARG}={}", p.name));
     }
+    if let Some(n) = def.cpus_override {
+        b = b.cmdline(format!("{}={n}", crate::cpu_override::GUEST_ARG));
+    }
     if !def.cmdline.is_empty() {
         b = b.cmdline(def.cmdline);
     }

@@ -28,6 +28,7 @@ pub mod cgroup;
 pub mod channel;
 pub mod checks;
 pub mod conclude;
+pub mod cpu_override;
 pub mod cpuset;
 pub mod ctx;
 pub mod discovery;

@@ -43,6 +43,9 @@ pub struct TestDef {
     pub gauntlet: Constraints,
     /// Set on a gauntlet variant only (see [`TestDef::variant`]).
     pub preset: Option<&'static Preset>,
+    /// Set on a run resized by `KTSTR_CPUS` only: that vCPU count
+    /// ([`crate::cpu_override`]).
+    pub cpus_override: Option<u32>,
     pub file: &'static str,
     pub line: u32,
     /// Always boot this test's kernel, never start it from a VM snapshot
@@ -74,6 +77,7 @@ impl TestDef {
         expect_scx_error: None,
         gauntlet: Constraints::DEFAULT,
         preset: None,
+        cpus_override: None,
         file: "",
         line: 0,
         cold_boot: false,

@@ -214,6 +214,13 @@ fn run_named_test(named: Option<(String, Option<String>)>) -> Verdict {
         };
         def = def.leak_variant(preset);
     }
+    if let Some(n) = cmdline_arg(&cmdline, crate::cpu_override::GUEST_ARG) {
+        // The host resized the test (KTSTR_CPUS); resize it the same way.
+        match crate::cpu_override::parse(Some(n)).and_then(|n| crate::cpu_override::apply(def, n)) {
+            Ok(d) => def = d,
+            Err(e) => return Verdict::fail(format!("guest: {}={n}: {e}", crate::cpu_override::GUEST_ARG)),
+        }
+    }
     enable_test_controllers();
     let _ = channel_send(kind::BODY, name.as_bytes());
     println!("ktstr: guest: running {name}");

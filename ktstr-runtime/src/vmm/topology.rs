@@ -122,6 +122,40 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// This topology resized to `n` CPUs (`KTSTR_CPUS`): unchanged at its
+    /// own count; else nodes, LLCs per node and threads per core are kept
+    /// and only cores per LLC change, when `n` is a multiple of their
+    /// product; else the largest structure that divides `n` is kept,
+    /// preferring SMT, then NUMA nodes, then LLCs (so 2 nodes of 2 cores
+    /// become 2 nodes of 1 core at 2 CPUs, and 2 LLCs of one 2-thread core
+    /// become one 2-thread core). Node distances survive only while the
+    /// node count does.
+    pub fn with_cpus(&self, n: u32) -> Result<Topology, String> {
+        if n == 0 || n > MAX_CPUS {
+            return Err(format!("{n} CPUs: want 1 to {MAX_CPUS}"));
+        }
+        if n == self.total_cpus() {
+            return Ok(*self);
+        }
+        let fits = |nodes: u32, llcs: u32, threads: u32| n.is_multiple_of(nodes * llcs * threads);
+        let (nodes, llcs, threads) = if fits(self.numa_nodes, self.llcs, self.threads) {
+            (self.numa_nodes, self.llcs, self.threads)
+        } else {
+            (1..=self.threads)
+                .rev()
+                .flat_map(|t| (1..=self.numa_nodes).rev().flat_map(move |d| (1..=self.llcs).rev().map(move |l| (d, l, t))))
+                .find(|&(d, l, t)| fits(d, l, t))
+                .unwrap_or((1, 1, 1))
+        };
+        let mut t = Topology::new(nodes, llcs, n / (nodes * llcs * threads), threads);
+        if nodes == self.numa_nodes {
+            t.distances = self.distances;
+        }
+        Ok(t)
+    }
+}
+
 impl Default for Topology {
     fn default() -> Self {
         Self::cpus(1)
@@ -160,5 +194,40 @@ mod tests {
         // Uniform distances keep result.json's topology shape unchanged.
         assert!(!serde_json::to_string(&u).unwrap().contains("distances"));
         assert!(serde_json::to_string(&g).unwrap().contains("\"grouped\""));
+    }
+
+    #[test]
+    fn with_cpus_resizes_cores_first_then_keeps_smt_nodes_llcs() {
+        let t = |n, l, c, th| Topology::new(n, l, c, th);
+        // A plain `cpus = N` test becomes `cpus(n)`; its own count is a no-op.
+        assert_eq!(Topology::cpus(2).with_cpus(1).unwrap(), Topology::cpus(1));
+        assert_eq!(Topology::cpus(2).with_cpus(4).unwrap(), Topology::cpus(4));
+        assert_eq!(Topology::cpus(2).with_cpus(2).unwrap(), Topology::cpus(2));
+        // 2 nodes of 2 cores: cores per LLC change while the count divides.
+        let numa = t(2, 1, 2, 1);
+        assert_eq!(numa.with_cpus(2).unwrap(), t(2, 1, 1, 1));
+        assert_eq!(numa.with_cpus(8).unwrap(), t(2, 1, 4, 1));
+        assert_eq!(numa.with_cpus(1).unwrap(), t(1, 1, 1, 1));
+        assert_eq!(numa.with_cpus(3).unwrap(), t(1, 1, 3, 1));
+        // 2 LLCs of one 2-thread core: SMT outlives the LLCs.
+        let smt = t(1, 2, 1, 2);
+        assert_eq!(smt.with_cpus(2).unwrap(), t(1, 1, 1, 2));
+        assert_eq!(smt.with_cpus(1).unwrap(), t(1, 1, 1, 1));
+        assert_eq!(smt.with_cpus(8).unwrap(), t(1, 2, 2, 2));
+        assert_eq!(smt.with_cpus(6).unwrap(), t(1, 1, 3, 2));
+        // Distances stay with the node count, else become uniform.
+        let far = Distances::Grouped { group: 2, near: 16, far: 32 };
+        let g = t(4, 1, 4, 1).with_distances(far);
+        assert_eq!(g.with_cpus(8).unwrap().distances, far);
+        assert_eq!(g.with_cpus(2).unwrap(), t(2, 1, 1, 1));
+        for n in 1..=64 {
+            for base in [numa, smt, g, t(2, 2, 2, 2), t(3, 1, 2, 1)] {
+                let r = base.with_cpus(n).unwrap();
+                assert_eq!(r.total_cpus(), n, "{base:?} at {n}: {r:?}");
+                assert!(r.validate().is_ok(), "{r:?}");
+            }
+        }
+        assert!(numa.with_cpus(0).unwrap_err().contains("want 1 to 256"));
+        assert!(numa.with_cpus(257).is_err());
     }
 }

@@ -333,6 +333,47 @@ fn vm_topology_and_cpusets() {
     }
 }
 
+/// `KTSTR_CPUS` resizes a test for one run: the guest boots that many
+/// vCPUs, the structured topology keeps its nodes or SMT (the body asserts
+/// sysfs against the resized topology), result.json records it, and a bad
+/// value fails with the fix.
+#[test]
+fn cpus_override_resizes_the_topology() {
+    let Some(k) = need_kernels(1) else { return };
+    let art = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str, [u64; 4]); 3] = [
+        ("ktstr/topology_matches_request", "2", [2, 1, 1, 1]),
+        ("ktstr/topology_llcs_and_smt_match_request", "2", [1, 1, 1, 2]),
+        ("ktstr/spinners_all_make_progress", "1", [1, 1, 1, 1]),
+    ];
+    for (i, (name, cpus, [nodes, llcs, cores, threads])) in cases.into_iter().enumerate() {
+        let run_id = format!("cpus-{i}");
+        let env = [
+            ("KTSTR_TEST_KERNEL", k[0].to_str().unwrap()),
+            ("KTSTR_ARTIFACT_DIR", art.path().to_str().unwrap()),
+            ("NEXTEST_RUN_ID", run_id.as_str()),
+            ("KTSTR_CPUS", cpus),
+        ];
+        let r = run(&["--exact", name, "--nocapture"], &env);
+        assert!(r.code == 0 && r.stderr.contains(&format!("ktstr: PASS: {name}")), "{name} at {cpus} CPUs:\n{}", r.stderr);
+        let t = &result_json(&artifact_dir(art.path(), &run_id, name))["topology"];
+        let got = ["numa_nodes", "llcs", "cores", "threads", "cpus"].map(|f| t[f].as_u64());
+        let want = [nodes, llcs, cores, threads, cpus.parse().unwrap()].map(Some);
+        assert_eq!(got, want, "{name} at {cpus} CPUs: result.json topology {t}");
+    }
+    let r = run(&["--exact", "ktstr/topology_matches_request"], &[("KTSTR_TEST_KERNEL", k[0].to_str().unwrap()), ("KTSTR_CPUS", "0")]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("ktstr: FAIL: KTSTR_CPUS=0: want a vCPU count from 1 to 256"), "{}", r.stderr);
+    // Below a test's min_cpus: a SKIP that says why, with no VM booted.
+    let r = run(&["--exact", "ktstr/unfair_split_is_detected"], &[("KTSTR_TEST_KERNEL", k[0].to_str().unwrap()), ("KTSTR_CPUS", "1")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("ktstr: SKIP: KTSTR_CPUS=1: unfair_split_is_detected needs at least 2 vCPUs (its min_cpus)"),
+        "{}",
+        r.stderr
+    );
+}
+
 #[test]
 fn multi_kernel_runs_the_named_kernel() {
     let Some(k) = need_kernels(2) else { return };
