@@ -8,7 +8,7 @@
 # Slow by nature (every outer instruction is emulated): a proof rig, not a
 # backend. Usage:
 #   scripts/nested-kvm.sh --bin NAME=PATH... --kernel LABEL=IMAGE... \
-#       [--cpus N,N...] [--pin PATH] [--sched-dir DIR] [--smp N|match] [--mem MIB] \
+#       [--cpus N,N...] [--pin PATH] [--sched-dir DIR[:DIR...]] [--smp N|match] [--mem MIB] \
 #       [--tcg single|multi] [--outer-kernel IMAGE --outer-modules DIR] \
 #       [--timeout S] [--log FILE] [--boot-only] [--show-console] \
 #       [--run LABEL=CMD...] [NAME:TEST...]
@@ -152,10 +152,15 @@ for k in "${KERNELS[@]}"; do
 	mkdir -p "$ROOT/k/$label" && cp "$img" "$ROOT/k/$label/bzImage"
 	KLIST+="$label "
 done
-if [ -n "$SCHED_DIR" ]; then
-	[ -d "$SCHED_DIR" ] || die "--sched-dir $SCHED_DIR is not a directory"
-	for s in "$SCHED_DIR"/*; do [ -x "$s" ] && copy_with_libs "$s" "/scx/$(basename "$s")"; done
-fi
+# A `:`-separated list, like KTSTR_SCHEDULER_DIR; the first directory
+# holding a name wins, as in the runtime's lookup.
+IFS=: read -ra SCHED_DIRS <<<"$SCHED_DIR"
+for d in "${SCHED_DIRS[@]}"; do
+	[ -d "$d" ] || die "--sched-dir $d is not a directory"
+	for s in "$d"/*; do
+		[ -x "$s" ] && [ ! -e "$ROOT/scx/$(basename "$s")" ] && copy_with_libs "$s" "/scx/$(basename "$s")"
+	done
+done
 # Binaries the demo schedulers name by absolute path.
 for b in /usr/bin/false /usr/bin/sleep; do copy_with_libs "$b" "$b"; done
 for f in "${FILES[@]}"; do
