@@ -229,8 +229,9 @@ for n in \${cpus:--}; do
 			[ \$rc = 0 ] || [ -z "\$SHOW_CONSOLE" ] || [ ! -d /tmp/art ] || find /tmp/art -name console.log -exec sed 's/^/  console| /' {} +
 			rm -rf /tmp/art
 			v=FAIL; [ \$rc = 0 ] && v=PASS; [ \$rc = 0 ] && grep -q 'ktstr: SKIP' /tmp/out && v=SKIP
-			# The timing line: "init after 1.77s, total 2.13s".
-			tl=\$(grep -o 'init after [^,]*, total [0-9.]*s' /tmp/out | tail -n1)
+			# The timing line: "init after 1.77s, body after -, total 2.13s"
+			# (body after only on a restored VM; older binaries lack it).
+			tl=\$(grep -oE 'init after [^,]*, (body after [^,]*, )?total [0-9.]*s' /tmp/out | tail -n1)
 			init=\$(echo "\$tl" | sed -n 's/init after \([0-9.]*\)s,.*/\1/p')
 			total=\$(echo "\$tl" | sed -n 's/.*, total \([0-9.]*\)s/\1/p')
 			echo "nested-kvm: RESULT \$v kernel=\$k test=\$t cpus=\$n rc=\$rc secs=\$(awk "BEGIN{print \$e-\$s}") init=\${init:--} total=\${total:--}"

@@ -10,7 +10,7 @@ mod fixture;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use fixture::{text, Fixture, TARBALL};
+use fixture::{results, text, Fixture, TARBALL};
 
 fn kernels() -> Option<(String, PathBuf)> {
     if !ktstr_runtime::testing::slow_tests_enabled() {
@@ -22,23 +22,6 @@ fn kernels() -> Option<(String, PathBuf)> {
         .expect("KTSTR_SLOW_TESTS=1 needs KTSTR_DEBIAN_KERNEL (the Debian 6.12 cloud vmlinuz; .ci/run sets it)");
     assert!(deb.is_file(), "KTSTR_DEBIAN_KERNEL={} does not exist", deb.display());
     Some((TARBALL.to_string(), deb))
-}
-
-/// `(status, test name)` of each nextest result line for the fixture
-/// (before the summary, which repeats the failures).
-fn results(out: &str) -> Vec<(String, String)> {
-    out.lines()
-        .take_while(|l| !l.trim_start().starts_with("Summary ["))
-        .filter_map(|l| {
-            let l = l.trim_start();
-            let status = l.split_whitespace().next()?;
-            if !["PASS", "FAIL", "SKIP"].contains(&status) || !l.contains("ktstr-e2e-fixture::sched_tests ") {
-                return None;
-            }
-            let name = l.split("ktstr-e2e-fixture::sched_tests ").nth(1)?.trim();
-            Some((status.to_string(), name.to_string()))
-        })
-        .collect()
 }
 
 fn names_with(rs: &[(String, String)], status: &str, base: &str) -> Vec<String> {

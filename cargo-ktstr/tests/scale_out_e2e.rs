@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use fixture::{text, Fixture, TARBALL};
+use fixture::{results, text, Fixture, TARBALL};
 
 fn slow() -> bool {
     if !ktstr_runtime::testing::slow_tests_enabled() {
@@ -29,21 +29,6 @@ fn slow() -> bool {
 /// One serial slot with the other slow tests that boot VMs or build kernels.
 fn serial() -> kernel_build::EntryLock {
     kernel_build::Cache::open(Some(&std::env::temp_dir().join("ktstr-slow-kernel-tests"))).unwrap().lock_exclusive("serial").unwrap()
-}
-
-/// `(status, test name)` of each nextest result line for the fixture.
-fn results(out: &str) -> Vec<(String, String)> {
-    out.lines()
-        .take_while(|l| !l.trim_start().starts_with("Summary ["))
-        .filter_map(|l| {
-            let l = l.trim_start();
-            let status = l.split_whitespace().next()?;
-            if !["PASS", "FAIL", "SKIP"].contains(&status) || !l.contains("ktstr-e2e-fixture::sched_tests ") {
-                return None;
-            }
-            Some((status.to_string(), l.split("ktstr-e2e-fixture::sched_tests ").nth(1)?.trim().to_string()))
-        })
-        .collect()
 }
 
 /// The builder's key for the 6.12 tarball (a hit in the suite's cache).
