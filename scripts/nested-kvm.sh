@@ -31,6 +31,8 @@
 # for rc 0). The rig exits with the number of failed or missing runs (capped at
 # 100), 101 if an outer guest never became ready, 102 for bad arguments,
 # 103 if an outer kernel oopsed (its verdicts are then no evidence).
+# NESTED_KVM_BOOT_CPUS=all boots several outer vCPUs all at once instead of
+# maxcpus=1 (only to reproduce the outer oops described in docs/vmm.md).
 set -euo pipefail
 
 die() { echo "nested-kvm: $*" >&2; exit 102; }
@@ -229,8 +231,7 @@ for n in \${cpus:--}; do
 			[ \$rc = 0 ] || [ -z "\$SHOW_CONSOLE" ] || [ ! -d /tmp/art ] || find /tmp/art -name console.log -exec sed 's/^/  console| /' {} +
 			rm -rf /tmp/art
 			v=FAIL; [ \$rc = 0 ] && v=PASS; [ \$rc = 0 ] && grep -q 'ktstr: SKIP' /tmp/out && v=SKIP
-			# The timing line: "init after 1.77s, body after -, total 2.13s"
-			# (body after only on a restored VM; older binaries lack it).
+			# The timing line: "init after 1.77s, body after -, total 2.13s".
 			tl=\$(grep -oE 'init after [^,]*, (body after [^,]*, )?total [0-9.]*s' /tmp/out | tail -n1)
 			init=\$(echo "\$tl" | sed -n 's/init after \([0-9.]*\)s,.*/\1/p')
 			total=\$(echo "\$tl" | sed -n 's/.*, total \([0-9.]*\)s/\1/p')
@@ -239,21 +240,22 @@ for n in \${cpus:--}; do
 	done
 done
 unset KTSTR_CPUS
-# The host reads the outer vCPUs' wait for the last RESULT while QEMU runs.
-grep -q nested_kvm.runs=1 /proc/cmdline || { echo "nested-kvm: DONE"; sleep 1; poweroff -f; }
-for r in /runs/*.sh; do
-	[ -f "\$r" ] || continue
-	label=\$(basename "\$r" .sh)
-	echo "nested-kvm: BEGIN run=\$label"
-	s=\$(cut -d' ' -f1 /proc/uptime)
-	KTSTR_VMM=kvm sh "\$r" </dev/null >/tmp/out 2>&1
-	rc=\$?
-	e=\$(cut -d' ' -f1 /proc/uptime)
-	sed 's/^/nested-kvm: out| /' /tmp/out
-	v=FAIL; [ \$rc = 0 ] && v=PASS
-	echo "nested-kvm: RESULT \$v run=\$label rc=\$rc secs=\$(awk "BEGIN{print \$e-\$s}")"
-done
+if grep -q nested_kvm.runs=1 /proc/cmdline; then
+	for r in /runs/*.sh; do
+		[ -f "\$r" ] || continue
+		label=\$(basename "\$r" .sh)
+		echo "nested-kvm: BEGIN run=\$label"
+		s=\$(cut -d' ' -f1 /proc/uptime)
+		KTSTR_VMM=kvm sh "\$r" </dev/null >/tmp/out 2>&1
+		rc=\$?
+		e=\$(cut -d' ' -f1 /proc/uptime)
+		sed 's/^/nested-kvm: out| /' /tmp/out
+		v=FAIL; [ \$rc = 0 ] && v=PASS
+		echo "nested-kvm: RESULT \$v run=\$label rc=\$rc secs=\$(awk "BEGIN{print \$e-\$s}")"
+	done
+fi
 echo "nested-kvm: DONE"
+# The host reads the outer vCPUs' wait for the last RESULT while QEMU runs.
 sleep 1
 poweroff -f
 EOF
@@ -266,12 +268,6 @@ LOG=${LOG:-$(mktemp "${TMPDIR:-/tmp}/nested-kvm.XXXXXX.log")}
 : >"$LOG"
 T0=$EPOCHREALTIME
 fails=0 results=0 outer_oops=0 unready=0 boot_times=
-# One outer boot: SMP vCPUs, running every test at the vCPU counts CPUS
-# (comma list or "-"); RUNS=1 also runs the --run commands.
-# -cpu max: TCG's AMD SVM + NPT. Several outer vCPUs boot with maxcpus=1
-# and come up in init after nested-kvm-pin holds KVM's static keys
-# (docs/vmm.md); tsc=reliable keeps the outer kernel from flipping
-# sched_clock's static key at run time.
 # Host run-queue wait of the outer vCPU threads, in ns (TCG gives the
 # outer guest no steal time, so this is the only trace of host contention).
 vcpu_wait() {
@@ -282,9 +278,16 @@ vcpu_wait() {
 		case $(cat "$t/comm" 2>/dev/null) in "CPU "*|"ALL CPUs"*) cut -d' ' -f2 "$t/schedstat" 2>/dev/null ;; esac
 	done | awk '{s += $1} END {printf "%.0f", s}'
 }
+# One outer boot: SMP vCPUs, running every test at the vCPU counts CPUS
+# (comma list or "-"); RUNS=1 also runs the --run commands.
+# -cpu max: TCG's AMD SVM + NPT. Several outer vCPUs boot with maxcpus=1
+# and come up in init after nested-kvm-pin holds KVM's static keys
+# (docs/vmm.md); tsc=reliable keeps the outer kernel from flipping
+# sched_clock's static key at run time.
 boot_outer() {
 	local smp=$1 cpus=$2 runs=$3 t0=$EPOCHREALTIME ready= line extra= w0=- w1= s0=$EPOCHREALTIME
-	# NESTED_KVM_BOOT_CPUS=all boots every outer CPU at once (experiments).
+	# NESTED_KVM_BOOT_CPUS=all boots every outer CPU at once (reproduces the
+	# outer int3 oops in docs/vmm.md).
 	[ "$smp" = 1 ] || [ "${NESTED_KVM_BOOT_CPUS:-}" = all ] || extra=" maxcpus=1"
 	# Host threads running the outer vCPUs: one for all under thread=single.
 	local threads=$smp
