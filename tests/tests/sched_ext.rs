@@ -44,12 +44,12 @@ fn workload(ctx: &Ctx, ops: &str) -> Result<()> {
 }
 
 /// [`workload`] for an scx project scheduler: ops at the end is `sched`'s
-/// versioned name (`want` describes it for the message).
+/// versioned name.
 fn scx_workload(ctx: &Ctx, sched: &Scheduler) -> Result<()> {
     // Every task is on it (no --partial): the contrast to scx_rusty_partial_flag_takes_effect.
     let switch_all = std::fs::read_to_string("/sys/kernel/sched_ext/switch_all")?;
     ensure!(switch_all.trim() == "1", "switch_all {:?} under {}; want 1", switch_all.trim(), sched.name);
-    workload_then(ctx, |now| sched.classify_ops(now) == OpsName::Versioned, &format!("{}_VERSION_TARGET", sched.name.trim_start_matches("scx_")))
+    workload_then(ctx, |now| sched.classify_ops(now) == OpsName::Versioned, &format!("a versioned {} ops name", sched.name))
 }
 
 fn workload_then(ctx: &Ctx, ops_ok: impl Fn(&str) -> bool, ops: &str) -> Result<()> {
@@ -283,6 +283,17 @@ mod driver {
             return None;
         }
         Some(r)
+    }
+
+    /// The name the kernel reported is what the PASS line gives, and the
+    /// guest's attach line says it was not the declared one.
+    #[test]
+    fn unexpected_ops_name_is_named_on_pass() {
+        let name = "ktstr/scheduler_with_an_unexpected_ops_name_attaches";
+        let Some(r) = run_exact(name) else { return };
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let pass = format!("ktstr: PASS: {name}: scheduler renamed_simple (ops \"simple\") attached");
+        assert!(r.stderr.contains(&pass), "want {pass:?} in:\n{}", r.stderr);
     }
 
     /// The skip path itself: a scheduler test on a kernel without

@@ -372,6 +372,7 @@ fn cpus_override_resizes_the_topology() {
         "{}",
         r.stderr
     );
+    assert!(uname_line(&r.stderr).is_none(), "a VM booted for a run it skipped: {}", r.stderr);
 }
 
 #[test]
