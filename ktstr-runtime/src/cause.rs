@@ -78,7 +78,7 @@ pub fn kernel_crash(console: &str) -> Option<String> {
         // No init because the archive did not unpack: say why first.
         if let Some(unpack) = lines[..first].iter().find(|l| l.contains(UNPACK_MARKER)) {
             return Some(format!(
-                "{} (the initramfs did not fit in guest memory: raise memory_mib), then {panic}",
+                "{} (the initramfs did not fit in guest memory: raise memory_mib, or install binutils so debug info is stripped), then {panic}",
                 unpack.trim()
             ));
         }
@@ -168,7 +168,7 @@ mod tests {
             (&PANIC, fixture!("kernel_panic_no_init.log"), ExitKind::Panic,
              "Kernel panic - not syncing: No working init found.  Try passing init= option to kernel. See Linux Documentation/admin-guide/init.rst for guidance."),
             (&TOOLS, fixture!("initramfs_unpack_failed.log"), ExitKind::Panic,
-             "Initramfs unpacking failed: write error (the initramfs did not fit in guest memory: raise memory_mib), then Kernel panic - not syncing: No working init found.  Try passing init= option to kernel. See Linux Documentation/admin-guide/init.rst for guidance."),
+             "Initramfs unpacking failed: write error (the initramfs did not fit in guest memory: raise memory_mib, or install binutils so debug info is stripped), then Kernel panic - not syncing: No working init found.  Try passing init= option to kernel. See Linux Documentation/admin-guide/init.rst for guidance."),
             (&BODY_PANIC, fixture!("body_panic.log"), ExitKind::PowerOff,
              "test body panicked: demo body panic: the vector was empty (at tests/tests/examples.rs:160)"),
             (&BODY_ERR, fixture!("body_error.log"), ExitKind::PowerOff,

@@ -200,7 +200,7 @@ pub fn prune(dir: &Path, budget: u64, keep: &Path) -> Vec<PathBuf> {
 /// goes in without it (`objcopy --strip-debug`; symbols stay). A debug
 /// test binary is mostly DWARF (78 of 80 MB), which the guest never
 /// reads but must hold twice while unpacking, in as little as 256 MiB.
-/// Without objcopy the file goes in whole.
+/// Without objcopy the file goes in whole, with a warning.
 fn guest_bytes(host: &Path) -> Result<Vec<u8>> {
     let data = std::fs::read(host).with_context(|| format!("reading {}", host.display()))?;
     if !has_debug_info(&data) {
@@ -216,7 +216,14 @@ fn guest_bytes(host: &Path) -> Result<Vec<u8>> {
         .is_ok_and(|s| s.success());
     match stripped.then(|| std::fs::read(tmp.path())) {
         Some(Ok(small)) if !small.is_empty() => Ok(small),
-        _ => Ok(data),
+        _ => {
+            eprintln!(
+                "ktstr: warning: objcopy --strip-debug failed on {}; it goes into the guest with its debug info ({} MiB; install binutils)",
+                host.display(),
+                data.len() >> 20
+            );
+            Ok(data)
+        }
     }
 }
 
