@@ -346,10 +346,13 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let p1 = a.build_cached().unwrap();
         let i1 = std::fs::metadata(&p1).unwrap().ino();
+        let old = SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options().append(true).open(&p1).unwrap().set_modified(old).unwrap();
         let p2 = a.build_cached().unwrap();
         assert_eq!(p1, p2);
-        // Not rewritten: the same file.
+        // Not rewritten: the same file, its mtime moved up (a use, for eviction).
         assert_eq!(i1, std::fs::metadata(&p2).unwrap().ino());
+        assert!(std::fs::metadata(&p2).unwrap().modified().unwrap() > old + std::time::Duration::from_secs(3000));
         let b = a.clone().data("x", vec![1], 0o644);
         assert_ne!(b.build_cached().unwrap(), p1);
     }
