@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cgroup::{enable_controllers, move_to, Cgroup};
+use crate::cgroup::{self, enable_controllers, move_to, Cgroup};
 use crate::cpuset::CpuSet;
 
 /// A cgroup by path, created or not: what steps name. `&Cgroup` converts;
@@ -213,12 +213,9 @@ impl Step {
 
     /// Does the step; `undo` learns what the end of the run must reverse.
     pub(crate) fn apply(&self, sc: &StepCtx, undo: &mut Undo) -> Result<()> {
-        let write = |p: PathBuf, v: String| {
-            std::fs::write(&p, &v).with_context(|| format!("write {v:?} to {}", p.display()))
-        };
         match &self.action {
-            Action::Cpuset(cg, cpus) => write(cg.path.join("cpuset.cpus"), cpus.to_string()),
-            Action::Weight(cg, w) => write(cg.path.join("cpu.weight"), w.to_string()),
+            Action::Cpuset(cg, cpus) => cgroup::set_cpus(&cg.path, cpus),
+            Action::Weight(cg, w) => cgroup::set_weight(&cg.path, *w),
             Action::Move { group, index, to } => {
                 for (i, pid) in sc
                     .pids(group)
@@ -237,14 +234,12 @@ impl Step {
                 if !missing.is_empty() {
                     bail!("cannot enable {missing:?} for the children of {} (a cgroup with tasks cannot have children with controllers)", parent.display());
                 }
-                std::fs::create_dir(&cg.path)
-                    .with_context(|| format!("create cgroup {}", cg.path.display()))?;
+                cgroup::mkdir(&cg.path, false)?;
                 undo.created.push(cg.path.clone());
                 Ok(())
             }
             Action::Remove(cg) => {
-                std::fs::remove_dir(&cg.path)
-                    .with_context(|| format!("remove cgroup {}", cg.path.display()))?;
+                cgroup::rmdir(&cg.path)?;
                 undo.created.retain(|p| p != &cg.path);
                 Ok(())
             }
@@ -283,8 +278,8 @@ impl Undo {
         let mut created = std::mem::take(&mut self.created);
         created.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         for p in created {
-            if let Err(e) = std::fs::remove_dir(&p) {
-                errs.push(format!("removing cgroup {}: {e}", p.display()));
+            if let Err(e) = cgroup::rmdir(&p) {
+                errs.push(format!("{e:#}"));
             }
         }
         if !errs.is_empty() {
