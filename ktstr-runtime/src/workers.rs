@@ -224,8 +224,9 @@ fn pipe() -> Result<(i32, i32)> {
     Ok((fds[0], fds[1]))
 }
 
-fn read_all(fd: i32) -> Vec<u8> {
-    let mut out = Vec::new();
+/// Appends what `fd` holds to `out`: up to EOF, or (non-blocking fd)
+/// until the pipe is empty for now.
+fn read_all(fd: i32, out: &mut Vec<u8>) {
     let mut buf = [0u8; 4096];
     loop {
         // SAFETY: reading into a stack buffer of the given size.
@@ -233,7 +234,7 @@ fn read_all(fd: i32) -> Vec<u8> {
         if n > 0 {
             out.extend_from_slice(&buf[..n as usize]);
         } else if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return out;
+            return;
         }
     }
 }
@@ -253,6 +254,9 @@ struct Child {
     pid: i32,
     go_w: i32,
     res_r: i32,
+    /// The report read so far: drained while waiting, since a report
+    /// larger than the pipe buffer blocks the worker until it is read.
+    out: Vec<u8>,
     group: usize,
     index: usize,
     allowed: CpuSet,
@@ -268,7 +272,7 @@ pub fn run(groups: &[WorkerGroup], dur: Duration) -> Result<Report> {
 
 /// [`run`] with scenario steps, run by a thread of this process at their
 /// times while the workers work; what they changed is undone at the end.
-/// A failed step (or cleanup) is in `Report::steps`, not an `Err`:
+/// A failed step (or cleanup) is in `Report::steps` (`Report::cleanup_error`), not an `Err`:
 /// `Ctx::run` records the figures, then fails on it.
 pub fn run_plan(groups: &[WorkerGroup], dur: Duration, mut plan: Plan) -> Result<Report> {
     if groups.iter().map(|g| g.n).sum::<usize>() == 0 {
@@ -297,22 +301,14 @@ pub fn run_plan(groups: &[WorkerGroup], dur: Duration, mut plan: Plan) -> Result
         }
     }
     // Workers are gone: cgroups the steps made are empty, CPUs can return.
-    let t0 = now_ns();
-    let cleanup = undo.run();
-    let mut report = result?;
-    if let Err(e) = cleanup {
-        let t1 = now_ns();
-        report.steps.push(crate::scenario::StepRecord {
-            name: "cleanup".into(),
-            start_ns: t0,
-            end_ns: t1,
-            offset_ms: t0.saturating_sub(report.start_ns) as f64 / 1e6,
-            took_ms: (t1 - t0) as f64 / 1e6,
-            error: Some(format!("{e:#}")),
-            ..Default::default()
-        });
+    let cleanup = undo.run().err().map(|e| format!("{e:#}"));
+    match result {
+        Ok(report) => Ok(Report { cleanup_error: cleanup, ..report }),
+        Err(e) => match cleanup {
+            Some(c) => Err(anyhow::anyhow!("{e:#}; undoing the scenario steps afterwards failed too: {c}")),
+            None => Err(e),
+        },
     }
-    Ok(report)
 }
 
 fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo, kids: &mut Vec<Child>) -> Result<Report> {
@@ -342,12 +338,14 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo
                     libc::_exit(0);
                 }
             }
-            // SAFETY: closing the child's ends in the parent.
+            // SAFETY: closing the child's ends in the parent; making our
+            // read end non-blocking so the wait loop can drain it.
             unsafe {
                 libc::close(go_r);
                 libc::close(res_w);
+                libc::fcntl(res_r, libc::F_SETFL, libc::O_NONBLOCK);
             }
-            kids.push(Child { pid, go_w, res_r, group: gi, index: i, allowed: CpuSet::empty(), status: None });
+            kids.push(Child { pid, go_w, res_r, out: Vec::new(), group: gi, index: i, allowed: CpuSet::empty(), status: None });
             if let Some(cg) = &g.cgroup {
                 move_to(cg, pid).with_context(|| format!("move worker {}[{i}] into its cgroup", g.label))?;
             }
@@ -390,6 +388,7 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo
             loop {
                 let mut pending = 0;
                 for k in kids.iter_mut().filter(|k| k.status.is_none()) {
+                    read_all(k.res_r, &mut k.out);
                     let mut st = 0;
                     // SAFETY: reaping our own child.
                     let r = unsafe { libc::waitpid(k.pid, &mut st, libc::WNOHANG) };
@@ -418,9 +417,12 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo
     });
     waited?;
     let mut workers = Vec::new();
+    for k in kids.iter_mut() {
+        // The rest, written before the worker exited.
+        read_all(k.res_r, &mut k.out);
+    }
     for k in kids.iter() {
-        let bytes = read_all(k.res_r);
-        let mut r: WorkerReport = serde_json::from_slice(&bytes).map_err(|_| {
+        let mut r: WorkerReport = serde_json::from_slice(&k.out).map_err(|_| {
             anyhow::anyhow!(
                 "worker {}[{}] (pid {}) died without a report (wait status {:#x})",
                 groups[k.group].label,
@@ -441,7 +443,7 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo
         }
         workers.push(r);
     }
-    Ok(Report { duration: dur, workers, start_ns: start, steps })
+    Ok(Report { duration: dur, workers, start_ns: start, steps, cleanup_error: None })
 }
 
 #[cfg(test)]
