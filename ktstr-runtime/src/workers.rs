@@ -168,8 +168,10 @@ fn identity() -> (String, String, i32) {
 /// The worker's body, in the forked child; returns its report.
 /// `go_ns`: when the parent released the workers; from then on a worker
 /// is runnable, so a worker that gets no CPU until late shows that wait
-/// as its first gap.
-fn worker_main(g: &WorkerGroup, index: usize, res: &GroupRes, go_ns: u64, deadline: u64) -> WorkerReport {
+/// as its first gap. `start_ns`: the run's clock start (`Report::start_ns`),
+/// where every worker's trace slots begin, so slot `i` is the same time
+/// in all of them.
+fn worker_main(g: &WorkerGroup, index: usize, res: &GroupRes, go_ns: u64, start_ns: u64, deadline: u64) -> WorkerReport {
     if let Err(e) = setup(g, index) {
         return WorkerReport { error: Some(e), ..WorkerReport::default() };
     }
@@ -179,7 +181,7 @@ fn worker_main(g: &WorkerGroup, index: usize, res: &GroupRes, go_ns: u64, deadli
     let (v0, i0, f0) = rusage();
     let ss0 = SchedStat::read_self();
     let mut t = Tally::default();
-    t.trace = crate::work::trace::Trace::new(go_ns, deadline);
+    t.trace = crate::work::trace::Trace::new(start_ns, deadline);
     t.gap.stamp(go_ns, crate::work::tally::thread_cputime_ns);
     t.tick();
     let mut phases = Vec::new();
@@ -328,11 +330,11 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo
                 unsafe {
                     libc::close(go_w);
                     libc::close(res_r);
-                    let mut d = [0u8; 16];
-                    let got = libc::read(go_r, d.as_mut_ptr().cast(), 16);
-                    if got == 16 {
+                    let mut d = [0u8; 24];
+                    let got = libc::read(go_r, d.as_mut_ptr().cast(), 24);
+                    if got == 24 {
                         let word = |i: usize| u64::from_le_bytes(d[i * 8..i * 8 + 8].try_into().unwrap_or_default());
-                        let r = worker_main(g, i, &res, word(0), word(1));
+                        let r = worker_main(g, i, &res, word(0), word(1), word(2));
                         write_all(res_w, &serde_json::to_vec(&r).unwrap_or_default());
                     }
                     libc::_exit(0);
@@ -371,9 +373,10 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo
     let start = now_ns() + 20_000_000;
     let deadline = start + dur.as_nanos() as u64;
     for k in kids.iter() {
-        let mut msg = [0u8; 16];
+        let mut msg = [0u8; 24];
         msg[..8].copy_from_slice(&now_ns().to_le_bytes());
-        msg[8..].copy_from_slice(&deadline.to_le_bytes());
+        msg[8..16].copy_from_slice(&start.to_le_bytes());
+        msg[16..].copy_from_slice(&deadline.to_le_bytes());
         write_all(k.go_w, &msg);
         // SAFETY: closing our end of the go pipe.
         unsafe { libc::close(k.go_w) };
@@ -490,6 +493,8 @@ mod tests {
         for w in &r.workers {
             assert!(w.iterations > 0, "{} did no work\n{r}", w.name());
             assert!(w.error.is_none());
+            // One slot grid for all: slot i is the same time in every trace.
+            assert_eq!((w.trace.start_ns, w.trace.slot_ns), (r.start_ns, r.workers[0].trace.slot_ns), "{}", w.name());
         }
         assert!(one("bursty").wakeups >= 5, "a 20 ms period sleeps ~20 times in 400 ms\n{r}");
         assert!(r.group("pp").all(|w| w.wake.count() > 0), "{r}");
