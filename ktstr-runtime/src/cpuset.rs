@@ -16,9 +16,7 @@ impl CpuSet {
     }
     /// CPUs `0..n`.
     pub fn first(n: u32) -> Self {
-        let mut s = CpuSet::empty();
-        (0..n).for_each(|c| s.insert(c));
-        s
+        (0..n).collect()
     }
     pub fn insert(&mut self, cpu: u32) {
         let (w, b) = (cpu as usize / 64, cpu % 64);
@@ -79,6 +77,14 @@ impl CpuSet {
             (lo..=hi).for_each(|c| set.insert(c));
         }
         Ok(set)
+    }
+}
+
+impl FromIterator<u32> for CpuSet {
+    fn from_iter<I: IntoIterator<Item = u32>>(cpus: I) -> Self {
+        let mut s = CpuSet::empty();
+        cpus.into_iter().for_each(|c| s.insert(c));
+        s
     }
 }
 

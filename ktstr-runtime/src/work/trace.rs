@@ -132,9 +132,7 @@ impl Trace {
     /// CPUs whose stays overlap `[from, to)`: where it ran then (from the
     /// kept stays; a truncated log ends early).
     pub fn cpus_between(&self, from: u64, to: u64) -> crate::cpuset::CpuSet {
-        let mut s = crate::cpuset::CpuSet::empty();
-        self.moves.iter().filter(|m| m.at_ns < to && m.last_ns >= from).for_each(|m| s.insert(m.cpu));
-        s
+        self.moves.iter().filter(|m| m.at_ns < to && m.last_ns >= from).map(|m| m.cpu).collect()
     }
 
     /// Progress stamps in the slots that lie wholly inside `[from, to)`.
