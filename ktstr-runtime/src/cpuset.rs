@@ -14,6 +14,10 @@ impl CpuSet {
     pub const fn empty() -> Self {
         CpuSet { words: Vec::new() }
     }
+    /// Just CPU `cpu`.
+    pub fn one(cpu: u32) -> Self {
+        CpuSet::empty().with(cpu)
+    }
     /// CPUs `0..n`.
     pub fn first(n: u32) -> Self {
         (0..n).collect()
@@ -147,8 +151,9 @@ mod tests {
         assert_eq!(s.to_string(), "0-1,63-65,200");
         assert_eq!(CpuSet::first(130).len(), 130);
         assert_eq!(CpuSet::first(130).to_string(), "0-129");
-        assert!(CpuSet::empty().with(200).is_subset(&CpuSet::first(201)));
-        assert!(!CpuSet::empty().with(200).is_subset(&CpuSet::first(200)));
+        assert!(CpuSet::one(200).is_subset(&CpuSet::first(201)));
+        assert!(!CpuSet::one(200).is_subset(&CpuSet::first(200)));
+        assert_eq!(CpuSet::one(70).iter().collect::<Vec<_>>(), [70]);
         assert!(CpuSet::first(2).is_subset(&s));
         assert_eq!(s.and(&CpuSet::parse("1-64").unwrap()).to_string(), "1,63-64");
         assert_eq!(s.and(&CpuSet::parse("300").unwrap()), CpuSet::empty(), "no trailing zero words");

@@ -78,7 +78,7 @@ impl WorkerGroup {
     fn affinity_of(&self, i: usize) -> Option<CpuSet> {
         if let Some(p) = &self.opts.pin_each {
             let cpus: Vec<u32> = p.iter().collect();
-            return cpus.get(i % cpus.len().max(1)).map(|&c| CpuSet::empty().with(c));
+            return cpus.get(i % cpus.len().max(1)).map(|&c| CpuSet::one(c));
         }
         self.opts.cpus.clone()
     }
@@ -462,7 +462,7 @@ mod tests {
         mask[3] = 1 << (200 - 192);
         let s = from_mask(&mask);
         assert_eq!(s.iter().collect::<Vec<_>>(), [0, 64, 200]);
-        assert!(CpuSet::empty().with(200).is_subset(&s), "a worker seen on CPU 200 is inside its cpuset");
+        assert!(CpuSet::one(200).is_subset(&s), "a worker seen on CPU 200 is inside its cpuset");
         let here = affinity();
         assert!(!here.is_empty() && here.iter().all(|c| c < 1 << 16), "{here}");
         // SAFETY: no preconditions.

@@ -17,10 +17,6 @@ const NS_PER_MS: f64 = 1e6;
 /// after a step start this much later.
 const STAMP_RACE_NS: u64 = 10_000_000;
 
-fn one_cpu(c: u32) -> CpuSet {
-    CpuSet::empty().with(c)
-}
-
 /// Whether a share `got` is within 15 % of `want` (relative).
 fn within_15pct(got: f64, want: f64) -> bool {
     (got / want - 1.0).abs() <= 0.15
@@ -49,7 +45,7 @@ fn cgroup_of(pid: i32) -> Result<String> {
 /// from 100 ms after it.
 pub fn cpuset_shrink(ctx: &Ctx) -> Result<()> {
     let a = ctx.cgroup("a")?.cpus(CpuSet::first(2))?;
-    let r = ctx.scenario().at(MS(1000), Step::cpuset(&a, one_cpu(0))).run(&[a.workers(2)], MS(2500))?;
+    let r = ctx.scenario().at(MS(1000), Step::cpuset(&a, CpuSet::one(0))).run(&[a.workers(2)], MS(2500))?;
     println!("{r}");
     let s = r.step("cpuset a=0")?;
     println!("step `{}` asked at {} ms, ran at {:.1} ms, took {:.2} ms", s.name, s.at_ms, s.offset_ms, s.took_ms);
@@ -57,7 +53,7 @@ pub fn cpuset_shrink(ctx: &Ctx) -> Result<()> {
         let moves: Vec<String> = w.trace.moves.iter().map(|m| format!("cpu{}@{:.1}ms", m.cpu, ms_between(r.start_ns, m.at_ns))).collect();
         println!("{} moves: {}", w.name(), moves.join(" "));
     }
-    ensure!(a.effective_cpus()? == one_cpu(0), "cpuset.cpus.effective is {} after the step", a.effective_cpus()?);
+    ensure!(a.effective_cpus()? == CpuSet::one(0), "cpuset.cpus.effective is {} after the step", a.effective_cpus()?);
     ensure!(
         r.workers.iter().any(|w| w.trace.on_cpu.iter().any(|c| c.cpu == 1 && c.first_ns < s.start_ns)),
         "no worker ran on CPU 1 before the shrink: nothing to leave\n{r}"
@@ -87,7 +83,7 @@ fn cpuset_shrink_leaves_removed_cpus(ctx: &Ctx) -> Result<()> {
 /// gone, and returns to CPU 1 once it is back (v2 restores the effective
 /// cpuset on online).
 pub fn cpu_offline(ctx: &Ctx) -> Result<()> {
-    let a = ctx.cgroup("a")?.cpus(one_cpu(1))?;
+    let a = ctx.cgroup("a")?.cpus(CpuSet::one(1))?;
     let r = ctx
         .scenario()
         .at(MS(500), Step::offline(1))
@@ -154,8 +150,8 @@ fn offline_cpu_is_back_after_the_run(ctx: &Ctx) -> Result<()> {
 /// after the step (one chunk per stamp; same CPU, same speed), so one
 /// run shows both; each within 15 % of what the weights give.
 pub fn weight_shift(ctx: &Ctx, dur: Duration) -> Result<(f64, f64)> {
-    let a = ctx.cgroup("a")?.cpus(one_cpu(1))?.weight(100)?;
-    let b = ctx.cgroup("b")?.cpus(one_cpu(1))?.weight(100)?;
+    let a = ctx.cgroup("a")?.cpus(CpuSet::one(1))?.weight(100)?;
+    let b = ctx.cgroup("b")?.cpus(CpuSet::one(1))?.weight(100)?;
     let r = ctx.scenario().at(dur / 2, Step::weight(&b, 300)).run(&[a.workers(1), b.workers(1)], dur)?;
     println!("{r}");
     let s = r.step("weight b=300")?;
@@ -187,8 +183,8 @@ fn share_weight_change_shifts_share(ctx: &Ctx) -> Result<()> {
 /// on CPU 1 only after it.
 #[ktstr_test(cpus = 2, timeout_s = 60, gauntlet = false)]
 fn move_between_cgroups_changes_cgroup_and_cpus(ctx: &Ctx) -> Result<()> {
-    let a = ctx.cgroup("a")?.cpus(one_cpu(0))?;
-    let b = ctx.cgroup("b")?.cpus(one_cpu(1))?;
+    let a = ctx.cgroup("a")?.cpus(CpuSet::one(0))?;
+    let b = ctx.cgroup("b")?.cpus(CpuSet::one(1))?;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
     let read = Step::custom("read cgroups", move |sc: &StepCtx| {
@@ -208,7 +204,7 @@ fn move_between_cgroups_changes_cgroup_and_cpus(ctx: &Ctx) -> Result<()> {
     for (w, mv) in r.workers.iter().zip([r.step("move a -> b")?, r.step("move a[1] -> b")?]) {
         let (before, after) = (w.trace.cpus_between(r.start_ns, mv.start_ns), w.trace.cpus_between(mv.end_ns + STAMP_RACE_NS, end));
         println!("{} ran on {before} before `{}` (at {:.0} ms), on {after} after", w.name(), mv.name, mv.offset_ms);
-        ensure!(before == one_cpu(0) && after == one_cpu(1), "{} ran on {before} before and {after} after `{}` from a (CPU 0) to b (CPU 1)", w.name(), mv.name);
+        ensure!(before == CpuSet::one(0) && after == CpuSet::one(1), "{} ran on {before} before and {after} after `{}` from a (CPU 0) to b (CPU 1)", w.name(), mv.name);
     }
     let cg = seen.lock().unwrap().clone();
     println!("cgroups at 900 ms: {cg:?}");
@@ -224,14 +220,14 @@ fn move_between_cgroups_changes_cgroup_and_cpus(ctx: &Ctx) -> Result<()> {
 #[ktstr_test(cpus = 2, timeout_s = 60, gauntlet = false)]
 fn nested_cgroup_create_move_remove(ctx: &Ctx) -> Result<()> {
     let outer = ctx.cgroup("outer")?.cpus(CpuSet::first(2))?;
-    let home = ctx.cgroup("home")?.cpus(one_cpu(0))?;
+    let home = ctx.cgroup("home")?.cpus(CpuSet::one(0))?;
     let inner = outer.child("inner");
     let seen = Arc::new(Mutex::new(String::new()));
     let s2 = seen.clone();
     let r = ctx
         .scenario()
         .at(MS(200), Step::create(&inner))
-        .at(MS(250), Step::cpuset(&inner, one_cpu(1)))
+        .at(MS(250), Step::cpuset(&inner, CpuSet::one(1)))
         .at(MS(300), Step::move_group("home", &inner))
         .at(MS(700), Step::custom("where", move |sc| {
             *s2.lock().unwrap() = cgroup_of(sc.pids("home")[0])?;
@@ -249,7 +245,7 @@ fn nested_cgroup_create_move_remove(ctx: &Ctx) -> Result<()> {
     let end = end_ns(&r);
     for w in &r.workers {
         let (inside, after) = (w.trace.cpus_between(i.end_ns + STAMP_RACE_NS, o.start_ns), w.trace.cpus_between(o.end_ns + STAMP_RACE_NS, end));
-        ensure!(inside == one_cpu(1) && after == one_cpu(0), "{} ran on {inside} inside outer/inner (CPU 1) and {after} back home (CPU 0)", w.name());
+        ensure!(inside == CpuSet::one(1) && after == CpuSet::one(0), "{} ran on {inside} inside outer/inner (CPU 1) and {after} back home (CPU 0)", w.name());
         ensure!(w.trace.stamps_between(i.end_ns, o.start_ns) > 0);
     }
     let where_ = seen.lock().unwrap().clone();
@@ -383,8 +379,8 @@ fn share_scx_simple_fifo_ignores_nice(ctx: &Ctx) -> Result<()> {
 
 fn nice5_share(ctx: &Ctx) -> Result<f64> {
     let dur = SCX_SHARE_RUN;
-    let a = ctx.work(1, Work::Spin).label("nice0").cpus(one_cpu(1));
-    let b = ctx.work(1, Work::Spin).label("nice5").cpus(one_cpu(1)).nice(5);
+    let a = ctx.work(1, Work::Spin).label("nice0").cpus(CpuSet::one(1));
+    let b = ctx.work(1, Work::Spin).label("nice5").cpus(CpuSet::one(1)).nice(5);
     let r = ctx.run(&[a, b], dur)?;
     println!("{r}");
     let w5 = r.group("nice5").next().context("no nice5")?;
