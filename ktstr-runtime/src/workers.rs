@@ -469,6 +469,32 @@ mod tests {
         assert!(here.contains(unsafe { libc::sched_getcpu() } as u32), "{here}");
     }
 
+    /// A report far over the pipe buffer reaches the parent: draining the
+    /// non-blocking read end while the writer runs, as the wait loop does.
+    #[test]
+    fn a_report_larger_than_the_pipe_buffer_is_drained() {
+        let (r, w) = pipe().unwrap();
+        // SAFETY: our own fd.
+        unsafe { libc::fcntl(r, libc::F_SETFL, libc::O_NONBLOCK) };
+        let data: Vec<u8> = (0..1 << 20).map(|i| i as u8).collect();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            write_all(w, &sent);
+            // SAFETY: closing the write end we own.
+            unsafe { libc::close(w) };
+        });
+        let mut out = Vec::new();
+        while !writer.is_finished() {
+            read_all(r, &mut out);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        writer.join().unwrap();
+        read_all(r, &mut out);
+        // SAFETY: closing the read end we own.
+        unsafe { libc::close(r) };
+        assert!(out == data, "got {} of {} bytes", out.len(), data.len());
+    }
+
     /// Every work type runs for real on this host and reports the figure
     /// it exists to produce.
     #[test]
