@@ -337,11 +337,10 @@ fn scx_simple_cpuset_shrink_leaves_removed_cpus(ctx: &Ctx) -> Result<()> {
     cpuset_shrink(ctx)
 }
 
-/// Holds under the scx project's schedulers too (same reason): scx_bpfland,
-/// and scx_rusty on two LLCs (its two balancing domains; the cgroup
-/// keeps to CPUs 0-1 of the four).
-const BPFLAND: Scheduler = Scheduler::new("scx_bpfland");
-const RUSTY: Scheduler = Scheduler::new("scx_rusty").attach_timeout_s(60);
+// Holds under the scx project's schedulers too (same reason): scx_bpfland,
+// and scx_rusty on two LLCs (its two balancing domains; the cgroup
+// keeps to CPUs 0-1 of the four).
+use ktstr_tests::{BPFLAND, RUSTY};
 
 #[ktstr_test(scheduler = BPFLAND, cpus = 2, memory_mib = 1024, timeout_s = 90, gauntlet = false)]
 fn scx_bpfland_cpuset_shrink_leaves_removed_cpus(ctx: &Ctx) -> Result<()> {
