@@ -14,6 +14,34 @@ fn write(path: &Path, value: &str) -> Result<()> {
     std::fs::write(path, value).with_context(|| format!("write {value:?} to {}", path.display()))
 }
 
+/// Writes `dir`'s `cpuset.cpus`.
+pub(crate) fn set_cpus(dir: &Path, cpus: &CpuSet) -> Result<()> {
+    write(&dir.join("cpuset.cpus"), &cpus.to_string())
+}
+
+/// Writes `dir`'s `cpu.weight`, refusing values the kernel would reject.
+pub(crate) fn set_weight(dir: &Path, w: u32) -> Result<()> {
+    if !(1..=10000).contains(&w) {
+        anyhow::bail!("cpu.weight {w} for {}: must be 1..=10000", dir.display());
+    }
+    write(&dir.join("cpu.weight"), &w.to_string())
+}
+
+/// Creates the cgroup directory; with `reuse`, an existing one is fine.
+pub(crate) fn mkdir(path: &Path, reuse: bool) -> Result<()> {
+    match std::fs::create_dir(path) {
+        Err(e) if !(reuse && e.kind() == std::io::ErrorKind::AlreadyExists) => {
+            Err(e).with_context(|| format!("create cgroup {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Removes the cgroup directory; fails while tasks are inside.
+pub(crate) fn rmdir(path: &Path) -> Result<()> {
+    std::fs::remove_dir(path).with_context(|| format!("remove cgroup {}", path.display()))
+}
+
 /// Enables every controller in `want` that `dir` offers to its children.
 /// Returns those it could not enable (absent from the kernel, say).
 pub fn enable_controllers(dir: &Path, want: &[&str]) -> Vec<String> {
@@ -45,11 +73,7 @@ impl Cgroup {
             anyhow::bail!("bad cgroup name {name:?}: use a plain name without `/`");
         }
         let path = parent.join(name);
-        match std::fs::create_dir(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).with_context(|| format!("create cgroup {}", path.display())),
-        }
+        mkdir(&path, true)?;
         Ok(Self { name: name.to_string(), path, keep: false })
     }
 
@@ -65,13 +89,13 @@ impl Cgroup {
         if cpus.is_empty() {
             anyhow::bail!("cgroup {}: empty cpuset", self.name);
         }
-        write(&self.path.join("cpuset.cpus"), &cpus.to_string())?;
+        set_cpus(&self.path, &cpus)?;
         Ok(self)
     }
 
     /// Sets `cpu.weight` (1..=10000, default 100).
     pub fn weight(self, w: u32) -> Result<Self> {
-        write(&self.path.join("cpu.weight"), &w.to_string())?;
+        set_weight(&self.path, w)?;
         Ok(self)
     }
 
@@ -117,7 +141,7 @@ impl Cgroup {
     /// Removes the cgroup; fails while tasks are still inside.
     pub fn remove(mut self) -> Result<()> {
         self.keep = true;
-        std::fs::remove_dir(&self.path).with_context(|| format!("remove cgroup {}", self.path.display()))
+        rmdir(&self.path)
     }
 }
 
@@ -131,4 +155,26 @@ impl Drop for Cgroup {
 
 pub(crate) fn move_to(dir: &Path, pid: i32) -> Result<()> {
     write(&dir.join("cgroup.procs"), &pid.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_range_and_mkdir_reuse() {
+        let d = tempfile::tempdir().unwrap();
+        let e = set_weight(d.path(), 0).unwrap_err().to_string();
+        assert!(e.starts_with("cpu.weight 0 for ") && e.ends_with("must be 1..=10000"), "{e}");
+        assert!(set_weight(d.path(), 10001).is_err());
+        set_weight(d.path(), 300).unwrap();
+        assert_eq!(std::fs::read_to_string(d.path().join("cpu.weight")).unwrap(), "300");
+        let c = d.path().join("c");
+        mkdir(&c, false).unwrap();
+        mkdir(&c, true).unwrap();
+        let e = format!("{:#}", mkdir(&c, false).unwrap_err());
+        assert!(e.starts_with(&format!("create cgroup {}", c.display())), "{e}");
+        rmdir(&c).unwrap();
+        assert!(rmdir(&c).unwrap_err().to_string().starts_with("remove cgroup "));
+    }
 }

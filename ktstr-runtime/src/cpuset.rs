@@ -14,11 +14,13 @@ impl CpuSet {
     pub const fn empty() -> Self {
         CpuSet { words: Vec::new() }
     }
+    /// Just CPU `cpu`.
+    pub fn one(cpu: u32) -> Self {
+        CpuSet::empty().with(cpu)
+    }
     /// CPUs `0..n`.
     pub fn first(n: u32) -> Self {
-        let mut s = CpuSet::empty();
-        (0..n).for_each(|c| s.insert(c));
-        s
+        (0..n).collect()
     }
     pub fn insert(&mut self, cpu: u32) {
         let (w, b) = (cpu as usize / 64, cpu % 64);
@@ -82,6 +84,14 @@ impl CpuSet {
     }
 }
 
+impl FromIterator<u32> for CpuSet {
+    fn from_iter<I: IntoIterator<Item = u32>>(cpus: I) -> Self {
+        let mut s = CpuSet::empty();
+        cpus.into_iter().for_each(|c| s.insert(c));
+        s
+    }
+}
+
 impl std::fmt::Display for CpuSet {
     /// The kernel's list format, e.g. `0-2,5`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -141,8 +151,9 @@ mod tests {
         assert_eq!(s.to_string(), "0-1,63-65,200");
         assert_eq!(CpuSet::first(130).len(), 130);
         assert_eq!(CpuSet::first(130).to_string(), "0-129");
-        assert!(CpuSet::empty().with(200).is_subset(&CpuSet::first(201)));
-        assert!(!CpuSet::empty().with(200).is_subset(&CpuSet::first(200)));
+        assert!(CpuSet::one(200).is_subset(&CpuSet::first(201)));
+        assert!(!CpuSet::one(200).is_subset(&CpuSet::first(200)));
+        assert_eq!(CpuSet::one(70).iter().collect::<Vec<_>>(), [70]);
         assert!(CpuSet::first(2).is_subset(&s));
         assert_eq!(s.and(&CpuSet::parse("1-64").unwrap()).to_string(), "1,63-64");
         assert_eq!(s.and(&CpuSet::parse("300").unwrap()), CpuSet::empty(), "no trailing zero words");

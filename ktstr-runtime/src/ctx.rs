@@ -256,7 +256,7 @@ impl Ctx {
         }
         let r = workers::run_plan(groups, dur, plan)?;
         self.runs.borrow_mut().push(serde_json::to_value(r.metrics()).unwrap_or_default());
-        if let Some(e) = crate::scenario::failure(&r.steps) {
+        if let Some(e) = crate::scenario::failure(&r.steps, r.cleanup_error.as_deref()) {
             bail!("{e}");
         }
         r.check(&self.def.checks)?;

@@ -83,6 +83,9 @@ pub struct Report {
     pub start_ns: u64,
     /// Scenario steps in the order they ran (`Ctx::scenario`).
     pub steps: Vec<crate::scenario::StepRecord>,
+    /// Undoing the steps' changes after the run failed (CPUs back online,
+    /// cgroups removed): one line per failure.
+    pub cleanup_error: Option<String>,
 }
 
 impl std::fmt::Display for Report {

@@ -53,11 +53,12 @@ fn list(p: &Path) -> Result<Vec<u32>, String> {
 /// Reads the view under `root` (`/sys/devices/system` in a guest).
 pub fn read_view(root: &Path) -> Result<GuestView, String> {
     let online = list(&root.join("cpu/online"))?;
-    let mut nodes: Vec<u32> = std::fs::read_dir(root.join("node"))
-        .map_err(|e| format!("reading {}: {e}", root.join("node").display()))?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("node")?.parse().ok())
-        .collect();
+    // A kernel without CONFIG_NUMA has no node directory: no nodes.
+    let mut nodes: Vec<u32> = match std::fs::read_dir(root.join("node")) {
+        Ok(d) => d.flatten().filter_map(|e| e.file_name().to_str()?.strip_prefix("node")?.parse().ok()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(format!("reading {}: {e}", root.join("node").display())),
+    };
     nodes.sort_unstable();
     let mut node_cpus = Vec::new();
     let mut distances = Vec::new();
@@ -82,7 +83,7 @@ pub fn read_view(root: &Path) -> Result<GuestView, String> {
 }
 
 fn show(v: &[u32]) -> String {
-    v.iter().fold(crate::cpuset::CpuSet::empty(), |s, &c| s.with(c)).to_string()
+    v.iter().copied().collect::<crate::cpuset::CpuSet>().to_string()
 }
 
 /// Every way `seen` differs from `want`, one line each (at most a few
@@ -128,6 +129,7 @@ pub fn diff(want: &GuestView, seen: &GuestView) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::vmm::Distances;
+    use crate::cpuset::CpuSet;
 
     #[test]
     fn expected_views() {
@@ -184,5 +186,16 @@ mod tests {
         let far = Topology::new(2, 1, 1, 2).with_distances(Distances::Grouped { group: 1, near: 16, far: 32 });
         let d = diff(&expected(&far), &read_view(dir.path()).unwrap());
         assert!(d.contains(&"node0 distance [10, 20], want [10, 32]".to_string()), "{d:?}");
+    }
+
+    #[test]
+    fn no_node_directory_means_no_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        fake(dir.path(), "2-3");
+        std::fs::remove_dir_all(dir.path().join("node")).unwrap();
+        let v = read_view(dir.path()).unwrap();
+        assert_eq!((v.node_cpus.len(), v.distances.len(), v.online.len()), (0, 0, 4));
+        let sets = crate::scenario::TopoSets::from_view(&v);
+        assert_eq!(sets.nodes(), [CpuSet::first(4)], "one node of all online CPUs");
     }
 }

@@ -78,7 +78,7 @@ impl WorkerGroup {
     fn affinity_of(&self, i: usize) -> Option<CpuSet> {
         if let Some(p) = &self.opts.pin_each {
             let cpus: Vec<u32> = p.iter().collect();
-            return cpus.get(i % cpus.len().max(1)).map(|&c| CpuSet::empty().with(c));
+            return cpus.get(i % cpus.len().max(1)).map(|&c| CpuSet::one(c));
         }
         self.opts.cpus.clone()
     }
@@ -168,8 +168,10 @@ fn identity() -> (String, String, i32) {
 /// The worker's body, in the forked child; returns its report.
 /// `go_ns`: when the parent released the workers; from then on a worker
 /// is runnable, so a worker that gets no CPU until late shows that wait
-/// as its first gap.
-fn worker_main(g: &WorkerGroup, index: usize, res: &GroupRes, go_ns: u64, deadline: u64) -> WorkerReport {
+/// as its first gap. `start_ns`: the run's clock start (`Report::start_ns`),
+/// where every worker's trace slots begin, so slot `i` is the same time
+/// in all of them.
+fn worker_main(g: &WorkerGroup, index: usize, res: &GroupRes, go_ns: u64, start_ns: u64, deadline: u64) -> WorkerReport {
     if let Err(e) = setup(g, index) {
         return WorkerReport { error: Some(e), ..WorkerReport::default() };
     }
@@ -179,7 +181,7 @@ fn worker_main(g: &WorkerGroup, index: usize, res: &GroupRes, go_ns: u64, deadli
     let (v0, i0, f0) = rusage();
     let ss0 = SchedStat::read_self();
     let mut t = Tally::default();
-    t.trace = crate::work::trace::Trace::new(go_ns, deadline);
+    t.trace = crate::work::trace::Trace::new(start_ns, deadline);
     t.gap.stamp(go_ns, crate::work::tally::thread_cputime_ns);
     t.tick();
     let mut phases = Vec::new();
@@ -224,8 +226,9 @@ fn pipe() -> Result<(i32, i32)> {
     Ok((fds[0], fds[1]))
 }
 
-fn read_all(fd: i32) -> Vec<u8> {
-    let mut out = Vec::new();
+/// Appends what `fd` holds to `out`: up to EOF, or (non-blocking fd)
+/// until the pipe is empty for now.
+fn read_all(fd: i32, out: &mut Vec<u8>) {
     let mut buf = [0u8; 4096];
     loop {
         // SAFETY: reading into a stack buffer of the given size.
@@ -233,7 +236,7 @@ fn read_all(fd: i32) -> Vec<u8> {
         if n > 0 {
             out.extend_from_slice(&buf[..n as usize]);
         } else if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return out;
+            return;
         }
     }
 }
@@ -253,6 +256,9 @@ struct Child {
     pid: i32,
     go_w: i32,
     res_r: i32,
+    /// The report read so far: drained while waiting, since a report
+    /// larger than the pipe buffer blocks the worker until it is read.
+    out: Vec<u8>,
     group: usize,
     index: usize,
     allowed: CpuSet,
@@ -268,7 +274,7 @@ pub fn run(groups: &[WorkerGroup], dur: Duration) -> Result<Report> {
 
 /// [`run`] with scenario steps, run by a thread of this process at their
 /// times while the workers work; what they changed is undone at the end.
-/// A failed step (or cleanup) is in `Report::steps`, not an `Err`:
+/// A failed step (or cleanup) is in `Report::steps` (`Report::cleanup_error`), not an `Err`:
 /// `Ctx::run` records the figures, then fails on it.
 pub fn run_plan(groups: &[WorkerGroup], dur: Duration, mut plan: Plan) -> Result<Report> {
     if groups.iter().map(|g| g.n).sum::<usize>() == 0 {
@@ -297,22 +303,14 @@ pub fn run_plan(groups: &[WorkerGroup], dur: Duration, mut plan: Plan) -> Result
         }
     }
     // Workers are gone: cgroups the steps made are empty, CPUs can return.
-    let t0 = now_ns();
-    let cleanup = undo.run();
-    let mut report = result?;
-    if let Err(e) = cleanup {
-        let t1 = now_ns();
-        report.steps.push(crate::scenario::StepRecord {
-            name: "cleanup".into(),
-            start_ns: t0,
-            end_ns: t1,
-            offset_ms: t0.saturating_sub(report.start_ns) as f64 / 1e6,
-            took_ms: (t1 - t0) as f64 / 1e6,
-            error: Some(format!("{e:#}")),
-            ..Default::default()
-        });
+    let cleanup = undo.run().err().map(|e| format!("{e:#}"));
+    match result {
+        Ok(report) => Ok(Report { cleanup_error: cleanup, ..report }),
+        Err(e) => match cleanup {
+            Some(c) => Err(anyhow::anyhow!("{e:#}; undoing the scenario steps afterwards failed too: {c}")),
+            None => Err(e),
+        },
     }
-    Ok(report)
 }
 
 fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo, kids: &mut Vec<Child>) -> Result<Report> {
@@ -332,22 +330,24 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo
                 unsafe {
                     libc::close(go_w);
                     libc::close(res_r);
-                    let mut d = [0u8; 16];
-                    let got = libc::read(go_r, d.as_mut_ptr().cast(), 16);
-                    if got == 16 {
+                    let mut d = [0u8; 24];
+                    let got = libc::read(go_r, d.as_mut_ptr().cast(), 24);
+                    if got == 24 {
                         let word = |i: usize| u64::from_le_bytes(d[i * 8..i * 8 + 8].try_into().unwrap_or_default());
-                        let r = worker_main(g, i, &res, word(0), word(1));
+                        let r = worker_main(g, i, &res, word(0), word(1), word(2));
                         write_all(res_w, &serde_json::to_vec(&r).unwrap_or_default());
                     }
                     libc::_exit(0);
                 }
             }
-            // SAFETY: closing the child's ends in the parent.
+            // SAFETY: closing the child's ends in the parent; making our
+            // read end non-blocking so the wait loop can drain it.
             unsafe {
                 libc::close(go_r);
                 libc::close(res_w);
+                libc::fcntl(res_r, libc::F_SETFL, libc::O_NONBLOCK);
             }
-            kids.push(Child { pid, go_w, res_r, group: gi, index: i, allowed: CpuSet::empty(), status: None });
+            kids.push(Child { pid, go_w, res_r, out: Vec::new(), group: gi, index: i, allowed: CpuSet::empty(), status: None });
             if let Some(cg) = &g.cgroup {
                 move_to(cg, pid).with_context(|| format!("move worker {}[{i}] into its cgroup", g.label))?;
             }
@@ -373,9 +373,10 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo
     let start = now_ns() + 20_000_000;
     let deadline = start + dur.as_nanos() as u64;
     for k in kids.iter() {
-        let mut msg = [0u8; 16];
+        let mut msg = [0u8; 24];
         msg[..8].copy_from_slice(&now_ns().to_le_bytes());
-        msg[8..].copy_from_slice(&deadline.to_le_bytes());
+        msg[8..16].copy_from_slice(&start.to_le_bytes());
+        msg[16..].copy_from_slice(&deadline.to_le_bytes());
         write_all(k.go_w, &msg);
         // SAFETY: closing our end of the go pipe.
         unsafe { libc::close(k.go_w) };
@@ -390,6 +391,7 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo
             loop {
                 let mut pending = 0;
                 for k in kids.iter_mut().filter(|k| k.status.is_none()) {
+                    read_all(k.res_r, &mut k.out);
                     let mut st = 0;
                     // SAFETY: reaping our own child.
                     let r = unsafe { libc::waitpid(k.pid, &mut st, libc::WNOHANG) };
@@ -418,9 +420,12 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo
     });
     waited?;
     let mut workers = Vec::new();
+    for k in kids.iter_mut() {
+        // The rest, written before the worker exited.
+        read_all(k.res_r, &mut k.out);
+    }
     for k in kids.iter() {
-        let bytes = read_all(k.res_r);
-        let mut r: WorkerReport = serde_json::from_slice(&bytes).map_err(|_| {
+        let mut r: WorkerReport = serde_json::from_slice(&k.out).map_err(|_| {
             anyhow::anyhow!(
                 "worker {}[{}] (pid {}) died without a report (wait status {:#x})",
                 groups[k.group].label,
@@ -441,7 +446,7 @@ fn spawn_all(groups: &[WorkerGroup], dur: Duration, plan: &Plan, undo: &mut Undo
         }
         workers.push(r);
     }
-    Ok(Report { duration: dur, workers, start_ns: start, steps })
+    Ok(Report { duration: dur, workers, start_ns: start, steps, cleanup_error: None })
 }
 
 #[cfg(test)]
@@ -457,11 +462,37 @@ mod tests {
         mask[3] = 1 << (200 - 192);
         let s = from_mask(&mask);
         assert_eq!(s.iter().collect::<Vec<_>>(), [0, 64, 200]);
-        assert!(CpuSet::empty().with(200).is_subset(&s), "a worker seen on CPU 200 is inside its cpuset");
+        assert!(CpuSet::one(200).is_subset(&s), "a worker seen on CPU 200 is inside its cpuset");
         let here = affinity();
         assert!(!here.is_empty() && here.iter().all(|c| c < 1 << 16), "{here}");
         // SAFETY: no preconditions.
         assert!(here.contains(unsafe { libc::sched_getcpu() } as u32), "{here}");
+    }
+
+    /// A report far over the pipe buffer reaches the parent: draining the
+    /// non-blocking read end while the writer runs, as the wait loop does.
+    #[test]
+    fn a_report_larger_than_the_pipe_buffer_is_drained() {
+        let (r, w) = pipe().unwrap();
+        // SAFETY: our own fd.
+        unsafe { libc::fcntl(r, libc::F_SETFL, libc::O_NONBLOCK) };
+        let data: Vec<u8> = (0..1 << 20).map(|i| i as u8).collect();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            write_all(w, &sent);
+            // SAFETY: closing the write end we own.
+            unsafe { libc::close(w) };
+        });
+        let mut out = Vec::new();
+        while !writer.is_finished() {
+            read_all(r, &mut out);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        writer.join().unwrap();
+        read_all(r, &mut out);
+        // SAFETY: closing the read end we own.
+        unsafe { libc::close(r) };
+        assert!(out == data, "got {} of {} bytes", out.len(), data.len());
     }
 
     /// Every work type runs for real on this host and reports the figure
@@ -488,6 +519,8 @@ mod tests {
         for w in &r.workers {
             assert!(w.iterations > 0, "{} did no work\n{r}", w.name());
             assert!(w.error.is_none());
+            // One slot grid for all: slot i is the same time in every trace.
+            assert_eq!((w.trace.start_ns, w.trace.slot_ns), (r.start_ns, r.workers[0].trace.slot_ns), "{}", w.name());
         }
         assert!(one("bursty").wakeups >= 5, "a 20 ms period sleeps ~20 times in 400 ms\n{r}");
         assert!(r.group("pp").all(|w| w.wake.count() > 0), "{r}");

@@ -64,14 +64,14 @@ fn topology_llcs_and_smt_match_request(ctx: &Ctx) -> Result<()> {
 #[ktstr_test(cpus = 2, timeout_s = 20)]
 fn sleepers_stay_in_their_cpuset(ctx: &Ctx) -> Result<()> {
     let last = ctx.all_cpus().max().context("no CPUs")?;
-    let one = ctx.cgroup("one")?.cpus(CpuSet::empty().with(last))?;
+    let one = ctx.cgroup("one")?.cpus(CpuSet::one(last))?;
     let spin = ctx.workers(1);
     let sleepy = one.sleepers(2, Duration::from_millis(2), Duration::from_millis(5));
     let report = ctx.run(&[spin, sleepy], Duration::from_secs(1))?;
     println!("{report}");
     report.assert_in_cpuset()?.assert_no_starvation()?;
     for w in report.group("one") {
-        ensure!(w.cpus == CpuSet::empty().with(last), "{}[{}] ran on {}", w.group, w.index, w.cpus);
+        ensure!(w.cpus == CpuSet::one(last), "{}[{}] ran on {}", w.group, w.index, w.cpus);
         // ~140 cycles fit in 1 s; TCG on a loaded host manages far fewer.
         ensure!(w.wakeups >= 5, "{}[{}] woke only {} times", w.group, w.index, w.wakeups);
     }
@@ -145,8 +145,8 @@ fn pty_roundtrip(msg: &[u8]) -> Result<Vec<u8>> {
 /// pass, so `KTSTR_CPUS=1` skips it.
 #[ktstr_test(cpus = 2, timeout_s = 20, expect_err, min_cpus = 2)]
 fn unfair_split_is_detected(ctx: &Ctx) -> Result<()> {
-    let crowded = ctx.cgroup("crowded")?.cpus(CpuSet::empty().with(0))?;
-    let alone = ctx.cgroup("alone")?.cpus(CpuSet::empty().with(1))?;
+    let crowded = ctx.cgroup("crowded")?.cpus(CpuSet::one(0))?;
+    let alone = ctx.cgroup("alone")?.cpus(CpuSet::one(1))?;
     let report = ctx.run(&[crowded.workers(2), alone.workers(1)], Duration::from_secs(1))?;
     println!("{report}");
     report.assert_in_cpuset()?.assert_fair_share(0.10)?;
@@ -210,8 +210,8 @@ fn demo_kernel_panics(_ctx: &Ctx) -> Result<()> {
 /// A fairness check that fails: the figure it names must lead the banner.
 #[ktstr_test(cpus = 2, timeout_s = 20)]
 fn demo_unfair_split_fails(ctx: &Ctx) -> Result<()> {
-    let crowded = ctx.cgroup("crowded")?.cpus(CpuSet::empty().with(0))?;
-    let alone = ctx.cgroup("alone")?.cpus(CpuSet::empty().with(1))?;
+    let crowded = ctx.cgroup("crowded")?.cpus(CpuSet::one(0))?;
+    let alone = ctx.cgroup("alone")?.cpus(CpuSet::one(1))?;
     let report = ctx.run(&[crowded.workers(2), alone.workers(1)], Duration::from_secs(1))?;
     report.assert_fair_share(0.10)?;
     Ok(())

@@ -26,11 +26,8 @@ const EXITS_AT_ONCE: Scheduler = Scheduler::new("exits_at_once").binary("/usr/bi
 const NEVER_ATTACHES: Scheduler = Scheduler::new("never_attaches").binary("/usr/bin/sleep").args(&["600"]).attach_timeout_s(3);
 const MISSING: Scheduler = Scheduler::new("scx_not_built_anywhere");
 
-/// The scx project's schedulers (crates.io, built by scripts/build-scx-rs.sh).
-/// They register versioned ops names (`bpfland_1.1.4_x86_64_unknown_linux_gnu`).
-const BPFLAND: Scheduler = Scheduler::new("scx_bpfland");
-/// rusty's userspace load balancer and BPF verification are slow under TCG.
-const RUSTY: Scheduler = Scheduler::new("scx_rusty").attach_timeout_s(60);
+// The scx project's schedulers (crates.io, built by scripts/build-scx-rs.sh).
+use ktstr_tests::{BPFLAND, RUSTY};
 
 fn sched_ext_state() -> (String, String) {
     let r = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();

@@ -8,10 +8,6 @@ use ktstr_runtime::prelude::*;
 
 const MS: fn(u64) -> Duration = Duration::from_millis;
 
-fn one_cpu(c: u32) -> CpuSet {
-    CpuSet::empty().with(c)
-}
-
 fn share(w: &WorkerReport, r: &Report) -> f64 {
     w.runtime.as_secs_f64() / r.workers.iter().map(|w| w.runtime.as_secs_f64()).sum::<f64>()
 }
@@ -21,7 +17,7 @@ fn share(w: &WorkerReport, r: &Report) -> f64 {
 /// is an involuntary switch (the task never blocked).
 #[ktstr_test(cpus = 2, timeout_s = 40)]
 fn share_yield_pair(ctx: &Ctx) -> Result<()> {
-    let r = ctx.run(&[ctx.work(2, Work::Yield).cpus(one_cpu(1)).comm("yielder")], Duration::from_secs(2))?;
+    let r = ctx.run(&[ctx.work(2, Work::Yield).cpus(CpuSet::one(1)).comm("yielder")], Duration::from_secs(2))?;
     println!("{r}");
     r.assert_not_starved()?.assert_isolated()?.assert_fair_share(0.25)?;
     for w in &r.workers {
@@ -37,7 +33,7 @@ fn share_yield_pair(ctx: &Ctx) -> Result<()> {
 /// (25 %): the sleep is an absolute hrtimer, so lateness does not add up.
 #[ktstr_test(cpus = 2, timeout_s = 40)]
 fn share_bursty_duty_cycle(ctx: &Ctx) -> Result<()> {
-    let g = ctx.work(1, Work::Bursty { burst: MS(5), period: MS(20) }).pin_each(one_cpu(1));
+    let g = ctx.work(1, Work::Bursty { burst: MS(5), period: MS(20) }).pin_each(CpuSet::one(1));
     let r = ctx.run(&[g], Duration::from_secs(2))?;
     println!("{r}");
     let w = &r.workers[0];
@@ -78,7 +74,7 @@ fn ping_pong_pair_across_cpus(ctx: &Ctx) -> Result<()> {
     let m = r.metrics();
     let g = &m.groups[0];
     println!("ping_pong: {} hops, wake p50 {:?} µs, p99 {:?} µs, max {:?} µs", g.wake_samples, g.wake_p50_us, g.wake_p99_us, g.wake_max_us);
-    ensure!(r.workers[0].cpus == one_cpu(0) && r.workers[1].cpus == one_cpu(1), "{r}");
+    ensure!(r.workers[0].cpus == CpuSet::one(0) && r.workers[1].cpus == CpuSet::one(1), "{r}");
     // The pair alternates: their counts differ by at most the one in flight.
     ensure!(r.workers[0].iterations.abs_diff(r.workers[1].iterations) <= 1 && g.wake_samples >= 100, "{r}");
     ensure!(g.wake_p50_us.unwrap() <= g.wake_p99_us.unwrap() && g.wake_p99_us.unwrap() <= g.wake_max_us.unwrap());
@@ -231,8 +227,8 @@ fn sequence_runs_each_phase(ctx: &Ctx) -> Result<()> {
 /// (sched_prio_to_weight), so nice 5 gets 24.7 % — within 15 %.
 #[ktstr_test(cpus = 2, timeout_s = 40)]
 fn share_nice_weights(ctx: &Ctx) -> Result<()> {
-    let a = ctx.work(1, Work::Spin).label("nice0").cpus(one_cpu(1));
-    let b = ctx.work(1, Work::Spin).label("nice5").cpus(one_cpu(1)).nice(5);
+    let a = ctx.work(1, Work::Spin).label("nice0").cpus(CpuSet::one(1));
+    let b = ctx.work(1, Work::Spin).label("nice5").cpus(CpuSet::one(1)).nice(5);
     let r = ctx.run(&[a, b], Duration::from_secs(3))?;
     println!("{r}");
     let w5 = r.group("nice5").next().context("no nice5")?;
@@ -247,8 +243,8 @@ fn share_nice_weights(ctx: &Ctx) -> Result<()> {
 /// so under 5 %.
 #[ktstr_test(cpus = 2, timeout_s = 40)]
 fn share_sched_idle(ctx: &Ctx) -> Result<()> {
-    let n = ctx.work(1, Work::Spin).label("normal").cpus(one_cpu(1));
-    let i = ctx.work(1, Work::Spin).label("idle").cpus(one_cpu(1)).policy(Policy::Idle);
+    let n = ctx.work(1, Work::Spin).label("normal").cpus(CpuSet::one(1));
+    let i = ctx.work(1, Work::Spin).label("idle").cpus(CpuSet::one(1)).policy(Policy::Idle);
     let r = ctx.run(&[n, i], Duration::from_secs(3))?;
     println!("{r}");
     let w = r.group("idle").next().context("no idle")?;
@@ -273,10 +269,10 @@ fn share_sched_idle(ctx: &Ctx) -> Result<()> {
 fn share_fifo_throttled(ctx: &Ctx) -> Result<()> {
     let mut groups = Vec::new();
     for cpu in [0, 1] {
-        groups.push(ctx.work(1, Work::Spin).label(&format!("normal{cpu}")).cpus(one_cpu(cpu)));
-        groups.push(ctx.work(1, Work::Spin).label(&format!("fifo{cpu}")).cpus(one_cpu(cpu)).policy(Policy::Fifo(10)));
+        groups.push(ctx.work(1, Work::Spin).label(&format!("normal{cpu}")).cpus(CpuSet::one(cpu)));
+        groups.push(ctx.work(1, Work::Spin).label(&format!("fifo{cpu}")).cpus(CpuSet::one(cpu)).policy(Policy::Fifo(10)));
     }
-    groups.push(ctx.work(1, Work::Spin).label("rr").cpus(one_cpu(2)).policy(Policy::Rr(10)));
+    groups.push(ctx.work(1, Work::Spin).label("rr").cpus(CpuSet::one(2)).policy(Policy::Rr(10)));
     let r = ctx.run(&groups, Duration::from_secs(3))?;
     println!("{r}");
     let rr = r.group("rr").next().context("no rr")?;
@@ -319,7 +315,7 @@ fn share_deadline_bandwidth(ctx: &Ctx) -> Result<()> {
 /// tell the two apart. `gap_key_names_the_starved_worker` checks the key.
 #[ktstr_test(cpus = 2, timeout_s = 40, not_starved, isolated, max_spread_pct = 25)]
 fn share_spinners_spread(ctx: &Ctx) -> Result<()> {
-    let r = ctx.run(&[ctx.workers(4).cpus(one_cpu(1))], Duration::from_secs(2))?;
+    let r = ctx.run(&[ctx.workers(4).cpus(CpuSet::one(1))], Duration::from_secs(2))?;
     println!("{r}");
     let g = &r.metrics().groups[0];
     println!("spinners: iterations CV {:.1} %, longest gap {:.2} ms", g.iterations_cv_pct.unwrap_or(0.0), g.max_gap_ms);
@@ -333,8 +329,8 @@ fn share_spinners_spread(ctx: &Ctx) -> Result<()> {
 /// first line names the worker, the metric, the limit and the figure.
 #[ktstr_test(cpus = 2, timeout_s = 40, max_gap_ms = 100)]
 fn gap_key_names_the_starved_worker(ctx: &Ctx) -> Result<()> {
-    let n = ctx.work(1, Work::Spin).label("victim").cpus(one_cpu(1));
-    let f = ctx.work(1, Work::Spin).label("hog").cpus(one_cpu(1)).policy(Policy::Fifo(1));
+    let n = ctx.work(1, Work::Spin).label("victim").cpus(CpuSet::one(1));
+    let f = ctx.work(1, Work::Spin).label("hog").cpus(CpuSet::one(1)).policy(Policy::Fifo(1));
     let e = match ctx.run(&[n, f], Duration::from_secs(2)) {
         Ok(r) => bail!("no gap over 100 ms: the victim should wait ~950 ms\n{r}"),
         Err(e) => e.to_string(),

@@ -58,9 +58,33 @@ pub fn offline_present(root: &Path) -> Result<Vec<u32>, String> {
 /// serialises hotplug anyway), then restores their fair servers (needs
 /// debugfs mounted). An error names the CPU and the errno.
 pub fn online_all() -> Result<Bringup, String> {
-    let mut b = online_all_in(Path::new(CPU_DIR))?;
-    b.fair_servers = restore_fair_servers(Path::new(FAIR_SERVER_DIR), &b.onlined)?;
-    Ok(b)
+    online_all_in(Path::new(CPU_DIR), Path::new(FAIR_SERVER_DIR))
+}
+
+/// Writes CPU `cpu`'s `online` file (hotplug). An error names the CPU,
+/// the file and the errno, or says the CPU cannot be hot-plugged.
+pub fn set_online(cpu: u32, on: bool) -> Result<(), String> {
+    set_online_in(Path::new(CPU_DIR), cpu, on)
+}
+
+/// Brings `cpus` online (with [`with_ticker`], as init does at boot) and
+/// restores their fair servers; returns the CPUs whose fair server was set.
+pub fn online(cpus: &[u32]) -> Result<Vec<u32>, String> {
+    online_in(Path::new(CPU_DIR), Path::new(FAIR_SERVER_DIR), cpus)
+}
+
+fn set_online_in(root: &Path, cpu: u32, on: bool) -> Result<(), String> {
+    let what = if on { "online" } else { "offline" };
+    let f = root.join(format!("cpu{cpu}/online"));
+    if !f.exists() {
+        return Err(format!("bringing CPU {cpu} {what}: {} does not exist: CPU {cpu} cannot be hot-plugged on this kernel (CPU 0 usually cannot)", f.display()));
+    }
+    std::fs::write(&f, if on { "1" } else { "0" }).map_err(|e| format!("bringing CPU {cpu} {what} ({}): {e}", f.display()))
+}
+
+fn online_in(root: &Path, fair_dir: &Path, cpus: &[u32]) -> Result<Vec<u32>, String> {
+    with_ticker(|| cpus.iter().try_for_each(|&cpu| set_online_in(root, cpu, true)))?;
+    restore_fair_servers(fair_dir, cpus)
 }
 
 /// 6.12's fair server (the deadline server that keeps 50 ms/s for normal
@@ -95,19 +119,14 @@ pub fn restore_fair_servers(dir: &Path, onlined: &[u32]) -> Result<Vec<u32>, Str
     Ok(fixed)
 }
 
-fn online_all_in(root: &Path) -> Result<Bringup, String> {
+fn online_all_in(root: &Path, fair_dir: &Path) -> Result<Bringup, String> {
     let start = Instant::now();
     let offline = offline_present(root)?;
     if offline.is_empty() {
         return Ok(Bringup::default());
     }
-    let result = with_ticker(|| {
-        offline.iter().try_for_each(|&cpu| {
-            let f = root.join(format!("cpu{cpu}/online"));
-            std::fs::write(&f, "1").map_err(|e| format!("bringing CPU {cpu} online ({}): {e}", f.display()))
-        })
-    });
-    result.map(|()| Bringup { onlined: offline, fair_servers: Vec::new(), took: start.elapsed() })
+    let fair_servers = online_in(root, fair_dir, &offline)?;
+    Ok(Bringup { onlined: offline, fair_servers, took: start.elapsed() })
 }
 
 /// Runs `f` (a CPU bring-up) with a spinning thread beside it. A new CPU
@@ -151,7 +170,11 @@ mod tests {
         for c in 0..4 {
             std::fs::create_dir(d.path().join(format!("cpu{c}"))).unwrap();
         }
-        let b = online_all_in(d.path()).unwrap();
+        // Like sysfs: the offline CPUs have an `online` file reading 0.
+        for c in [1, 3] {
+            std::fs::write(d.path().join(format!("cpu{c}/online")), "0\n").unwrap();
+        }
+        let b = online_all_in(d.path(), &d.path().join("no-fair-server")).unwrap();
         assert_eq!(b.onlined, vec![1, 3]);
         for c in [1, 3] {
             assert_eq!(std::fs::read_to_string(d.path().join(format!("cpu{c}/online"))).unwrap(), "1");
@@ -183,7 +206,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("present"), "0-1").unwrap();
         std::fs::write(d.path().join("online"), "0").unwrap();
-        let e = online_all_in(d.path()).unwrap_err();
+        let e = online_all_in(d.path(), &d.path().join("no-fair-server")).unwrap_err();
         assert!(e.starts_with("bringing CPU 1 online"), "{e}");
+    }
+
+    #[test]
+    fn hotplug_of_a_cpu_without_an_online_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let e = set_online_in(d.path(), 0, false).unwrap_err();
+        assert!(e.starts_with("bringing CPU 0 offline") && e.contains("CPU 0 cannot be hot-plugged"), "{e}");
     }
 }

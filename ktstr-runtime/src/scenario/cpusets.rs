@@ -16,7 +16,7 @@ pub struct TopoSets {
 }
 
 fn set(cpus: &[u32]) -> CpuSet {
-    cpus.iter().fold(CpuSet::empty(), |s, &c| s.with(c))
+    cpus.iter().copied().collect()
 }
 
 impl TopoSets {

@@ -138,17 +138,19 @@ fn sleep_until(at: u64) {
     {}
 }
 
-/// The first failed step as the run's one-line error.
-pub(crate) fn failure(records: &[StepRecord]) -> Option<String> {
-    records.iter().find_map(|r| {
-        r.error.as_ref().map(|e| match r.name.as_str() {
-            "cleanup" => format!("scenario cleanup after the run failed: {e}"),
-            _ => format!(
-                "scenario step `{}` (at {:.0} ms, ran at {:.0} ms) failed: {e}",
-                r.name, r.at_ms, r.offset_ms
-            ),
+/// The first failed step, else the failed cleanup, as the run's one-line error.
+pub(crate) fn failure(records: &[StepRecord], cleanup_error: Option<&str>) -> Option<String> {
+    records
+        .iter()
+        .find_map(|r| {
+            r.error.as_ref().map(|e| {
+                format!(
+                    "scenario step `{}` (at {:.0} ms, ran at {:.0} ms) failed: {e}",
+                    r.name, r.at_ms, r.offset_ms
+                )
+            })
         })
-    })
+        .or_else(|| cleanup_error.map(|e| format!("scenario cleanup after the run failed: {e}")))
 }
 
 /// A run with steps; built by [`Ctx::scenario`].
@@ -235,11 +237,23 @@ mod tests {
         assert!(recs[0].start_ns >= start + 10_000_000 && recs[2].start_ns >= start + 30_000_000);
         assert!(recs.windows(2).all(|w| w[0].end_ns <= w[1].start_ns));
         assert_eq!(recs[0].at_ms, 10.0);
-        let f = failure(&recs).unwrap();
+        let f = failure(&recs, None).unwrap();
+        // How late the step ran depends on host load: only its bound is fixed.
         assert!(
-            f.starts_with("scenario step `d` (at 40 ms, ran at 4") && f.ends_with("failed: boom"),
+            f.starts_with("scenario step `d` (at 40 ms, ran at ") && f.ends_with("failed: boom"),
             "{f}"
         );
+        assert!(recs[3].offset_ms >= 40.0, "{f}");
+        assert_eq!(
+            failure(&recs, Some("x")).as_deref(),
+            Some(f.as_str()),
+            "a failed step comes before a failed cleanup"
+        );
+        assert_eq!(
+            failure(&recs[..3], Some("removing cgroup y: busy")).as_deref(),
+            Some("scenario cleanup after the run failed: removing cgroup y: busy")
+        );
+        assert_eq!(failure(&recs[..3], None), None);
     }
 
     #[test]

@@ -39,19 +39,20 @@ pub struct SearchEnv {
 /// `bin` of the cache `scripts/build-scx-rs.sh` fills: symlinks to the
 /// pinned scx_bpfland, scx_rusty builds.
 pub fn scx_rs_bin() -> Option<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    var("KTSTR_SCX_RS_CACHE_DIR")
-        .or_else(|| var("XDG_CACHE_HOME").map(|x| x.join("ktstr/scx-rs")))
-        .or_else(|| var("HOME").map(|h| h.join(".cache/ktstr/scx-rs")))
-        .map(|r| r.join("bin"))
+    ktstr_cache("KTSTR_SCX_RS_CACHE_DIR", "scx-rs").map(|r| r.join("bin"))
 }
 
 /// Root of the fixture cache written by `scripts/build-scx.sh`.
 pub fn scx_cache_root() -> Option<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    var("KTSTR_SCX_CACHE_DIR")
-        .or_else(|| var("XDG_CACHE_HOME").map(|x| x.join("ktstr/scx")))
-        .or_else(|| var("HOME").map(|h| h.join(".cache/ktstr/scx")))
+    ktstr_cache("KTSTR_SCX_CACHE_DIR", "scx")
+}
+
+/// `$var` if set, else `ktstr/sub` under `$XDG_CACHE_HOME` or `~/.cache`.
+fn ktstr_cache(var: &str, sub: &str) -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env(var)
+        .or_else(|| env("XDG_CACHE_HOME").map(|x| x.join("ktstr").join(sub)))
+        .or_else(|| env("HOME").map(|h| h.join(".cache/ktstr").join(sub)))
 }
 
 impl SearchEnv {

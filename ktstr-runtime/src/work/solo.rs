@@ -157,7 +157,7 @@ fn affinity_churn(dwell: Duration, until: u64, t: &mut Tally) {
     while t.tick() < until {
         let want = cpus[i % cpus.len()];
         i += 1;
-        if set_affinity(&crate::cpuset::CpuSet::empty().with(want)).is_err() {
+        if set_affinity(&crate::cpuset::CpuSet::one(want)).is_err() {
             t.affinity_misses += 1;
             continue;
         }

@@ -71,7 +71,8 @@ impl Tally {
     #[inline]
     pub fn tick(&mut self) -> u64 {
         let c = current_cpu();
-        if self.last_cpu != Some(c) {
+        let moved = self.last_cpu != Some(c);
+        if moved {
             if self.last_cpu.is_some() {
                 self.migrations += 1;
             }
@@ -80,7 +81,8 @@ impl Tally {
         }
         let now = now_ns();
         self.gap.stamp(now, thread_cputime_ns);
-        self.trace.stamp(c, now);
+        // `trace` is stamped only here, so its last CPU is `last_cpu` too.
+        self.trace.stamp_on(c, now, moved);
         now
     }
 

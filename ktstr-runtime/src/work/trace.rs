@@ -64,7 +64,17 @@ impl Trace {
     /// A stamp on `cpu` at `now`.
     #[inline]
     pub fn stamp(&mut self, cpu: u32, now: u64) {
-        if self.on_cpu.get(self.cur).is_none_or(|s| s.cpu != cpu) {
+        let moved = self.on_cpu.get(self.cur).is_none_or(|s| s.cpu != cpu);
+        self.stamp_on(cpu, now, moved);
+    }
+
+    /// [`Trace::stamp`] for a caller that already knows whether `cpu`
+    /// differs from the last stamp's (`Tally::tick` does): one check per
+    /// stamp on the hot path instead of two.
+    #[inline]
+    pub(crate) fn stamp_on(&mut self, cpu: u32, now: u64, moved: bool) {
+        debug_assert_eq!(moved, self.on_cpu.get(self.cur).is_none_or(|s| s.cpu != cpu));
+        if moved {
             self.cur = match self.on_cpu.iter().position(|s| s.cpu == cpu) {
                 Some(i) => i,
                 None => {
@@ -77,7 +87,8 @@ impl Trace {
                     self.on_cpu.len() - 1
                 }
             };
-            if self.moves.len() < MAX_MOVES && self.moves_dropped == 0 {
+            // Once one is dropped `moves` is full, so later ones drop too.
+            if self.moves.len() < MAX_MOVES {
                 self.moves.push(Move { cpu, at_ns: now, last_ns: now });
             } else {
                 self.moves_dropped += 1;
@@ -121,9 +132,7 @@ impl Trace {
     /// CPUs whose stays overlap `[from, to)`: where it ran then (from the
     /// kept stays; a truncated log ends early).
     pub fn cpus_between(&self, from: u64, to: u64) -> crate::cpuset::CpuSet {
-        let mut s = crate::cpuset::CpuSet::empty();
-        self.moves.iter().filter(|m| m.at_ns < to && m.last_ns >= from).for_each(|m| s.insert(m.cpu));
-        s
+        self.moves.iter().filter(|m| m.at_ns < to && m.last_ns >= from).map(|m| m.cpu).collect()
     }
 
     /// Progress stamps in the slots that lie wholly inside `[from, to)`.
