@@ -153,7 +153,7 @@ pub enum Pulled {
 #[derive(Debug, PartialEq)]
 pub enum Pushed {
     Uploaded { bytes: u64, elapsed: Duration },
-    /// Another upload's manifest was there first (ours was removed).
+    /// Another upload's manifest was there first (nothing of ours stays).
     AlreadyThere,
 }
 
@@ -296,6 +296,11 @@ impl Remote {
     pub fn push(&self, entry: &CacheEntry, overwrite: bool) -> Result<Pushed> {
         let started = Instant::now();
         let key = &entry.key;
+        // A manifest already there (good or bad) would refuse ours: skip the
+        // upload. PutMode::Create below still settles a race.
+        if !overwrite && self.manifest_state(key)?.is_some() {
+            return Ok(Pushed::AlreadyThere);
+        }
         let upload = format!("{}-{}-{:x}", now_secs(), std::process::id(), rand_suffix());
         let mut files = Vec::new();
         let mut bytes = 0u64;
