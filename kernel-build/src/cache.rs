@@ -437,18 +437,18 @@ impl Cache {
     }
 
     /// Puts a complete entry directory `staged` (inside `tmp`, e.g. a
-    /// verified download) in place as `key`, like [`Cache::store`] does a
-    /// build: one rename, under the caller's exclusive lock.
-    pub fn install(&self, _lock: &EntryLock, tmp: &TempBuild, staged: &Path, key: &str) -> Result<CacheEntry> {
-        let meta: Metadata = serde_json::from_slice(&std::fs::read(staged.join(METADATA))?)
-            .with_context(|| format!("{}: metadata.json does not parse", staged.display()))?;
+    /// verified download) in place as `meta.key`, like [`Cache::store`] does
+    /// a build: one rename, under the caller's exclusive lock. `meta` is the
+    /// parsed `staged/metadata.json`.
+    pub fn install(&self, _lock: &EntryLock, tmp: &TempBuild, staged: &Path, meta: Metadata) -> Result<CacheEntry> {
         File::open(staged)?.sync_all().ok();
-        let dest = self.entry_dir(key);
+        let dest = self.entry_dir(&meta.key);
         if dest.exists() {
+            // --force: move the old entry into the temp dir, dropped with it.
             std::fs::rename(&dest, tmp.dir.join("old"))?;
         }
         std::fs::rename(staged, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
-        Ok(CacheEntry { key: key.to_string(), dir: dest, meta })
+        Ok(CacheEntry { key: meta.key.clone(), dir: dest, meta })
     }
 
     /// Every complete entry, newest first.

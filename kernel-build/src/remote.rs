@@ -29,6 +29,7 @@ use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{Cache, CacheEntry, EntryLock, Metadata};
+use crate::fetch::HashingReader;
 use crate::tree;
 
 /// `s3://bucket[/prefix]`: turns the remote cache on.
@@ -378,6 +379,7 @@ impl Remote {
                 return Ok(Pulled::Corrupt(format!("its manifest lists no {need}")));
             }
         }
+        let mut meta = None;
         for f in &m.files {
             if f.name.contains('/') || f.name.starts_with("..") || f.name.is_empty() {
                 return Ok(Pulled::Corrupt(format!("its manifest names a bad file {:?}", f.name)));
@@ -388,18 +390,24 @@ impl Remote {
                 Err(e) => return Err(anyhow!("downloading {key}/{} from {}: {e}", f.object, self.cfg.url)),
             };
             bytes += data.len() as u64;
-            let plain = match f.encoding.as_str() {
-                "identity" => data.to_vec(),
+            // Hashed on the way: the identity bytes as downloaded, zstd while decoding.
+            let (plain, got) = match f.encoding.as_str() {
+                "identity" => {
+                    let got = crate::sha256_hex(&data);
+                    (data, got)
+                }
                 "zstd" => {
                     let mut out = Vec::with_capacity(f.size as usize);
-                    match zstd::stream::read::Decoder::new(&data[..]).and_then(|mut d| d.read_to_end(&mut out)) {
-                        Ok(_) => out,
+                    match zstd::stream::read::Decoder::new(&data[..]).map(HashingReader::new).and_then(|mut d| {
+                        d.read_to_end(&mut out)?;
+                        Ok(d.hex())
+                    }) {
+                        Ok(got) => (bytes::Bytes::from(out), got),
                         Err(e) => return Ok(Pulled::Corrupt(format!("{} does not decompress ({e})", f.object))),
                     }
                 }
                 other => return Ok(Pulled::Corrupt(format!("{} has unknown encoding {other:?}", f.object))),
             };
-            let got = crate::sha256_hex(&plain);
             if got != f.sha256 || plain.len() as u64 != f.size {
                 return Ok(Pulled::Corrupt(format!(
                     "{} has SHA-256 {}… ({} bytes), its manifest says {}… ({} bytes)",
@@ -411,8 +419,12 @@ impl Remote {
                 )));
             }
             std::fs::write(staged.join(&f.name), &plain).with_context(|| format!("writing {} into {}", f.name, staged.display()))?;
+            if f.name == "metadata.json" {
+                meta = Some(plain);
+            }
         }
-        let meta: Metadata = match serde_json::from_slice(&std::fs::read(staged.join("metadata.json"))?) {
+        // The manifest lists a metadata.json (checked above), so it was read.
+        let meta: Metadata = match serde_json::from_slice(meta.as_deref().unwrap_or_default()) {
             Ok(m) => m,
             Err(e) => return Ok(Pulled::Corrupt(format!("its metadata.json does not parse ({e})"))),
         };
@@ -422,7 +434,7 @@ impl Remote {
         if let Some(why) = meta.stale_reason() {
             return Ok(Pulled::Corrupt(format!("it is stale ({why})")));
         }
-        let entry = cache.install(lock, &tmp, &staged, key)?;
+        let entry = cache.install(lock, &tmp, &staged, meta)?;
         Ok(Pulled::Hit { entry: Box::new(entry), bytes, elapsed: started.elapsed() })
     }
 
