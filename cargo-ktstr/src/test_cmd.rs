@@ -185,7 +185,7 @@ pub fn resolve_all(specs: &[String], opts: &Options, parallelism: usize) -> Resu
         std::thread::spawn(move || loop {
             let i = next.fetch_add(1, Ordering::SeqCst);
             let Some(spec) = specs.get(i) else { return };
-            let r = kernel_build::resolve(spec, &opts).map_err(|e| one_line(&format!("{e:#}")));
+            let r = kernel_build::resolve(spec, &opts).map_err(|e| kernel_build::one_line(&format!("{e:#}")));
             if tx.send((i, r)).is_err() {
                 return;
             }
@@ -241,10 +241,6 @@ fn dedupe(specs: &[String]) -> (Vec<String>, Vec<usize>) {
         }
     }
     (unique, slot_of)
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Where cargo looks for `cargo-nextest`: PATH, then `$CARGO_HOME/bin`.

@@ -67,12 +67,12 @@ pub const DEFAULT_MAX_KERNELS: usize = 16;
 /// Environment variable that turns on offline mode (`1`).
 pub const OFFLINE_ENV: &str = "KTSTR_OFFLINE";
 
-/// The [`fetch::Unreachable`] in `e`'s chain as text, else its root cause.
-#[cfg(feature = "fetch")]
-fn one_line(s: &str) -> String {
+/// `s` with every run of whitespace (newlines of a `{e:#}` chain) as one space.
+pub fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// The [`fetch::Unreachable`] in `e`'s chain as text, else its root cause.
 #[cfg(feature = "fetch")]
 fn fetch_cause(e: &anyhow::Error) -> String {
     e.chain().find(|c| c.is::<fetch::Unreachable>()).unwrap_or(e.root_cause()).to_string()
