@@ -99,11 +99,6 @@ fn scheduler_dirs(arg: Option<&str>) -> Vec<PathBuf> {
     v.split(':').filter(|s| !s.is_empty()).map(PathBuf::from).collect()
 }
 
-fn is_executable_file(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 /// Appends a file to the tar under `name`, keeping its mode.
 fn append_file<W: std::io::Write>(tar: &mut tar::Builder<W>, from: &Path, name: &str) -> Result<()> {
     let mut f = std::fs::File::open(from).with_context(|| format!("opening {} for the archive", from.display()))?;
@@ -198,7 +193,7 @@ pub fn run(args: ArchiveArgs) -> Result<i32> {
         let rd = std::fs::read_dir(&d).with_context(|| format!("scheduler dir {}", d.display()))?;
         for e in rd.flatten() {
             let p = e.path();
-            if is_executable_file(&p) {
+            if test_cmd::is_executable(&p) {
                 let name = format!("{SCHEDULERS}/{}", e.file_name().to_string_lossy());
                 append_file(&mut tar, &p, &name)?;
                 schedulers = Some(SCHEDULERS.to_string());

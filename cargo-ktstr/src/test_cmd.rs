@@ -253,7 +253,7 @@ pub fn find_nextest() -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join("cargo-nextest")).find(|p| is_executable(p))
 }
 
-fn is_executable(p: &Path) -> bool {
+pub(crate) fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
