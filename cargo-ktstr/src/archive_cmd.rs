@@ -137,9 +137,7 @@ pub fn run(args: ArchiveArgs) -> Result<i32> {
         cmd.args(["-p", p]);
     }
     cmd.args(&args.nextest_args);
-    if test_cmd::find_nextest().is_none() {
-        bail!("cargo-nextest is not installed; install it with: cargo install cargo-nextest --locked");
-    }
+    test_cmd::require_nextest()?;
     let st = cmd.status().map_err(|e| anyhow!("running {} nextest archive: {e}", test_cmd::cargo().to_string_lossy()))?;
     if !st.success() {
         bail!("cargo nextest archive failed ({st}); see its output above");
@@ -330,7 +328,7 @@ pub fn nextest_argv(archive: &Path, ws: &Path, partition: Option<&str>, nextest_
 pub fn run_archive(file: &Path, partition: Option<&str>, nextest_args: Vec<String>, opts: &kernel_build::Options, print_env: bool) -> Result<i32> {
     let x = extract(file)?;
     let (kernel, list, _held) = kernel_env(&x, opts)?;
-    let nextest = test_cmd::find_nextest().ok_or_else(|| anyhow!("cargo-nextest is not installed; install it with: cargo install cargo-nextest --locked"))?;
+    let nextest = test_cmd::require_nextest()?;
     // nextest wants a workspace root to remap to; tests find no sources
     // there, but each package's directory exists (nextest runs tests in it).
     let ws = x.path(WORKSPACE);

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use kernel_build::{KernelSpec, Options, ResolvedKernel};
 
 const EXAMPLES: &str = "\
@@ -253,6 +253,11 @@ pub fn find_nextest() -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join("cargo-nextest")).find(|p| is_executable(p))
 }
 
+/// [`find_nextest`], or the error saying how to install it.
+pub fn require_nextest() -> Result<PathBuf> {
+    find_nextest().ok_or_else(|| anyhow!("cargo-nextest is not installed; install it with: cargo install cargo-nextest --locked"))
+}
+
 pub(crate) fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -439,9 +444,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
         println!("exec: {} {}", cargo().to_string_lossy(), nextest_argv(&args).join(" "));
         std::process::exit(0);
     }
-    if find_nextest().is_none() {
-        bail!("cargo-nextest is not installed; install it with: cargo install cargo-nextest --locked");
-    }
+    require_nextest()?;
     inherit_entry_locks(&kernels)?;
     if let Some(id) = &repeat_id {
         // Not exec: we come back for the next repeat (and keep the cache locks).
