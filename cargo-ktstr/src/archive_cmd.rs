@@ -158,12 +158,17 @@ pub fn run(args: ArchiveArgs) -> Result<i32> {
         }
     }
 
+    // Cache entries go to the remote cache: their local cache, opened once.
+    let cache = match &remote {
+        Some(_) if kernels.iter().any(|(_, k)| k.cache_key.is_some()) => Some(kernel_build::Cache::open(opts.cache_root.as_deref())?),
+        _ => None,
+    };
     let mut archived = Vec::new();
     for (n, h) in labelled.iter().enumerate() {
         let (_, k) = kernels.iter().find(|(_, k)| k.image == h.image).expect("every hand-off kernel was resolved");
         let image_name = k.image.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "bzImage".into());
-        if let (Some(r), Some(key)) = (&remote, &k.cache_key) {
-            let entry = kernel_build::Cache::open(opts.cache_root.as_deref())?
+        if let (Some(r), Some(key), Some(cache)) = (&remote, &k.cache_key, &cache) {
+            let entry = cache
                 .lookup(key)
                 .ok_or_else(|| anyhow!("cache entry {key} vanished while archiving"))?;
             match r.push(&entry, false)? {
