@@ -181,7 +181,7 @@ pub fn run(args: ArchiveArgs) -> Result<i32> {
         let dir = format!("kernels/{n}");
         append_file(&mut tar, &k.image, &format!("{dir}/{image_name}"))?;
         if k.cache_key.is_some() {
-            for extra in ["vmlinux", ".config", "metadata.json"] {
+            for extra in kernel_build::cache::ENTRY_FILES {
                 let p = k.dir.join(extra);
                 if p.is_file() {
                     append_file(&mut tar, &p, &format!("{dir}/{extra}"))?;

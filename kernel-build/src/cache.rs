@@ -17,6 +17,9 @@ use crate::tree;
 /// Overrides the cache root.
 pub const CACHE_DIR_ENV: &str = "KTSTR_CACHE_DIR";
 const METADATA: &str = "metadata.json";
+/// Files of an entry that travel with its image (archives, the remote
+/// cache); `vmlinux` is optional, the build log stays.
+pub const ENTRY_FILES: [&str; 3] = ["vmlinux", ".config", METADATA];
 const TMP_PREFIX: &str = ".tmp-";
 /// Per-key build durations (`{root}/.timings/{key}`, seconds as text):
 /// they outlive `kernel clean`, so a rebuild after a clean still has an ETA.

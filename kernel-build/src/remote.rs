@@ -182,11 +182,13 @@ fn is_not_found(e: &object_store::Error) -> bool {
 /// The files of an entry that travel, and how.
 fn travelling(entry: &CacheEntry) -> Vec<(PathBuf, &'static str, bool)> {
     let mut v = vec![(entry.image(), tree::image_name(), false)];
-    if let Some(vm) = entry.vmlinux() {
-        v.push((vm, "vmlinux", true));
+    for name in crate::cache::ENTRY_FILES {
+        let p = entry.dir.join(name);
+        // vmlinux is optional, and large: it travels compressed.
+        if name != "vmlinux" || p.is_file() {
+            v.push((p, name, name == "vmlinux"));
+        }
     }
-    v.push((entry.config(), ".config", false));
-    v.push((entry.dir.join("metadata.json"), "metadata.json", false));
     v
 }
 
