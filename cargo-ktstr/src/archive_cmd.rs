@@ -335,12 +335,10 @@ pub fn run_archive(file: &Path, partition: Option<&str>, nextest_args: Vec<Strin
     let (kernel, list, _held) = kernel_env(&x, opts)?;
     let nextest = test_cmd::require_nextest()?;
     // nextest wants a workspace root to remap to; tests find no sources
-    // there, but each package's directory exists (nextest runs tests in it).
+    // there, but each package's directory exists (nextest runs tests in it):
+    // the archive carries every package's Cargo.toml, so extracting made them.
     let ws = x.path(WORKSPACE);
     std::fs::create_dir_all(&ws)?;
-    for rel in workspace_layout(&x.path(&x.manifest.nextest_archive))?.1 {
-        std::fs::create_dir_all(ws.join(rel))?;
-    }
     let argv = nextest_argv(&x.path(&x.manifest.nextest_archive), &ws, partition, nextest_args);
     let mut cmd = Command::new(&nextest);
     cmd.args(&argv).current_dir(&ws);
