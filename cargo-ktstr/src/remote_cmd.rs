@@ -71,7 +71,7 @@ pub fn pull(keys: &[String]) -> Result<()> {
     let r = remote()?;
     let cache = Cache::open(None)?;
     for key in keys {
-        if key.contains('/') || key.starts_with('.') || key.is_empty() {
+        if !kernel_build::spec::looks_like_cache_key(key) {
             bail!("{key:?} is not a cache key; see `cargo ktstr kernel list --remote`");
         }
         let lock = cache.lock_exclusive(key)?;
