@@ -13,12 +13,9 @@ mod moto;
 
 use std::time::Duration;
 
+use kernel_build::progress::mib;
 use kernel_build::remote::{Pulled, Pushed};
 use kernel_build::Cache;
-
-fn mib(b: u64) -> f64 {
-    b as f64 / (1u64 << 20) as f64
-}
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

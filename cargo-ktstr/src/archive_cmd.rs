@@ -223,7 +223,7 @@ pub fn run(args: ArchiveArgs) -> Result<i32> {
     eprintln!(
         "ktstr: wrote {} ({:.1} MiB: nextest archive, {} kernel(s){})",
         out.display(),
-        size as f64 / (1u64 << 20) as f64,
+        kernel_build::progress::mib(size),
         m.kernels.len(),
         if m.schedulers.is_some() { ", schedulers" } else { "" }
     );

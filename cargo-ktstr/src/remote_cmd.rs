@@ -13,7 +13,7 @@ pub fn remote() -> Result<Remote> {
 }
 
 fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    format!("{:.1} MiB", kernel_build::progress::mib(b))
 }
 
 /// A key names a directory (and its lock file) in the cache root: refuse anything else.

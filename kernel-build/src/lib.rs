@@ -737,7 +737,7 @@ impl<'a> Resolver<'a> {
                 note(format!(
                     "kernel {key}: from remote cache {}, no build ({:.1} MiB in {:.1}s)",
                     r.url(),
-                    bytes as f64 / (1u64 << 20) as f64,
+                    progress::mib(bytes),
                     elapsed.as_secs_f64()
                 ));
                 FromRemote::Entry(entry)
@@ -777,7 +777,7 @@ impl<'a> Resolver<'a> {
                 "uploaded {} to remote cache {} ({:.1} MiB in {:.1}s)",
                 entry.key,
                 r.url(),
-                bytes as f64 / (1u64 << 20) as f64,
+                progress::mib(bytes),
                 elapsed.as_secs_f64()
             )),
             Ok(remote::Pushed::AlreadyThere) => {
