@@ -248,12 +248,11 @@ fn bad_remote_settings_and_unreachable_store() {
         return;
     }
     let (repo, record, _) = tagged_fake_repo(d.path());
-    // Nothing listens on this port once the listener is dropped.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Port 1 (tcpmux) has no listener; a freed ephemeral port could be a parallel test's moto.
     let o = fixture::cargo_ktstr(&d.path().join("c"))
         .args(["kernel", "build", repo.to_str().unwrap()])
         .env("KTSTR_REMOTE_CACHE", "s3://b/p")
-        .env("KTSTR_REMOTE_ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .env("KTSTR_REMOTE_ENDPOINT", "http://127.0.0.1:1")
         .env("AWS_ACCESS_KEY_ID", "x")
         .env("AWS_SECRET_ACCESS_KEY", "x")
         .output()
