@@ -94,17 +94,21 @@ impl Moto {
         }
     }
 
-    /// A client of the library's own, for looking at and tampering with objects.
+    /// A client of the library's own, for looking at and tampering with
+    /// objects; its store is configured here, not from the process env.
     pub fn remote(&self, url: &str) -> kernel_build::remote::Remote {
         let cfg = kernel_build::remote::Config::parse(url, Some(&self.endpoint), false).unwrap();
-        // The client reads credentials from the environment only.
-        for (k, v) in self.env(url) {
-            if k.starts_with("AWS_") {
-                // Every test of a binary sets the same values, so racing setters agree.
-                std::env::set_var(k, v);
-            }
-        }
-        kernel_build::remote::Remote::new(cfg).unwrap()
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(&cfg.bucket)
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_virtual_hosted_style_request(false)
+            .with_region("us-east-1")
+            .with_access_key_id("testing")
+            .with_secret_access_key("testing")
+            .build()
+            .unwrap();
+        kernel_build::remote::Remote::with_store(cfg, std::sync::Arc::new(store)).unwrap()
     }
 }
 
