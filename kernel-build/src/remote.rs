@@ -557,7 +557,23 @@ mod tests {
         let vm = m.files.iter().find(|f| f.name == "vmlinux").unwrap();
         assert_eq!(vm.encoding, "zstd");
         assert!(vm.stored_size < vm.size, "vmlinux travels compressed");
-        assert_eq!(bytes, m.stored_bytes());
+        // What push reports and the manifest records is what the store holds.
+        let sizes: std::collections::BTreeMap<String, u64> = r
+            .rt
+            .block_on(async {
+                use futures::StreamExt;
+                r.store.list(Some(&r.path(&e.key))).collect::<Vec<_>>().await
+            })
+            .into_iter()
+            .map(|o| o.unwrap())
+            .filter(|o| !o.location.as_ref().ends_with(MANIFEST))
+            .map(|o| (o.location.to_string(), o.size))
+            .collect();
+        assert_eq!(sizes.len(), m.files.len(), "{sizes:?}");
+        for f in &m.files {
+            assert_eq!(sizes.get(&r.path(&format!("{}/{}", e.key, f.object)).to_string()), Some(&f.stored_size), "{}", f.name);
+        }
+        assert_eq!(bytes, sizes.values().sum::<u64>());
         assert_eq!(r.list().unwrap().into_iter().map(|(k, m)| (k, m.is_ok())).collect::<Vec<_>>(), [(e.key.clone(), true)]);
 
         let Pulled::Hit { entry: got, .. } = pull_into(&r, &d.path().join("b"), &e.key) else { panic!("pull hits") };
