@@ -33,11 +33,7 @@ fn serial() -> kernel_build::EntryLock {
 
 /// The builder's key for the 6.12 tarball (a hit in the suite's cache).
 fn tarball_key(f: &Fixture) -> String {
-    let o = f.cargo_ktstr(&["kernel", "build", TARBALL]);
-    assert!(o.status.success(), "{}", text(&o));
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let image = PathBuf::from(out.lines().last().unwrap().split_once('=').unwrap().1);
-    image.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned()
+    fixture::built(&f.cargo_ktstr(&["kernel", "build", TARBALL])).2
 }
 
 #[test]
