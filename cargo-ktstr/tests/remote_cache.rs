@@ -8,17 +8,33 @@ mod fixture;
 mod moto;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use fixture::{built, need_make, tagged_fake_repo, text};
 use moto::Moto;
 
-/// A moto server with a fresh bucket, and the remote URL in it.
-fn server(bucket: &str) -> Option<(Moto, String)> {
+/// Where a runner test starts: a moto server with a fresh bucket, the
+/// remote URL in it, and a stand-in kernel repo whose builds `record`
+/// logs; `None` (after the premise report) without make or moto.
+struct Setup {
+    m: Moto,
+    url: String,
+    d: tempfile::TempDir,
+    spec: String,
+    record: PathBuf,
+}
+
+fn setup(bucket: &str) -> Option<Setup> {
+    if !need_make() {
+        return None;
+    }
     let m = Moto::start()?;
     m.bucket(bucket);
-    Some((m, format!("s3://{bucket}/ci/kernels")))
+    let d = tempfile::tempdir().unwrap();
+    let (repo, record, _) = tagged_fake_repo(d.path());
+    let spec = repo.to_str().unwrap().to_string();
+    Some(Setup { m, url: format!("s3://{bucket}/ci/kernels"), d, spec, record })
 }
 
 /// `cargo ktstr ARGS` as one runner: its own local cache, the remote env.
@@ -47,13 +63,8 @@ fn builds(record: &Path) -> usize {
 /// files; the remote lists the entry; a second B run is a plain local hit.
 #[test]
 fn second_runner_downloads_instead_of_building() {
-    if !need_make() {
-        return;
-    }
-    let Some((m, url)) = server("two-runners") else { return };
-    let d = tempfile::tempdir().unwrap();
-    let (repo, record, _) = tagged_fake_repo(d.path());
-    let spec = repo.to_str().unwrap();
+    let Some(Setup { m, url, d, spec, record }) = setup("two-runners") else { return };
+    let spec = spec.as_str();
     let (ca, cb) = (d.path().join("runner-a"), d.path().join("runner-b"));
 
     let a = run(&m, &url, &ca, &["kernel", "build", spec]);
@@ -96,13 +107,8 @@ fn second_runner_downloads_instead_of_building() {
 /// visible entry: not listed, not pullable, and the next runner builds.
 #[test]
 fn killed_upload_leaves_nothing_visible() {
-    if !need_make() {
-        return;
-    }
-    let Some((m, url)) = server("killed-upload") else { return };
-    let d = tempfile::tempdir().unwrap();
-    let (repo, record, _) = tagged_fake_repo(d.path());
-    let spec = repo.to_str().unwrap();
+    let Some(Setup { m, url, d, spec, record }) = setup("killed-upload") else { return };
+    let spec = spec.as_str();
     let ca = d.path().join("runner-a");
     // A builds with no remote configured, then pushes by hand and is killed mid-push.
     let o = fixture::cargo_ktstr(&ca).args(["kernel", "build", spec]).output().unwrap();
@@ -139,13 +145,8 @@ fn killed_upload_leaves_nothing_visible() {
 /// which the next runner downloads a good one.
 #[test]
 fn tampered_object_is_detected_and_rebuilt() {
-    if !need_make() {
-        return;
-    }
-    let Some((m, url)) = server("tampered") else { return };
-    let d = tempfile::tempdir().unwrap();
-    let (repo, record, _) = tagged_fake_repo(d.path());
-    let spec = repo.to_str().unwrap();
+    let Some(Setup { m, url, d, spec, record }) = setup("tampered") else { return };
+    let spec = spec.as_str();
     let a = run(&m, &url, &d.path().join("runner-a"), &["kernel", "build", spec]);
     let key = built(&a).2;
 
@@ -182,13 +183,8 @@ fn tampered_object_is_detected_and_rebuilt() {
 /// kernel; exactly one upload is committed and the other's objects are gone.
 #[test]
 fn two_builders_at_once_both_succeed_one_upload_wins() {
-    if !need_make() {
-        return;
-    }
-    let Some((m, url)) = server("race") else { return };
-    let d = tempfile::tempdir().unwrap();
-    let (repo, record, _) = tagged_fake_repo(d.path());
-    let spec = repo.to_str().unwrap();
+    let Some(Setup { m, url, d, spec, record }) = setup("race") else { return };
+    let spec = spec.as_str();
     let kids: Vec<_> = ["runner-a", "runner-b"]
         .iter()
         .map(|r| runner(&m, &url, &d.path().join(r), &["kernel", "build", spec]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
