@@ -758,6 +758,10 @@ impl<'a> Resolver<'a> {
     /// dropped its exclusive lock: under a shared lock, as after a build.
     fn pulled(&self, e: CacheEntry, label: String) -> Result<ResolvedKernel> {
         let lock = self.cache.lock_shared(&e.key)?;
+        // A `kernel clean` may have come between the two locks.
+        if !e.image().is_file() {
+            bail!("cache entry {} vanished right after its download (removed by `kernel clean`?)", e.key);
+        }
         Ok(ResolvedKernel {
             label,
             image: e.image(),
