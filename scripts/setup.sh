@@ -44,11 +44,12 @@ phase_summary() {
 # binutils: objcopy strips DWARF from binaries packed into a guest initramfs.
 # clang-19: the scx project's schedulers need clang >= 18 for their BPF
 # (scripts/build-scx-rs.sh); the kernel's examples build with clang-16.
+# python3-venv: the moto venv below.
 step "packages"
 PKGS=(linux-source-6.12 qemu-system-x86 flex bison bc libelf-dev libssl-dev
       dwarves cpio ccache clang-16 llvm-16 clang-19 bpftool lz4 zstd xz-utils
       pkg-config zlib1g-dev make gcc libc6-dev git util-linux bsdutils dash coreutils
-      busybox-static tmux acpica-tools binutils)
+      busybox-static tmux acpica-tools binutils python3-venv)
 missing=()
 for p in "${PKGS[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -71,10 +72,6 @@ else
 	MOTO_VENV=$CACHE/moto-venv
 	# Made in place (a venv does not survive a move); the stamp marks it complete.
 	if [ ! -e "$MOTO_VENV/.ktstr-complete" ]; then
-		if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
-			SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
-			DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
-		fi
 		rm -rf "$MOTO_VENV" && python3 -m venv "$MOTO_VENV"
 		"$MOTO_VENV/bin/pip" install -q 'moto[server]==5.2.5'  # pinned: the version the tests were proven with
 		touch "$MOTO_VENV/.ktstr-complete"

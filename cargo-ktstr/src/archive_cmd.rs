@@ -99,11 +99,6 @@ fn scheduler_dirs(arg: Option<&str>) -> Vec<PathBuf> {
     v.split(':').filter(|s| !s.is_empty()).map(PathBuf::from).collect()
 }
 
-fn is_executable_file(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 /// Appends a file to the tar under `name`, keeping its mode.
 fn append_file<W: std::io::Write>(tar: &mut tar::Builder<W>, from: &Path, name: &str) -> Result<()> {
     let mut f = std::fs::File::open(from).with_context(|| format!("opening {} for the archive", from.display()))?;
@@ -142,9 +137,7 @@ pub fn run(args: ArchiveArgs) -> Result<i32> {
         cmd.args(["-p", p]);
     }
     cmd.args(&args.nextest_args);
-    if test_cmd::find_nextest().is_none() {
-        bail!("cargo-nextest is not installed; install it with: cargo install cargo-nextest --locked");
-    }
+    test_cmd::require_nextest()?;
     let st = cmd.status().map_err(|e| anyhow!("running {} nextest archive: {e}", test_cmd::cargo().to_string_lossy()))?;
     if !st.success() {
         bail!("cargo nextest archive failed ({st}); see its output above");
@@ -165,12 +158,17 @@ pub fn run(args: ArchiveArgs) -> Result<i32> {
         }
     }
 
+    // Cache entries go to the remote cache: their local cache, opened once.
+    let cache = match &remote {
+        Some(_) if kernels.iter().any(|(_, k)| k.cache_key.is_some()) => Some(kernel_build::Cache::open(opts.cache_root.as_deref())?),
+        _ => None,
+    };
     let mut archived = Vec::new();
     for (n, h) in labelled.iter().enumerate() {
         let (_, k) = kernels.iter().find(|(_, k)| k.image == h.image).expect("every hand-off kernel was resolved");
         let image_name = k.image.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "bzImage".into());
-        if let (Some(r), Some(key)) = (&remote, &k.cache_key) {
-            let entry = kernel_build::Cache::open(opts.cache_root.as_deref())?
+        if let (Some(r), Some(key), Some(cache)) = (&remote, &k.cache_key, &cache) {
+            let entry = cache
                 .lookup(key)
                 .ok_or_else(|| anyhow!("cache entry {key} vanished while archiving"))?;
             match r.push(&entry, false)? {
@@ -183,7 +181,7 @@ pub fn run(args: ArchiveArgs) -> Result<i32> {
         let dir = format!("kernels/{n}");
         append_file(&mut tar, &k.image, &format!("{dir}/{image_name}"))?;
         if k.cache_key.is_some() {
-            for extra in ["vmlinux", ".config", "metadata.json"] {
+            for extra in kernel_build::cache::ENTRY_FILES {
                 let p = k.dir.join(extra);
                 if p.is_file() {
                     append_file(&mut tar, &p, &format!("{dir}/{extra}"))?;
@@ -198,7 +196,7 @@ pub fn run(args: ArchiveArgs) -> Result<i32> {
         let rd = std::fs::read_dir(&d).with_context(|| format!("scheduler dir {}", d.display()))?;
         for e in rd.flatten() {
             let p = e.path();
-            if is_executable_file(&p) {
+            if test_cmd::is_executable(&p) {
                 let name = format!("{SCHEDULERS}/{}", e.file_name().to_string_lossy());
                 append_file(&mut tar, &p, &name)?;
                 schedulers = Some(SCHEDULERS.to_string());
@@ -225,7 +223,7 @@ pub fn run(args: ArchiveArgs) -> Result<i32> {
     eprintln!(
         "ktstr: wrote {} ({:.1} MiB: nextest archive, {} kernel(s){})",
         out.display(),
-        size as f64 / (1u64 << 20) as f64,
+        kernel_build::progress::mib(size),
         m.kernels.len(),
         if m.schedulers.is_some() { ", schedulers" } else { "" }
     );
@@ -335,14 +333,12 @@ pub fn nextest_argv(archive: &Path, ws: &Path, partition: Option<&str>, nextest_
 pub fn run_archive(file: &Path, partition: Option<&str>, nextest_args: Vec<String>, opts: &kernel_build::Options, print_env: bool) -> Result<i32> {
     let x = extract(file)?;
     let (kernel, list, _held) = kernel_env(&x, opts)?;
-    let nextest = test_cmd::find_nextest().ok_or_else(|| anyhow!("cargo-nextest is not installed; install it with: cargo install cargo-nextest --locked"))?;
+    let nextest = test_cmd::require_nextest()?;
     // nextest wants a workspace root to remap to; tests find no sources
-    // there, but each package's directory exists (nextest runs tests in it).
+    // there, but each package's directory exists (nextest runs tests in it):
+    // the archive carries every package's Cargo.toml, so extracting made them.
     let ws = x.path(WORKSPACE);
     std::fs::create_dir_all(&ws)?;
-    for rel in workspace_layout(&x.path(&x.manifest.nextest_archive))?.1 {
-        std::fs::create_dir_all(ws.join(rel))?;
-    }
     let argv = nextest_argv(&x.path(&x.manifest.nextest_archive), &ws, partition, nextest_args);
     let mut cmd = Command::new(&nextest);
     cmd.args(&argv).current_dir(&ws);

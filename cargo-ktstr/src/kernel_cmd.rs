@@ -200,7 +200,7 @@ pub(crate) fn age(secs: u64) -> String {
 }
 
 pub(crate) fn size(bytes: u64) -> String {
-    let mib = bytes as f64 / (1u64 << 20) as f64;
+    let mib = kernel_build::progress::mib(bytes);
     if mib >= 1024.0 {
         format!("{:.1}G", mib / 1024.0)
     } else {

@@ -13,7 +13,15 @@ pub fn remote() -> Result<Remote> {
 }
 
 fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    format!("{:.1} MiB", kernel_build::progress::mib(b))
+}
+
+/// A key names a directory (and its lock file) in the cache root: refuse anything else.
+fn check_key(key: &str, listing: &str) -> Result<()> {
+    if !kernel_build::spec::looks_like_cache_key(key) {
+        bail!("{key:?} is not a cache key; see `cargo ktstr {listing}`");
+    }
+    Ok(())
 }
 
 pub fn list(json: bool) -> Result<()> {
@@ -49,14 +57,15 @@ pub fn push(keys: &[String], force: bool) -> Result<()> {
     let r = remote()?;
     let cache = Cache::open(None)?;
     for key in keys {
+        check_key(key, "kernel list")?;
+        // Keeps `kernel clean` off the files from the lookup to the end of the upload.
+        let _lock = cache.lock_shared(key)?;
         let Some(entry) = cache.lookup(key) else {
             bail!("kernel cache {} has no entry {key}; see `cargo ktstr kernel list`", cache.root().display());
         };
         if let Some(why) = entry.meta.stale_reason() {
             bail!("cache entry {key} is stale ({why}); rebuild it before pushing");
         }
-        // Keeps `kernel clean` off the files while they upload.
-        let _lock = cache.lock_shared(key)?;
         match r.push(&entry, force)? {
             Pushed::Uploaded { bytes, elapsed } => {
                 println!("pushed {key} to {} ({} in {:.1}s)", r.url(), mib(bytes), elapsed.as_secs_f64())
@@ -71,9 +80,7 @@ pub fn pull(keys: &[String]) -> Result<()> {
     let r = remote()?;
     let cache = Cache::open(None)?;
     for key in keys {
-        if key.contains('/') || key.starts_with('.') || key.is_empty() {
-            bail!("{key:?} is not a cache key; see `cargo ktstr kernel list --remote`");
-        }
+        check_key(key, "kernel list --remote")?;
         let lock = cache.lock_exclusive(key)?;
         if cache.lookup(key).is_some_and(|e| e.meta.stale_reason().is_none()) {
             println!("{key} is already cached: {}", cache.entry_dir(key).display());

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use kernel_build::{KernelSpec, Options, ResolvedKernel};
 
 const EXAMPLES: &str = "\
@@ -185,7 +185,7 @@ pub fn resolve_all(specs: &[String], opts: &Options, parallelism: usize) -> Resu
         std::thread::spawn(move || loop {
             let i = next.fetch_add(1, Ordering::SeqCst);
             let Some(spec) = specs.get(i) else { return };
-            let r = kernel_build::resolve(spec, &opts).map_err(|e| one_line(&format!("{e:#}")));
+            let r = kernel_build::resolve(spec, &opts).map_err(|e| kernel_build::one_line(&format!("{e:#}")));
             if tx.send((i, r)).is_err() {
                 return;
             }
@@ -243,10 +243,6 @@ fn dedupe(specs: &[String]) -> (Vec<String>, Vec<usize>) {
     (unique, slot_of)
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 /// Where cargo looks for `cargo-nextest`: PATH, then `$CARGO_HOME/bin`.
 pub fn find_nextest() -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
@@ -257,7 +253,12 @@ pub fn find_nextest() -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join("cargo-nextest")).find(|p| is_executable(p))
 }
 
-fn is_executable(p: &Path) -> bool {
+/// [`find_nextest`], or the error saying how to install it.
+pub fn require_nextest() -> Result<PathBuf> {
+    find_nextest().ok_or_else(|| anyhow!("cargo-nextest is not installed; install it with: cargo install cargo-nextest --locked"))
+}
+
+pub(crate) fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
@@ -443,9 +444,7 @@ pub fn run(args: TestArgs) -> Result<i32> {
         println!("exec: {} {}", cargo().to_string_lossy(), nextest_argv(&args).join(" "));
         std::process::exit(0);
     }
-    if find_nextest().is_none() {
-        bail!("cargo-nextest is not installed; install it with: cargo install cargo-nextest --locked");
-    }
+    require_nextest()?;
     inherit_entry_locks(&kernels)?;
     if let Some(id) = &repeat_id {
         // Not exec: we come back for the next repeat (and keep the cache locks).

@@ -6,7 +6,7 @@ mod fixture;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use fixture::{entries, fake_tree, git, tagged_fake_repo};
+use fixture::{built, entries, fake_tree, git, need_make, tagged_fake_repo};
 
 fn ktstr(cache: &Path, args: &[&str]) -> Output {
     fixture::cargo_ktstr(cache).args(args).output().expect("run cargo-ktstr")
@@ -208,11 +208,6 @@ fn steps(record: &Path) -> Vec<String> {
     lines
 }
 
-fn need_make() -> bool {
-    let ok = Command::new("make").arg("--version").output().is_ok_and(|o| o.status.success());
-    ktstr_runtime::testing::premise(ok, "`make`", "apt-get install make")
-}
-
 /// A temp dir holding a stand-in dirty tree `linux/` whose make steps log
 /// to `record`; `None` (after the premise report) without `make`.
 fn dirty_tree() -> Option<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> {
@@ -319,18 +314,6 @@ fn every_cargo_ktstr_spawn_goes_through_the_fixture() {
     assert!(offenders.is_empty(), "spawn cargo-ktstr with fixture::cargo_ktstr(cache) instead: {offenders:?}");
     let fixture = std::fs::read_to_string(root.join("tests/fixture/mod.rs")).unwrap();
     assert_eq!(fixture.matches(needle).count(), 1, "one spawn site, the one that sets KTSTR_CACHE_DIR");
-}
-
-/// `label=image` from a `kernel build` run, and the image's directory name
-/// (the cache key when the image is in the cache).
-#[track_caller]
-fn built(out: &Output) -> (String, std::path::PathBuf, String) {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let (label, image) = stdout.lines().last().expect("a label=image line").split_once('=').unwrap();
-    let image = std::path::PathBuf::from(image);
-    let key = image.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned();
-    (label.to_string(), image, key)
 }
 
 /// Git tags and branches, clean and dirty trees, on a stand-in kernel tree

@@ -13,20 +13,13 @@ use std::time::Instant;
 
 const TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
 
-/// Held for a whole slow test: nextest runs tests as parallel processes, and
-/// kernel builds side by side would only fight over the CPUs.
-fn serialize() -> kernel_build::EntryLock {
-    let dir = std::env::temp_dir().join("ktstr-slow-kernel-tests");
-    kernel_build::Cache::open(Some(&dir)).unwrap().lock_exclusive("serial").unwrap()
-}
-
 /// The slow gate (fails instead of skipping under KTSTR_NO_SKIP_MODE=1).
 fn slow_enabled(name: &str) -> Option<kernel_build::EntryLock> {
     if !ktstr_runtime::testing::slow_tests_enabled() {
         return None;
     }
     assert!(Path::new(TARBALL).is_file(), "{name}: KTSTR_SLOW_TESTS=1 but {TARBALL} is missing (apt-get install linux-source-6.12)");
-    Some(serialize())
+    Some(fixture::serial())
 }
 
 fn ktstr(cache: &Path, args: &[&str]) -> Output {

@@ -17,11 +17,7 @@ fn kernels() -> Option<(String, PathBuf)> {
         return None;
     }
     assert!(Path::new(TARBALL).is_file(), "KTSTR_SLOW_TESTS=1 but {TARBALL} is missing (apt-get install linux-source-6.12)");
-    let deb = std::env::var_os("KTSTR_DEBIAN_KERNEL")
-        .map(PathBuf::from)
-        .expect("KTSTR_SLOW_TESTS=1 needs KTSTR_DEBIAN_KERNEL (the Debian 6.12 cloud vmlinuz; .ci/run sets it)");
-    assert!(deb.is_file(), "KTSTR_DEBIAN_KERNEL={} does not exist", deb.display());
-    Some((TARBALL.to_string(), deb))
+    Some((TARBALL.to_string(), fixture::debian_kernel()))
 }
 
 fn names_with(rs: &[(String, String)], status: &str, base: &str) -> Vec<String> {
@@ -44,10 +40,7 @@ fn is_root() -> bool {
 fn test_and_export_end_to_end() {
     let Some((tarball, deb)) = kernels() else { return };
     // Not beside kernel_slow.rs's in-place kernel builds: both want the CPUs.
-    let _serial = kernel_build::Cache::open(Some(&std::env::temp_dir().join("ktstr-slow-kernel-tests")))
-        .unwrap()
-        .lock_exclusive("serial")
-        .unwrap();
+    let _serial = fixture::serial();
     let f = Fixture::new();
 
     // Acceptance 1: every VM test once per kernel, with kernel_ suffixes;

@@ -11,14 +11,30 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use fixture::{tagged_fake_repo, text};
+use fixture::{built, need_make, tagged_fake_repo, text};
 use moto::Moto;
 
-/// A moto server with a fresh bucket, and the remote URL in it.
-fn server(bucket: &str) -> Option<(Moto, String)> {
+/// Where a runner test starts: a moto server with a fresh bucket, the
+/// remote URL in it, and a stand-in kernel repo whose builds `record`
+/// logs; `None` (after the premise report) without make or moto.
+struct Setup {
+    m: Moto,
+    url: String,
+    d: tempfile::TempDir,
+    spec: String,
+    record: PathBuf,
+}
+
+fn setup(bucket: &str) -> Option<Setup> {
+    if !need_make() {
+        return None;
+    }
     let m = Moto::start()?;
     m.bucket(bucket);
-    Some((m, format!("s3://{bucket}/ci/kernels")))
+    let d = tempfile::tempdir().unwrap();
+    let (repo, record, _) = tagged_fake_repo(d.path());
+    let spec = repo.to_str().unwrap().to_string();
+    Some(Setup { m, url: format!("s3://{bucket}/ci/kernels"), d, spec, record })
 }
 
 /// `cargo ktstr ARGS` as one runner: its own local cache, the remote env.
@@ -38,24 +54,8 @@ fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// `(label, image)` of `kernel build`'s last stdout line.
-fn image_of(o: &Output) -> (String, PathBuf) {
-    let out = ok(o);
-    let (l, p) = out.lines().last().expect("label=image").split_once('=').unwrap();
-    (l.to_string(), PathBuf::from(p))
-}
-
-fn key_of(image: &Path) -> String {
-    image.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned()
-}
-
 fn builds(record: &Path) -> usize {
     std::fs::read_to_string(record).unwrap_or_default().lines().filter(|l| *l == "build start").count()
-}
-
-fn need_make() -> bool {
-    let ok = Command::new("make").arg("--version").output().is_ok_and(|o| o.status.success());
-    ktstr_runtime::testing::premise(ok, "`make`", "apt-get install make")
 }
 
 /// Acceptance: runner A builds and uploads; runner B (another cache, another
@@ -63,18 +63,12 @@ fn need_make() -> bool {
 /// files; the remote lists the entry; a second B run is a plain local hit.
 #[test]
 fn second_runner_downloads_instead_of_building() {
-    if !need_make() {
-        return;
-    }
-    let Some((m, url)) = server("two-runners") else { return };
-    let d = tempfile::tempdir().unwrap();
-    let (repo, record, _) = tagged_fake_repo(d.path());
-    let spec = repo.to_str().unwrap();
+    let Some(Setup { m, url, d, spec, record }) = setup("two-runners") else { return };
+    let spec = spec.as_str();
     let (ca, cb) = (d.path().join("runner-a"), d.path().join("runner-b"));
 
     let a = run(&m, &url, &ca, &["kernel", "build", spec]);
-    let (label, img_a) = image_of(&a);
-    let key = key_of(&img_a);
+    let (label, img_a, key) = built(&a);
     assert!(key.starts_with("local-"), "{key}");
     assert_eq!(builds(&record), 1);
     assert!(text(&a).contains(&format!("uploaded {key} to remote cache {url}")), "{}", text(&a));
@@ -83,7 +77,7 @@ fn second_runner_downloads_instead_of_building() {
     assert!(list.lines().any(|l| l.starts_with(&key)), "{list}");
 
     let b = run(&m, &url, &cb, &["kernel", "build", spec]);
-    let (label_b, img_b) = image_of(&b);
+    let (label_b, img_b, _) = built(&b);
     assert_eq!(builds(&record), 1, "runner B must not build: {}", text(&b));
     assert!(text(&b).contains(&format!("kernel {key}: from remote cache {url}, no build")), "{}", text(&b));
     assert_eq!(label_b, label);
@@ -113,17 +107,12 @@ fn second_runner_downloads_instead_of_building() {
 /// visible entry: not listed, not pullable, and the next runner builds.
 #[test]
 fn killed_upload_leaves_nothing_visible() {
-    if !need_make() {
-        return;
-    }
-    let Some((m, url)) = server("killed-upload") else { return };
-    let d = tempfile::tempdir().unwrap();
-    let (repo, record, _) = tagged_fake_repo(d.path());
-    let spec = repo.to_str().unwrap();
+    let Some(Setup { m, url, d, spec, record }) = setup("killed-upload") else { return };
+    let spec = spec.as_str();
     let ca = d.path().join("runner-a");
     // A builds with no remote configured, then pushes by hand and is killed mid-push.
     let o = fixture::cargo_ktstr(&ca).args(["kernel", "build", spec]).output().unwrap();
-    let key = key_of(&image_of(&o).1);
+    let key = built(&o).2;
     let mut push = runner(&m, &url, &ca, &["kernel", "push", &key])
         .env(kernel_build::remote::STALL_ENV, "60")
         .stderr(Stdio::piped())
@@ -146,7 +135,7 @@ fn killed_upload_leaves_nothing_visible() {
     let p = run(&m, &url, &cb, &["kernel", "pull", &key]);
     assert!(!p.status.success() && text(&p).contains("has no entry"), "{}", text(&p));
     let b = run(&m, &url, &cb, &["kernel", "build", spec]);
-    assert_eq!(key_of(&image_of(&b).1), key);
+    assert_eq!(built(&b).2, key);
     assert_eq!(builds(&record), 2, "B found nothing usable and built: {}", text(&b));
     assert!(text(&b).contains(&format!("uploaded {key}")), "{}", text(&b));
 }
@@ -156,15 +145,10 @@ fn killed_upload_leaves_nothing_visible() {
 /// which the next runner downloads a good one.
 #[test]
 fn tampered_object_is_detected_and_rebuilt() {
-    if !need_make() {
-        return;
-    }
-    let Some((m, url)) = server("tampered") else { return };
-    let d = tempfile::tempdir().unwrap();
-    let (repo, record, _) = tagged_fake_repo(d.path());
-    let spec = repo.to_str().unwrap();
+    let Some(Setup { m, url, d, spec, record }) = setup("tampered") else { return };
+    let spec = spec.as_str();
     let a = run(&m, &url, &d.path().join("runner-a"), &["kernel", "build", spec]);
-    let key = key_of(&image_of(&a).1);
+    let key = built(&a).2;
 
     let remote = m.remote(&url);
     let manifest = remote.manifest(&key).unwrap().expect("committed");
@@ -199,19 +183,14 @@ fn tampered_object_is_detected_and_rebuilt() {
 /// kernel; exactly one upload is committed and the other's objects are gone.
 #[test]
 fn two_builders_at_once_both_succeed_one_upload_wins() {
-    if !need_make() {
-        return;
-    }
-    let Some((m, url)) = server("race") else { return };
-    let d = tempfile::tempdir().unwrap();
-    let (repo, record, _) = tagged_fake_repo(d.path());
-    let spec = repo.to_str().unwrap();
+    let Some(Setup { m, url, d, spec, record }) = setup("race") else { return };
+    let spec = spec.as_str();
     let kids: Vec<_> = ["runner-a", "runner-b"]
         .iter()
         .map(|r| runner(&m, &url, &d.path().join(r), &["kernel", "build", spec]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
         .collect();
     let outs: Vec<Output> = kids.into_iter().map(|k| k.wait_with_output().unwrap()).collect();
-    let keys: Vec<String> = outs.iter().map(|o| key_of(&image_of(o).1)).collect();
+    let keys: Vec<String> = outs.iter().map(|o| built(o).2).collect();
     assert_eq!(keys[0], keys[1]);
     let all = format!("{}{}", text(&outs[0]), text(&outs[1]));
     assert_eq!(all.lines().filter(|l| l.starts_with("ktstr: uploaded ")).count(), 1, "one upload wins: {all}");
@@ -248,12 +227,11 @@ fn bad_remote_settings_and_unreachable_store() {
         return;
     }
     let (repo, record, _) = tagged_fake_repo(d.path());
-    // Nothing listens on this port once the listener is dropped.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // Port 1 (tcpmux) has no listener; a freed ephemeral port could be a parallel test's moto.
     let o = fixture::cargo_ktstr(&d.path().join("c"))
         .args(["kernel", "build", repo.to_str().unwrap()])
         .env("KTSTR_REMOTE_CACHE", "s3://b/p")
-        .env("KTSTR_REMOTE_ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .env("KTSTR_REMOTE_ENDPOINT", "http://127.0.0.1:1")
         .env("AWS_ACCESS_KEY_ID", "x")
         .env("AWS_SECRET_ACCESS_KEY", "x")
         .output()

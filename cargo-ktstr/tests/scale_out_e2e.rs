@@ -13,7 +13,7 @@ mod fixture;
 mod moto;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use fixture::{results, text, Fixture, TARBALL};
@@ -26,18 +26,9 @@ fn slow() -> bool {
     true
 }
 
-/// One serial slot with the other slow tests that boot VMs or build kernels.
-fn serial() -> kernel_build::EntryLock {
-    kernel_build::Cache::open(Some(&std::env::temp_dir().join("ktstr-slow-kernel-tests"))).unwrap().lock_exclusive("serial").unwrap()
-}
-
 /// The builder's key for the 6.12 tarball (a hit in the suite's cache).
 fn tarball_key(f: &Fixture) -> String {
-    let o = f.cargo_ktstr(&["kernel", "build", TARBALL]);
-    assert!(o.status.success(), "{}", text(&o));
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let image = PathBuf::from(out.lines().last().unwrap().split_once('=').unwrap().1);
-    image.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned()
+    fixture::built(&f.cargo_ktstr(&["kernel", "build", TARBALL])).2
 }
 
 #[test]
@@ -48,7 +39,7 @@ fn second_runner_gets_the_kernel_from_the_remote_and_its_tests_pass() {
     let Some(m) = moto::Moto::start() else { return };
     m.bucket("e2e");
     let url = "s3://e2e/kernels";
-    let _serial = serial();
+    let _serial = fixture::serial();
     let f = Fixture::new();
     let key = tarball_key(&f);
 
@@ -79,15 +70,13 @@ fn archive_partitions_run_every_test_once_without_a_workspace() {
     if !slow() {
         return;
     }
-    let deb = std::env::var_os("KTSTR_DEBIAN_KERNEL")
-        .map(PathBuf::from)
-        .expect("KTSTR_SLOW_TESTS=1 needs KTSTR_DEBIAN_KERNEL (the Debian 6.12 cloud vmlinuz; .ci/run sets it)");
+    let deb = fixture::debian_kernel();
     let nextest = std::env::var_os("PATH")
         .and_then(|p| std::env::split_paths(&p).map(|d| d.join("cargo-nextest")).find(|p| p.is_file()));
     if !ktstr_runtime::testing::premise(nextest.is_some(), "cargo-nextest", "cargo install cargo-nextest --locked") {
         return;
     }
-    let _serial = serial();
+    let _serial = fixture::serial();
     let f = Fixture::new();
     let out_dir = tempfile::tempdir().unwrap();
     let suite = out_dir.path().join("suite.tar.zst");
@@ -161,7 +150,7 @@ fn archive_with_remote_kernel_references() {
     let Some(m) = moto::Moto::start() else { return };
     m.bucket("refs");
     let url = "s3://refs/kernels";
-    let _serial = serial();
+    let _serial = fixture::serial();
     let f = Fixture::new();
     let key = tarball_key(&f);
     let out_dir = tempfile::tempdir().unwrap();

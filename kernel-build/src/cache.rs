@@ -17,6 +17,9 @@ use crate::tree;
 /// Overrides the cache root.
 pub const CACHE_DIR_ENV: &str = "KTSTR_CACHE_DIR";
 const METADATA: &str = "metadata.json";
+/// Files of an entry that travel with its image (archives, the remote
+/// cache); `vmlinux` is optional, the build log stays.
+pub const ENTRY_FILES: [&str; 3] = ["vmlinux", ".config", METADATA];
 const TMP_PREFIX: &str = ".tmp-";
 /// Per-key build durations (`{root}/.timings/{key}`, seconds as text):
 /// they outlive `kernel clean`, so a rebuild after a clean still has an ETA.
@@ -398,7 +401,7 @@ impl Cache {
     /// (in-place builds of a local tree). An existing entry is replaced.
     pub fn store(
         &self,
-        _lock: &EntryLock,
+        lock: &EntryLock,
         tmp: &TempBuild,
         artifacts: &crate::build::Artifacts,
         log: Option<&Path>,
@@ -426,29 +429,22 @@ impl Cache {
         meta.image_size = std::fs::metadata(staged.join(tree::image_name()))?.len();
         meta.build_time = now_secs();
         std::fs::write(staged.join(METADATA), serde_json::to_vec_pretty(&meta)?)?;
-        File::open(&staged)?.sync_all().ok();
+        self.install(lock, tmp, &staged, meta)
+    }
+
+    /// Puts a complete entry directory `staged` (inside `tmp`, e.g. a
+    /// verified download) in place as `meta.key`, like [`Cache::store`] does
+    /// a build: one rename, under the caller's exclusive lock. `meta` is the
+    /// parsed `staged/metadata.json`.
+    pub fn install(&self, _lock: &EntryLock, tmp: &TempBuild, staged: &Path, meta: Metadata) -> Result<CacheEntry> {
+        File::open(staged)?.sync_all().ok();
         let dest = self.entry_dir(&meta.key);
         if dest.exists() {
             // --force: move the old entry into the temp dir, dropped with it.
             std::fs::rename(&dest, tmp.dir.join("old"))?;
         }
-        std::fs::rename(&staged, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
-        Ok(CacheEntry { key: meta.key.clone(), dir: dest, meta })
-    }
-
-    /// Puts a complete entry directory `staged` (inside `tmp`, e.g. a
-    /// verified download) in place as `key`, like [`Cache::store`] does a
-    /// build: one rename, under the caller's exclusive lock.
-    pub fn install(&self, _lock: &EntryLock, tmp: &TempBuild, staged: &Path, key: &str) -> Result<CacheEntry> {
-        let meta: Metadata = serde_json::from_slice(&std::fs::read(staged.join(METADATA))?)
-            .with_context(|| format!("{}: metadata.json does not parse", staged.display()))?;
-        File::open(staged)?.sync_all().ok();
-        let dest = self.entry_dir(key);
-        if dest.exists() {
-            std::fs::rename(&dest, tmp.dir.join("old"))?;
-        }
         std::fs::rename(staged, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
-        Ok(CacheEntry { key: key.to_string(), dir: dest, meta })
+        Ok(CacheEntry { key: meta.key.clone(), dir: dest, meta })
     }
 
     /// Every complete entry, newest first.
@@ -500,16 +496,24 @@ impl Cache {
                 report.locked.push(key);
                 continue;
             };
-            // Rename first so a half-removed entry is never visible under its key.
-            let doomed = self.root.join(format!("{TMP_PREFIX}rm-{key}-{}", std::process::id()));
-            std::fs::rename(self.entry_dir(&key), &doomed).with_context(|| format!("removing {key}"))?;
-            let _ = std::fs::remove_dir_all(&doomed);
+            // Under the lock still: a build starting after it writes a new log.
             let _ = std::fs::remove_file(self.root.join(format!("{key}.log")));
-            let _ = std::fs::remove_file(&lock.path);
-            drop(lock);
+            self.remove_entry(&key, lock, "")?;
             report.removed.push(key);
         }
         Ok(report)
+    }
+
+    /// Removes the entry `key` whose exclusive `lock` the caller took, and
+    /// the lock file. `what` names the kind in the error (`snapshot `).
+    fn remove_entry(&self, key: &str, lock: EntryLock, what: &str) -> Result<()> {
+        // Rename first so a half-removed entry is never visible under its key.
+        let doomed = self.root.join(format!("{TMP_PREFIX}rm-{key}-{}", std::process::id()));
+        std::fs::rename(self.entry_dir(key), &doomed).with_context(|| format!("removing {what}{key}"))?;
+        let _ = std::fs::remove_dir_all(&doomed);
+        let _ = std::fs::remove_file(&lock.path);
+        drop(lock);
+        Ok(())
     }
 }
 
@@ -538,11 +542,7 @@ impl Cache {
                 report.locked.push(key);
                 continue;
             };
-            let doomed = snaps.root.join(format!("{TMP_PREFIX}rm-{key}-{}", std::process::id()));
-            std::fs::rename(snaps.entry_dir(&key), &doomed).with_context(|| format!("removing snapshot {key}"))?;
-            let _ = std::fs::remove_dir_all(&doomed);
-            let _ = std::fs::remove_file(&lock.path);
-            drop(lock);
+            snaps.remove_entry(&key, lock, "snapshot ")?;
             report.removed.push(key);
         }
         Ok(report)

@@ -67,12 +67,12 @@ pub const DEFAULT_MAX_KERNELS: usize = 16;
 /// Environment variable that turns on offline mode (`1`).
 pub const OFFLINE_ENV: &str = "KTSTR_OFFLINE";
 
-/// The [`fetch::Unreachable`] in `e`'s chain as text, else its root cause.
-#[cfg(feature = "fetch")]
-fn one_line(s: &str) -> String {
+/// `s` with every run of whitespace (newlines of a `{e:#}` chain) as one space.
+pub fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// The [`fetch::Unreachable`] in `e`'s chain as text, else its root cause.
 #[cfg(feature = "fetch")]
 fn fetch_cause(e: &anyhow::Error) -> String {
     e.chain().find(|c| c.is::<fetch::Unreachable>()).unwrap_or(e.root_cause()).to_string()
@@ -223,6 +223,17 @@ impl std::fmt::Display for PlanStatus {
 pub fn plan(spec: &str, opts: &Options) -> Result<Vec<Plan>> {
     let parsed = KernelSpec::parse(spec).map_err(ResolveError::from)?;
     Resolver::new(spec, opts)?.plan(&parsed)
+}
+
+/// What a local miss found in the remote cache.
+#[cfg(feature = "fetch")]
+enum FromRemote {
+    /// Downloaded and installed in the local cache.
+    Entry(Box<CacheEntry>),
+    /// A corrupt entry, to be replaced by the upload after the build.
+    Corrupt,
+    /// No entry, no remote, or an unusable one.
+    Nothing,
 }
 
 #[cfg(feature = "fetch")]
@@ -678,7 +689,10 @@ impl<'a> Resolver<'a> {
         if self.remote.is_some() {
             let lock = self.cache.lock_exclusive(key)?;
             if !self.is_hit(key) {
-                self.pull_remote(&lock, key);
+                if let FromRemote::Entry(e) = self.pull_remote(&lock, key) {
+                    drop(lock);
+                    return self.pulled(*e, label);
+                }
             }
             drop(lock);
             if let Some(r) = self.hit(key, &label)? {
@@ -715,31 +729,48 @@ impl<'a> Resolver<'a> {
 
     /// A local miss, under the exclusive `lock` on `key`: downloads the
     /// remote cache's entry into the local cache when it has a good one.
-    /// Returns whether the remote had a corrupt entry (to be replaced by
-    /// the upload after the build). Every failure is one line, never fatal:
-    /// the caller builds instead.
-    fn pull_remote(&self, lock: &EntryLock, key: &str) -> bool {
-        let Some(r) = &self.remote else { return false };
+    /// Every failure is one line, never fatal: the caller builds instead.
+    fn pull_remote(&self, lock: &EntryLock, key: &str) -> FromRemote {
+        let Some(r) = &self.remote else { return FromRemote::Nothing };
         match r.pull(&self.cache, lock, key) {
-            Ok(remote::Pulled::Hit { bytes, elapsed, .. }) => {
+            Ok(remote::Pulled::Hit { entry, bytes, elapsed }) => {
                 note(format!(
                     "kernel {key}: from remote cache {}, no build ({:.1} MiB in {:.1}s)",
                     r.url(),
-                    bytes as f64 / (1u64 << 20) as f64,
+                    progress::mib(bytes),
                     elapsed.as_secs_f64()
                 ));
-                false
+                FromRemote::Entry(entry)
             }
-            Ok(remote::Pulled::Missing) => false,
+            Ok(remote::Pulled::Missing) => FromRemote::Nothing,
             Ok(remote::Pulled::Corrupt(why)) => {
                 note(format!("warning: ignoring remote cache entry {}/{key}: {why}; building it", r.url()));
-                true
+                FromRemote::Corrupt
             }
             Err(e) => {
                 note(format!("warning: remote cache {} unusable ({}); building {key} locally", r.url(), one_line(&format!("{e:#}"))));
-                false
+                FromRemote::Nothing
             }
         }
+    }
+
+    /// An entry [`Resolver::pull_remote`] just installed, once the caller
+    /// dropped its exclusive lock: under a shared lock, as after a build.
+    fn pulled(&self, e: CacheEntry, label: String) -> Result<ResolvedKernel> {
+        let lock = self.cache.lock_shared(&e.key)?;
+        // A `kernel clean` may have come between the two locks.
+        if !e.image().is_file() {
+            bail!("cache entry {} vanished right after its download (removed by `kernel clean`?)", e.key);
+        }
+        Ok(ResolvedKernel {
+            label,
+            image: e.image(),
+            version: Some(e.meta.version.clone()),
+            cache_key: Some(e.key.clone()),
+            dir: e.dir,
+            built: false,
+            lock: Some(Arc::new(lock)),
+        })
     }
 
     /// Uploads a fresh build; a failure is a one-line warning (the run goes on).
@@ -750,7 +781,7 @@ impl<'a> Resolver<'a> {
                 "uploaded {} to remote cache {} ({:.1} MiB in {:.1}s)",
                 entry.key,
                 r.url(),
-                bytes as f64 / (1u64 << 20) as f64,
+                progress::mib(bytes),
                 elapsed.as_secs_f64()
             )),
             Ok(remote::Pushed::AlreadyThere) => {
@@ -823,14 +854,14 @@ impl<'a> Resolver<'a> {
             }
         };
         // Local miss: another runner may have built it already.
-        let remote_corrupt = !self.opts.force && self.pull_remote(&lock, &job.key);
-        if !self.opts.force && self.is_hit(&job.key) {
-            drop(lock);
-            if let Some(r) = self.hit(&job.key, &job.label)? {
-                return Ok(r);
+        let remote_corrupt = match if self.opts.force { FromRemote::Nothing } else { self.pull_remote(&lock, &job.key) } {
+            FromRemote::Entry(e) => {
+                drop(lock);
+                return self.pulled(*e, job.label);
             }
-            bail!("cache entry {} vanished right after its download (removed by `kernel clean`?)", job.key);
-        }
+            FromRemote::Corrupt => true, // replaced by the upload after the build
+            FromRemote::Nothing => false,
+        };
         // Say why an old build of the same source is not reused (it never is).
         for e in self.cache.list().unwrap_or_default() {
             if let (true, Some(why)) = (e.meta.source == job.source, e.meta.stale_reason()) {

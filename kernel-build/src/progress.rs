@@ -59,6 +59,11 @@ impl std::fmt::Display for Phase {
 }
 
 /// `42s`, `3m07s`, `1h02m`.
+/// Bytes as MiB, for "{:.1} MiB" messages.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
 pub fn short_duration(d: Duration) -> String {
     let s = d.as_secs();
     match s {
@@ -299,15 +304,15 @@ impl<R: Read> ProgressReader<R> {
         }
         self.printed_at = Some(self.done);
         let secs = self.start.elapsed().as_secs_f64().max(0.001);
-        let mib = self.done as f64 / (1 << 20) as f64;
-        let rate = mib / secs;
+        let done = mib(self.done);
+        let rate = done / secs;
         match self.total {
             Some(t) if t > 0 => {
                 let pct = self.done * 100 / t;
                 let eta = if self.done > 0 { (t - self.done.min(t)) as f64 / (self.done as f64 / secs) } else { 0.0 };
-                note(format!("{}: {pct}% {mib:.1} MiB of {:.1} MiB, {rate:.1} MiB/s, ETA {eta:.0}s", self.what, t as f64 / (1 << 20) as f64));
+                note(format!("{}: {pct}% {done:.1} MiB of {:.1} MiB, {rate:.1} MiB/s, ETA {eta:.0}s", self.what, mib(t)));
             }
-            _ => note(format!("{}: {mib:.1} MiB, {rate:.1} MiB/s", self.what)),
+            _ => note(format!("{}: {done:.1} MiB, {rate:.1} MiB/s", self.what)),
         }
     }
 
@@ -327,7 +332,6 @@ impl<R: Read> Read for ProgressReader<R> {
             // A line's detail, at most every 4 MiB (or at the end).
             if self.done >= self.next_detail || n == 0 {
                 self.next_detail = self.done + (4 << 20);
-                let mib = |b: u64| b as f64 / (1 << 20) as f64;
                 let msg = match self.total {
                     Some(t) if t > 0 => format!("{} {}% ({:.0} of {:.0} MiB)", self.what, self.done.min(t) * 100 / t, mib(self.done), mib(t)),
                     _ => format!("{} {:.0} MiB", self.what, mib(self.done)),

@@ -29,6 +29,7 @@ use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{Cache, CacheEntry, EntryLock, Metadata};
+use crate::fetch::HashingReader;
 use crate::tree;
 
 /// `s3://bucket[/prefix]`: turns the remote cache on.
@@ -153,7 +154,7 @@ pub enum Pulled {
 #[derive(Debug, PartialEq)]
 pub enum Pushed {
     Uploaded { bytes: u64, elapsed: Duration },
-    /// Another upload's manifest was there first (ours was removed).
+    /// Another upload's manifest was there first (nothing of ours stays).
     AlreadyThere,
 }
 
@@ -181,11 +182,13 @@ fn is_not_found(e: &object_store::Error) -> bool {
 /// The files of an entry that travel, and how.
 fn travelling(entry: &CacheEntry) -> Vec<(PathBuf, &'static str, bool)> {
     let mut v = vec![(entry.image(), tree::image_name(), false)];
-    if let Some(vm) = entry.vmlinux() {
-        v.push((vm, "vmlinux", true));
+    for name in crate::cache::ENTRY_FILES {
+        let p = entry.dir.join(name);
+        // vmlinux is optional, and large: it travels compressed.
+        if name != "vmlinux" || p.is_file() {
+            v.push((p, name, name == "vmlinux"));
+        }
     }
-    v.push((entry.config(), ".config", false));
-    v.push((entry.dir.join("metadata.json"), "metadata.json", false));
     v
 }
 
@@ -296,6 +299,11 @@ impl Remote {
     pub fn push(&self, entry: &CacheEntry, overwrite: bool) -> Result<Pushed> {
         let started = Instant::now();
         let key = &entry.key;
+        // A manifest already there (good or bad) would refuse ours: skip the
+        // upload. PutMode::Create below still settles a race.
+        if !overwrite && self.manifest_state(key)?.is_some() {
+            return Ok(Pushed::AlreadyThere);
+        }
         let upload = format!("{}-{}-{:x}", now_secs(), std::process::id(), rand_suffix());
         let mut files = Vec::new();
         let mut bytes = 0u64;
@@ -373,6 +381,7 @@ impl Remote {
                 return Ok(Pulled::Corrupt(format!("its manifest lists no {need}")));
             }
         }
+        let mut meta = None;
         for f in &m.files {
             if f.name.contains('/') || f.name.starts_with("..") || f.name.is_empty() {
                 return Ok(Pulled::Corrupt(format!("its manifest names a bad file {:?}", f.name)));
@@ -383,18 +392,24 @@ impl Remote {
                 Err(e) => return Err(anyhow!("downloading {key}/{} from {}: {e}", f.object, self.cfg.url)),
             };
             bytes += data.len() as u64;
-            let plain = match f.encoding.as_str() {
-                "identity" => data.to_vec(),
+            // Hashed on the way: the identity bytes as downloaded, zstd while decoding.
+            let (plain, got) = match f.encoding.as_str() {
+                "identity" => {
+                    let got = crate::sha256_hex(&data);
+                    (data, got)
+                }
                 "zstd" => {
                     let mut out = Vec::with_capacity(f.size as usize);
-                    match zstd::stream::read::Decoder::new(&data[..]).and_then(|mut d| d.read_to_end(&mut out)) {
-                        Ok(_) => out,
+                    match zstd::stream::read::Decoder::new(&data[..]).map(HashingReader::new).and_then(|mut d| {
+                        d.read_to_end(&mut out)?;
+                        Ok(d.hex())
+                    }) {
+                        Ok(got) => (bytes::Bytes::from(out), got),
                         Err(e) => return Ok(Pulled::Corrupt(format!("{} does not decompress ({e})", f.object))),
                     }
                 }
                 other => return Ok(Pulled::Corrupt(format!("{} has unknown encoding {other:?}", f.object))),
             };
-            let got = crate::sha256_hex(&plain);
             if got != f.sha256 || plain.len() as u64 != f.size {
                 return Ok(Pulled::Corrupt(format!(
                     "{} has SHA-256 {}… ({} bytes), its manifest says {}… ({} bytes)",
@@ -406,8 +421,12 @@ impl Remote {
                 )));
             }
             std::fs::write(staged.join(&f.name), &plain).with_context(|| format!("writing {} into {}", f.name, staged.display()))?;
+            if f.name == "metadata.json" {
+                meta = Some(plain);
+            }
         }
-        let meta: Metadata = match serde_json::from_slice(&std::fs::read(staged.join("metadata.json"))?) {
+        // The manifest lists a metadata.json (checked above), so it was read.
+        let meta: Metadata = match serde_json::from_slice(meta.as_deref().unwrap_or_default()) {
             Ok(m) => m,
             Err(e) => return Ok(Pulled::Corrupt(format!("its metadata.json does not parse ({e})"))),
         };
@@ -417,7 +436,7 @@ impl Remote {
         if let Some(why) = meta.stale_reason() {
             return Ok(Pulled::Corrupt(format!("it is stale ({why})")));
         }
-        let entry = cache.install(lock, &tmp, &staged, key)?;
+        let entry = cache.install(lock, &tmp, &staged, meta)?;
         Ok(Pulled::Hit { entry: Box::new(entry), bytes, elapsed: started.elapsed() })
     }
 
@@ -538,7 +557,23 @@ mod tests {
         let vm = m.files.iter().find(|f| f.name == "vmlinux").unwrap();
         assert_eq!(vm.encoding, "zstd");
         assert!(vm.stored_size < vm.size, "vmlinux travels compressed");
-        assert_eq!(bytes, m.stored_bytes());
+        // What push reports and the manifest records is what the store holds.
+        let sizes: std::collections::BTreeMap<String, u64> = r
+            .rt
+            .block_on(async {
+                use futures::StreamExt;
+                r.store.list(Some(&r.path(&e.key))).collect::<Vec<_>>().await
+            })
+            .into_iter()
+            .map(|o| o.unwrap())
+            .filter(|o| !o.location.as_ref().ends_with(MANIFEST))
+            .map(|o| (o.location.to_string(), o.size))
+            .collect();
+        assert_eq!(sizes.len(), m.files.len(), "{sizes:?}");
+        for f in &m.files {
+            assert_eq!(sizes.get(&r.path(&format!("{}/{}", e.key, f.object)).to_string()), Some(&f.stored_size), "{}", f.name);
+        }
+        assert_eq!(bytes, sizes.values().sum::<u64>());
         assert_eq!(r.list().unwrap().into_iter().map(|(k, m)| (k, m.is_ok())).collect::<Vec<_>>(), [(e.key.clone(), true)]);
 
         let Pulled::Hit { entry: got, .. } = pull_into(&r, &d.path().join("b"), &e.key) else { panic!("pull hits") };

@@ -34,21 +34,35 @@ impl Moto {
             return None;
         }
         let bin = bin.unwrap();
-        // A free port: bind :0, read it, release it for moto.
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let m = Moto { child, endpoint: format!("http://127.0.0.1:{port}"), port };
-        let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "moto_server did not listen on {port} within 30s");
-            std::thread::sleep(Duration::from_millis(100));
+        for _ in 0..5 {
+            // A free port: bind :0, read it, release it for moto. Another
+            // test's server may take it first: ours then exits, and we retry.
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let child = Command::new(&bin)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+            let mut m = Moto { child, endpoint: format!("http://127.0.0.1:{port}"), port };
+            let t0 = Instant::now();
+            // Until it listens; a server that lost the port to another exits.
+            let exited = loop {
+                if let Some(st) = m.child.try_wait().unwrap() {
+                    break Some(st);
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    break m.child.try_wait().unwrap();
+                }
+                assert!(t0.elapsed() < Duration::from_secs(30), "moto_server did not listen on {port} within 30s");
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            match exited {
+                None => return Some(m),
+                Some(st) => eprintln!("moto_server on port {port} exited ({st}); retrying on another port"),
+            }
         }
-        Some(m)
+        panic!("moto_server exited right after starting, five times ({}); run it by hand to see why", bin.display())
     }
 
     /// Creates `bucket` (moto takes an unsigned `PUT /bucket`).
@@ -80,17 +94,21 @@ impl Moto {
         }
     }
 
-    /// A client of the library's own, for looking at and tampering with objects.
+    /// A client of the library's own, for looking at and tampering with
+    /// objects; its store is configured here, not from the process env.
     pub fn remote(&self, url: &str) -> kernel_build::remote::Remote {
         let cfg = kernel_build::remote::Config::parse(url, Some(&self.endpoint), false).unwrap();
-        // The client reads credentials from the environment only.
-        for (k, v) in self.env(url) {
-            if k.starts_with("AWS_") {
-                // Every test of a binary sets the same values, so racing setters agree.
-                std::env::set_var(k, v);
-            }
-        }
-        kernel_build::remote::Remote::new(cfg).unwrap()
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(&cfg.bucket)
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_virtual_hosted_style_request(false)
+            .with_region("us-east-1")
+            .with_access_key_id("testing")
+            .with_secret_access_key("testing")
+            .build()
+            .unwrap();
+        kernel_build::remote::Remote::with_store(cfg, std::sync::Arc::new(store)).unwrap()
     }
 }
 
