@@ -63,6 +63,15 @@ fn snap_prints_clock(_ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// What this run's topology says and what the guest really has online.
+#[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 20, gauntlet = false)]
+fn snap_prints_cpus(ctx: &Ctx) -> Result<()> {
+    println!("topology_cpus={}", ctx.topology().total_cpus());
+    println!("online_cpus={}", std::thread::available_parallelism()?.get());
+    println!("cpus_override={:?}", ctx.cpus_override());
+    Ok(())
+}
+
 #[ktstr_test(
     cpus = 1,
     memory_mib = 256,
@@ -280,6 +289,22 @@ fn changed_memory_size_makes_a_new_save() {
         StartKind::Restored { created: false },
         "the first save still serves"
     );
+}
+
+#[test]
+fn restored_test_is_resized_like_a_cold_one() {
+    let Some(()) = kernel() else { return };
+    let (_dir, opts) = private_store();
+    // What `KTSTR_CPUS=2` makes of the 1-vCPU test.
+    let two = ktstr_runtime::cpu_override::apply(def("snap_prints_cpus"), Some(2)).unwrap();
+    for created in [true, false] {
+        let r = run(two, &opts);
+        assert_eq!(r.start, StartKind::Restored { created });
+        let out = stdout(&r);
+        assert_eq!(value(&out, "topology_cpus=").trim(), "2", "{out}");
+        assert_eq!(value(&out, "online_cpus=").trim(), "2", "{out}");
+        assert_eq!(value(&out, "cpus_override=").trim(), "Some(2)", "{out}");
+    }
 }
 
 #[test]

@@ -391,6 +391,7 @@ pub fn run(
     let payload = payload::Payload {
         test: def.name.to_string(),
         preset: def.preset.map(|p| p.name.to_string()),
+        cpus: def.cpus_override,
         archive: payload_archive.to_path_buf(),
     };
     let t0 = Instant::now();

@@ -29,11 +29,12 @@ pub const DATA_OFF: usize = HEADER_SIZE as usize + 64 * 1024;
 const PREFIX: usize = 12;
 
 /// What a restored guest runs: the test (and gauntlet preset) by name,
-/// and the archive of files it needs.
+/// the vCPU count `KTSTR_CPUS` resized it to, and the archive of files it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payload {
     pub test: String,
     pub preset: Option<String>,
+    pub cpus: Option<u32>,
     /// A newc archive (what `host::test_initramfs` builds).
     pub archive: PathBuf,
 }
@@ -43,6 +44,8 @@ pub struct Payload {
 pub struct Header {
     pub test: String,
     pub preset: Option<String>,
+    /// `KTSTR_CPUS` (what a cold boot passes as `ktstr.cpus=N`).
+    pub cpus: Option<u32>,
     /// Host `CLOCK_REALTIME` when the stream started, in ns since the epoch.
     pub host_time_ns: u64,
     /// Bytes the guest mixes into its random pool before the test.
@@ -61,6 +64,7 @@ impl Header {
         Ok(Self {
             test: p.test.clone(),
             preset: p.preset.clone(),
+            cpus: p.cpus,
             host_time_ns,
             seed,
         })
@@ -357,6 +361,7 @@ mod tests {
         let p = Payload {
             test: "t".into(),
             preset: Some("smt".into()),
+            cpus: Some(3),
             archive,
         };
         let header = Header::now(&p).unwrap();
@@ -396,6 +401,7 @@ mod tests {
         }
         let (h, n) = rx.join().unwrap();
         assert_eq!(h, header);
+        assert_eq!(h.cpus, Some(3), "the KTSTR_CPUS count crosses with the test's name");
         assert_eq!(n, 2);
         assert!(chunks > 20, "{chunks} chunks");
         assert_eq!(tx.sent(), tx.total());
@@ -422,6 +428,7 @@ mod tests {
         let p = Payload {
             test: "t".into(),
             preset: None,
+            cpus: None,
             archive: "/x".into(),
         };
         let (a, b) = (Header::now(&p).unwrap(), Header::now(&p).unwrap());

@@ -913,7 +913,7 @@ mod tests {
         assert!(!plain.iter().any(|a| a == "-incoming" || a == "-S"));
         c.start = crate::vmm::Start::Restore {
             state: "/s/state".into(),
-            payload: crate::snapshot::payload::Payload { test: "t".into(), preset: None, archive: "/a".into() },
+            payload: crate::snapshot::payload::Payload { test: "t".into(), preset: None, cpus: None, archive: "/a".into() },
         };
         let a = args(&c, Path::new("/d"), TcgThread::Multi, BootCpus::One).join(" ");
         assert!(a.contains("-S -incoming defer"), "{a}");
