@@ -503,24 +503,6 @@ fn restore(
     }
 }
 
-/// The ready init: this binary without its debug info (a smaller save;
-/// the test's own binary, debug info and all, comes with the payload).
-fn ready_init(dir: &Path) -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the test binary: {e}"))?;
-    let out = dir.join("init");
-    let stripped = std::process::Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(&exe)
-        .arg(&out)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !stripped {
-        std::fs::copy(&exe, &out)
-            .map_err(|e| format!("copying {} to {}: {e}", exe.display(), out.display()))?;
-    }
-    Ok(out)
-}
-
 /// Boots the ready VM, saves it and stores the save at `entry` (we hold
 /// its exclusive lock): built in a temp dir beside it, then renamed.
 fn create(
@@ -539,7 +521,8 @@ fn create(
         dir: tmp.path().join("entry"),
     };
     std::fs::create_dir(&staged.dir).map_err(|e| format!("{}: {e}", staged.dir.display()))?;
-    let init = ready_init(tmp.path())?;
+    // The ready init is this binary; Initramfs packs it without its DWARF.
+    let init = std::env::current_exe().map_err(|e| format!("cannot find the test binary: {e}"))?;
     let ir =
         crate::initramfs::Initramfs::new(&init).map_err(|e| format!("ready initramfs: {e:#}"))?;
     std::fs::write(
