@@ -262,6 +262,23 @@ fn corrupt_or_unloadable_save_falls_back_to_a_cold_boot() {
 }
 
 #[test]
+fn a_failed_payload_keeps_the_save() {
+    let Some(()) = kernel() else { return };
+    let (_dir, opts) = private_store();
+    let d = def("snap_file_is_absent");
+    assert_eq!(run(d, &opts).start, StartKind::Restored { created: true });
+    let before = saves(&opts);
+    // This test's payload cannot be sent (its archive is gone): its own
+    // failure, not the save's.
+    let image = ktstr_runtime::discovery::discover().unwrap().image;
+    let missing = Path::new("/nonexistent/ktstr-payload.cpio");
+    let err = ktstr_runtime::snapshot::run(d, &image, missing, &opts).unwrap_err();
+    assert!(err.contains("ktstr-payload.cpio"), "{err}");
+    assert_eq!(saves(&opts), before, "a payload failure removed the save");
+    assert_eq!(run(d, &opts).start, StartKind::Restored { created: false });
+}
+
+#[test]
 fn changed_memory_size_makes_a_new_save() {
     let Some(()) = kernel() else { return };
     let (_dir, opts) = private_store();

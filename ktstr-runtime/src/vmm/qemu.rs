@@ -326,7 +326,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
                 kill(&mut child);
                 let _ = child.wait();
                 let stderr = err_reader.join().unwrap_or_default();
-                return Err(VmError::Snapshot(format!("{e}{}", stderr_note(&stderr))));
+                return Err(match e {
+                    RestoreError::Load(e) => VmError::Snapshot(format!("{e}{}", stderr_note(&stderr))),
+                    RestoreError::Payload(e) => VmError::Payload(e),
+                });
             }
         },
         _ => None,
@@ -373,7 +376,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
                     let _ = child.wait();
                     let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
                     let tail: Vec<&str> = console.lines().rev().take(5).collect();
-                    return Err(VmError::Snapshot(format!(
+                    return Err(VmError::Payload(format!(
                         "the restored guest stopped taking its test after {sent} of {total} bytes ({}s without progress); console: {}",
                         PAYLOAD_STALL.as_secs(),
                         tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
@@ -381,7 +384,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
                 }
                 Err(e) => {
                     kill(&mut child);
-                    return Err(VmError::Snapshot(format!(
+                    return Err(VmError::Payload(format!(
                         "writing the test into the restored guest: {e}"
                     )));
                 }
@@ -438,7 +441,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         let _ = child.wait();
         let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
         let tail: Vec<&str> = console.lines().rev().take(5).collect();
-        return Err(VmError::Snapshot(format!(
+        return Err(VmError::Payload(format!(
             "the restored VM ended ({exit:?}) after taking {} of {} bytes of its test; console: {}",
             tx.sent(),
             tx.total(),
@@ -658,6 +661,13 @@ fn save(q: &mut Qmp, state: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Why [`restore`] failed: the save (it must go) or this test's payload
+/// (the save stays; the test boots cold).
+enum RestoreError {
+    Load(String),
+    Payload(String),
+}
+
 /// Waits for QEMU (started with `-S -incoming`) to load the state, puts
 /// the first chunk of `payload` into the inbox and starts the guest.
 fn restore(
@@ -667,7 +677,18 @@ fn restore(
     offset: u64,
     cfg: &VmConfig,
     payload: &crate::snapshot::payload::Payload,
-) -> Result<(Qmp, Sender<FileWindow>), String> {
+) -> Result<(Qmp, Sender<FileWindow>), RestoreError> {
+    let (mut q, file) = load(child, qmp_path, ram, cfg).map_err(RestoreError::Load)?;
+    let header = Header::now(payload).map_err(|e| RestoreError::Payload(format!("payload header: {e}")))?;
+    let mut tx = Sender::new(FileWindow { file, base: offset }, cfg.channel.size as usize, payload, &header)
+        .map_err(|e| RestoreError::Payload(format!("payload: {e}")))?;
+    tx.pump().map_err(|e| RestoreError::Payload(format!("writing the first chunk of the test: {e}")))?;
+    q.execute("cont", None, QMP_REPLY).map_err(RestoreError::Load)?;
+    Ok((q, tx))
+}
+
+/// [`restore`]'s first half: the state loaded, and the guest RAM file opened.
+fn load(child: &mut Child, qmp_path: &Path, ram: &Path, cfg: &VmConfig) -> Result<(Qmp, std::fs::File), String> {
     let t0 = Instant::now();
     let exited = |child: &mut Child| {
         child
@@ -723,18 +744,7 @@ fn restore(
         .write(true)
         .open(ram)
         .map_err(|e| format!("opening guest RAM {}: {e}", ram.display()))?;
-    let header = Header::now(payload).map_err(|e| format!("payload header: {e}"))?;
-    let mut tx = Sender::new(
-        FileWindow { file, base: offset },
-        cfg.channel.size as usize,
-        payload,
-        &header,
-    )
-    .map_err(|e| format!("payload: {e}"))?;
-    tx.pump()
-        .map_err(|e| format!("writing the first chunk of the test: {e}"))?;
-    q.execute("cont", None, QMP_REPLY)?;
-    Ok((q, tx))
+    Ok((q, file))
 }
 
 /// QMP over the monitor socket: the SHUTDOWN event, and commands for
