@@ -51,11 +51,16 @@ const READY_TIMEOUT: Duration = Duration::from_secs(crate::host::BOOT_ALLOWANCE_
 
 /// `KTSTR_SNAPSHOT` as a switch: `Ok(None)` when unset.
 pub fn env_switch() -> Result<Option<bool>, String> {
-    match std::env::var(ENV).as_deref() {
-        Err(_) | Ok("") => Ok(None),
-        Ok("1") | Ok("on") | Ok("true") => Ok(Some(true)),
-        Ok("0") | Ok("off") | Ok("false") => Ok(Some(false)),
-        Ok(v) => Err(format!(
+    parse_switch(std::env::var(ENV).ok().as_deref())
+}
+
+/// A `KTSTR_SNAPSHOT` value as a switch: `Ok(None)` when unset or empty.
+pub fn parse_switch(value: Option<&str>) -> Result<Option<bool>, String> {
+    match value {
+        None | Some("") => Ok(None),
+        Some("1" | "on" | "true") => Ok(Some(true)),
+        Some("0" | "off" | "false") => Ok(Some(false)),
+        Some(v) => Err(format!(
             "{ENV}={v:?} is not a switch; use 1 (snapshots on) or 0 (off)"
         )),
     }
@@ -724,19 +729,18 @@ mod tests {
 
     #[test]
     fn switch_values() {
-        // Only the parser: the variable itself is the process's.
         for (v, want) in [
             ("1", Some(true)),
             ("0", Some(false)),
             ("on", Some(true)),
             ("off", Some(false)),
+            ("true", Some(true)),
+            ("false", Some(false)),
+            ("", None),
         ] {
-            std::env::set_var(ENV, v);
-            assert_eq!(env_switch().unwrap(), want, "{v}");
+            assert_eq!(parse_switch(Some(v)).unwrap(), want, "{v}");
         }
-        std::env::set_var(ENV, "yes please");
-        assert!(env_switch().unwrap_err().contains("use 1"));
-        std::env::remove_var(ENV);
-        assert_eq!(env_switch().unwrap(), None);
+        assert!(parse_switch(Some("yes please")).unwrap_err().contains("use 1"));
+        assert_eq!(parse_switch(None).unwrap(), None);
     }
 }
