@@ -279,6 +279,28 @@ fn a_failed_payload_keeps_the_save() {
 }
 
 #[test]
+fn a_killed_writers_temp_dir_is_removed() {
+    let Some(()) = kernel() else { return };
+    let (_dir, opts) = private_store();
+    // What a writer killed mid-save leaves: its temp dir, its lock free.
+    let dead = opts.root.join(".tmp-deadbeef-1c1n-256m-00000000-XXXXXX");
+    std::fs::create_dir_all(dead.join("entry")).unwrap();
+    std::fs::write(dead.join(".lock"), b"").unwrap();
+    assert_eq!(
+        run(def("snap_file_is_absent"), &opts).start,
+        StartKind::Restored { created: true }
+    );
+    assert!(!dead.exists(), "{} outlived its writer", dead.display());
+    let temps: Vec<_> = std::fs::read_dir(&opts.root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .map(|e| e.path())
+        .collect();
+    assert!(temps.is_empty(), "the writer left {temps:?}");
+}
+
+#[test]
 fn changed_memory_size_makes_a_new_save() {
     let Some(()) = kernel() else { return };
     let (_dir, opts) = private_store();

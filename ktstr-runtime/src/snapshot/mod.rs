@@ -387,9 +387,8 @@ pub fn run(
     }
     let inputs = KeyInputs::of(def, image)?;
     let key = inputs.key();
-    std::fs::create_dir_all(&opts.root)
-        .map_err(|e| format!("creating {}: {e}", opts.root.display()))?;
-    let cache = Cache::at(Some(&opts.root));
+    // Opening also removes the temp dirs of writers that were killed.
+    let cache = Cache::open(Some(&opts.root)).map_err(|e| format!("{e:#}"))?;
     let entry = Entry {
         dir: cache.entry_dir(&key),
     };
@@ -407,7 +406,7 @@ pub fn run(
         {
             match entry.check(&inputs) {
                 Ok(()) => {
-                    return restore(def, image, &entry, payload, shared).map(|r| (r, created))
+                    return restore(def, image, &cache, &entry, payload, shared).map(|r| (r, created))
                 }
                 Err(Some(why)) if created => {
                     return Err(format!("the save just written is unusable: {why}"))
@@ -415,7 +414,7 @@ pub fn run(
                 Err(Some(why)) => {
                     // Stale or corrupt: this test boots cold, the next writes it again.
                     drop(shared);
-                    discard(&entry);
+                    discard(&cache, &key);
                     return Err(format!("{why}; removed it"));
                 }
                 Err(None) => drop(shared),
@@ -426,7 +425,7 @@ pub fn run(
             {
                 // Another test may have written it between our two locks.
                 if entry.check(&inputs).is_err() {
-                    create(def, image, &entry, &inputs, &excl)?;
+                    create(def, image, &cache, &entry, &inputs, &excl)?;
                     created = true;
                 }
                 drop(excl);
@@ -443,18 +442,13 @@ pub fn run(
     }
 }
 
+fn entry_key(entry: &Entry) -> String {
+    entry.dir.file_name().map(|k| k.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 /// Removes a save nobody else uses (a test restoring it keeps it alive).
-fn discard(entry: &Entry) {
-    let Some(key) = entry
-        .dir
-        .file_name()
-        .map(|k| k.to_string_lossy().into_owned())
-    else {
-        return;
-    };
-    if let Ok(Some(_x)) = Cache::at(entry.dir.parent()).try_lock_exclusive(&key) {
-        let _ = std::fs::remove_dir_all(&entry.dir);
-    }
+fn discard(cache: &Cache, key: &str) {
+    let _ = cache.clean(None, &[key.to_string()]);
 }
 
 /// Recomputes a save's checksum after its files were changed on purpose
@@ -480,6 +474,7 @@ pub fn reseal(dir: &Path) -> Result<(), String> {
 fn restore(
     def: &TestDef,
     image: &Path,
+    cache: &Cache,
     entry: &Entry,
     payload: payload::Payload,
     lock: EntryLock,
@@ -501,7 +496,7 @@ fn restore(
         Err(VmError::Snapshot(why)) => {
             drop(lock);
             // A save that cannot be restored is removed; the next test writes it again.
-            discard(entry);
+            discard(cache, &entry_key(entry));
             Err(format!("restoring {}: {why}", entry.dir.display()))
         }
         // Anything else (VmError::Payload: this test's payload did not
@@ -515,15 +510,13 @@ fn restore(
 fn create(
     def: &TestDef,
     image: &Path,
+    cache: &Cache,
     entry: &Entry,
     inputs: &KeyInputs,
     _lock: &EntryLock,
 ) -> Result<(), String> {
-    let root = entry.dir.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-snapshot-")
-        .tempdir_in(root)
-        .map_err(|e| format!("creating a temp dir in {}: {e}", root.display()))?;
+    // Locked while we write; a later Cache::open removes it if we are killed.
+    let tmp = cache.temp_build(&inputs.key()).map_err(|e| format!("{e:#}"))?;
     let staged = Entry {
         dir: tmp.path().join("entry"),
     };
