@@ -24,6 +24,7 @@
 //! gives one warning and a cold boot.
 
 pub mod payload;
+pub mod sparse;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,6 +33,7 @@ use kernel_build::cache::EntryLock;
 use kernel_build::Cache;
 
 use crate::guest::ready::READY_ARG;
+use sparse::files_crc;
 use crate::registry::TestDef;
 use crate::vmm::qemu::{BootCpus, TcgThread};
 use crate::vmm::{BackendKind, Start, Vm, VmError, VmResult};
@@ -200,42 +202,6 @@ fn file_sha(path: &Path) -> std::io::Result<(String, u64)> {
     ))
 }
 
-/// CRC32 of the data extents of `paths` (with their offsets), and the
-/// bytes read: holes in the RAM files cost nothing.
-fn files_crc(paths: &[PathBuf]) -> std::io::Result<(u32, u64)> {
-    use std::os::unix::fs::FileExt;
-    use std::os::unix::io::AsRawFd;
-    let mut h = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut read = 0u64;
-    for p in paths {
-        let f = std::fs::File::open(p)?;
-        let len = f.metadata()?.len();
-        h.update(&len.to_le_bytes());
-        let mut pos = 0i64;
-        while (pos as u64) < len {
-            // SAFETY: lseek on our own descriptor.
-            let data = unsafe { libc::lseek(f.as_raw_fd(), pos, libc::SEEK_DATA) };
-            if data < 0 {
-                break; // ENXIO: only a hole is left
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) }.max(data);
-            h.update(&data.to_le_bytes());
-            let mut off = data as u64;
-            while off < hole as u64 {
-                let n = buf.len().min((hole as u64 - off) as usize);
-                f.read_exact_at(&mut buf[..n], off)?;
-                h.update(&buf[..n]);
-                off += n as u64;
-            }
-            read += hole as u64 - data as u64;
-            pos = hole;
-        }
-    }
-    Ok((h.finalize(), read))
-}
-
 /// The VM a save of `def` on `image` is made from and restored into.
 fn ready_vm(
     def: &TestDef,
@@ -302,6 +268,13 @@ pub struct Meta {
     pub created: u64,
 }
 
+impl Meta {
+    /// `state_crc` and `state_len`, as [`sparse::Crc::finish`] gives them.
+    pub fn checksum(&self) -> Option<(u32, u64)> {
+        Some((u32::from_str_radix(&self.state_crc, 16).ok()?, self.state_len))
+    }
+}
+
 /// A save's directory and what is in it.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -328,9 +301,10 @@ impl Entry {
         serde_json::from_slice(&std::fs::read(self.meta_path()).ok()?).ok()
     }
 
-    /// `Ok(())` if this save was made from `inputs` and its state is intact;
-    /// else why not (`None` reason: there is no save).
-    fn check(&self, inputs: &KeyInputs) -> Result<(), Option<String>> {
+    /// The save's meta if it was made from `inputs` and has all its files;
+    /// else why not (`None` reason: there is no save). Cheap: the files'
+    /// checksum is [`sparse::copy_checked`]'s, as a restore reads them.
+    fn check(&self, inputs: &KeyInputs) -> Result<Meta, Option<String>> {
         if !self.dir.is_dir() {
             return Err(None);
         }
@@ -349,16 +323,13 @@ impl Entry {
         if !self.initrd().is_file() {
             return Err(Some(format!("{} is missing", self.initrd().display())));
         }
-        match files_crc(&self.files(inputs.numa_nodes)) {
-            Ok((crc, len)) if format!("{crc:08x}") == meta.state_crc && len == meta.state_len => {
-                Ok(())
-            }
-            Ok(_) => Err(Some(format!(
-                "{} fails its checksum (corrupt)",
-                self.dir.display()
-            ))),
-            Err(e) => Err(Some(format!("reading {}: {e}", self.dir.display()))),
+        if let Some(f) = self.files(inputs.numa_nodes).into_iter().find(|f| !f.is_file()) {
+            return Err(Some(format!("{} is missing", f.display())));
         }
+        // The files' checksum is checked as the restore copies them.
+        meta.checksum().map(|_| meta).ok_or_else(|| {
+            Some(format!("{} has no valid state_crc", self.meta_path().display()))
+        })
     }
 }
 
@@ -405,8 +376,9 @@ pub fn run(
             kernel_build::cache::try_lock_entry_shared(&entry.dir).map_err(|e| format!("{e:#}"))?
         {
             match entry.check(&inputs) {
-                Ok(()) => {
-                    return restore(def, image, &cache, &entry, payload, shared).map(|r| (r, created))
+                Ok(meta) => {
+                    return restore(def, image, &cache, &entry, &meta, payload, shared)
+                        .map(|r| (r, created))
                 }
                 Err(Some(why)) if created => {
                     return Err(format!("the save just written is unusable: {why}"))
@@ -476,6 +448,7 @@ fn restore(
     image: &Path,
     cache: &Cache,
     entry: &Entry,
+    meta: &Meta,
     payload: payload::Payload,
     lock: EntryLock,
 ) -> Result<VmResult, String> {
@@ -487,6 +460,7 @@ fn restore(
         timeout,
         Start::Restore {
             state: entry.state(),
+            checksum: meta.checksum().unwrap_or_default(),
             payload,
         },
     )
@@ -680,7 +654,7 @@ mod tests {
             runtime: runtime_fingerprint(),
             qemu: "QEMU 7.2".into(),
         };
-        assert_eq!(e.check(&inputs), Err(None), "no save yet");
+        assert_eq!(e.check(&inputs).err(), Some(None), "no save yet");
         std::fs::create_dir(&e.dir).unwrap();
         std::fs::write(e.state(), b"QEVM state").unwrap();
         std::fs::write(e.initrd(), b"cpio").unwrap();
@@ -701,23 +675,27 @@ mod tests {
             created: 0,
         };
         std::fs::write(e.meta_path(), serde_json::to_vec(&meta).unwrap()).unwrap();
-        assert_eq!(e.check(&inputs), Ok(()));
+        assert_eq!(e.check(&inputs).map(|m| m.checksum()), Ok(Some((crc, len))));
         let other = KeyInputs {
             memory_mib: 768,
             ..inputs.clone()
         };
         assert!(e.check(&other).unwrap_err().unwrap().contains("stale"));
+        // The checksum is checked as a restore copies the RAM.
+        let to = tempfile::tempdir().unwrap();
+        let copy = |e: &Entry| sparse::copy_checked(&e.state(), &e.files(1)[1..], to.path(), (crc, len));
+        assert_eq!(copy(&e), Ok(()));
+        assert_eq!(std::fs::read(e.dir.join("ram0")).unwrap(), std::fs::read(to.path().join("ram0")).unwrap());
         std::os::unix::fs::FileExt::write_all_at(&ram, &[8u8], 32 << 20).unwrap();
-        assert!(
-            e.check(&inputs).unwrap_err().unwrap().contains("corrupt"),
-            "a changed RAM byte"
-        );
+        assert!(copy(&e).unwrap_err().contains("corrupt"), "a changed RAM byte");
         std::os::unix::fs::FileExt::write_all_at(&ram, &[7u8], 32 << 20).unwrap();
-        assert_eq!(e.check(&inputs), Ok(()));
+        assert_eq!(copy(&e), Ok(()));
         std::fs::write(e.state(), b"QEVM stbte").unwrap();
-        assert!(e.check(&inputs).unwrap_err().unwrap().contains("corrupt"));
+        assert!(copy(&e).unwrap_err().contains("corrupt"), "a changed state byte");
+        std::fs::write(e.state(), b"QEVM state").unwrap();
         std::fs::remove_file(e.dir.join("ram0")).unwrap();
-        assert!(e.check(&inputs).unwrap_err().unwrap().contains("reading"));
+        assert!(copy(&e).unwrap_err().contains("copying"));
+        assert!(e.check(&inputs).unwrap_err().unwrap().contains("ram0 is missing"));
     }
 
     #[test]

@@ -68,7 +68,9 @@ pub enum Start {
     Save { state: PathBuf },
     /// Start from `state` (written by `Save` with the same config) and
     /// hand the waiting guest `payload` through the data channel's inbox.
-    Restore { state: PathBuf, payload: crate::snapshot::payload::Payload },
+    /// `checksum`: the save's ([`crate::snapshot::Meta::checksum`]), checked
+    /// while the RAM is copied.
+    Restore { state: PathBuf, checksum: (u32, u64), payload: crate::snapshot::payload::Payload },
 }
 
 /// How the VM ended.

@@ -232,10 +232,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         .prefix("ktstr-vm-")
         .tempdir_in(if shm.is_dir() { shm } else { Path::new("/tmp") })
         .context("creating the VM's scratch directory")?;
-    if let super::Start::Restore { state, .. } = &cfg.start {
+    if let super::Start::Restore { state, checksum, .. } = &cfg.start {
         let t0 = Instant::now();
-        copy_ram(cfg, state.parent().unwrap_or(Path::new(".")), dir.path())
-            .map_err(|e| VmError::Snapshot(format!("copying the saved guest RAM: {e}")))?;
+        let from = state.parent().unwrap_or(Path::new("."));
+        let rams: Vec<PathBuf> = (0..cfg.topology.numa_nodes).map(|n| from.join(format!("ram{n}"))).collect();
+        crate::snapshot::sparse::copy_checked(state, &rams, dir.path(), *checksum).map_err(VmError::Snapshot)?;
         if std::env::var_os("KTSTR_SNAPSHOT_TRACE").is_some() {
             eprintln!("ktstr: trace: RAM copied in {:?}", t0.elapsed());
         }
@@ -554,45 +555,9 @@ fn channel_has(ram: &Path, offset: u64, kind: u32) -> bool {
 pub fn copy_ram(cfg: &VmConfig, from: &Path, to: &Path) -> std::io::Result<()> {
     for n in 0..cfg.topology.numa_nodes {
         let name = format!("ram{n}");
-        sparse_copy(&from.join(&name), &to.join(&name))
+        crate::snapshot::sparse::Crc::default()
+            .file(&from.join(&name), Some(&to.join(&name)))
             .map_err(|e| std::io::Error::new(e.kind(), format!("{} to {}: {e}", from.join(&name).display(), to.display())))?;
-    }
-    Ok(())
-}
-
-/// Copies the data extents of `src` (found with SEEK_DATA/SEEK_HOLE) into
-/// a new `dst` of the same length; the holes stay holes.
-pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    use std::os::unix::io::AsRawFd;
-    let from = std::fs::File::open(src)?;
-    let len = from.metadata()?.len();
-    let to = std::fs::File::create(dst)?;
-    to.set_len(len)?;
-    let fd = from.as_raw_fd();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0i64;
-    while (pos as u64) < len {
-        // SAFETY: lseek on our own descriptor.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            // ENXIO: no data past `pos`.
-            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(()) } else { Err(e) };
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut off = data as u64;
-        while off < hole as u64 {
-            let n = buf.len().min((hole as u64 - off) as usize);
-            from.read_exact_at(&mut buf[..n], off)?;
-            to.write_all_at(&buf[..n], off)?;
-            off += n as u64;
-        }
-        pos = hole;
     }
     Ok(())
 }
@@ -922,6 +887,7 @@ mod tests {
         let plain = args(&c, Path::new("/d"), TcgThread::Multi, BootCpus::One);
         assert!(!plain.iter().any(|a| a == "-incoming" || a == "-S"));
         c.start = crate::vmm::Start::Restore {
+            checksum: (0, 0),
             state: "/s/state".into(),
             payload: crate::snapshot::payload::Payload { test: "t".into(), preset: None, cpus: None, archive: "/a".into() },
         };
@@ -936,24 +902,6 @@ mod tests {
         let w = shell_quote("/home/o'neil/my cache/state");
         let out = std::process::Command::new("sh").arg("-c").arg(format!("printf %s {w}")).output().unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap(), "/home/o'neil/my cache/state");
-    }
-
-    #[test]
-    fn sparse_copy_keeps_data_and_holes() {
-        let dir = tempfile::tempdir().unwrap();
-        let (src, dst) = (dir.path().join("ram0"), dir.path().join("copy"));
-        let f = std::fs::File::create(&src).unwrap();
-        f.set_len(64 << 20).unwrap();
-        use std::os::unix::fs::FileExt;
-        f.write_all_at(b"head", 0).unwrap();
-        f.write_all_at(&[0xab; 3 << 20], 17 << 20).unwrap();
-        f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
-        sparse_copy(&src, &dst).unwrap();
-        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
-        use std::os::unix::fs::MetadataExt;
-        let blocks = std::fs::metadata(&dst).unwrap().blocks() * 512;
-        assert!(blocks < 16 << 20, "the holes were filled: {blocks} bytes allocated");
-        assert!(sparse_copy(&dir.path().join("missing"), &dst).is_err());
     }
 
     #[test]
