@@ -21,11 +21,13 @@ use crate::channel::HEADER_SIZE;
 pub const OFF_SEQ: usize = 2048;
 pub const OFF_LEN: usize = 2056;
 pub const OFF_ACK: usize = 2064;
-/// The channel's committed length: the guest zeroes it before it execs
-/// the test, so the host does not take the ready init's INIT for the test's.
-const OFF_COMMITTED: usize = 16;
-/// Chunks start here, leaving the uplink room for the ready init's messages.
-pub const DATA_OFF: usize = HEADER_SIZE as usize + 64 * 1024;
+// The channel's committed length: the guest zeroes it before it execs
+// the test, so the host does not take the ready init's INIT for the test's.
+use crate::channel::OFF_COMMITTED;
+/// Uplink room for the ready init's messages, before the inbox's chunks.
+pub const READY_UPLINK: usize = 64 * 1024;
+/// Chunks start here.
+pub const DATA_OFF: usize = HEADER_SIZE as usize + READY_UPLINK;
 const PREFIX: usize = 12;
 
 /// What a restored guest runs: the test (and gauntlet preset) by name,

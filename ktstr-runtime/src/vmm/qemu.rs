@@ -503,7 +503,8 @@ fn channel_has_init(ram: &Path, offset: u64) -> bool {
 }
 
 fn header_committed(ram: &Path, offset: u64) -> u64 {
-    read_region(ram, offset, 24).ok().map(|b| u64::from_le_bytes(b[16..24].try_into().unwrap())).unwrap_or(0)
+    const W: usize = channel::OFF_COMMITTED;
+    read_region(ram, offset + W as u64, 8).ok().map(|b| u64::from_le_bytes(b[..8].try_into().unwrap())).unwrap_or(0)
 }
 
 fn first_kind(ram: &Path, offset: u64) -> Option<u32> {
@@ -541,7 +542,7 @@ fn stderr_note(stderr: &str) -> String {
 /// few messages before the ready point, so this reads little).
 fn channel_has(ram: &Path, offset: u64, kind: u32) -> bool {
     let committed = header_committed(ram, offset);
-    if committed == 0 || committed > 64 * 1024 {
+    if committed == 0 || committed > crate::snapshot::payload::READY_UPLINK as u64 {
         return false;
     }
     read_region(ram, offset, channel::HEADER_SIZE + committed)
@@ -594,26 +595,7 @@ fn save(q: &mut Qmp, state: &Path) -> Result<(), String> {
         QMP_REPLY,
     )?;
     let t0 = Instant::now();
-    loop {
-        let r = q.execute("query-migrate", None, QMP_REPLY)?;
-        match r["status"].as_str() {
-            Some("completed") => break,
-            Some(st @ ("failed" | "cancelled")) => {
-                return Err(format!(
-                    "migration {st}: {}",
-                    r["error-desc"].as_str().unwrap_or("no reason given")
-                ))
-            }
-            _ => {}
-        }
-        if t0.elapsed() > SNAPSHOT_IO {
-            return Err(format!(
-                "writing the state took over {}s",
-                SNAPSHOT_IO.as_secs()
-            ));
-        }
-        std::thread::sleep(POLL);
-    }
+    wait_migration(q, "writing the state", t0, || None)?;
     while !state.is_file() {
         if t0.elapsed() > SNAPSHOT_IO {
             return Err(format!(
@@ -631,6 +613,35 @@ fn save(q: &mut Qmp, state: &Path) -> Result<(), String> {
 enum RestoreError {
     Load(String),
     Payload(String),
+}
+
+/// Polls `query-migrate` until the migration (`what`, for errors) is
+/// complete; `gone` says why QEMU is no longer there to ask.
+fn wait_migration(q: &mut Qmp, what: &str, t0: Instant, mut gone: impl FnMut() -> Option<String>) -> Result<(), String> {
+    loop {
+        if let Some(e) = gone() {
+            return Err(e);
+        }
+        let r = q.execute("query-migrate", None, QMP_REPLY);
+        if let Some(e) = gone() {
+            return Err(e);
+        }
+        let r = r?;
+        match r["status"].as_str() {
+            Some("completed") => return Ok(()),
+            Some(st @ ("failed" | "cancelled")) => {
+                return Err(format!(
+                    "{what}: migration {st}: {}",
+                    r["error-desc"].as_str().unwrap_or("no reason given")
+                ))
+            }
+            _ => {}
+        }
+        if t0.elapsed() > SNAPSHOT_IO {
+            return Err(format!("{what} took over {}s", SNAPSHOT_IO.as_secs()));
+        }
+        std::thread::sleep(POLL);
+    }
 }
 
 /// Waits for QEMU (started with `-S -incoming`) to load the state, puts
@@ -681,29 +692,7 @@ fn load(child: &mut Child, qmp_path: &Path, ram: &Path, cfg: &VmConfig) -> Resul
     ignore_shared(&mut q)?;
     let uri = format!("exec:cat {}", shell_quote(&state.display().to_string()));
     q.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })), QMP_REPLY)?;
-    loop {
-        if let Some(e) = exited(child) {
-            return Err(e);
-        }
-        let r = q.execute("query-migrate", None, QMP_REPLY);
-        if let Some(e) = exited(child) {
-            return Err(e);
-        }
-        match r?["status"].as_str() {
-            Some("completed") => break,
-            Some(st @ ("failed" | "cancelled")) => {
-                return Err(format!("loading the snapshot: migration {st}"))
-            }
-            _ => {}
-        }
-        if t0.elapsed() > SNAPSHOT_IO {
-            return Err(format!(
-                "loading the snapshot took over {}s",
-                SNAPSHOT_IO.as_secs()
-            ));
-        }
-        std::thread::sleep(POLL);
-    }
+    wait_migration(&mut q, "loading the snapshot", t0, || exited(child))?;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
