@@ -131,9 +131,14 @@ pub struct VmResult {
 impl VmResult {
     /// The last `n` lines of the console, for failure reports.
     pub fn console_tail(&self, n: usize) -> String {
-        let lines: Vec<&str> = self.console.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        tail_lines(&self.console, n)
     }
+}
+
+/// The last `n` lines of `console`.
+pub fn tail_lines(console: &str, n: usize) -> String {
+    let lines: Vec<&str> = console.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Panic detection shared by both backends: the kernel prints this before

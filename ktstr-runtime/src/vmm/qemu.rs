@@ -310,12 +310,13 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
     let mut polls = 0u32;
     // Restore: load the state, hand the guest its first chunk, then let it run.
     let mut sender = match &cfg.start {
-        super::Start::Restore { payload, .. } => match restore(
+        super::Start::Restore { state, payload, .. } => match restore(
             &mut child,
             &dir.path().join("qmp"),
             &ram,
             offset,
             cfg,
+            state,
             payload,
         ) {
             Ok((q, tx)) => {
@@ -372,22 +373,17 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
                 Ok(Progress::Sent) => *since = Instant::now(),
                 Ok(Progress::Waiting) if since.elapsed() < PAYLOAD_STALL => {}
                 Ok(Progress::Waiting) => {
-                    let (sent, total) = (tx.sent(), tx.total());
-                    kill(&mut child);
-                    let _ = child.wait();
-                    let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
-                    let tail: Vec<&str> = console.lines().rev().take(5).collect();
-                    return Err(VmError::Payload(format!(
-                        "the restored guest stopped taking its test after {sent} of {total} bytes ({}s without progress); console: {}",
-                        PAYLOAD_STALL.as_secs(),
-                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-                    )));
+                    let what = format!(
+                        "the restored guest stopped taking its test after {} of {} bytes ({}s without progress)",
+                        tx.sent(),
+                        tx.total(),
+                        PAYLOAD_STALL.as_secs()
+                    );
+                    return Err(payload_error(&mut child, &console, what));
                 }
                 Err(e) => {
-                    kill(&mut child);
-                    return Err(VmError::Payload(format!(
-                        "writing the test into the restored guest: {e}"
-                    )));
+                    let what = format!("writing the test into the restored guest: {e}");
+                    return Err(payload_error(&mut child, &console, what));
                 }
             }
         } else if to_init.is_none() && channel_has_init(&ram, offset) {
@@ -439,15 +435,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         std::thread::sleep(POLL);
     }
     if let Some((tx, _)) = &sender {
-        let _ = child.wait();
-        let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
-        let tail: Vec<&str> = console.lines().rev().take(5).collect();
-        return Err(VmError::Payload(format!(
-            "the restored VM ended ({exit:?}) after taking {} of {} bytes of its test; console: {}",
-            tx.sent(),
-            tx.total(),
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        )));
+        let what = format!("the restored VM ended ({exit:?}) after taking {} of {} bytes of its test", tx.sent(), tx.total());
+        return Err(payload_error(&mut child, &console, what));
     }
     if let Some(q) = qmp.as_mut() {
         if shutdown_reason.is_none() {
@@ -495,6 +484,15 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
 
 fn kill(child: &mut Child) {
     let _ = child.kill();
+}
+
+/// Ends QEMU once a restored guest did not take its payload: `what`, and
+/// the console's last lines.
+fn payload_error(child: &mut Child, console: &Mutex<Vec<u8>>, what: String) -> VmError {
+    kill(child);
+    let _ = child.wait();
+    let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
+    VmError::Payload(format!("{what}; console: {}", super::tail_lines(&console, 5).replace('\n', " | ")))
 }
 
 /// True once the guest published its first message and it is INIT.
@@ -652,9 +650,10 @@ fn restore(
     ram: &Path,
     offset: u64,
     cfg: &VmConfig,
+    state: &Path,
     payload: &crate::snapshot::payload::Payload,
 ) -> Result<(Qmp, Sender<FileWindow>), RestoreError> {
-    let (mut q, file) = load(child, qmp_path, ram, cfg).map_err(RestoreError::Load)?;
+    let (mut q, file) = load(child, qmp_path, ram, state).map_err(RestoreError::Load)?;
     let header = Header::now(payload).map_err(|e| RestoreError::Payload(format!("payload header: {e}")))?;
     let mut tx = Sender::new(FileWindow { file, base: offset }, cfg.channel.size as usize, payload, &header)
         .map_err(|e| RestoreError::Payload(format!("payload: {e}")))?;
@@ -664,7 +663,7 @@ fn restore(
 }
 
 /// [`restore`]'s first half: the state loaded, and the guest RAM file opened.
-fn load(child: &mut Child, qmp_path: &Path, ram: &Path, cfg: &VmConfig) -> Result<(Qmp, std::fs::File), String> {
+fn load(child: &mut Child, qmp_path: &Path, ram: &Path, state: &Path) -> Result<(Qmp, std::fs::File), String> {
     let t0 = Instant::now();
     let exited = |child: &mut Child| {
         child
@@ -688,7 +687,6 @@ fn load(child: &mut Child, qmp_path: &Path, ram: &Path, cfg: &VmConfig) -> Resul
         }
         std::thread::sleep(POLL);
     };
-    let super::Start::Restore { state, .. } = &cfg.start else { return Err("not a restore".into()) };
     ignore_shared(&mut q)?;
     let uri = format!("exec:cat {}", shell_quote(&state.display().to_string()));
     q.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })), QMP_REPLY)?;
