@@ -62,7 +62,7 @@ fn main() {
     let spin_ms: u64 = env_or("KTSTR_STRESS_SPIN_MS", 300);
     let cpu_list = std::env::var("KTSTR_STRESS_CPUS").unwrap_or_else(|_| "2,4".into());
     let mode = TcgThread::from_env().unwrap_or_else(|e| panic!("{e}"));
-    let boot = BootCpus::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let boot = BootCpus::tcg_from_env().unwrap_or_else(|e| panic!("{e}"));
     let probe = Initramfs::new(env!("CARGO_BIN_EXE_ktstr-probe-init")).unwrap().build_cached().unwrap();
     println!("TCG stress: {boots} boots per kernel and vCPU count, spinner body {spin_ms} ms on every vCPU, TCG {mode:?}, boot CPUs {boot:?}");
     println!("{:<44} {:>5} {:>6} {:>6} {:>12} {:>12}", "kernel", "vcpus", "boots", "bad", "median ms", "max ms");

@@ -237,7 +237,7 @@ impl KeyInputs {
         let mut cfg = vm.config;
         cfg.kernel = PathBuf::from("kernel");
         let threads = TcgThread::from_env().map_err(|e| e.to_string())?;
-        let boot = BootCpus::from_env().map_err(|e| e.to_string())?;
+        let boot = BootCpus::tcg_from_env().map_err(|e| e.to_string())?;
         Ok(Self {
             schema: SCHEMA,
             image_sha: sha,

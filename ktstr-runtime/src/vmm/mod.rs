@@ -5,6 +5,7 @@
 //! [`VmConfig`] and return the same [`VmResult`].
 
 pub mod backend;
+pub mod boot_cpus;
 pub mod builder;
 pub mod console;
 pub mod error;

@@ -31,36 +31,22 @@ pub const QEMU_ARGS_ENV: &str = "KTSTR_QEMU_ARGS";
 /// `KTSTR_TCG_BOOT_CPUS=one|all` (see [`BootCpus`]).
 pub const TCG_BOOT_CPUS_ENV: &str = "KTSTR_TCG_BOOT_CPUS";
 
-/// How many CPUs the kernel brings up itself under multi-threaded TCG.
-/// `One` (the default) boots with `maxcpus=1` and guest init onlines the
-/// rest (`guest::cpus`): the boot-time text patching then never runs while
-/// another vCPU executes the patched code, which under multi-threaded TCG
-/// could leave a stale breakpoint translation behind (`Oops: int3`,
-/// docs/vmm.md). `All` is the old behaviour, kept for the benchmarks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BootCpus {
-    One,
-    All,
-}
+pub use super::boot_cpus::BootCpus;
 
 impl BootCpus {
-    pub fn from_env() -> Result<Self, VmError> {
-        match std::env::var(TCG_BOOT_CPUS_ENV).as_deref() {
-            Err(_) | Ok("") | Ok("one") => Ok(BootCpus::One),
-            Ok("all") => Ok(BootCpus::All),
-            Ok(other) => Err(VmError::Host(anyhow!("{TCG_BOOT_CPUS_ENV}={other:?} is not a boot mode; use one or all"))),
-        }
+    /// `KTSTR_TCG_BOOT_CPUS` (default `one`: `All` is the old behaviour,
+    /// kept for the benchmarks).
+    pub fn tcg_from_env() -> Result<Self, VmError> {
+        Self::from_env(TCG_BOOT_CPUS_ENV, BootCpus::One)
     }
 }
 
 /// The guest kernel command line QEMU gets: the config's, plus `maxcpus=1`
 /// when several vCPUs would otherwise come up together under multi-threaded TCG.
 pub fn kernel_cmdline(cfg: &VmConfig, threads: TcgThread, boot: BootCpus) -> String {
-    if threads == TcgThread::Multi && boot == BootCpus::One && cfg.topology.total_cpus() > 1 {
-        format!("{} maxcpus=1", cfg.cmdline)
-    } else {
-        cfg.cmdline.clone()
-    }
+    // Single-threaded TCG runs one vCPU at a time: nothing to keep apart.
+    let boot = if threads == TcgThread::Multi { boot } else { BootCpus::All };
+    boot.cmdline(&cfg.cmdline, cfg.topology.total_cpus())
 }
 
 /// How QEMU runs the vCPUs. Multi-threaded (the default, one host thread
@@ -226,7 +212,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         )));
     }
     let threads = TcgThread::from_env()?;
-    let boot_cpus = BootCpus::from_env()?;
+    let boot_cpus = BootCpus::tcg_from_env()?;
     let shm = Path::new("/dev/shm");
     let dir = tempfile::Builder::new()
         .prefix("ktstr-vm-")
