@@ -282,7 +282,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         s
     });
 
-    let (ram, offset) = channel_location(cfg, dir.path());
+    let (ram_path, offset) = channel_location(cfg, dir.path());
+    let mut ram = Ram { path: ram_path, file: None };
     let mut qmp = None;
     let mut shutdown_reason: Option<String> = None;
     let mut to_init = None;
@@ -299,7 +300,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         super::Start::Restore { state, payload, .. } => match restore(
             &mut child,
             &dir.path().join("qmp"),
-            &ram,
+            &ram.path,
             offset,
             cfg,
             state,
@@ -372,20 +373,20 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
                     return Err(payload_error(&mut child, &console, what));
                 }
             }
-        } else if to_init.is_none() && channel_has_init(&ram, offset) {
+        } else if to_init.is_none() && channel_has_init(&mut ram, offset) {
             to_init = Some(boot.elapsed());
         }
         // The body's start: a BODY record on the channel (a restore's inbox
         // reuses the region, so only once the payload is taken).
         if to_body.is_none() && sender.is_none() {
-            let committed = header_committed(&ram, offset);
-            let kinds = channel::scan_kinds(committed, &mut body_scan, |off, len| read_region(&ram, offset + off, len as u64).ok());
+            let committed = header_committed(&mut ram, offset);
+            let kinds = channel::scan_kinds(committed, &mut body_scan, |off, len| ram.read(offset + off, len as u64).ok());
             if kinds.contains(&channel::kind::BODY) {
                 to_body = Some(boot.elapsed());
             }
         }
         if let (super::Start::Save { state }, Some(q)) = (&cfg.start, qmp.as_mut()) {
-            if channel_has(&ram, offset, channel::kind::READY) {
+            if channel_has(&mut ram, offset, channel::kind::READY) {
                 let t0 = Instant::now();
                 let r = save(q, state).and_then(|()| {
                     copy_ram(cfg, dir.path(), state.parent().unwrap_or(Path::new(".")))
@@ -435,7 +436,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
     let status = child.try_wait().ok().flatten();
     let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
 
-    let region = read_region(&ram, offset, cfg.channel.size).unwrap_or_default();
+    let region = ram.read(offset, cfg.channel.size).unwrap_or_default();
     let messages = channel::decode(&region).map_err(|e| VmError::Host(anyhow!(e)))?;
     let com2 = std::fs::read_to_string(dir.path().join("com2")).unwrap_or_default();
     let reset_log = std::fs::read_to_string(dir.path().join("qemu.log")).unwrap_or_default();
@@ -482,26 +483,39 @@ fn payload_error(child: &mut Child, console: &Mutex<Vec<u8>>, what: String) -> V
 }
 
 /// True once the guest published its first message and it is INIT.
-fn channel_has_init(ram: &Path, offset: u64) -> bool {
+fn channel_has_init(ram: &mut Ram, offset: u64) -> bool {
     header_committed(ram, offset) > 0 && first_kind(ram, offset) == Some(channel::kind::INIT)
 }
 
-fn header_committed(ram: &Path, offset: u64) -> u64 {
+fn header_committed(ram: &mut Ram, offset: u64) -> u64 {
     const W: usize = channel::OFF_COMMITTED;
-    read_region(ram, offset + W as u64, 8).ok().map(|b| u64::from_le_bytes(b[..8].try_into().unwrap())).unwrap_or(0)
+    ram.read(offset + W as u64, 8).ok().map(|b| u64::from_le_bytes(b[..8].try_into().unwrap())).unwrap_or(0)
 }
 
-fn first_kind(ram: &Path, offset: u64) -> Option<u32> {
-    let b = read_region(ram, offset + channel::HEADER_SIZE, 4).ok()?;
+fn first_kind(ram: &mut Ram, offset: u64) -> Option<u32> {
+    let b = ram.read(offset + channel::HEADER_SIZE, 4).ok()?;
     Some(u32::from_le_bytes(b[..4].try_into().unwrap()))
 }
 
-fn read_region(ram: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(ram)?;
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact_at(&mut buf, offset)?;
-    Ok(buf)
+/// The guest RAM file holding the data channel, opened once, when it
+/// first exists (QEMU creates it on a cold boot): the poll loop reads it
+/// several times every 5 ms.
+struct Ram {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl Ram {
+    fn read(&mut self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let f = match &self.file {
+            Some(f) => f,
+            None => self.file.insert(std::fs::File::open(&self.path)?),
+        };
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
 }
 
 /// How long a restored guest may sit on a chunk of its payload.
@@ -524,12 +538,12 @@ fn stderr_note(stderr: &str) -> String {
 
 /// True once the guest published a message of `kind` (the uplink holds
 /// few messages before the ready point, so this reads little).
-fn channel_has(ram: &Path, offset: u64, kind: u32) -> bool {
+fn channel_has(ram: &mut Ram, offset: u64, kind: u32) -> bool {
     let committed = header_committed(ram, offset);
     if committed == 0 || committed > crate::snapshot::payload::READY_UPLINK as u64 {
         return false;
     }
-    read_region(ram, offset, channel::HEADER_SIZE + committed)
+    ram.read(offset, channel::HEADER_SIZE + committed)
         .ok()
         .and_then(|r| channel::decode(&r).ok())
         .is_some_and(|m| m.iter().any(|m| m.kind == kind))
