@@ -116,7 +116,7 @@ mod tests {
         assert!(blocks < 16 << 20, "the holes were filled: {blocks} bytes allocated");
         assert!(read < 16 << 20, "holes are not read: {read}");
         // The same sum as reading the files alone, and another for a changed byte.
-        assert_eq!(files_crc(&[src.clone()]).unwrap(), (crc, read));
+        assert_eq!(files_crc(std::slice::from_ref(&src)).unwrap(), (crc, read));
         f.write_all_at(&[0xac], 18 << 20).unwrap();
         assert_ne!(files_crc(&[src]).unwrap().0, crc);
         assert!(Crc::default().file(&dir.path().join("missing"), Some(&dst)).is_err());
