@@ -73,15 +73,13 @@ pub fn init() -> ! {
     for v in [ready::RESTORED_ENV, ready::TEST_ENV, ready::PRESET_ENV, ready::CPUS_ENV] {
         std::env::remove_var(v);
     }
-    if !restored {
-        // /proc first: the command line says which init this is.
-        let _ = mount("proc", "/proc", "proc", None);
-    }
+    // Everything mounted (a restored guest's ready init did it), then the
+    // command line says which init this is.
+    let bringup = prepare_with(restored);
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if !restored && cmdline.split_whitespace().any(|a| a == ready::READY_ARG) {
-        ready::run()
+        ready::run(bringup)
     }
-    let bringup = prepare_with(restored);
     if cmdline.split_whitespace().any(|a| a == crate::shell::SHELL_ARG) {
         // `cargo ktstr shell --test NAME`: the test's VM, a shell instead of the body.
         crate::shell::guest::run_test_shell(cmdline_arg(&cmdline, TEST_ARG).unwrap_or(""), bringup)
@@ -125,13 +123,11 @@ fn prepare_with(restored: bool) -> Result<cpus::Bringup, String> {
         ("cgroup2", CGROUP_ROOT, "cgroup2", None),
         ("tmpfs", "/tmp", "tmpfs", Some("mode=1777")),
     ];
-    for (src, dst, fs, data) in if restored { &basic[..0] } else { &basic[..] } {
-        // Mounting proc again would stack a second instance over the first.
-        if *fs == "proc" && std::path::Path::new("/proc/self").exists() {
-            continue;
-        }
-        if let Err(e) = mount(src, dst, fs, *data) {
-            problems.push(e);
+    if !restored {
+        for (src, dst, fs, data) in basic {
+            if let Err(e) = mount(src, dst, fs, data) {
+                problems.push(e);
+            }
         }
     }
     match GuestChannel::open() {

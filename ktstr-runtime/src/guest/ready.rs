@@ -24,9 +24,9 @@ pub const TEST_ENV: &str = "KTSTR_GUEST_TEST";
 pub const PRESET_ENV: &str = "KTSTR_GUEST_PRESET";
 pub const CPUS_ENV: &str = "KTSTR_GUEST_CPUS";
 
-/// PID 1 at the ready point; never returns.
-pub fn run() -> ! {
-    if let Err(e) = super::prepare() {
+/// PID 1 at the ready point, after [`super::prepare`] gave `bringup`; never returns.
+pub fn run(bringup: Result<super::cpus::Bringup, String>) -> ! {
+    if let Err(e) = bringup {
         // No READY: the host sees a guest that powered off and boots cold.
         println!("ktstr: guest: CPU bring-up failed at the ready point: {e}");
         super::power_off()
