@@ -9,10 +9,14 @@
 //!
 //! `KTSTR_BENCH_KERNELS=... cargo bench -p ktstr-runtime --bench boot`
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::median;
 
 use ktstr_runtime::initramfs::Initramfs;
 use ktstr_runtime::vmm::qemu::{BootCpus, TcgThread, TCG_BOOT_CPUS_ENV, TCG_THREAD_ENV};
@@ -65,21 +69,13 @@ fn plain_qemu(kernel: &Path, initrd: &Path, cpus: u32, mode: TcgThread) -> (Dura
     (to_init.expect("plain init never ran"), t0.elapsed())
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
 
 fn main() {
-    let Ok(list) = std::env::var("KTSTR_BENCH_KERNELS") else {
+    let Some(kernels) = common::kernels() else {
         println!("boot bench: set KTSTR_BENCH_KERNELS to ';'-separated kernel images");
         return;
     };
-    let cpu_list: Vec<u32> = std::env::var("KTSTR_BENCH_CPUS")
-        .unwrap_or_else(|_| "1,2,4".into())
-        .split(',')
-        .filter_map(|c| c.trim().parse().ok())
-        .collect();
+    let cpu_list = common::cpu_counts("KTSTR_BENCH_CPUS", "1,2,4");
     let tmp = tempfile::tempdir().unwrap();
     let plain = static_initramfs(tmp.path());
     let probe = Initramfs::new(env!("CARGO_BIN_EXE_ktstr-probe-init")).unwrap().build_cached().unwrap();
@@ -87,7 +83,7 @@ fn main() {
         "{:<40} {:>5} {:>14} {:>10} {:>13} {:>9} {:>13} {:>9}",
         "kernel", "vcpus", "tcg", "backend", "ktstr→/init", "total", "plain→/init", "total"
     );
-    for k in list.split(';').map(PathBuf::from) {
+    for k in kernels {
         for &cpus in &cpu_list {
             let modes: &[(TcgThread, BootCpus)] = if cpus > 1 {
                 &[(TcgThread::Single, BootCpus::All), (TcgThread::Multi, BootCpus::All), (TcgThread::Multi, BootCpus::One)]
@@ -118,8 +114,7 @@ fn main() {
                     pi.push(i);
                     pt.push(t);
                 }
-                let name = k.file_name().unwrap().to_string_lossy().into_owned();
-                let name = if name == "bzImage" { k.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned() } else { name };
+                let name = common::label(&k);
                 println!(
                     "{:<40} {:>5} {:>14} {:>10} {:>11}ms {:>7}ms {:>11}ms {:>7}ms",
                     name,

@@ -9,8 +9,11 @@
 //!
 //! `KTSTR_BENCH_KERNELS=... cargo bench -p ktstr-runtime --bench snapshot`
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Duration;
+
+use common::median;
 
 use ktstr_runtime::host::{self, KernelChoice, Run};
 use ktstr_runtime::prelude::*;
@@ -23,10 +26,6 @@ fn bench_body(_ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
 
 /// Host start to the body's start line.
 fn to_body(r: &Run) -> Duration {
@@ -66,15 +65,11 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
-    let Ok(list) = std::env::var("KTSTR_BENCH_KERNELS") else {
+    let Some(kernels) = common::kernels() else {
         println!("snapshot bench: set KTSTR_BENCH_KERNELS to ';'-separated kernel images");
         return;
     };
-    let cpus: Vec<u32> = std::env::var("KTSTR_BENCH_CPUS")
-        .unwrap_or_else(|_| "2,4".into())
-        .split(',')
-        .filter_map(|c| c.trim().parse().ok())
-        .collect();
+    let cpus = common::cpu_counts("KTSTR_BENCH_CPUS", "2,4");
     let runs_n: usize = std::env::var("KTSTR_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -84,7 +79,7 @@ fn main() {
         "{:<44} {:>5} {:>10} {:>13} {:>8} {:>12} {:>7} {:>7}",
         "kernel", "vcpus", "cold→body", "boot→ready", "save", "restore→body", "ratio", "failed"
     );
-    for k in list.split(';').filter(|s| !s.is_empty()).map(PathBuf::from) {
+    for k in kernels {
         // The runtime resolves the kernel from here, as under `cargo ktstr test`.
         std::env::set_var("KTSTR_TEST_KERNEL", &k);
         for &n in &cpus {
@@ -141,17 +136,7 @@ fn main() {
                     restored.push(to_body(r));
                 },
             );
-            let name = k.file_name().unwrap().to_string_lossy().into_owned();
-            let name = if name == "bzImage" {
-                k.parent()
-                    .unwrap()
-                    .file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned()
-            } else {
-                name
-            };
+            let name = common::label(&k);
             let (c, r) = (median(cold), median(restored));
             println!(
                 "{:<44} {:>5} {:>10} {:>13} {:>8} {:>12} {:>7.2} {:>7}",

@@ -11,7 +11,8 @@
 //! Exits 1 when any boot did not end in a clean power-off with every vCPU
 //! having spun, so it can gate a release.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::time::Duration;
 
 use ktstr_runtime::initramfs::Initramfs;
@@ -44,17 +45,9 @@ fn verdict(r: &VmResult, cpus: u32) -> Option<String> {
     }
 }
 
-fn name(k: &Path) -> String {
-    let n = k.file_name().unwrap().to_string_lossy().into_owned();
-    if n == "bzImage" {
-        k.parent().unwrap().file_name().unwrap().to_string_lossy().into_owned()
-    } else {
-        n
-    }
-}
 
 fn main() {
-    let Ok(list) = std::env::var("KTSTR_BENCH_KERNELS") else {
+    let Some(kernels) = common::kernels() else {
         eprintln!("tcg_stress: set KTSTR_BENCH_KERNELS to ';'-separated kernel images");
         std::process::exit(2);
     };
@@ -62,12 +55,12 @@ fn main() {
     let spin_ms: u64 = env_or("KTSTR_STRESS_SPIN_MS", 300);
     let cpu_list = std::env::var("KTSTR_STRESS_CPUS").unwrap_or_else(|_| "2,4".into());
     let mode = TcgThread::from_env().unwrap_or_else(|e| panic!("{e}"));
-    let boot = BootCpus::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let boot = BootCpus::tcg_from_env().unwrap_or_else(|e| panic!("{e}"));
     let probe = Initramfs::new(env!("CARGO_BIN_EXE_ktstr-probe-init")).unwrap().build_cached().unwrap();
     println!("TCG stress: {boots} boots per kernel and vCPU count, spinner body {spin_ms} ms on every vCPU, TCG {mode:?}, boot CPUs {boot:?}");
     println!("{:<44} {:>5} {:>6} {:>6} {:>12} {:>12}", "kernel", "vcpus", "boots", "bad", "median ms", "max ms");
     let mut total_bad = 0;
-    for k in list.split(';').filter(|s| !s.is_empty()).map(PathBuf::from) {
+    for k in kernels {
         for cpus in cpu_list.split(',').filter_map(|c| c.trim().parse::<u32>().ok()) {
             let mut times = Vec::with_capacity(boots);
             let mut bad = Vec::new();
@@ -86,9 +79,9 @@ fn main() {
                     .unwrap();
                 times.push(r.timings.total);
                 if let Some(why) = verdict(&r, cpus) {
-                    eprintln!("  {} x{cpus} boot {i}: {why}", name(&k));
+                    eprintln!("  {} x{cpus} boot {i}: {why}", common::label(&k));
                     if std::env::var_os("KTSTR_STRESS_KEEP").is_some() {
-                        let f = std::env::temp_dir().join(format!("tcg-stress-{}-{cpus}-{i}.log", name(&k)));
+                        let f = std::env::temp_dir().join(format!("tcg-stress-{}-{cpus}-{i}.log", common::label(&k)));
                         let _ = std::fs::write(&f, &r.console);
                         eprintln!("  console saved to {}", f.display());
                     }
@@ -98,7 +91,7 @@ fn main() {
             times.sort();
             println!(
                 "{:<44} {:>5} {:>6} {:>6} {:>12} {:>12}",
-                name(&k),
+                common::label(&k),
                 cpus,
                 boots,
                 bad.len(),

@@ -13,7 +13,8 @@ use std::path::Path;
 pub const MAGIC: &[u8; 8] = b"KTSTRCH1";
 pub const HEADER_SIZE: u64 = 4096;
 const OFF_CAPACITY: usize = 8;
-const OFF_COMMITTED: usize = 16;
+/// The header word with the bytes of records published so far.
+pub const OFF_COMMITTED: usize = 16;
 const RECORD_HEADER: usize = 16;
 /// I/O port the guest writes after each message; the KVM backend
 /// counts it, QEMU ignores writes to unassigned ports.

@@ -126,11 +126,16 @@ pub fn run_vm(def: &'static TestDef, choice: &KernelChoice) -> Verdict {
 pub fn run_vm_full(def: &'static TestDef, choice: &KernelChoice) -> Run {
     let snapshots = match crate::snapshot::env_switch() {
         Ok(on) => on.unwrap_or(crate::snapshot::DEFAULT_ON).then(crate::snapshot::Options::from_env),
-        Err(e) => {
-            let mut run = run_vm_with(def, choice, None);
-            run.verdict = Verdict::fail(e);
-            return run;
-        }
+        // A bad switch fails the test before any VM boots.
+        Err(e) => return Run {
+            verdict: Verdict::fail(e),
+            vm: None,
+            kernel: None,
+            output: Vec::new(),
+            output_printed: false,
+            wall: Duration::ZERO,
+            start: crate::snapshot::StartKind::Cold,
+        },
     };
     run_vm_with(def, choice, snapshots.as_ref())
 }

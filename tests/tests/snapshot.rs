@@ -63,6 +63,15 @@ fn snap_prints_clock(_ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// What this run's topology says and what the guest really has online.
+#[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 20, gauntlet = false)]
+fn snap_prints_cpus(ctx: &Ctx) -> Result<()> {
+    println!("topology_cpus={}", ctx.topology().total_cpus());
+    println!("online_cpus={}", std::thread::available_parallelism()?.get());
+    println!("cpus_override={:?}", ctx.cpus_override());
+    Ok(())
+}
+
 #[ktstr_test(
     cpus = 1,
     memory_mib = 256,
@@ -74,13 +83,44 @@ fn snap_opts_out(_ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
-/// A kernel to boot, or a skip that says how to get one.
+/// A kernel to boot and the QEMU TCG backend (the only one that saves
+/// VMs), or a skip that says how to get them. A named kernel that is
+/// unusable fails.
 fn kernel() -> Option<()> {
+    use ktstr_runtime::discovery::DiscoveryError;
+    use ktstr_runtime::vmm::backend::{select, BackendChoice};
+    use ktstr_runtime::vmm::BackendKind;
+    let found = match ktstr_runtime::discovery::discover() {
+        Ok(f) => Some(f),
+        Err(DiscoveryError::NotFound { .. }) => None,
+        Err(DiscoveryError::Bad(m)) => panic!("{m}"),
+    };
     ktstr_runtime::testing::require(
-        ktstr_runtime::discovery::discover().ok().map(drop),
+        found,
         "a kernel to boot",
         "set KTSTR_TEST_KERNEL to a bzImage, or run under `cargo ktstr test --kernel ...`",
+    )?;
+    let backend = select(BackendChoice::from_env().unwrap()).unwrap();
+    ktstr_runtime::testing::premise(
+        backend == BackendKind::QemuTcg,
+        "the QEMU TCG backend (snapshots are QEMU's only)",
+        "set KTSTR_VMM=tcg",
     )
+    .then_some(())
+}
+
+/// Setup for a test that drives snapshots: a kernel, and a private store.
+fn setup() -> Option<(tempfile::TempDir, Options)> {
+    kernel()?;
+    Some(private_store())
+}
+
+/// `r` booted cold after snapshots were tried, for a reason naming `why`.
+fn assert_fallback(r: &Run, why: &str) {
+    match &r.start {
+        StartKind::Fallback { reason } => assert!(reason.contains(why), "{reason}"),
+        other => panic!("a save was used where it must not be ({why}): {other:?}"),
+    }
 }
 
 fn def(name: &str) -> &'static TestDef {
@@ -138,8 +178,7 @@ fn saves(opts: &Options) -> Vec<PathBuf> {
 
 #[test]
 fn restored_tests_do_not_see_each_others_files() {
-    let Some(()) = kernel() else { return };
-    let (_dir, opts) = private_store();
+    let Some((_dir, opts)) = setup() else { return };
     assert_eq!(
         run(def("snap_leaves_a_file"), &opts).start,
         StartKind::Restored { created: true }
@@ -162,13 +201,18 @@ fn restored_tests_do_not_see_each_others_files() {
 
 #[test]
 fn restored_tests_draw_different_random_bytes() {
-    let Some(()) = kernel() else { return };
-    let (_dir, opts) = private_store();
+    let Some((_dir, opts)) = setup() else { return };
     let d = def("snap_prints_random_bytes");
     let runs: Vec<Run> = (0..3).map(|_| run(d, &opts)).collect();
-    assert!(runs
-        .iter()
-        .all(|r| matches!(r.start, StartKind::Restored { .. })));
+    let starts: Vec<&StartKind> = runs.iter().map(|r| &r.start).collect();
+    assert_eq!(
+        starts,
+        [
+            &StartKind::Restored { created: true },
+            &StartKind::Restored { created: false },
+            &StartKind::Restored { created: false }
+        ]
+    );
     let bytes: Vec<String> = runs
         .iter()
         .map(|r| value(&stdout(r), "urandom=").to_string())
@@ -184,8 +228,7 @@ fn restored_tests_draw_different_random_bytes() {
 
 #[test]
 fn restored_clock_is_the_hosts() {
-    let Some(()) = kernel() else { return };
-    let (_dir, opts) = private_store();
+    let Some((_dir, opts)) = setup() else { return };
     let d = def("snap_prints_clock");
     run(d, &opts);
     // Let the save age: a guest clock left at the save's time would now be far behind.
@@ -212,8 +255,7 @@ fn restored_clock_is_the_hosts() {
 
 #[test]
 fn corrupt_or_unloadable_save_falls_back_to_a_cold_boot() {
-    let Some(()) = kernel() else { return };
-    let (_dir, opts) = private_store();
+    let Some((_dir, opts)) = setup() else { return };
     let d = def("snap_file_is_absent");
     run(d, &opts);
     let save = saves(&opts).pop().expect("a save");
@@ -227,10 +269,7 @@ fn corrupt_or_unloadable_save_falls_back_to_a_cold_boot() {
     std::os::unix::fs::FileExt::read_exact_at(&ram, &mut b, 1 << 20).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&ram, &[b[0] ^ 0xff], 1 << 20).unwrap();
     let r = run(d, &opts);
-    match &r.start {
-        StartKind::Fallback { reason } => assert!(reason.contains("corrupt"), "{reason}"),
-        other => panic!("a corrupt save was used: {other:?}"),
-    }
+    assert_fallback(&r, "corrupt");
     assert!(
         r.vm.as_ref().unwrap().timings.snapshot.is_none(),
         "cold boot"
@@ -242,10 +281,7 @@ fn corrupt_or_unloadable_save_falls_back_to_a_cold_boot() {
     std::fs::write(save.join("state"), b"QEVM not really a migration stream").unwrap();
     ktstr_runtime::snapshot::reseal(&save).unwrap();
     let r = run(d, &opts);
-    match &r.start {
-        StartKind::Fallback { reason } => assert!(reason.contains("restoring"), "{reason}"),
-        other => panic!("an unloadable save was used: {other:?}"),
-    }
+    assert_fallback(&r, "restoring");
     assert!(
         saves(&opts).is_empty(),
         "a save that failed to restore is removed"
@@ -253,9 +289,45 @@ fn corrupt_or_unloadable_save_falls_back_to_a_cold_boot() {
 }
 
 #[test]
+fn a_failed_payload_keeps_the_save() {
+    let Some((_dir, opts)) = setup() else { return };
+    let d = def("snap_file_is_absent");
+    assert_eq!(run(d, &opts).start, StartKind::Restored { created: true });
+    let before = saves(&opts);
+    // This test's payload cannot be sent (its archive is gone): its own
+    // failure, not the save's.
+    let image = ktstr_runtime::discovery::discover().unwrap().image;
+    let missing = Path::new("/nonexistent/ktstr-payload.cpio");
+    let err = ktstr_runtime::snapshot::run(d, &image, missing, &opts).unwrap_err();
+    assert!(err.contains("ktstr-payload.cpio"), "{err}");
+    assert_eq!(saves(&opts), before, "a payload failure removed the save");
+    assert_eq!(run(d, &opts).start, StartKind::Restored { created: false });
+}
+
+#[test]
+fn a_killed_writers_temp_dir_is_removed() {
+    let Some((_dir, opts)) = setup() else { return };
+    // What a writer killed mid-save leaves: its temp dir, its lock free.
+    let dead = opts.root.join(".tmp-deadbeef-1c1n-256m-00000000-XXXXXX");
+    std::fs::create_dir_all(dead.join("entry")).unwrap();
+    std::fs::write(dead.join(".lock"), b"").unwrap();
+    assert_eq!(
+        run(def("snap_file_is_absent"), &opts).start,
+        StartKind::Restored { created: true }
+    );
+    assert!(!dead.exists(), "{} outlived its writer", dead.display());
+    let temps: Vec<_> = std::fs::read_dir(&opts.root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .map(|e| e.path())
+        .collect();
+    assert!(temps.is_empty(), "the writer left {temps:?}");
+}
+
+#[test]
 fn changed_memory_size_makes_a_new_save() {
-    let Some(()) = kernel() else { return };
-    let (_dir, opts) = private_store();
+    let Some((_dir, opts)) = setup() else { return };
     let d = def("snap_file_is_absent");
     assert_eq!(run(d, &opts).start, StartKind::Restored { created: true });
     let bigger: &'static TestDef = Box::leak(Box::new(TestDef {
@@ -283,9 +355,23 @@ fn changed_memory_size_makes_a_new_save() {
 }
 
 #[test]
+fn restored_test_is_resized_like_a_cold_one() {
+    let Some((_dir, opts)) = setup() else { return };
+    // What `KTSTR_CPUS=2` makes of the 1-vCPU test.
+    let two = ktstr_runtime::cpu_override::apply(def("snap_prints_cpus"), Some(2)).unwrap();
+    for created in [true, false] {
+        let r = run(two, &opts);
+        assert_eq!(r.start, StartKind::Restored { created });
+        let out = stdout(&r);
+        assert_eq!(value(&out, "topology_cpus=").trim(), "2", "{out}");
+        assert_eq!(value(&out, "online_cpus=").trim(), "2", "{out}");
+        assert_eq!(value(&out, "cpus_override=").trim(), "Some(2)", "{out}");
+    }
+}
+
+#[test]
 fn cold_boot_tests_never_restore() {
-    let Some(()) = kernel() else { return };
-    let (_dir, opts) = private_store();
+    let Some((_dir, opts)) = setup() else { return };
     let r = run(def("snap_opts_out"), &opts);
     assert_eq!(r.start, StartKind::Cold);
     assert!(saves(&opts).is_empty(), "no save made for a cold_boot test");

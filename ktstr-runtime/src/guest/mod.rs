@@ -66,22 +66,20 @@ pub fn power_off() -> ! {
 
 /// PID 1 entry point; never returns.
 pub fn init() -> ! {
-    // After a snapshot restore the ready init execs us with the test's name;
-    // the body must not see these variables.
+    // After a snapshot restore the ready init execs us with the test's
+    // arguments; the body must not see these variables.
     let restored = std::env::var_os(ready::RESTORED_ENV).is_some();
-    let named = std::env::var(ready::TEST_ENV).ok().map(|t| (t, std::env::var(ready::PRESET_ENV).ok()));
-    for v in [ready::RESTORED_ENV, ready::TEST_ENV, ready::PRESET_ENV] {
+    let from_payload = restored.then(GuestArgs::from_env);
+    for v in [ready::RESTORED_ENV, ready::TEST_ENV, ready::PRESET_ENV, ready::CPUS_ENV] {
         std::env::remove_var(v);
     }
-    if !restored {
-        // /proc first: the command line says which init this is.
-        let _ = mount("proc", "/proc", "proc", None);
-    }
+    // Everything mounted (a restored guest's ready init did it), then the
+    // command line says which init this is.
+    let bringup = prepare_with(restored);
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if !restored && cmdline.split_whitespace().any(|a| a == ready::READY_ARG) {
-        ready::run()
+        ready::run(bringup)
     }
-    let bringup = prepare_with(restored);
     if cmdline.split_whitespace().any(|a| a == crate::shell::SHELL_ARG) {
         // `cargo ktstr shell --test NAME`: the test's VM, a shell instead of the body.
         crate::shell::guest::run_test_shell(cmdline_arg(&cmdline, TEST_ARG).unwrap_or(""), bringup)
@@ -89,7 +87,7 @@ pub fn init() -> ! {
     // A test must never run on fewer CPUs than its topology asked for.
     let mut verdict = match bringup {
         Err(e) => Verdict::fail(format!("guest CPU bring-up failed: {e}")),
-        Ok(_) => std::panic::catch_unwind(|| run_named_test(named)).unwrap_or_else(|p| {
+        Ok(_) => std::panic::catch_unwind(|| run_named_test(from_payload.unwrap_or_else(|| GuestArgs::from_cmdline(&cmdline)))).unwrap_or_else(|p| {
             Verdict::fail(format!("ktstr guest init panicked: {}", supervise::panic_message(&*p)))
         }),
     };
@@ -125,13 +123,11 @@ fn prepare_with(restored: bool) -> Result<cpus::Bringup, String> {
         ("cgroup2", CGROUP_ROOT, "cgroup2", None),
         ("tmpfs", "/tmp", "tmpfs", Some("mode=1777")),
     ];
-    for (src, dst, fs, data) in if restored { &basic[..0] } else { &basic[..] } {
-        // Mounting proc again would stack a second instance over the first.
-        if *fs == "proc" && std::path::Path::new("/proc/self").exists() {
-            continue;
-        }
-        if let Err(e) = mount(src, dst, fs, *data) {
-            problems.push(e);
+    if !restored {
+        for (src, dst, fs, data) in basic {
+            if let Err(e) = mount(src, dst, fs, data) {
+                problems.push(e);
+            }
         }
     }
     match GuestChannel::open() {
@@ -195,26 +191,47 @@ fn mount_tool_filesystems() -> Vec<String> {
     absent
 }
 
-/// Runs the test named by the restored payload (`named`), else by the command line.
-fn run_named_test(named: Option<(String, Option<String>)>) -> Verdict {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let (name, preset) = match &named {
-        Some((t, p)) => (Some(t.as_str()), p.as_deref()),
-        None => (cmdline_arg(&cmdline, TEST_ARG), cmdline_arg(&cmdline, PRESET_ARG)),
-    };
-    let Some(name) = name else {
+/// What the host asks a test's `/init` to run. A cold boot reads it from
+/// the kernel command line; a restored guest's command line is the ready
+/// VM's, so the payload carries the same arguments ([`ready::TEST_ENV`]...).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GuestArgs {
+    /// `ktstr.test=NAME`.
+    pub test: Option<String>,
+    /// `ktstr.preset=NAME`: the test's gauntlet variant on that preset.
+    pub preset: Option<String>,
+    /// `ktstr.cpus=N` ([`crate::cpu_override`]), as given.
+    pub cpus: Option<String>,
+}
+
+impl GuestArgs {
+    pub fn from_cmdline(cmdline: &str) -> Self {
+        let arg = |k| cmdline_arg(cmdline, k).map(str::to_string);
+        Self { test: arg(TEST_ARG), preset: arg(PRESET_ARG), cpus: arg(crate::cpu_override::GUEST_ARG) }
+    }
+
+    /// What the ready init passed on from the payload.
+    fn from_env() -> Self {
+        let var = |k| std::env::var(k).ok();
+        Self { test: var(ready::TEST_ENV), preset: var(ready::PRESET_ENV), cpus: var(ready::CPUS_ENV) }
+    }
+}
+
+/// Runs the test `args` names.
+fn run_named_test(args: GuestArgs) -> Verdict {
+    let Some(name) = args.test.as_deref() else {
         return Verdict::fail(format!("no {TEST_ARG}= on the guest kernel command line"));
     };
     let Some(mut def) = registry::find(name) else {
         return Verdict::fail(format!("the guest binary has no ktstr test named {name}"));
     };
-    if let Some(p) = preset {
+    if let Some(p) = args.preset.as_deref() {
         let Some(preset) = crate::preset::find(p) else {
             return Verdict::fail(format!("the guest binary has no gauntlet preset named {p}"));
         };
         def = def.leak_variant(preset);
     }
-    if let Some(n) = cmdline_arg(&cmdline, crate::cpu_override::GUEST_ARG) {
+    if let Some(n) = args.cpus.as_deref() {
         // The host resized the test (KTSTR_CPUS); resize it the same way.
         match crate::cpu_override::parse(Some(n)).and_then(|n| crate::cpu_override::apply(def, n)) {
             Ok(d) => def = d,
@@ -238,5 +255,17 @@ pub fn enable_test_controllers() {
     let missing = enable_controllers(std::path::Path::new(CGROUP_ROOT), &["cpu", "cpuset", "memory", "pids"]);
     if !missing.is_empty() {
         println!("ktstr: guest: cgroup controllers not available: {}", missing.join(" "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_args_from_the_command_line() {
+        let a = GuestArgs::from_cmdline("console=ttyS0 ktstr.test=t1 ktstr.preset=smt ktstr.cpus=4 quiet");
+        assert_eq!(a, GuestArgs { test: Some("t1".into()), preset: Some("smt".into()), cpus: Some("4".into()) });
+        assert_eq!(GuestArgs::from_cmdline("console=ttyS0 ktstr.ready"), GuestArgs::default());
     }
 }

@@ -17,13 +17,16 @@ use crate::snapshot::payload::{self, Header, Inbox};
 pub const READY_ARG: &str = "ktstr.ready";
 /// Set for the test's `/init` after a restore: the filesystems are mounted.
 pub const RESTORED_ENV: &str = "KTSTR_RESTORED";
-/// The test (and preset) a restored `/init` runs, from the payload.
+/// The test (preset, `KTSTR_CPUS` count) a restored `/init` runs, from the
+/// payload: the command line's `ktstr.test`/`ktstr.preset`/`ktstr.cpus`
+/// are the ready VM's, not the test's.
 pub const TEST_ENV: &str = "KTSTR_GUEST_TEST";
 pub const PRESET_ENV: &str = "KTSTR_GUEST_PRESET";
+pub const CPUS_ENV: &str = "KTSTR_GUEST_CPUS";
 
-/// PID 1 at the ready point; never returns.
-pub fn run() -> ! {
-    if let Err(e) = super::prepare() {
+/// PID 1 at the ready point, after [`super::prepare`] gave `bringup`; never returns.
+pub fn run(bringup: Result<super::cpus::Bringup, String>) -> ! {
+    if let Err(e) = bringup {
         // No READY: the host sees a guest that powered off and boots cold.
         println!("ktstr: guest: CPU bring-up failed at the ready point: {e}");
         super::power_off()
@@ -85,6 +88,9 @@ fn start_test(h: &Header, arrived: Instant) -> String {
     cmd.env(RESTORED_ENV, "1").env(TEST_ENV, &h.test);
     if let Some(p) = &h.preset {
         cmd.env(PRESET_ENV, p);
+    }
+    if let Some(n) = h.cpus {
+        cmd.env(CPUS_ENV, n.to_string());
     }
     format!("exec /init: {}", cmd.exec())
 }

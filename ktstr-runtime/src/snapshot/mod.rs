@@ -24,6 +24,7 @@
 //! gives one warning and a cold boot.
 
 pub mod payload;
+pub mod sparse;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,6 +33,7 @@ use kernel_build::cache::EntryLock;
 use kernel_build::Cache;
 
 use crate::guest::ready::READY_ARG;
+use sparse::files_crc;
 use crate::registry::TestDef;
 use crate::vmm::qemu::{BootCpus, TcgThread};
 use crate::vmm::{BackendKind, Start, Vm, VmError, VmResult};
@@ -51,11 +53,16 @@ const READY_TIMEOUT: Duration = Duration::from_secs(crate::host::BOOT_ALLOWANCE_
 
 /// `KTSTR_SNAPSHOT` as a switch: `Ok(None)` when unset.
 pub fn env_switch() -> Result<Option<bool>, String> {
-    match std::env::var(ENV).as_deref() {
-        Err(_) | Ok("") => Ok(None),
-        Ok("1") | Ok("on") | Ok("true") => Ok(Some(true)),
-        Ok("0") | Ok("off") | Ok("false") => Ok(Some(false)),
-        Ok(v) => Err(format!(
+    parse_switch(std::env::var(ENV).ok().as_deref())
+}
+
+/// A `KTSTR_SNAPSHOT` value as a switch: `Ok(None)` when unset or empty.
+pub fn parse_switch(value: Option<&str>) -> Result<Option<bool>, String> {
+    match value {
+        None | Some("") => Ok(None),
+        Some("1" | "on" | "true") => Ok(Some(true)),
+        Some("0" | "off" | "false") => Ok(Some(false)),
+        Some(v) => Err(format!(
             "{ENV}={v:?} is not a switch; use 1 (snapshots on) or 0 (off)"
         )),
     }
@@ -195,42 +202,6 @@ fn file_sha(path: &Path) -> std::io::Result<(String, u64)> {
     ))
 }
 
-/// CRC32 of the data extents of `paths` (with their offsets), and the
-/// bytes read: holes in the RAM files cost nothing.
-fn files_crc(paths: &[PathBuf]) -> std::io::Result<(u32, u64)> {
-    use std::os::unix::fs::FileExt;
-    use std::os::unix::io::AsRawFd;
-    let mut h = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut read = 0u64;
-    for p in paths {
-        let f = std::fs::File::open(p)?;
-        let len = f.metadata()?.len();
-        h.update(&len.to_le_bytes());
-        let mut pos = 0i64;
-        while (pos as u64) < len {
-            // SAFETY: lseek on our own descriptor.
-            let data = unsafe { libc::lseek(f.as_raw_fd(), pos, libc::SEEK_DATA) };
-            if data < 0 {
-                break; // ENXIO: only a hole is left
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) }.max(data);
-            h.update(&data.to_le_bytes());
-            let mut off = data as u64;
-            while off < hole as u64 {
-                let n = buf.len().min((hole as u64 - off) as usize);
-                f.read_exact_at(&mut buf[..n], off)?;
-                h.update(&buf[..n]);
-                off += n as u64;
-            }
-            read += hole as u64 - data as u64;
-            pos = hole;
-        }
-    }
-    Ok((h.finalize(), read))
-}
-
 /// The VM a save of `def` on `image` is made from and restored into.
 fn ready_vm(
     def: &TestDef,
@@ -266,7 +237,7 @@ impl KeyInputs {
         let mut cfg = vm.config;
         cfg.kernel = PathBuf::from("kernel");
         let threads = TcgThread::from_env().map_err(|e| e.to_string())?;
-        let boot = BootCpus::from_env().map_err(|e| e.to_string())?;
+        let boot = BootCpus::tcg_from_env().map_err(|e| e.to_string())?;
         Ok(Self {
             schema: SCHEMA,
             image_sha: sha,
@@ -297,6 +268,13 @@ pub struct Meta {
     pub created: u64,
 }
 
+impl Meta {
+    /// `state_crc` and `state_len`, as [`sparse::Crc::finish`] gives them.
+    pub fn checksum(&self) -> Option<(u32, u64)> {
+        Some((u32::from_str_radix(&self.state_crc, 16).ok()?, self.state_len))
+    }
+}
+
 /// A save's directory and what is in it.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -323,9 +301,10 @@ impl Entry {
         serde_json::from_slice(&std::fs::read(self.meta_path()).ok()?).ok()
     }
 
-    /// `Ok(())` if this save was made from `inputs` and its state is intact;
-    /// else why not (`None` reason: there is no save).
-    fn check(&self, inputs: &KeyInputs) -> Result<(), Option<String>> {
+    /// The save's meta if it was made from `inputs` and has all its files;
+    /// else why not (`None` reason: there is no save). Cheap: the files'
+    /// checksum is [`sparse::copy_checked`]'s, as a restore reads them.
+    fn check(&self, inputs: &KeyInputs) -> Result<Meta, Option<String>> {
         if !self.dir.is_dir() {
             return Err(None);
         }
@@ -344,16 +323,13 @@ impl Entry {
         if !self.initrd().is_file() {
             return Err(Some(format!("{} is missing", self.initrd().display())));
         }
-        match files_crc(&self.files(inputs.numa_nodes)) {
-            Ok((crc, len)) if format!("{crc:08x}") == meta.state_crc && len == meta.state_len => {
-                Ok(())
-            }
-            Ok(_) => Err(Some(format!(
-                "{} fails its checksum (corrupt)",
-                self.dir.display()
-            ))),
-            Err(e) => Err(Some(format!("reading {}: {e}", self.dir.display()))),
+        if let Some(f) = self.files(inputs.numa_nodes).into_iter().find(|f| !f.is_file()) {
+            return Err(Some(format!("{} is missing", f.display())));
         }
+        // The files' checksum is checked as the restore copies them.
+        meta.checksum().map(|_| meta).ok_or_else(|| {
+            Some(format!("{} has no valid state_crc", self.meta_path().display()))
+        })
     }
 }
 
@@ -382,15 +358,15 @@ pub fn run(
     }
     let inputs = KeyInputs::of(def, image)?;
     let key = inputs.key();
-    std::fs::create_dir_all(&opts.root)
-        .map_err(|e| format!("creating {}: {e}", opts.root.display()))?;
-    let cache = Cache::at(Some(&opts.root));
+    // Opening also removes the temp dirs of writers that were killed.
+    let cache = Cache::open(Some(&opts.root)).map_err(|e| format!("{e:#}"))?;
     let entry = Entry {
         dir: cache.entry_dir(&key),
     };
     let payload = payload::Payload {
         test: def.name.to_string(),
         preset: def.preset.map(|p| p.name.to_string()),
+        cpus: def.cpus_override,
         archive: payload_archive.to_path_buf(),
     };
     let t0 = Instant::now();
@@ -400,8 +376,9 @@ pub fn run(
             kernel_build::cache::try_lock_entry_shared(&entry.dir).map_err(|e| format!("{e:#}"))?
         {
             match entry.check(&inputs) {
-                Ok(()) => {
-                    return restore(def, image, &entry, payload, shared).map(|r| (r, created))
+                Ok(meta) => {
+                    return restore(def, image, &cache, &entry, &meta, payload, shared)
+                        .map(|r| (r, created))
                 }
                 Err(Some(why)) if created => {
                     return Err(format!("the save just written is unusable: {why}"))
@@ -409,7 +386,7 @@ pub fn run(
                 Err(Some(why)) => {
                     // Stale or corrupt: this test boots cold, the next writes it again.
                     drop(shared);
-                    discard(&entry);
+                    discard(&cache, &key);
                     return Err(format!("{why}; removed it"));
                 }
                 Err(None) => drop(shared),
@@ -420,7 +397,7 @@ pub fn run(
             {
                 // Another test may have written it between our two locks.
                 if entry.check(&inputs).is_err() {
-                    create(def, image, &entry, &inputs, &excl)?;
+                    create(def, image, &cache, &entry, &inputs, &excl)?;
                     created = true;
                 }
                 drop(excl);
@@ -437,18 +414,13 @@ pub fn run(
     }
 }
 
+fn entry_key(entry: &Entry) -> String {
+    entry.dir.file_name().map(|k| k.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 /// Removes a save nobody else uses (a test restoring it keeps it alive).
-fn discard(entry: &Entry) {
-    let Some(key) = entry
-        .dir
-        .file_name()
-        .map(|k| k.to_string_lossy().into_owned())
-    else {
-        return;
-    };
-    if let Ok(Some(_x)) = Cache::at(entry.dir.parent()).try_lock_exclusive(&key) {
-        let _ = std::fs::remove_dir_all(&entry.dir);
-    }
+fn discard(cache: &Cache, key: &str) {
+    let _ = cache.clean(None, &[key.to_string()]);
 }
 
 /// Recomputes a save's checksum after its files were changed on purpose
@@ -474,7 +446,9 @@ pub fn reseal(dir: &Path) -> Result<(), String> {
 fn restore(
     def: &TestDef,
     image: &Path,
+    cache: &Cache,
     entry: &Entry,
+    meta: &Meta,
     payload: payload::Payload,
     lock: EntryLock,
 ) -> Result<VmResult, String> {
@@ -486,6 +460,7 @@ fn restore(
         timeout,
         Start::Restore {
             state: entry.state(),
+            checksum: meta.checksum().unwrap_or_default(),
             payload,
         },
     )
@@ -495,29 +470,13 @@ fn restore(
         Err(VmError::Snapshot(why)) => {
             drop(lock);
             // A save that cannot be restored is removed; the next test writes it again.
-            discard(entry);
+            discard(cache, &entry_key(entry));
             Err(format!("restoring {}: {why}", entry.dir.display()))
         }
+        // Anything else (VmError::Payload: this test's payload did not
+        // cross) is not the save's fault: it stays for the next test.
         Err(e) => Err(e.to_string()),
     }
-}
-
-/// The ready init: this binary without its debug info (a smaller save;
-/// the test's own binary, debug info and all, comes with the payload).
-fn ready_init(dir: &Path) -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the test binary: {e}"))?;
-    let out = dir.join("init");
-    let stripped = std::process::Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(&exe)
-        .arg(&out)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !stripped {
-        std::fs::copy(&exe, &out)
-            .map_err(|e| format!("copying {} to {}: {e}", exe.display(), out.display()))?;
-    }
-    Ok(out)
 }
 
 /// Boots the ready VM, saves it and stores the save at `entry` (we hold
@@ -525,20 +484,19 @@ fn ready_init(dir: &Path) -> Result<PathBuf, String> {
 fn create(
     def: &TestDef,
     image: &Path,
+    cache: &Cache,
     entry: &Entry,
     inputs: &KeyInputs,
     _lock: &EntryLock,
 ) -> Result<(), String> {
-    let root = entry.dir.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-snapshot-")
-        .tempdir_in(root)
-        .map_err(|e| format!("creating a temp dir in {}: {e}", root.display()))?;
+    // Locked while we write; a later Cache::open removes it if we are killed.
+    let tmp = cache.temp_build(&inputs.key()).map_err(|e| format!("{e:#}"))?;
     let staged = Entry {
         dir: tmp.path().join("entry"),
     };
     std::fs::create_dir(&staged.dir).map_err(|e| format!("{}: {e}", staged.dir.display()))?;
-    let init = ready_init(tmp.path())?;
+    // The ready init is this binary; Initramfs packs it without its DWARF.
+    let init = std::env::current_exe().map_err(|e| format!("cannot find the test binary: {e}"))?;
     let ir =
         crate::initramfs::Initramfs::new(&init).map_err(|e| format!("ready initramfs: {e:#}"))?;
     std::fs::write(
@@ -696,7 +654,7 @@ mod tests {
             runtime: runtime_fingerprint(),
             qemu: "QEMU 7.2".into(),
         };
-        assert_eq!(e.check(&inputs), Err(None), "no save yet");
+        assert_eq!(e.check(&inputs).err(), Some(None), "no save yet");
         std::fs::create_dir(&e.dir).unwrap();
         std::fs::write(e.state(), b"QEVM state").unwrap();
         std::fs::write(e.initrd(), b"cpio").unwrap();
@@ -717,40 +675,43 @@ mod tests {
             created: 0,
         };
         std::fs::write(e.meta_path(), serde_json::to_vec(&meta).unwrap()).unwrap();
-        assert_eq!(e.check(&inputs), Ok(()));
+        assert_eq!(e.check(&inputs).map(|m| m.checksum()), Ok(Some((crc, len))));
         let other = KeyInputs {
             memory_mib: 768,
             ..inputs.clone()
         };
         assert!(e.check(&other).unwrap_err().unwrap().contains("stale"));
+        // The checksum is checked as a restore copies the RAM.
+        let to = tempfile::tempdir().unwrap();
+        let copy = |e: &Entry| sparse::copy_checked(&e.state(), &e.files(1)[1..], to.path(), (crc, len));
+        assert_eq!(copy(&e), Ok(()));
+        assert_eq!(std::fs::read(e.dir.join("ram0")).unwrap(), std::fs::read(to.path().join("ram0")).unwrap());
         std::os::unix::fs::FileExt::write_all_at(&ram, &[8u8], 32 << 20).unwrap();
-        assert!(
-            e.check(&inputs).unwrap_err().unwrap().contains("corrupt"),
-            "a changed RAM byte"
-        );
+        assert!(copy(&e).unwrap_err().contains("corrupt"), "a changed RAM byte");
         std::os::unix::fs::FileExt::write_all_at(&ram, &[7u8], 32 << 20).unwrap();
-        assert_eq!(e.check(&inputs), Ok(()));
+        assert_eq!(copy(&e), Ok(()));
         std::fs::write(e.state(), b"QEVM stbte").unwrap();
-        assert!(e.check(&inputs).unwrap_err().unwrap().contains("corrupt"));
+        assert!(copy(&e).unwrap_err().contains("corrupt"), "a changed state byte");
+        std::fs::write(e.state(), b"QEVM state").unwrap();
         std::fs::remove_file(e.dir.join("ram0")).unwrap();
-        assert!(e.check(&inputs).unwrap_err().unwrap().contains("reading"));
+        assert!(copy(&e).unwrap_err().contains("copying"));
+        assert!(e.check(&inputs).unwrap_err().unwrap().contains("ram0 is missing"));
     }
 
     #[test]
     fn switch_values() {
-        // Only the parser: the variable itself is the process's.
         for (v, want) in [
             ("1", Some(true)),
             ("0", Some(false)),
             ("on", Some(true)),
             ("off", Some(false)),
+            ("true", Some(true)),
+            ("false", Some(false)),
+            ("", None),
         ] {
-            std::env::set_var(ENV, v);
-            assert_eq!(env_switch().unwrap(), want, "{v}");
+            assert_eq!(parse_switch(Some(v)).unwrap(), want, "{v}");
         }
-        std::env::set_var(ENV, "yes please");
-        assert!(env_switch().unwrap_err().contains("use 1"));
-        std::env::remove_var(ENV);
-        assert_eq!(env_switch().unwrap(), None);
+        assert!(parse_switch(Some("yes please")).unwrap_err().contains("use 1"));
+        assert_eq!(parse_switch(None).unwrap(), None);
     }
 }

@@ -21,19 +21,22 @@ use crate::channel::HEADER_SIZE;
 pub const OFF_SEQ: usize = 2048;
 pub const OFF_LEN: usize = 2056;
 pub const OFF_ACK: usize = 2064;
-/// The channel's committed length: the guest zeroes it before it execs
-/// the test, so the host does not take the ready init's INIT for the test's.
-const OFF_COMMITTED: usize = 16;
-/// Chunks start here, leaving the uplink room for the ready init's messages.
-pub const DATA_OFF: usize = HEADER_SIZE as usize + 64 * 1024;
+// The channel's committed length: the guest zeroes it before it execs
+// the test, so the host does not take the ready init's INIT for the test's.
+use crate::channel::OFF_COMMITTED;
+/// Uplink room for the ready init's messages, before the inbox's chunks.
+pub const READY_UPLINK: usize = 64 * 1024;
+/// Chunks start here.
+pub const DATA_OFF: usize = HEADER_SIZE as usize + READY_UPLINK;
 const PREFIX: usize = 12;
 
 /// What a restored guest runs: the test (and gauntlet preset) by name,
-/// and the archive of files it needs.
+/// the vCPU count `KTSTR_CPUS` resized it to, and the archive of files it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payload {
     pub test: String,
     pub preset: Option<String>,
+    pub cpus: Option<u32>,
     /// A newc archive (what `host::test_initramfs` builds).
     pub archive: PathBuf,
 }
@@ -43,6 +46,8 @@ pub struct Payload {
 pub struct Header {
     pub test: String,
     pub preset: Option<String>,
+    /// `KTSTR_CPUS` (what a cold boot passes as `ktstr.cpus=N`).
+    pub cpus: Option<u32>,
     /// Host `CLOCK_REALTIME` when the stream started, in ns since the epoch.
     pub host_time_ns: u64,
     /// Bytes the guest mixes into its random pool before the test.
@@ -61,6 +66,7 @@ impl Header {
         Ok(Self {
             test: p.test.clone(),
             preset: p.preset.clone(),
+            cpus: p.cpus,
             host_time_ns,
             seed,
         })
@@ -357,6 +363,7 @@ mod tests {
         let p = Payload {
             test: "t".into(),
             preset: Some("smt".into()),
+            cpus: Some(3),
             archive,
         };
         let header = Header::now(&p).unwrap();
@@ -396,6 +403,7 @@ mod tests {
         }
         let (h, n) = rx.join().unwrap();
         assert_eq!(h, header);
+        assert_eq!(h.cpus, Some(3), "the KTSTR_CPUS count crosses with the test's name");
         assert_eq!(n, 2);
         assert!(chunks > 20, "{chunks} chunks");
         assert_eq!(tx.sent(), tx.total());
@@ -422,6 +430,7 @@ mod tests {
         let p = Payload {
             test: "t".into(),
             preset: None,
+            cpus: None,
             archive: "/x".into(),
         };
         let (a, b) = (Header::now(&p).unwrap(), Header::now(&p).unwrap());

@@ -77,6 +77,10 @@ pub enum VmError {
     /// the caller boots cold instead.
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// A restored VM loaded but did not take this test's payload (it
+    /// stalled, or ended part-way): the save is fine, this test boots cold.
+    #[error("handing the test to the restored VM: {0}")]
+    Payload(String),
     /// Any other host-side failure.
     #[error(transparent)]
     Host(#[from] anyhow::Error),

@@ -5,6 +5,7 @@
 //! [`VmConfig`] and return the same [`VmResult`].
 
 pub mod backend;
+pub mod boot_cpus;
 pub mod builder;
 pub mod console;
 pub mod error;
@@ -68,7 +69,9 @@ pub enum Start {
     Save { state: PathBuf },
     /// Start from `state` (written by `Save` with the same config) and
     /// hand the waiting guest `payload` through the data channel's inbox.
-    Restore { state: PathBuf, payload: crate::snapshot::payload::Payload },
+    /// `checksum`: the save's ([`crate::snapshot::Meta::checksum`]), checked
+    /// while the RAM is copied.
+    Restore { state: PathBuf, checksum: (u32, u64), payload: crate::snapshot::payload::Payload },
 }
 
 /// How the VM ended.
@@ -129,9 +132,14 @@ pub struct VmResult {
 impl VmResult {
     /// The last `n` lines of the console, for failure reports.
     pub fn console_tail(&self, n: usize) -> String {
-        let lines: Vec<&str> = self.console.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        tail_lines(&self.console, n)
     }
+}
+
+/// The last `n` lines of `console`.
+pub fn tail_lines(console: &str, n: usize) -> String {
+    let lines: Vec<&str> = console.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Panic detection shared by both backends: the kernel prints this before

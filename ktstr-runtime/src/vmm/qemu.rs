@@ -31,36 +31,22 @@ pub const QEMU_ARGS_ENV: &str = "KTSTR_QEMU_ARGS";
 /// `KTSTR_TCG_BOOT_CPUS=one|all` (see [`BootCpus`]).
 pub const TCG_BOOT_CPUS_ENV: &str = "KTSTR_TCG_BOOT_CPUS";
 
-/// How many CPUs the kernel brings up itself under multi-threaded TCG.
-/// `One` (the default) boots with `maxcpus=1` and guest init onlines the
-/// rest (`guest::cpus`): the boot-time text patching then never runs while
-/// another vCPU executes the patched code, which under multi-threaded TCG
-/// could leave a stale breakpoint translation behind (`Oops: int3`,
-/// docs/vmm.md). `All` is the old behaviour, kept for the benchmarks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BootCpus {
-    One,
-    All,
-}
+pub use super::boot_cpus::BootCpus;
 
 impl BootCpus {
-    pub fn from_env() -> Result<Self, VmError> {
-        match std::env::var(TCG_BOOT_CPUS_ENV).as_deref() {
-            Err(_) | Ok("") | Ok("one") => Ok(BootCpus::One),
-            Ok("all") => Ok(BootCpus::All),
-            Ok(other) => Err(VmError::Host(anyhow!("{TCG_BOOT_CPUS_ENV}={other:?} is not a boot mode; use one or all"))),
-        }
+    /// `KTSTR_TCG_BOOT_CPUS` (default `one`: `All` is the old behaviour,
+    /// kept for the benchmarks).
+    pub fn tcg_from_env() -> Result<Self, VmError> {
+        Self::from_env(TCG_BOOT_CPUS_ENV, BootCpus::One)
     }
 }
 
 /// The guest kernel command line QEMU gets: the config's, plus `maxcpus=1`
 /// when several vCPUs would otherwise come up together under multi-threaded TCG.
 pub fn kernel_cmdline(cfg: &VmConfig, threads: TcgThread, boot: BootCpus) -> String {
-    if threads == TcgThread::Multi && boot == BootCpus::One && cfg.topology.total_cpus() > 1 {
-        format!("{} maxcpus=1", cfg.cmdline)
-    } else {
-        cfg.cmdline.clone()
-    }
+    // Single-threaded TCG runs one vCPU at a time: nothing to keep apart.
+    let boot = if threads == TcgThread::Multi { boot } else { BootCpus::All };
+    boot.cmdline(&cfg.cmdline, cfg.topology.total_cpus())
 }
 
 /// How QEMU runs the vCPUs. Multi-threaded (the default, one host thread
@@ -226,16 +212,17 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         )));
     }
     let threads = TcgThread::from_env()?;
-    let boot_cpus = BootCpus::from_env()?;
+    let boot_cpus = BootCpus::tcg_from_env()?;
     let shm = Path::new("/dev/shm");
     let dir = tempfile::Builder::new()
         .prefix("ktstr-vm-")
         .tempdir_in(if shm.is_dir() { shm } else { Path::new("/tmp") })
         .context("creating the VM's scratch directory")?;
-    if let super::Start::Restore { state, .. } = &cfg.start {
+    if let super::Start::Restore { state, checksum, .. } = &cfg.start {
         let t0 = Instant::now();
-        copy_ram(cfg, state.parent().unwrap_or(Path::new(".")), dir.path())
-            .map_err(|e| VmError::Snapshot(format!("copying the saved guest RAM: {e}")))?;
+        let from = state.parent().unwrap_or(Path::new("."));
+        let rams: Vec<PathBuf> = (0..cfg.topology.numa_nodes).map(|n| from.join(format!("ram{n}"))).collect();
+        crate::snapshot::sparse::copy_checked(state, &rams, dir.path(), *checksum).map_err(VmError::Snapshot)?;
         if std::env::var_os("KTSTR_SNAPSHOT_TRACE").is_some() {
             eprintln!("ktstr: trace: RAM copied in {:?}", t0.elapsed());
         }
@@ -295,7 +282,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         s
     });
 
-    let (ram, offset) = channel_location(cfg, dir.path());
+    let (ram_path, offset) = channel_location(cfg, dir.path());
+    let mut ram = Ram { path: ram_path, file: None };
     let mut qmp = None;
     let mut shutdown_reason: Option<String> = None;
     let mut to_init = None;
@@ -309,12 +297,13 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
     let mut polls = 0u32;
     // Restore: load the state, hand the guest its first chunk, then let it run.
     let mut sender = match &cfg.start {
-        super::Start::Restore { payload, .. } => match restore(
+        super::Start::Restore { state, payload, .. } => match restore(
             &mut child,
             &dir.path().join("qmp"),
-            &ram,
+            &ram.path,
             offset,
             cfg,
+            state,
             payload,
         ) {
             Ok((q, tx)) => {
@@ -326,7 +315,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
                 kill(&mut child);
                 let _ = child.wait();
                 let stderr = err_reader.join().unwrap_or_default();
-                return Err(VmError::Snapshot(format!("{e}{}", stderr_note(&stderr))));
+                return Err(match e {
+                    RestoreError::Load(e) => VmError::Snapshot(format!("{e}{}", stderr_note(&stderr))),
+                    RestoreError::Payload(e) => VmError::Payload(e),
+                });
             }
         },
         _ => None,
@@ -368,38 +360,33 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
                 Ok(Progress::Sent) => *since = Instant::now(),
                 Ok(Progress::Waiting) if since.elapsed() < PAYLOAD_STALL => {}
                 Ok(Progress::Waiting) => {
-                    let (sent, total) = (tx.sent(), tx.total());
-                    kill(&mut child);
-                    let _ = child.wait();
-                    let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
-                    let tail: Vec<&str> = console.lines().rev().take(5).collect();
-                    return Err(VmError::Snapshot(format!(
-                        "the restored guest stopped taking its test after {sent} of {total} bytes ({}s without progress); console: {}",
-                        PAYLOAD_STALL.as_secs(),
-                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-                    )));
+                    let what = format!(
+                        "the restored guest stopped taking its test after {} of {} bytes ({}s without progress)",
+                        tx.sent(),
+                        tx.total(),
+                        PAYLOAD_STALL.as_secs()
+                    );
+                    return Err(payload_error(&mut child, &console, what));
                 }
                 Err(e) => {
-                    kill(&mut child);
-                    return Err(VmError::Snapshot(format!(
-                        "writing the test into the restored guest: {e}"
-                    )));
+                    let what = format!("writing the test into the restored guest: {e}");
+                    return Err(payload_error(&mut child, &console, what));
                 }
             }
-        } else if to_init.is_none() && channel_has_init(&ram, offset) {
+        } else if to_init.is_none() && channel_has_init(&mut ram, offset) {
             to_init = Some(boot.elapsed());
         }
         // The body's start: a BODY record on the channel (a restore's inbox
         // reuses the region, so only once the payload is taken).
         if to_body.is_none() && sender.is_none() {
-            let committed = header_committed(&ram, offset);
-            let kinds = channel::scan_kinds(committed, &mut body_scan, |off, len| read_region(&ram, offset + off, len as u64).ok());
+            let committed = header_committed(&mut ram, offset);
+            let kinds = channel::scan_kinds(committed, &mut body_scan, |off, len| ram.read(offset + off, len as u64).ok());
             if kinds.contains(&channel::kind::BODY) {
                 to_body = Some(boot.elapsed());
             }
         }
         if let (super::Start::Save { state }, Some(q)) = (&cfg.start, qmp.as_mut()) {
-            if channel_has(&ram, offset, channel::kind::READY) {
+            if channel_has(&mut ram, offset, channel::kind::READY) {
                 let t0 = Instant::now();
                 let r = save(q, state).and_then(|()| {
                     copy_ram(cfg, dir.path(), state.parent().unwrap_or(Path::new(".")))
@@ -435,15 +422,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         std::thread::sleep(POLL);
     }
     if let Some((tx, _)) = &sender {
-        let _ = child.wait();
-        let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
-        let tail: Vec<&str> = console.lines().rev().take(5).collect();
-        return Err(VmError::Snapshot(format!(
-            "the restored VM ended ({exit:?}) after taking {} of {} bytes of its test; console: {}",
-            tx.sent(),
-            tx.total(),
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        )));
+        let what = format!("the restored VM ended ({exit:?}) after taking {} of {} bytes of its test", tx.sent(), tx.total());
+        return Err(payload_error(&mut child, &console, what));
     }
     if let Some(q) = qmp.as_mut() {
         if shutdown_reason.is_none() {
@@ -456,7 +436,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
     let status = child.try_wait().ok().flatten();
     let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
 
-    let region = read_region(&ram, offset, cfg.channel.size).unwrap_or_default();
+    let region = ram.read(offset, cfg.channel.size).unwrap_or_default();
     let messages = channel::decode(&region).map_err(|e| VmError::Host(anyhow!(e)))?;
     let com2 = std::fs::read_to_string(dir.path().join("com2")).unwrap_or_default();
     let reset_log = std::fs::read_to_string(dir.path().join("qemu.log")).unwrap_or_default();
@@ -493,26 +473,49 @@ fn kill(child: &mut Child) {
     let _ = child.kill();
 }
 
+/// Ends QEMU once a restored guest did not take its payload: `what`, and
+/// the console's last lines.
+fn payload_error(child: &mut Child, console: &Mutex<Vec<u8>>, what: String) -> VmError {
+    kill(child);
+    let _ = child.wait();
+    let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
+    VmError::Payload(format!("{what}; console: {}", super::tail_lines(&console, 5).replace('\n', " | ")))
+}
+
 /// True once the guest published its first message and it is INIT.
-fn channel_has_init(ram: &Path, offset: u64) -> bool {
+fn channel_has_init(ram: &mut Ram, offset: u64) -> bool {
     header_committed(ram, offset) > 0 && first_kind(ram, offset) == Some(channel::kind::INIT)
 }
 
-fn header_committed(ram: &Path, offset: u64) -> u64 {
-    read_region(ram, offset, 24).ok().map(|b| u64::from_le_bytes(b[16..24].try_into().unwrap())).unwrap_or(0)
+fn header_committed(ram: &mut Ram, offset: u64) -> u64 {
+    const W: usize = channel::OFF_COMMITTED;
+    ram.read(offset + W as u64, 8).ok().map(|b| u64::from_le_bytes(b[..8].try_into().unwrap())).unwrap_or(0)
 }
 
-fn first_kind(ram: &Path, offset: u64) -> Option<u32> {
-    let b = read_region(ram, offset + channel::HEADER_SIZE, 4).ok()?;
+fn first_kind(ram: &mut Ram, offset: u64) -> Option<u32> {
+    let b = ram.read(offset + channel::HEADER_SIZE, 4).ok()?;
     Some(u32::from_le_bytes(b[..4].try_into().unwrap()))
 }
 
-fn read_region(ram: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(ram)?;
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact_at(&mut buf, offset)?;
-    Ok(buf)
+/// The guest RAM file holding the data channel, opened once, when it
+/// first exists (QEMU creates it on a cold boot): the poll loop reads it
+/// several times every 5 ms.
+struct Ram {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl Ram {
+    fn read(&mut self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let f = match &self.file {
+            Some(f) => f,
+            None => self.file.insert(std::fs::File::open(&self.path)?),
+        };
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
 }
 
 /// How long a restored guest may sit on a chunk of its payload.
@@ -535,12 +538,12 @@ fn stderr_note(stderr: &str) -> String {
 
 /// True once the guest published a message of `kind` (the uplink holds
 /// few messages before the ready point, so this reads little).
-fn channel_has(ram: &Path, offset: u64, kind: u32) -> bool {
+fn channel_has(ram: &mut Ram, offset: u64, kind: u32) -> bool {
     let committed = header_committed(ram, offset);
-    if committed == 0 || committed > 64 * 1024 {
+    if committed == 0 || committed > crate::snapshot::payload::READY_UPLINK as u64 {
         return false;
     }
-    read_region(ram, offset, channel::HEADER_SIZE + committed)
+    ram.read(offset, channel::HEADER_SIZE + committed)
         .ok()
         .and_then(|r| channel::decode(&r).ok())
         .is_some_and(|m| m.iter().any(|m| m.kind == kind))
@@ -551,45 +554,9 @@ fn channel_has(ram: &Path, offset: u64, kind: u32) -> bool {
 pub fn copy_ram(cfg: &VmConfig, from: &Path, to: &Path) -> std::io::Result<()> {
     for n in 0..cfg.topology.numa_nodes {
         let name = format!("ram{n}");
-        sparse_copy(&from.join(&name), &to.join(&name))
+        crate::snapshot::sparse::Crc::default()
+            .file(&from.join(&name), Some(&to.join(&name)))
             .map_err(|e| std::io::Error::new(e.kind(), format!("{} to {}: {e}", from.join(&name).display(), to.display())))?;
-    }
-    Ok(())
-}
-
-/// Copies the data extents of `src` (found with SEEK_DATA/SEEK_HOLE) into
-/// a new `dst` of the same length; the holes stay holes.
-pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    use std::os::unix::io::AsRawFd;
-    let from = std::fs::File::open(src)?;
-    let len = from.metadata()?.len();
-    let to = std::fs::File::create(dst)?;
-    to.set_len(len)?;
-    let fd = from.as_raw_fd();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0i64;
-    while (pos as u64) < len {
-        // SAFETY: lseek on our own descriptor.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            // ENXIO: no data past `pos`.
-            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(()) } else { Err(e) };
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut off = data as u64;
-        while off < hole as u64 {
-            let n = buf.len().min((hole as u64 - off) as usize);
-            from.read_exact_at(&mut buf[..n], off)?;
-            to.write_all_at(&buf[..n], off)?;
-            off += n as u64;
-        }
-        pos = hole;
     }
     Ok(())
 }
@@ -626,26 +593,7 @@ fn save(q: &mut Qmp, state: &Path) -> Result<(), String> {
         QMP_REPLY,
     )?;
     let t0 = Instant::now();
-    loop {
-        let r = q.execute("query-migrate", None, QMP_REPLY)?;
-        match r["status"].as_str() {
-            Some("completed") => break,
-            Some(st @ ("failed" | "cancelled")) => {
-                return Err(format!(
-                    "migration {st}: {}",
-                    r["error-desc"].as_str().unwrap_or("no reason given")
-                ))
-            }
-            _ => {}
-        }
-        if t0.elapsed() > SNAPSHOT_IO {
-            return Err(format!(
-                "writing the state took over {}s",
-                SNAPSHOT_IO.as_secs()
-            ));
-        }
-        std::thread::sleep(POLL);
-    }
+    wait_migration(q, "writing the state", t0, || None)?;
     while !state.is_file() {
         if t0.elapsed() > SNAPSHOT_IO {
             return Err(format!(
@@ -658,6 +606,42 @@ fn save(q: &mut Qmp, state: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Why [`restore`] failed: the save (it must go) or this test's payload
+/// (the save stays; the test boots cold).
+enum RestoreError {
+    Load(String),
+    Payload(String),
+}
+
+/// Polls `query-migrate` until the migration (`what`, for errors) is
+/// complete; `gone` says why QEMU is no longer there to ask.
+fn wait_migration(q: &mut Qmp, what: &str, t0: Instant, mut gone: impl FnMut() -> Option<String>) -> Result<(), String> {
+    loop {
+        if let Some(e) = gone() {
+            return Err(e);
+        }
+        let r = q.execute("query-migrate", None, QMP_REPLY);
+        if let Some(e) = gone() {
+            return Err(e);
+        }
+        let r = r?;
+        match r["status"].as_str() {
+            Some("completed") => return Ok(()),
+            Some(st @ ("failed" | "cancelled")) => {
+                return Err(format!(
+                    "{what}: migration {st}: {}",
+                    r["error-desc"].as_str().unwrap_or("no reason given")
+                ))
+            }
+            _ => {}
+        }
+        if t0.elapsed() > SNAPSHOT_IO {
+            return Err(format!("{what} took over {}s", SNAPSHOT_IO.as_secs()));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
 /// Waits for QEMU (started with `-S -incoming`) to load the state, puts
 /// the first chunk of `payload` into the inbox and starts the guest.
 fn restore(
@@ -666,8 +650,20 @@ fn restore(
     ram: &Path,
     offset: u64,
     cfg: &VmConfig,
+    state: &Path,
     payload: &crate::snapshot::payload::Payload,
-) -> Result<(Qmp, Sender<FileWindow>), String> {
+) -> Result<(Qmp, Sender<FileWindow>), RestoreError> {
+    let (mut q, file) = load(child, qmp_path, ram, state).map_err(RestoreError::Load)?;
+    let header = Header::now(payload).map_err(|e| RestoreError::Payload(format!("payload header: {e}")))?;
+    let mut tx = Sender::new(FileWindow { file, base: offset }, cfg.channel.size as usize, payload, &header)
+        .map_err(|e| RestoreError::Payload(format!("payload: {e}")))?;
+    tx.pump().map_err(|e| RestoreError::Payload(format!("writing the first chunk of the test: {e}")))?;
+    q.execute("cont", None, QMP_REPLY).map_err(RestoreError::Load)?;
+    Ok((q, tx))
+}
+
+/// [`restore`]'s first half: the state loaded, and the guest RAM file opened.
+fn load(child: &mut Child, qmp_path: &Path, ram: &Path, state: &Path) -> Result<(Qmp, std::fs::File), String> {
     let t0 = Instant::now();
     let exited = |child: &mut Child| {
         child
@@ -691,50 +687,16 @@ fn restore(
         }
         std::thread::sleep(POLL);
     };
-    let super::Start::Restore { state, .. } = &cfg.start else { return Err("not a restore".into()) };
     ignore_shared(&mut q)?;
     let uri = format!("exec:cat {}", shell_quote(&state.display().to_string()));
     q.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })), QMP_REPLY)?;
-    loop {
-        if let Some(e) = exited(child) {
-            return Err(e);
-        }
-        let r = q.execute("query-migrate", None, QMP_REPLY);
-        if let Some(e) = exited(child) {
-            return Err(e);
-        }
-        match r?["status"].as_str() {
-            Some("completed") => break,
-            Some(st @ ("failed" | "cancelled")) => {
-                return Err(format!("loading the snapshot: migration {st}"))
-            }
-            _ => {}
-        }
-        if t0.elapsed() > SNAPSHOT_IO {
-            return Err(format!(
-                "loading the snapshot took over {}s",
-                SNAPSHOT_IO.as_secs()
-            ));
-        }
-        std::thread::sleep(POLL);
-    }
+    wait_migration(&mut q, "loading the snapshot", t0, || exited(child))?;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(ram)
         .map_err(|e| format!("opening guest RAM {}: {e}", ram.display()))?;
-    let header = Header::now(payload).map_err(|e| format!("payload header: {e}"))?;
-    let mut tx = Sender::new(
-        FileWindow { file, base: offset },
-        cfg.channel.size as usize,
-        payload,
-        &header,
-    )
-    .map_err(|e| format!("payload: {e}"))?;
-    tx.pump()
-        .map_err(|e| format!("writing the first chunk of the test: {e}"))?;
-    q.execute("cont", None, QMP_REPLY)?;
-    Ok((q, tx))
+    Ok((q, file))
 }
 
 /// QMP over the monitor socket: the SHUTDOWN event, and commands for
@@ -912,8 +874,9 @@ mod tests {
         let plain = args(&c, Path::new("/d"), TcgThread::Multi, BootCpus::One);
         assert!(!plain.iter().any(|a| a == "-incoming" || a == "-S"));
         c.start = crate::vmm::Start::Restore {
+            checksum: (0, 0),
             state: "/s/state".into(),
-            payload: crate::snapshot::payload::Payload { test: "t".into(), preset: None, archive: "/a".into() },
+            payload: crate::snapshot::payload::Payload { test: "t".into(), preset: None, cpus: None, archive: "/a".into() },
         };
         let a = args(&c, Path::new("/d"), TcgThread::Multi, BootCpus::One).join(" ");
         assert!(a.contains("-S -incoming defer"), "{a}");
@@ -926,24 +889,6 @@ mod tests {
         let w = shell_quote("/home/o'neil/my cache/state");
         let out = std::process::Command::new("sh").arg("-c").arg(format!("printf %s {w}")).output().unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap(), "/home/o'neil/my cache/state");
-    }
-
-    #[test]
-    fn sparse_copy_keeps_data_and_holes() {
-        let dir = tempfile::tempdir().unwrap();
-        let (src, dst) = (dir.path().join("ram0"), dir.path().join("copy"));
-        let f = std::fs::File::create(&src).unwrap();
-        f.set_len(64 << 20).unwrap();
-        use std::os::unix::fs::FileExt;
-        f.write_all_at(b"head", 0).unwrap();
-        f.write_all_at(&[0xab; 3 << 20], 17 << 20).unwrap();
-        f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
-        sparse_copy(&src, &dst).unwrap();
-        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
-        use std::os::unix::fs::MetadataExt;
-        let blocks = std::fs::metadata(&dst).unwrap().blocks() * 512;
-        assert!(blocks < 16 << 20, "the holes were filled: {blocks} bytes allocated");
-        assert!(sparse_copy(&dir.path().join("missing"), &dst).is_err());
     }
 
     #[test]

@@ -42,16 +42,6 @@ use super::{BackendKind, Timings, VmConfig, VmError, VmResult};
 /// `all`: every CPU at boot, which a real CPU runs safely.
 pub const KVM_BOOT_CPUS_ENV: &str = "KTSTR_KVM_BOOT_CPUS";
 
-/// The command line the guest gets under `KTSTR_KVM_BOOT_CPUS=mode`.
-fn boot_cmdline(cmdline: &str, cpus: u32, mode: Option<&str>) -> Result<String, VmError> {
-    match mode.unwrap_or("") {
-        "" | "all" => Ok(cmdline.to_string()),
-        "one" if cpus > 1 => Ok(format!("{cmdline} maxcpus=1")),
-        "one" => Ok(cmdline.to_string()),
-        other => Err(VmError::Host(anyhow::anyhow!("{KVM_BOOT_CPUS_ENV}={other:?} is not a boot mode; use all or one"))),
-    }
-}
-
 /// Boots `cfg` on KVM and waits for it to stop or time out.
 pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
     let start = std::time::Instant::now();
@@ -59,15 +49,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         // Saving vCPU, device and memory state is the next step (issue 13, item 3).
         return Err(VmError::Snapshot("the KVM backend cannot save or restore VMs yet".into()));
     }
-    let mode = std::env::var(KVM_BOOT_CPUS_ENV).ok();
-    let cmdline = boot_cmdline(&cfg.cmdline, cfg.topology.total_cpus(), mode.as_deref())?;
-    let booted;
-    let cfg = if cmdline == cfg.cmdline {
-        cfg
-    } else {
-        booted = VmConfig { cmdline, ..cfg.clone() };
-        &booted
-    };
+    let boot = super::boot_cpus::BootCpus::from_env(KVM_BOOT_CPUS_ENV, super::boot_cpus::BootCpus::All)?;
+    let cfg = &VmConfig { cmdline: boot.cmdline(&cfg.cmdline, cfg.topology.total_cpus()), ..cfg.clone() };
     let mut m = Machine::new(cfg.topology, cfg.memory_mib)?;
     m.load_kernel(cfg)?;
     let mut out = m.run(cfg.timeout)?;
@@ -107,19 +90,4 @@ pub fn micro_guest_roundtrip() -> Result<std::time::Duration, VmError> {
     }
     drop(out);
     Ok(t.elapsed())
-}
-
-#[cfg(test)]
-mod boot_cpus_tests {
-    use super::boot_cmdline;
-
-    #[test]
-    fn one_adds_maxcpus_only_with_several_cpus() {
-        assert_eq!(boot_cmdline("console=ttyS0", 4, None).unwrap(), "console=ttyS0");
-        assert_eq!(boot_cmdline("console=ttyS0", 4, Some("all")).unwrap(), "console=ttyS0");
-        assert_eq!(boot_cmdline("console=ttyS0", 4, Some("one")).unwrap(), "console=ttyS0 maxcpus=1");
-        assert_eq!(boot_cmdline("console=ttyS0", 1, Some("one")).unwrap(), "console=ttyS0");
-        let e = boot_cmdline("x", 2, Some("some")).unwrap_err().to_string();
-        assert!(e.contains("KTSTR_KVM_BOOT_CPUS=\"some\" is not a boot mode; use all or one"), "{e}");
-    }
 }
