@@ -164,6 +164,22 @@ pub struct ResolvedKernel {
     pub lock: Option<Arc<EntryLock>>,
 }
 
+#[cfg(feature = "fetch")]
+impl ResolvedKernel {
+    /// A kernel in the cache entry `e`, held by the shared `lock`.
+    fn cached(label: String, e: CacheEntry, lock: EntryLock, built: bool) -> Self {
+        ResolvedKernel {
+            label,
+            image: e.image(),
+            version: Some(e.meta.version.clone()),
+            cache_key: Some(e.key.clone()),
+            dir: e.dir,
+            built,
+            lock: Some(Arc::new(lock)),
+        }
+    }
+}
+
 /// Resolves one spec string. A range gives one kernel per member; every
 /// other form gives exactly one.
 #[cfg(feature = "fetch")]
@@ -716,15 +732,7 @@ impl<'a> Resolver<'a> {
         }
         let lock = self.cache.lock_shared(key)?;
         // Looked up again under the lock: a `clean` may have won the race.
-        Ok(usable(&self.cache).map(|e| ResolvedKernel {
-            label: label.to_string(),
-            image: e.image(),
-            version: Some(e.meta.version.clone()),
-            cache_key: Some(e.key.clone()),
-            dir: e.dir,
-            built: false,
-            lock: Some(Arc::new(lock)),
-        }))
+        Ok(usable(&self.cache).map(|e| ResolvedKernel::cached(label.to_string(), e, lock, false)))
     }
 
     /// A local miss, under the exclusive `lock` on `key`: downloads the
@@ -762,15 +770,7 @@ impl<'a> Resolver<'a> {
         if !e.image().is_file() {
             bail!("cache entry {} vanished right after its download (removed by `kernel clean`?)", e.key);
         }
-        Ok(ResolvedKernel {
-            label,
-            image: e.image(),
-            version: Some(e.meta.version.clone()),
-            cache_key: Some(e.key.clone()),
-            dir: e.dir,
-            built: false,
-            lock: Some(Arc::new(lock)),
-        })
+        Ok(ResolvedKernel::cached(label, e, lock, false))
     }
 
     /// Uploads a fresh build; a failure is a one-line warning (the run goes on).
@@ -917,15 +917,7 @@ impl<'a> Resolver<'a> {
         drop(tmp);
         // After the exclusive lock is gone: local waiters take the entry meanwhile.
         self.push_remote(&entry, remote_corrupt);
-        Ok(ResolvedKernel {
-            label: job.label,
-            image: entry.image(),
-            version: Some(version),
-            cache_key: Some(entry.key.clone()),
-            dir: entry.dir,
-            built: true,
-            lock: Some(Arc::new(lock)),
-        })
+        Ok(ResolvedKernel::cached(job.label, entry, lock, true))
     }
 
     /// Memo file of a local tarball: identified by path, size and mtime.
