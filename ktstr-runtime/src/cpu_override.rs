@@ -59,6 +59,18 @@ pub fn refusal(def: &TestDef, n: Option<u32>) -> Option<String> {
     None
 }
 
+/// One run of `def` under `KTSTR_CPUS`: the test to run (resized, or as
+/// declared) and, when its bounds refuse the count, the skip reason.
+/// `Err` is a fail: a bad value, or a topology that cannot be resized.
+pub fn for_run(def: &'static TestDef) -> Result<(&'static TestDef, Option<String>), String> {
+    let n = from_env()?;
+    let refused = refusal(def, n);
+    if refused.is_some() {
+        return Ok((def, refused));
+    }
+    Ok((apply(def, n)?, None))
+}
+
 /// What one run of `def` boots under the override `n`: `def` itself for a
 /// `host_only` test, a gauntlet variant, or no override; else the resized
 /// test, leaked for the rest of this process (one run per process).

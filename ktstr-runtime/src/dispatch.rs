@@ -116,9 +116,7 @@ fn run_on_host(name: &str) -> i32 {
 /// Body of the `#[test]` wrapper each `#[ktstr_test]` gets for plain
 /// `cargo test`: one run against the first (or discovered) kernel.
 pub fn cargo_test(def: &'static TestDef) {
-    let cpus = crate::cpu_override::from_env().unwrap_or_else(|m| panic!("ktstr: FAIL: {m}"));
-    let refused = crate::cpu_override::refusal(def, cpus);
-    let def = crate::cpu_override::apply(def, cpus).unwrap_or_else(|m| panic!("ktstr: FAIL: {m}"));
+    let (def, refused) = crate::cpu_override::for_run(def).unwrap_or_else(|m| panic!("ktstr: FAIL: {m}"));
     let run = if let Some(why) = refused {
         host::run_on_host(|| verdict::Verdict::skip(why))
     } else if def.host_only {

@@ -210,26 +210,18 @@ pub fn run_exact(name: &str) -> i32 {
             return 1;
         }
     };
-    let cpus = match crate::cpu_override::from_env() {
-        Ok(n) => n,
+    let (def, refused) = match crate::cpu_override::for_run(listed.run_def()) {
+        Ok(r) => r,
         Err(m) => {
             eprintln!("ktstr: FAIL: {m}");
             return 1;
         }
     };
-    let refused = crate::cpu_override::refusal(listed.run_def(), cpus);
-    let def = match crate::cpu_override::apply(listed.run_def(), cpus) {
-        Ok(d) => d,
-        Err(m) => {
-            eprintln!("ktstr: FAIL: {m}");
-            return 1;
-        }
-    };
-    let run = match (def.host_only, listed.kernel) {
-        _ if refused.is_some() => host::run_on_host(|| verdict::Verdict::skip(refused.unwrap_or_default())),
-        (true, _) => host::run_on_host(|| host::run_host_only(def)),
-        (false, Some(entry)) => host::run_vm_full(def, &KernelChoice::Entry(entry)),
-        (false, None) => host::run_vm_full(def, &KernelChoice::Discover),
+    let run = match (refused, def.host_only, listed.kernel) {
+        (Some(why), _, _) => host::run_on_host(|| verdict::Verdict::skip(why)),
+        (None, true, _) => host::run_on_host(|| host::run_host_only(def)),
+        (None, false, Some(entry)) => host::run_vm_full(def, &KernelChoice::Entry(entry)),
+        (None, false, None) => host::run_vm_full(def, &KernelChoice::Discover),
     };
     let (verdict, artifacts) = crate::conclude::conclude(name, def, run);
     print_pass(name, &verdict);
