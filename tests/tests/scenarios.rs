@@ -415,32 +415,12 @@ fn demo_scx_simple_cpu_offline(ctx: &Ctx) -> Result<()> {
 }
 
 mod driver {
-    use std::process::Command;
-
-    /// Runs `name` like nextest does (`--exact`) on the first kernel; `None`
-    /// (with a SKIP line) when it skipped.
-    fn run_exact(name: &str) -> Option<(i32, String)> {
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args(["--exact", name, "--ignored", "--nocapture"]).env("NEXTEST", "1");
-        for k in ["KTSTR_NO_SKIP_MODE", "KTSTR_SKIP_LOG", "KTSTR_EXPECTED_SKIPS"] {
-            cmd.env_remove(k);
-        }
-        if let Some(p) = std::env::var("KTSTR_KERNEL_LIST").ok().and_then(|l| l.split(';').next().and_then(|e| e.split_once('=')).map(|(_, p)| p.to_string())) {
-            cmd.env_remove("KTSTR_KERNEL_LIST").env_remove("KTSTR_TEST_KERNEL").env("KTSTR_KERNEL", p);
-        }
-        let out = cmd.output().unwrap();
-        let (code, stderr) = (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned());
-        stderr.lines().for_each(|l| eprintln!("  | {l}"));
-        if let (0, Some(why)) = (code, stderr.lines().find_map(|l| l.strip_prefix("ktstr: SKIP: "))) {
-            ktstr_runtime::testing::skip(&format!("{name} to run (it skipped: {why})"), "point KTSTR_TEST_KERNEL at a ktstr-built kernel with sched_ext and KTSTR_SCHEDULER_DIR at the schedulers");
-            return None;
-        }
-        Some((code, stderr))
-    }
+    use ktstr_tests::driver::run_exact;
 
     #[test]
     fn scx_simple_cpu_offline_unregisters() {
-        let Some((code, stderr)) = run_exact("ktstr/demo_scx_simple_cpu_offline") else { return };
+        let Some(r) = run_exact("ktstr/demo_scx_simple_cpu_offline") else { return };
+        let (code, stderr) = (r.code, r.stderr);
         assert_eq!(code, 1, "taking a CPU offline under scx_simple must fail the test:\n{stderr}");
         let banner = stderr.lines().find(|l| l.starts_with("ktstr: FAIL: ")).unwrap_or_else(|| panic!("no FAIL banner:\n{stderr}"));
         assert!(banner.contains("scx_simple") && banner.contains("unregistered from the main kernel"), "{banner}");
