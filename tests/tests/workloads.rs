@@ -216,7 +216,9 @@ fn sequence_runs_each_phase(ctx: &Ctx) -> Result<()> {
     println!("{r}");
     let w = &r.workers[0];
     ensure!(w.phase_iterations.len() == 2 && w.phase_iterations.iter().all(|&n| n > 0), "{:?}", w.phase_iterations);
-    ensure!(w.wakeups >= 20 && w.voluntary_csw >= w.wakeups, "{r}");
+    // A sleep whose deadline passed before its timer was armed (the vCPU
+    // stalled between the check and the call) returns without switching.
+    ensure!(w.wakeups >= 20 && w.voluntary_csw * 10 >= w.wakeups * 9, "{r}");
     let busy = w.runtime.as_secs_f64() / w.wall.as_secs_f64();
     // Half the time spinning, half at a 10 % duty cycle: ~55 %.
     ensure!((0.40..=0.70).contains(&busy), "busy {:.0} % of the wall time", busy * 100.0);
