@@ -437,7 +437,9 @@ if [ "$KTSTR_MODE" = host ]; then
 else
     ignored=()
     [ -z "$KTSTR_IGNORED" ] || ignored=(--ignored)
+    # A one-off run boots cold: no snapshot is written into the user's cache.
     env -u KTSTR_KERNEL_LIST -u KTSTR_KERNEL NEXTEST=1 KTSTR_TEST_KERNEL="$dir/$KTSTR_KERNEL_IMAGE" \
+        KTSTR_SNAPSHOT="${KTSTR_SNAPSHOT:-0}" \
         "$dir/testbin" --exact "ktstr/$KTSTR_TEST" --nocapture ${ignored[@]+"${ignored[@]}"}
 fi
 rc=$?

@@ -14,7 +14,8 @@
 //! `meta.json`: the key's inputs and the state's CRC32), locked like
 //! kernel cache entries (`{key}.lock` beside the directory: shared while
 //! a VM restores from it, exclusive to write or remove it), and removed
-//! by `cargo ktstr kernel clean`. The key covers everything that shapes
+//! by `cargo ktstr kernel clean` (and, least recently used first, once
+//! the store outgrows its budget: [`budget`]). The key covers everything that shapes
 //! the saved VM ([`KeyInputs`]), so a changed kernel, topology, memory
 //! size, `ktstr.kconfig`, runtime or QEMU never reuses a save.
 //!
@@ -23,6 +24,7 @@
 //! boots cold. A missing save is created; a stale, corrupt or failing one
 //! gives one warning and a cold boot.
 
+pub mod budget;
 pub mod payload;
 pub mod sparse;
 
@@ -41,7 +43,7 @@ use crate::vmm::{BackendKind, Start, Vm, VmError, VmResult};
 /// `KTSTR_SNAPSHOT=1|0`.
 pub const ENV: &str = "KTSTR_SNAPSHOT";
 /// Whether snapshots are used without `KTSTR_SNAPSHOT`.
-pub const DEFAULT_ON: bool = false;
+pub const DEFAULT_ON: bool = true;
 /// The directory under the kernel cache root.
 pub const DIR: &str = kernel_build::cache::SNAPSHOT_DIR;
 /// Bumped when the layout of a save or its key changes.
@@ -452,6 +454,7 @@ fn restore(
     payload: payload::Payload,
     lock: EntryLock,
 ) -> Result<VmResult, String> {
+    budget::touch(&entry.dir);
     let timeout = Duration::from_secs(def.timeout_s + crate::host::BOOT_ALLOWANCE_S);
     let vm = ready_vm(
         def,
@@ -556,6 +559,10 @@ fn create(
         meta.save_s,
         len >> 20
     );
+    let gone = budget::prune(cache, budget::from_env(), &meta.key);
+    if !gone.is_empty() {
+        eprintln!("ktstr: snapshot store over {} MiB ({}): removed {} least recently used save(s)", budget::from_env() >> 20, budget::ENV, gone.len());
+    }
     Ok(())
 }
 
