@@ -112,7 +112,7 @@ fn main() {
         println!("{:<18} {:>8.1}s {:>7.2}", mode.name, w, w / off);
     }
     println!(
-        "(medians of {rounds} rounds; {tests} VM tests on {} kernels each run, 2 at a time as nextest runs them here; QEMU TCG; goal: on ≤ 0.50 × off)",
+        "(medians of {rounds} rounds; {tests} tests each run: the VM tests once per kernel ({} kernels), host-only ones once; as many at a time as nextest runs here; goal: on ≤ 0.50 × off)",
         kernels.len()
     );
 }
