@@ -27,10 +27,12 @@ pub mod memory;
 pub mod paging;
 pub mod selftest;
 pub mod serial;
+pub mod snapshot;
 pub mod vcpu;
+pub mod vcpu_state;
 
 pub use exits::{Cause, EmulationFailure};
-pub use machine::{Machine, Outcome};
+pub use machine::{Machine, Outcome, SaveAt};
 
 use super::{BackendKind, Timings, VmConfig, VmError, VmResult};
 

@@ -1,0 +1,351 @@
+//! Saving and restoring KVM machines with micro-guests: a computation
+//! interrupted by a save continues from each of many restores to the
+//! result of an uninterrupted run; timers keep firing after a restore, on
+//! two vCPUs; a restore maps RAM copy-on-write (no copy) and one restored
+//! VM's writes reach neither the save nor the next restore.
+
+use std::time::{Duration, Instant};
+
+use ktstr_runtime::channel::DOORBELL_PORT;
+use ktstr_runtime::testing;
+use ktstr_runtime::vmm::kvm::acpi::{PM1A_CNT_PORT, S5_POWER_OFF};
+use ktstr_runtime::vmm::kvm::asm::{Asm, Cond, Reg};
+use ktstr_runtime::vmm::kvm::devices::TEST_PORT;
+use ktstr_runtime::vmm::kvm::gdt::CODE64_SEL;
+use ktstr_runtime::vmm::kvm::loader::BootEntry;
+use ktstr_runtime::vmm::kvm::memory::{LAPIC_ADDR, RAW_CODE};
+use ktstr_runtime::vmm::kvm::snapshot::Files;
+use ktstr_runtime::vmm::kvm::{vcpu, Machine, Outcome, SaveAt};
+use ktstr_runtime::vmm::{ExitKind, Topology};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// Hash state, the GO flag and counters.
+const DATA: u64 = 0x20_0000;
+const GO: i32 = 8;
+const MARK: i32 = 16;
+/// 256 pages the computation scatters its values over.
+const PAGES: u64 = 0x30_0000;
+const IDT: u64 = 0x3000;
+const TIMER_VECTOR: u8 = 0x40;
+
+fn machine(topo: Topology, mib: u64) -> Option<Machine> {
+    testing::kvm(Machine::new(topo, mib))
+}
+
+fn power_off(a: &mut Asm) {
+    a.outw(PM1A_CNT_PORT, S5_POWER_OFF).halt_forever();
+}
+
+/// Rings the doorbell, then spins until the host sets the GO word: a
+/// save taken at the doorbell catches the guest inside this wait, with
+/// everything live in registers (rax, rbx, rcx, rsi, rdi, xmm1) kept.
+fn doorbell_then_wait(a: &mut Asm) {
+    a.bytes(&[0x50]); // push rax
+    a.outb(DOORBELL_PORT, 1);
+    let spin = a.label();
+    a.bind(spin).load64(Reg::Rax, Reg::Rdi, GO).bytes(&[0x48, 0x85, 0xc0]); // test rax, rax
+    a.jcc(Cond::E, spin);
+    a.bytes(&[0x58]); // pop rax
+}
+
+/// `iters` rounds of a hash kept in rax, in memory ([DATA]) and in xmm1,
+/// scattering values over `PAGES`; at round `iters / 2` it rings the
+/// doorbell and waits for GO. Reports rax, [DATA] and xmm1 (as 32-bit
+/// halves) on the test port, then powers off.
+fn computation(iters: u32) -> Vec<u8> {
+    let mut a = Asm::new(RAW_CODE);
+    a.outl(TEST_PORT, 0xa0);
+    a.mov64(Reg::Rdi, DATA).mov64(Reg::Rsi, PAGES).mov32(Reg::Rcx, iters).mov64(Reg::Rax, 0x243f_6a88_85a3_08d3);
+    a.bytes(&[0xf3, 0x0f, 0x6f, 0x0f]); // movdqu xmm1, [rdi]
+    let top = a.label();
+    let skip = a.label();
+    a.bind(top);
+    a.bytes(&[0x48, 0x69, 0xc0]).bytes(&0x2545_f491u32.to_le_bytes()); // imul rax, rax, imm32
+    a.bytes(&[0x48, 0x01, 0xc8]); // add rax, rcx
+    a.load64(Reg::Rbx, Reg::Rdi, 0);
+    a.bytes(&[0x48, 0x31, 0xc3, 0x48, 0xc1, 0xc3, 13]); // xor rbx, rax; rol rbx, 13
+    a.store64(Reg::Rdi, 0, Reg::Rbx);
+    // xmm1 carries last round's [DATA] into this one (KVM's emulator,
+    // which may run this code, moves SSE registers but has no SSE arithmetic).
+    a.bytes(&[0xf3, 0x0f, 0x7f, 0x4f, 0x20]); // movdqu [rdi+32], xmm1
+    a.load64(Reg::Rdx, Reg::Rdi, 32).bytes(&[0x48, 0x31, 0xd0]); // xor rax, rdx
+    a.bytes(&[0xf3, 0x0f, 0x6f, 0x0f]); // movdqu xmm1, [rdi]
+    a.mov_rr(Reg::Rdx, Reg::Rcx);
+    a.bytes(&[0x81, 0xe2, 0xff, 0, 0, 0, 0x48, 0xc1, 0xe2, 12]); // and edx, 0xff; shl rdx, 12
+    a.bytes(&[0x48, 0x89, 0x04, 0x16]); // mov [rsi+rdx], rax
+    a.cmp32(Reg::Rcx, iters / 2).jcc(Cond::Ne, skip);
+    doorbell_then_wait(&mut a);
+    a.bind(skip).dec32(Reg::Rcx).jcc(Cond::Ne, top);
+    let report = |a: &mut Asm| {
+        a.bytes(&[0x49, 0x89, 0xc0]); // mov r8, rax
+        a.out_eax(TEST_PORT).mov_rr(Reg::Rax, Reg::R8).shr64(Reg::Rax, 32).out_eax(TEST_PORT);
+    };
+    report(&mut a);
+    a.load64(Reg::Rax, Reg::Rdi, 0);
+    report(&mut a);
+    a.bytes(&[0xf3, 0x0f, 0x7f, 0x4f, 0x28]); // movdqu [rdi+40], xmm1
+    a.load64(Reg::Rax, Reg::Rdi, 40);
+    report(&mut a);
+    power_off(&mut a);
+    a.finish()
+}
+
+fn pages_crc(mem: &vm_memory::GuestMemoryMmap) -> u32 {
+    let mut v = vec![0u8; 256 << 12];
+    mem.read_slice(&mut v, GuestAddress(PAGES)).unwrap();
+    crc32fast::hash(&v)
+}
+
+fn files(dir: &std::path::Path) -> Files {
+    Files::at(&dir.join("state"))
+}
+
+/// The results (test-port values past the start marker, and the CRC of
+/// the scattered pages) of a run that ended in a power-off.
+fn results(out: &Outcome) -> (Vec<u32>, u32) {
+    assert_eq!(out.exit, ExitKind::PowerOff, "{:?}\n{}", out.cause, out.vcpu_states.join("\n"));
+    let v: Vec<u32> = out.test_values().into_iter().filter(|&x| x != 0xa0).collect();
+    (v, pages_crc(&out.memory))
+}
+
+fn set_go(m: &Machine, v: u64) {
+    m.memory().write_obj(v, GuestAddress(DATA + GO as u64)).unwrap();
+}
+
+#[test]
+fn kvm_snapshot_resumes_mid_computation_on_every_restore() {
+    const ITERS: u32 = 40_000;
+    let code = computation(ITERS);
+    let Some(mut m) = machine(Topology::cpus(1), 64) else { return };
+    m.load_raw(&code).unwrap();
+    set_go(&m, 1);
+    let t = Instant::now();
+    let want = results(&m.run(TIMEOUT).unwrap());
+    eprintln!("uninterrupted run: {:?}", t.elapsed());
+    assert_eq!(want.0.len(), 6, "{:x?}", want.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let f = files(dir.path());
+    let mut m = Machine::new(Topology::cpus(1), 64).unwrap();
+    m.load_raw(&code).unwrap();
+    let out = m.run_and_save(TIMEOUT, SaveAt::Doorbells(1), &f).unwrap();
+    assert_eq!(out.exit, ExitKind::Stopped, "{:?}", out.cause);
+    let saved = out.saved.expect("saved at the doorbell");
+    assert_eq!(out.test_values(), [0xa0], "saved before the results: {:x?}", out.test_values());
+    eprintln!("save: {saved:?}");
+    assert!(saved.ram_bytes < 4 << 20, "zero pages were written: {saved:?}");
+    drop(out);
+
+    for i in 0..5 {
+        let t = Instant::now();
+        let m = Machine::restore(&f).unwrap();
+        let restore = t.elapsed();
+        set_go(&m, 1);
+        let out = m.run(TIMEOUT).unwrap();
+        assert_eq!(out.test_values().first(), want.0.first(), "restore {i} did not start over (no 0xa0 marker again)");
+        assert_eq!(results(&out), want, "restore {i} ends with another result than the uninterrupted run");
+        eprintln!("restore {i}: {restore:?}");
+    }
+}
+
+/// An IDT gate to `handler` for `TIMER_VECTOR`, other vectors absent.
+fn idt_with_timer(handler: u64) -> Vec<u8> {
+    let mut idt = vec![0u8; 256 * 16];
+    let g = &mut idt[TIMER_VECTOR as usize * 16..][..16];
+    g[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+    g[2..4].copy_from_slice(&CODE64_SEL.to_le_bytes());
+    g[5] = 0x8e; // present, 64-bit interrupt gate
+    g[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+    g[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+    idt
+}
+
+/// Each vCPU: IDT loaded, its LAPIC timer periodic on `TIMER_VECTOR`;
+/// the handler counts into [DATA + 64 + 8 * APIC id] and EOIs. The main
+/// loop halts until its count reaches `target`; vCPU 0 rings the
+/// doorbell once its count is `target / 2` and then waits for GO; the
+/// last vCPU to finish powers off (a shared done counter).
+fn timer_program(target: u64, cpus: u32) -> (Vec<u8>, u64) {
+    let mut a = Asm::new(RAW_CODE);
+    let handler = a.label();
+    // lidt [DATA+0x100]: a 10-byte descriptor the host wrote there.
+    a.bytes(&[0x0f, 0x01, 0x1c, 0x25]).bytes(&((DATA + 0x100) as u32).to_le_bytes());
+    a.mov32(Reg::Rax, 1).cpuid().mov_rr(Reg::Rsi, Reg::Rbx).shr64(Reg::Rsi, 24); // rsi = APIC id
+    a.bytes(&[0x48, 0xc1, 0xe6, 3]); // shl rsi, 3
+    a.mov64(Reg::Rdi, DATA);
+    a.bytes(&[0x48, 0x01, 0xfe]); // add rsi, rdi: rsi = DATA + 8 * id
+    a.mov64(Reg::R9, LAPIC_ADDR);
+    a.store32(Reg::R9, 0xf0, 0x1ff); // SVR: enabled
+    a.store32(Reg::R9, 0x3e0, 0xb); // divide by 1
+    a.store32(Reg::R9, 0x320, 0x2_0000 | TIMER_VECTOR as u32); // periodic
+    a.store32(Reg::R9, 0x380, 2_000_000); // initial count: 2 ms at KVM's 1 GHz APIC bus
+    a.bytes(&[0xfb]); // sti
+    let wait = a.label();
+    let not_half = a.label();
+    let done = a.label();
+    a.bind(wait).bytes(&[0xf4]); // hlt (an interrupt ends it)
+    a.load64(Reg::Rax, Reg::Rsi, 64);
+    a.bytes(&[0x48, 0x3d]).bytes(&(target as u32).to_le_bytes()); // cmp rax, target
+    a.jcc(Cond::Ae, done);
+    // Only vCPU 0 (rsi == DATA) rings, once, at half way.
+    a.bytes(&[0x48, 0x39, 0xfe]); // cmp rsi, rdi
+    a.jcc(Cond::Ne, wait);
+    a.bytes(&[0x48, 0x3d]).bytes(&((target / 2) as u32).to_le_bytes());
+    a.jcc(Cond::Ne, not_half);
+    doorbell_then_wait(&mut a);
+    a.bind(not_half).jmp(wait);
+    a.bind(done);
+    a.store32(Reg::R9, 0x320, 0x1_0000); // mask the timer
+    a.bytes(&[0xf0, 0x48, 0xff, 0x47, 0x38]); // lock inc qword [rdi+56]: done counter
+    a.load64(Reg::Rax, Reg::Rdi, 56).cmp32(Reg::Rax, cpus);
+    let last = a.label();
+    a.jcc(Cond::E, last).halt_forever();
+    a.bind(last);
+    for c in 0..cpus {
+        a.load64(Reg::Rax, Reg::Rdi, 64 + 8 * c as i32).out_eax(TEST_PORT);
+    }
+    power_off(&mut a);
+    // Handler: count, EOI, return.
+    a.bind(handler);
+    a.bytes(&[0x48, 0xff, 0x46, 64]); // inc qword [rsi+64]
+    a.bytes(&[0x41, 0xc7, 0x81, 0xb0, 0, 0, 0, 0, 0, 0, 0]); // mov dword [r9+0xb0], 0: EOI
+    a.bytes(&[0x48, 0xcf]); // iretq
+    let h = a.addr_of(handler);
+    (a.finish(), h)
+}
+
+/// Loads the timer program into `m`, with every AP started directly in
+/// long mode at the same entry, its own stack.
+fn load_timer(m: &mut Machine, target: u64) {
+    let cpus = m.topology().total_cpus();
+    let (code, handler) = timer_program(target, cpus);
+    let mut idtr = [0u8; 10];
+    idtr[..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
+    idtr[2..].copy_from_slice(&IDT.to_le_bytes());
+    m.memory().write_slice(&idtr, GuestAddress(DATA + 0x100)).unwrap();
+    m.memory().write_slice(&idt_with_timer(handler), GuestAddress(IDT)).unwrap();
+    m.load_raw(&code).unwrap();
+    for i in 1..cpus as usize {
+        let v = m.vcpu(i).unwrap();
+        vcpu::set_entry(v, &BootEntry { rip: RAW_CODE, long_mode: true, params: 0 }).unwrap();
+        let mut regs = v.get_regs().unwrap();
+        regs.rsp = 0x7_0000 - 0x1000 * i as u64;
+        v.set_regs(&regs).unwrap();
+        v.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE }).unwrap();
+    }
+}
+
+fn timers_fire_after_restore(cpus: u32) {
+    const TARGET: u64 = 60;
+    let Some(mut m) = machine(Topology::cpus(cpus), 64) else { return };
+    load_timer(&mut m, TARGET);
+    let dir = tempfile::tempdir().unwrap();
+    let f = files(dir.path());
+    let out = m.run_and_save(TIMEOUT, SaveAt::Doorbells(1), &f).unwrap();
+    assert_eq!(out.exit, ExitKind::Stopped, "{:?}", out.cause);
+    assert!(out.saved.is_some());
+    let at_save: Vec<u64> = (0..cpus).map(|c| out.memory.read_obj(GuestAddress(DATA + 64 + 8 * c as u64)).unwrap()).collect();
+    assert!(at_save[0] >= TARGET / 2 && at_save[0] < TARGET, "vCPU 0 saved mid-way: {at_save:?}");
+    drop(out);
+    for i in 0..3 {
+        let m = Machine::restore(&f).unwrap();
+        set_go(&m, 1);
+        let out = m.run(Duration::from_secs(20)).unwrap();
+        assert_eq!(out.exit, ExitKind::PowerOff, "restore {i}: timers stopped firing? {:?}\n{}", out.cause, out.vcpu_states.join("\n"));
+        let counts: Vec<u64> = (0..cpus).map(|c| out.memory.read_obj(GuestAddress(DATA + 64 + 8 * c as u64)).unwrap()).collect();
+        for (c, n) in counts.iter().enumerate() {
+            assert!(*n >= TARGET, "restore {i}: vCPU {c} counted {n} timer interrupts, wanted {TARGET}");
+        }
+        // APIC ids equal indexes for a flat topology.
+        assert_eq!(out.test_values().len(), cpus as usize);
+    }
+}
+
+#[test]
+fn kvm_snapshot_lapic_timer_fires_after_restore() {
+    timers_fire_after_restore(1);
+}
+
+#[test]
+fn kvm_snapshot_lapic_timers_fire_after_restore_2_vcpus() {
+    timers_fire_after_restore(2);
+}
+
+/// kB of `field` in /proc/self/smaps for the mapping that starts at `addr`.
+fn smaps_kb(addr: u64, field: &str) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((start, _)) = range.split_once('-') {
+                if let Ok(s) = u64::from_str_radix(start, 16) {
+                    if range.contains('-') && !line.ends_with("kB") {
+                        inside = s == addr;
+                        continue;
+                    }
+                }
+            }
+        }
+        if inside {
+            if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
+                return rest.trim().trim_end_matches("kB").trim().parse().unwrap();
+            }
+        }
+    }
+    panic!("no mapping at {addr:#x} in /proc/self/smaps");
+}
+
+/// The guest reports [MARK], stores GO there, touches nothing else and
+/// powers off; saved while it waits for GO.
+fn mark_program() -> Vec<u8> {
+    let mut a = Asm::new(RAW_CODE);
+    a.mov64(Reg::Rdi, DATA);
+    a.mov64(Reg::Rax, 0x5a5a).store64(Reg::Rdi, MARK, Reg::Rax);
+    doorbell_then_wait(&mut a);
+    a.load64(Reg::Rax, Reg::Rdi, MARK).out_eax(TEST_PORT);
+    a.load64(Reg::Rax, Reg::Rdi, GO).store64(Reg::Rdi, MARK, Reg::Rax);
+    a.load64(Reg::Rax, Reg::Rdi, MARK).out_eax(TEST_PORT);
+    power_off(&mut a);
+    a.finish()
+}
+
+#[test]
+fn kvm_snapshot_restore_maps_ram_without_copying_and_isolates() {
+    const MIB: u64 = 2048;
+    let Some(mut m) = machine(Topology::cpus(1), MIB) else { return };
+    m.load_raw(&mark_program()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = files(dir.path());
+    let out = m.run_and_save(TIMEOUT, SaveAt::Doorbells(1), &f).unwrap();
+    let saved = out.saved.expect("saved at the doorbell");
+    drop(out);
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&f.ram).unwrap();
+    assert_eq!(meta.len(), MIB << 20, "the RAM file spans all of RAM");
+    assert!(meta.blocks() * 512 < 4 << 20, "zero pages were written: {} bytes on disk", meta.blocks() * 512);
+    eprintln!("save of {MIB} MiB: {saved:?}");
+    let mark_off = DATA + MARK as u64; // below the MMIO hole: file offset = gpa
+    let in_file = || {
+        let mut b = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&f.ram).unwrap(), &mut b, mark_off).unwrap();
+        u64::from_le_bytes(b)
+    };
+    assert_eq!(in_file(), 0x5a5a);
+
+    for go in [7u64, 8, 9] {
+        let t = Instant::now();
+        let m = Machine::restore(&f).unwrap();
+        let restore = t.elapsed();
+        let host = m.memory().get_host_address(GuestAddress(0)).unwrap() as u64;
+        assert_eq!(smaps_kb(host, "Anonymous"), 0, "a restore copied RAM before the guest ran");
+        set_go(&m, go);
+        let out = m.run(TIMEOUT).unwrap();
+        assert_eq!(out.exit, ExitKind::PowerOff, "{:?}", out.cause);
+        assert_eq!(out.test_values(), [0x5a5a, go as u32], "restore {go} saw another restore's write");
+        let copied = smaps_kb(host, "Anonymous");
+        assert!(copied <= 64, "{copied} kB of RAM copied for a guest that wrote 2 pages");
+        assert_eq!(in_file(), 0x5a5a, "a restored VM wrote into the save");
+        eprintln!("restore of {MIB} MiB: {restore:?}, {copied} kB copied on write");
+    }
+}
