@@ -433,3 +433,124 @@ fn kvm_snapshot_keeps_irqchip_pit_uart_msrs_tsc_and_kvmclock() {
         assert!((tsc as i64) > 0 && tsc < 100_000_000_000, "restore {i}: the guest's TSC moved by {tsc} ({:#x})", tsc);
     }
 }
+
+/// Where a bzImage stand-in kernel loads (`kvm_run_fake_kernel.rs`).
+const LOAD: u64 = 0x10_0000;
+
+fn bzimage(code: &[u8]) -> Vec<u8> {
+    let mut img = vec![0u8; 5 * 512];
+    img[0x1f1] = 4; // setup_sects
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    img[0x211] = 1; // LOADED_HIGH
+    img[0x214..0x218].copy_from_slice(&(LOAD as u32).to_le_bytes());
+    img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
+    let mut body = vec![0xf4u8; 0x200]; // startup_32 slot: unused
+    body.extend_from_slice(code);
+    img.extend_from_slice(&body);
+    img
+}
+
+/// One empty record of `kind` as the channel's only message, committed.
+fn publish(a: &mut Asm, ch: ktstr_runtime::vmm::ChannelRegion, kind: u32) {
+    a.mov64(Reg::Rax, kind.into()).store64(Reg::Rdi, 4096, Reg::Rax);
+    a.mov64(Reg::Rax, 0).store64(Reg::Rdi, 4104, Reg::Rax);
+    a.mov64(Reg::Rax, u64::from_le_bytes(*ktstr_runtime::channel::MAGIC)).store64(Reg::Rdi, 0, Reg::Rax);
+    a.mov64(Reg::Rax, ch.size - 4096).store64(Reg::Rdi, 8, Reg::Rax);
+    a.mov64(Reg::Rax, 16).store64(Reg::Rdi, 16, Reg::Rax);
+}
+
+/// A stand-in for the ready init: prints "ready", publishes READY and
+/// takes the inbox's payload chunk by chunk as the guest side of
+/// `snapshot::payload` does (wait for the next sequence number, ack it;
+/// at the end clear the uplink); then prints the bytes it took in hex
+/// on COM2 and "taken" on COM1, publishes INIT (the test's init) and
+/// powers off.
+fn ready_guest(ch: ktstr_runtime::vmm::ChannelRegion) -> Vec<u8> {
+    use ktstr_runtime::snapshot::payload::{DATA_OFF, OFF_ACK, OFF_LEN, OFF_SEQ};
+    let mut a = Asm::new(LOAD + 0x200);
+    a.puts(ktstr_runtime::vmm::kvm::serial::COM1_BASE, "ready\n");
+    a.mov64(Reg::Rdi, ch.gpa);
+    publish(&mut a, ch, ktstr_runtime::channel::kind::READY);
+    a.mov32(Reg::R12, 0).mov32(Reg::R13, 0).mov32(Reg::R14, 0); // taken, seq, total
+    let (next, wait, not_first, done) = (a.label(), a.label(), a.label(), a.label());
+    a.bind(next).bytes(&[0x49, 0x8d, 0x5d, 0x01]); // lea rbx, [r13+1]
+    a.bind(wait).load64(Reg::Rax, Reg::Rdi, OFF_SEQ as i32).cmp_rr(Reg::Rax, Reg::Rbx).jcc(Cond::Ne, wait);
+    a.mov_rr(Reg::R13, Reg::Rbx);
+    a.bytes(&[0x4d, 0x85, 0xf6]).jcc(Cond::Ne, not_first); // test r14, r14
+    a.load64(Reg::R14, Reg::Rdi, DATA_OFF as i32); // the stream's total length
+    a.bind(not_first).load64(Reg::Rax, Reg::Rdi, OFF_LEN as i32).bytes(&[0x49, 0x01, 0xc4]); // add r12, rax
+    a.cmp_rr(Reg::R12, Reg::R14).jcc(Cond::Ae, done);
+    a.store64(Reg::Rdi, OFF_ACK as i32, Reg::R13).jmp(next);
+    a.bind(done);
+    a.mov64(Reg::Rax, 0).store64(Reg::Rdi, 16, Reg::Rax).store64(Reg::Rdi, OFF_ACK as i32, Reg::R13);
+    // r12 in hex on COM2.
+    a.mov32(Reg::Rcx, 16).mov32(Reg::Rdx, ktstr_runtime::vmm::kvm::serial::COM2_BASE.into());
+    let hex = a.label();
+    a.bind(hex).bytes(&[0x49, 0xc1, 0xc4, 4]); // rol r12, 4
+    a.mov_rr(Reg::Rax, Reg::R12).bytes(&[0x83, 0xe0, 0x0f, 0x04, b'0', 0x3c, b'9' + 1, 0x72, 0x02, 0x04, 39, 0xee]); // and eax, 15; add al, '0'; cmp al, '9'+1; jb +2; add al, 39; out dx, al
+    a.dec32(Reg::Rcx).jcc(Cond::Ne, hex);
+    a.puts(ktstr_runtime::vmm::kvm::serial::COM1_BASE, "taken\n");
+    publish(&mut a, ch, ktstr_runtime::channel::kind::INIT);
+    power_off(&mut a);
+    a.finish()
+}
+
+#[test]
+fn kvm_run_saves_at_the_ready_point_and_restores_with_a_payload() {
+    use ktstr_runtime::snapshot::payload::Payload;
+    use ktstr_runtime::vmm::{BackendKind, Start, Vm, VmError};
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("bzImage");
+    std::fs::write(&image, bzimage(&[])).unwrap();
+    let vm = |start: Start| {
+        Vm::builder()
+            .kernel(&image)
+            .memory_mib(128)
+            .channel_mib(1)
+            .timeout(Duration::from_secs(60))
+            .backend(BackendKind::Kvm)
+            .start(start)
+            .build()
+            .unwrap()
+    };
+    let ch = vm(Start::Boot).config.channel;
+    std::fs::write(&image, bzimage(&ready_guest(ch))).unwrap();
+    let state = dir.path().join("save").join("state");
+    std::fs::create_dir(state.parent().unwrap()).unwrap();
+    let Some(r) = testing::kvm(vm(Start::Save { state: state.clone() }).run()) else { return };
+    assert_eq!(r.exit, ExitKind::Stopped, "{}", r.console);
+    assert_eq!(r.console, "ready\n");
+    let save = r.timings.snapshot.expect("the save's time");
+    let f = Files::at(&state);
+    let sum = ktstr_runtime::snapshot::sparse::files_crc(&[f.state.clone(), f.ram.clone()]).unwrap();
+    eprintln!("ready point saved in {save:?}: {} bytes of state and RAM data", sum.1);
+
+    // Payloads of 1 and of 3 chunks (a chunk is the region less the inbox's offset).
+    for (i, size) in [1000usize, 2_500_000].into_iter().enumerate() {
+        let archive = dir.path().join(format!("payload{i}"));
+        std::fs::write(&archive, vec![i as u8 + 1; size]).unwrap();
+        let payload = Payload { test: format!("t{i}"), preset: None, cpus: None, archive };
+        let r = vm(Start::Restore { state: state.clone(), checksum: sum, payload: payload.clone() }).run().unwrap();
+        assert_eq!(r.exit, ExitKind::PowerOff, "{}", r.console);
+        assert_eq!(r.console, "taken\n", "restore {i} started after the ready point");
+        // The stream: 12 bytes of lengths, the JSON header (its seed and
+        // time vary in length), the archive.
+        let taken = usize::from_str_radix(&r.com2, 16).unwrap_or_else(|_| panic!("COM2: {:?}", r.com2));
+        assert!(taken > size + 12 && taken < size + 12 + 1024, "restore {i}: the guest took {taken} bytes of a {size}-byte payload");
+        assert_eq!(r.messages.iter().map(|m| m.kind).collect::<Vec<_>>(), [ktstr_runtime::channel::kind::INIT]);
+        assert!(r.timings.to_init.is_some() && r.timings.snapshot.is_some());
+    }
+    // A changed RAM byte is a corrupt save, refused before it runs.
+    let mut b = [0u8; 1];
+    let ram = std::fs::OpenOptions::new().read(true).write(true).open(&f.ram).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&ram, &mut b, LOAD + 0x200).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&ram, &[b[0] ^ 1], LOAD + 0x200).unwrap();
+    let archive = dir.path().join("payload0");
+    let payload = Payload { test: "t".into(), preset: None, cpus: None, archive };
+    match vm(Start::Restore { state: state.clone(), checksum: sum, payload }).run() {
+        Err(VmError::Snapshot(e)) => assert!(e.contains("corrupt"), "{e}"),
+        other => panic!("a corrupt save was restored: {:?}", other.map(|r| r.exit)),
+    }
+}

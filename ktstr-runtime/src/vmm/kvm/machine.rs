@@ -339,6 +339,10 @@ impl Machine {
         self.vcpus.get(index)
     }
 
+    pub fn memory_mib(&self) -> u64 {
+        self.memory_mib
+    }
+
     pub fn topology(&self) -> Topology {
         self.topo
     }
@@ -551,6 +555,19 @@ impl Machine {
             }
         };
         let run_time = shared.started.elapsed();
+        // The guest may have taken the last chunk and gone on between two polls.
+        if let Some(tx) = payload.as_mut() {
+            if matches!(tx.pump(), Ok(Progress::Done)) {
+                shared.inbox.store(false, Ordering::Release);
+                shared.note_init();
+            } else {
+                payload_error.get_or_insert(format!(
+                    "the restored VM ended ({cause:?}) after taking {} of {} bytes of its test",
+                    tx.sent(),
+                    tx.total()
+                ));
+            }
+        }
         // Recorded before the stop so every vCPU thread sees why it ends.
         shared.finish(cause.clone());
         let t = Instant::now();
