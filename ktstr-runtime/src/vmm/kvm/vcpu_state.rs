@@ -48,6 +48,43 @@ pub fn readable_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<u32>, VmError> {
     }
 }
 
+/// MSRs a restore must not lose: the TSC and its deadline timer,
+/// kvmclock, the syscall entry points and the kernel's GS base.
+const ESSENTIAL_MSRS: &[u32] = &[
+    0x10,        // TSC
+    0x6e0,       // TSC_DEADLINE
+    0x11,        // KVM wall clock (old)
+    0x12,        // KVM system time (old)
+    0x4b56_4d00, // KVM wall clock
+    0x4b56_4d01, // KVM system time
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SYSCALL_MASK
+    0xc000_0102, // KERNEL_GS_BASE
+];
+
+/// KVM_SET_MSRS stops at the first MSR it refuses: skip that one and
+/// write the rest (as other VMMs do, since KVM lists a few it reads but
+/// will not take back). Returns the refused ones.
+fn write_msrs(vcpu: &VcpuFd, msrs: &[kvm_msr_entry]) -> Result<Vec<u32>, VmError> {
+    let mut refused = Vec::new();
+    let mut rest = msrs;
+    while !rest.is_empty() {
+        let table = Msrs::from_entries(rest).map_err(|e| VmError::Snapshot(format!("MSR table: {e:?}")))?;
+        let n = vcpu.set_msrs(&table).map_err(|e| kvm_err("KVM_SET_MSRS", e))?;
+        if n == rest.len() {
+            break;
+        }
+        refused.push(rest[n].index);
+        rest = &rest[n + 1..];
+    }
+    Ok(refused)
+}
+
 impl VcpuState {
     /// Reads the state of a vCPU that is out of KVM_RUN with any I/O
     /// exit completed (see [`super::vcpu::complete_io`]); `msrs` from
@@ -88,11 +125,13 @@ impl VcpuState {
         vcpu.set_xcrs(&self.xcrs).map_err(|e| kvm_err("KVM_SET_XCRS", e))?;
         vcpu.set_debug_regs(&self.debugregs).map_err(|e| kvm_err("KVM_SET_DEBUGREGS", e))?;
         vcpu.set_lapic(&self.lapic).map_err(|e| kvm_err("KVM_SET_LAPIC", e))?;
-        let table = Msrs::from_entries(&self.msrs).map_err(|e| VmError::Snapshot(format!("MSR table: {e:?}")))?;
-        let n = vcpu.set_msrs(&table).map_err(|e| kvm_err("KVM_SET_MSRS", e))?;
-        if n != self.msrs.len() {
-            let bad = self.msrs[n].index;
-            return Err(VmError::Snapshot(format!("KVM_SET_MSRS wrote {n} of {} MSRs (MSR {bad:#x} refused)", self.msrs.len())));
+        let refused = write_msrs(vcpu, &self.msrs)?;
+        if let Some(m) = refused.iter().find(|m| ESSENTIAL_MSRS.contains(m)) {
+            return Err(VmError::Snapshot(format!("KVM_SET_MSRS refused MSR {m:#x}, which the guest cannot run without")));
+        }
+        if !refused.is_empty() {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| eprintln!("ktstr: warning: KVM refused to restore MSRs {refused:#x?}; the restored guest runs without them"));
         }
         vcpu.set_vcpu_events(&self.events).map_err(|e| kvm_err("KVM_SET_VCPU_EVENTS", e))
     }
