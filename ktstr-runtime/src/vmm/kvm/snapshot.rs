@@ -17,6 +17,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use super::devices::DeviceState;
+use crate::snapshot::sparse::is_zero;
 use super::vcpu_state::VcpuState;
 use crate::vmm::{Topology, VmError};
 
@@ -120,13 +121,6 @@ pub struct SaveReport {
     pub ram_bytes: u64,
     /// The RAM file's length, holes included.
     pub ram_len: u64,
-}
-
-/// True if every byte of `b` is zero (8 bytes at a time).
-fn is_zero(b: &[u8]) -> bool {
-    // SAFETY: u64 has no invalid bit patterns; align_to keeps every byte in one of the three parts.
-    let (head, mid, tail) = unsafe { b.align_to::<u64>() };
-    head.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }
 
 /// Which pages of an anonymous mapping at `host` (`len` bytes) were ever
@@ -311,6 +305,23 @@ mod tests {
         assert_eq!((&d, b2.read_obj::<u8>(GuestAddress(0x1234)).unwrap()), (b"high", b'L'));
         let short = RamRegion { len: 16 << 20, ..regions[0] };
         assert!(map_ram(&path, &[short]).unwrap_err().to_string().contains("truncated"));
+    }
+
+    #[test]
+    fn a_restore_on_tmpfs_keeps_the_save_s_checksum() {
+        // /dev/shm is tmpfs: reading a hole through a private mapping fills it.
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else { return };
+        let path = dir.path().join("ram0");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        mem.write_slice(b"kernel", GuestAddress(1 << 20)).unwrap();
+        let (regions, _) = write_ram(&mem, &path).unwrap();
+        let before = crate::snapshot::sparse::files_crc(std::slice::from_ref(&path)).unwrap();
+        let m = map_ram(&path, &regions).unwrap();
+        let mut b = vec![0u8; 4 << 20];
+        m.read_slice(&mut b, GuestAddress(0)).unwrap();
+        m.write_slice(b"guest", GuestAddress(2 << 20)).unwrap();
+        drop(m);
+        assert_eq!(crate::snapshot::sparse::files_crc(&[path]).unwrap(), before);
     }
 
     #[test]
