@@ -452,27 +452,30 @@ fn bzimage(code: &[u8]) -> Vec<u8> {
     img
 }
 
-/// One empty record of `kind` as the channel's only message, committed.
-fn publish(a: &mut Asm, ch: ktstr_runtime::vmm::ChannelRegion, kind: u32) {
-    a.mov64(Reg::Rax, kind.into()).store64(Reg::Rdi, 4096, Reg::Rax);
-    a.mov64(Reg::Rax, 0).store64(Reg::Rdi, 4104, Reg::Rax);
+/// Empty records of `kinds` as the channel's only messages, committed.
+fn publish(a: &mut Asm, ch: ktstr_runtime::vmm::ChannelRegion, kinds: &[u32]) {
+    for (i, &kind) in kinds.iter().enumerate() {
+        let at = 4096 + 16 * i as i32;
+        a.mov64(Reg::Rax, kind.into()).store64(Reg::Rdi, at, Reg::Rax);
+        a.mov64(Reg::Rax, 0).store64(Reg::Rdi, at + 8, Reg::Rax);
+    }
     a.mov64(Reg::Rax, u64::from_le_bytes(*ktstr_runtime::channel::MAGIC)).store64(Reg::Rdi, 0, Reg::Rax);
     a.mov64(Reg::Rax, ch.size - 4096).store64(Reg::Rdi, 8, Reg::Rax);
-    a.mov64(Reg::Rax, 16).store64(Reg::Rdi, 16, Reg::Rax);
+    a.mov64(Reg::Rax, 16 * kinds.len() as u64).store64(Reg::Rdi, 16, Reg::Rax);
 }
 
 /// A stand-in for the ready init: prints "ready", publishes READY and
 /// takes the inbox's payload chunk by chunk as the guest side of
 /// `snapshot::payload` does (wait for the next sequence number, ack it;
 /// at the end clear the uplink); then prints the bytes it took in hex
-/// on COM2 and "taken" on COM1, publishes INIT (the test's init) and
-/// powers off.
+/// on COM2 and "taken" on COM1, publishes INIT and BODY (the test's init
+/// and body start) and powers off.
 fn ready_guest(ch: ktstr_runtime::vmm::ChannelRegion) -> Vec<u8> {
     use ktstr_runtime::snapshot::payload::{DATA_OFF, OFF_ACK, OFF_LEN, OFF_SEQ};
     let mut a = Asm::new(LOAD + 0x200);
     a.puts(ktstr_runtime::vmm::kvm::serial::COM1_BASE, "ready\n");
     a.mov64(Reg::Rdi, ch.gpa);
-    publish(&mut a, ch, ktstr_runtime::channel::kind::READY);
+    publish(&mut a, ch, &[ktstr_runtime::channel::kind::READY]);
     a.mov32(Reg::R12, 0).mov32(Reg::R13, 0).mov32(Reg::R14, 0); // taken, seq, total
     let (next, wait, not_first, done) = (a.label(), a.label(), a.label(), a.label());
     a.bind(next).bytes(&[0x49, 0x8d, 0x5d, 0x01]); // lea rbx, [r13+1]
@@ -492,7 +495,7 @@ fn ready_guest(ch: ktstr_runtime::vmm::ChannelRegion) -> Vec<u8> {
     a.mov_rr(Reg::Rax, Reg::R12).bytes(&[0x83, 0xe0, 0x0f, 0x04, b'0', 0x3c, b'9' + 1, 0x72, 0x02, 0x04, 39, 0xee]); // and eax, 15; add al, '0'; cmp al, '9'+1; jb +2; add al, 39; out dx, al
     a.dec32(Reg::Rcx).jcc(Cond::Ne, hex);
     a.puts(ktstr_runtime::vmm::kvm::serial::COM1_BASE, "taken\n");
-    publish(&mut a, ch, ktstr_runtime::channel::kind::INIT);
+    publish(&mut a, ch, &[ktstr_runtime::channel::kind::INIT, ktstr_runtime::channel::kind::BODY]);
     power_off(&mut a);
     a.finish()
 }
@@ -541,8 +544,11 @@ fn kvm_run_saves_at_the_ready_point_and_restores_with_a_payload() {
         // time vary in length), the archive.
         let taken = usize::from_str_radix(&r.com2, 16).unwrap_or_else(|_| panic!("COM2: {:?}", r.com2));
         assert!(taken > size + 12 && taken < size + 12 + 1024, "restore {i}: the guest took {taken} bytes of a {size}-byte payload");
-        assert_eq!(r.messages.iter().map(|m| m.kind).collect::<Vec<_>>(), [ktstr_runtime::channel::kind::INIT]);
-        assert!(r.timings.to_init.is_some() && r.timings.snapshot.is_some());
+        use ktstr_runtime::channel::kind::{BODY, INIT};
+        assert_eq!(r.messages.iter().map(|m| m.kind).collect::<Vec<_>>(), [INIT, BODY]);
+        let t = &r.timings;
+        assert!(t.to_init.is_some() && t.snapshot.is_some(), "{t:?}");
+        assert!(t.to_body.is_some_and(|b| b + t.setup <= t.total), "the body start is timed, within the run: {t:?}");
     }
     // A changed RAM byte is a corrupt save, refused before it runs.
     let mut b = [0u8; 1];

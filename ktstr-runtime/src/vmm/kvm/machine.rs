@@ -49,6 +49,8 @@ pub struct Outcome {
     pub messages: Result<Vec<Message>, ChannelError>,
     pub setup: Duration,
     pub to_init: Option<Duration>,
+    /// First vCPU start until the guest's `BODY` record on the channel.
+    pub to_body: Option<Duration>,
     /// First vCPU start until the stop was seen.
     pub run_time: Duration,
     /// Stopping and joining the vCPU threads and closing the VM.
@@ -450,6 +452,7 @@ impl Machine {
             channel,
             started: Instant::now(),
             to_init: Mutex::new(None),
+            to_body: Mutex::new((None, 0)),
             vcpu_states: Mutex::new(Vec::new()),
             inbox: AtomicBool::new(payload.is_some()),
         });
@@ -480,6 +483,7 @@ impl Machine {
                     break c;
                 }
                 shared.note_init();
+                shared.note_body();
                 let now = Instant::now();
                 if panic_deadline.is_none() && panic_seen.load(Ordering::Acquire) {
                     // Give the guest a moment to print the trace and reboot.
@@ -588,7 +592,9 @@ impl Machine {
             let d = shared.devices.lock().unwrap();
             (d.port_writes.clone(), d.mmio_writes.clone(), d.doorbells)
         };
+        shared.note_body();
         let to_init = *shared.to_init.lock().unwrap();
+        let to_body = shared.to_body.lock().unwrap().0;
         let mut states = std::mem::take(&mut *shared.vcpu_states.lock().unwrap());
         states.sort();
         let vcpu_states = states.into_iter().map(|(i, s)| format!("vCPU {i}: {s}")).collect();
@@ -609,6 +615,7 @@ impl Machine {
             messages,
             setup,
             to_init,
+            to_body,
             run_time,
             teardown,
             vcpu_states,

@@ -148,10 +148,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
         timings: Timings {
             setup: out.setup,
             to_init: out.to_init,
+            to_body: out.to_body,
             total: start.elapsed(),
             vcpu_wait: None,
             snapshot: snapshot_time,
-            ..Default::default()
         },
     })
 }
