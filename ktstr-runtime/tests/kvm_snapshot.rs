@@ -562,3 +562,60 @@ fn kvm_run_saves_at_the_ready_point_and_restores_with_a_payload() {
         other => panic!("a corrupt save was restored: {:?}", other.map(|r| r.exit)),
     }
 }
+
+/// With interrupts off, arms a one-shot LAPIC timer and waits until its
+/// vector is pending in the IRR, then waits for a save; after GO it
+/// enables interrupts and halts: the handler counts the pending one, and
+/// the guest reports the count.
+fn pending_interrupt_program() -> (Vec<u8>, u64) {
+    let mut a = Asm::new(RAW_CODE);
+    let handler = a.label();
+    a.bytes(&[0x0f, 0x01, 0x1c, 0x25]).bytes(&((DATA + 0x100) as u32).to_le_bytes()); // lidt [DATA+0x100]
+    a.mov64(Reg::Rdi, DATA).mov64(Reg::Rsi, DATA).mov64(Reg::R9, LAPIC_ADDR);
+    a.store32(Reg::R9, 0xf0, 0x1ff).store32(Reg::R9, 0x3e0, 0xb);
+    a.store32(Reg::R9, 0x320, TIMER_VECTOR as u32); // one-shot
+    a.store32(Reg::R9, 0x380, 1_000_000); // 1 ms
+    let pending = a.label();
+    let irr = 0x200 + (TIMER_VECTOR as i32 / 32) * 0x10;
+    a.bind(pending).load32(Reg::Rax, Reg::R9, irr).bytes(&[0xa9]).bytes(&(1u32 << (TIMER_VECTOR % 32)).to_le_bytes()); // test eax, bit
+    a.jcc(Cond::E, pending);
+    // Timer stopped: only the IRR can deliver it now (a restored LAPIC
+    // would otherwise start the one-shot count again).
+    a.store32(Reg::R9, 0x380, 0);
+    doorbell_then_wait(&mut a);
+    // sti; hlt: the pending interrupt ends the halt at once; one lost
+    // in the restore leaves it halted until the run times out.
+    a.bytes(&[0xfb, 0xf4, 0xfa]); // sti; hlt; cli
+    a.load64(Reg::Rax, Reg::Rdi, 64).out_eax(TEST_PORT);
+    power_off(&mut a);
+    a.bind(handler);
+    a.bytes(&[0x48, 0xff, 0x46, 64]); // inc qword [rsi+64]
+    a.bytes(&[0x41, 0xc7, 0x81, 0xb0, 0, 0, 0, 0, 0, 0, 0]); // EOI
+    a.bytes(&[0x48, 0xcf]); // iretq
+    let h = a.addr_of(handler);
+    (a.finish(), h)
+}
+
+#[test]
+fn kvm_snapshot_keeps_a_pending_interrupt() {
+    let Some(mut m) = machine(Topology::cpus(1), 64) else { return };
+    let (code, handler) = pending_interrupt_program();
+    let mut idtr = [0u8; 10];
+    idtr[..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
+    idtr[2..].copy_from_slice(&IDT.to_le_bytes());
+    m.memory().write_slice(&idtr, GuestAddress(DATA + 0x100)).unwrap();
+    m.memory().write_slice(&idt_with_timer(handler), GuestAddress(IDT)).unwrap();
+    m.load_raw(&code).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = files(dir.path());
+    let out = m.run_and_save(TIMEOUT, SaveAt::Doorbells(1), &f).unwrap();
+    assert!(out.saved.is_some(), "{:?}", out.cause);
+    drop(out);
+    for i in 0..2 {
+        let m = Machine::restore(&f).unwrap();
+        set_go(&m, 1);
+        let out = m.run(Duration::from_secs(5)).unwrap();
+        assert_eq!(out.exit, ExitKind::PowerOff, "restore {i}: the pending interrupt never came? {:?}", out.cause);
+        assert_eq!(out.test_values(), [1], "restore {i}: the interrupt pending at the save was delivered once");
+    }
+}
