@@ -20,7 +20,6 @@ use super::loader::BootEntry;
 use super::memory::{self, ACPI_BASE, RAW_CODE};
 use super::serial::{self, Capture, UartState, COM1_IRQ, COM2_IRQ};
 use super::snapshot::{self, Files, GuestWindow, MachineState, SaveReport};
-use super::vcpu_state::{self, VcpuState};
 use super::{acpi, gdt, loader, paging, vcpu};
 use crate::snapshot::payload::{Header, Payload, Progress, Sender};
 use crate::channel::{self, ChannelError, Message};
@@ -578,8 +577,8 @@ impl Machine {
         let vcpus = stop_all(&shared, threads);
         let mut saved = None;
         if let (Cause::Saved, Some((_, files))) = (&cause, save) {
-            let what = SaveWhat { vm: &vm, vcpus: &vcpus, mem: &mem, topo, memory_mib, msr_list: &msr_list, channel };
-            saved = Some(save_machine(&what, &shared, files, t)?);
+            let what = snapshot::SaveWhat { vm: &vm, vcpus: &vcpus, mem: &mem, topo, memory_mib, msr_list: &msr_list, channel };
+            saved = Some(snapshot::save(&what, &shared, files, t)?);
         }
         drop(vcpus);
         // Closing the VM is most of the teardown: the kernel waits out an
@@ -633,48 +632,6 @@ fn save_point(at: SaveAt, shared: &Shared, now: Instant) -> bool {
         SaveAt::Doorbells(n) => shared.devices.lock().unwrap().doorbells >= n,
         SaveAt::Ready => shared.channel_has(channel::kind::READY),
     }
-}
-
-/// A stopped machine's parts, for a save.
-struct SaveWhat<'a> {
-    vm: &'a VmFd,
-    vcpus: &'a [VcpuFd],
-    mem: &'a GuestMemoryMmap,
-    topo: Topology,
-    memory_mib: u64,
-    msr_list: &'a [u32],
-    channel: Option<ChannelRegion>,
-}
-
-/// Writes the state and RAM files of a machine whose vCPUs are stopped
-/// with their last exits completed; `paused`: when the stop began.
-fn save_machine(m: &SaveWhat, shared: &Shared, files: &Files, paused: Instant) -> Result<SaveReport, VmError> {
-    if m.vcpus.len() != m.topo.total_cpus() as usize {
-        let why = shared.vcpu_states.lock().unwrap().clone();
-        return Err(VmError::Snapshot(format!("{} of {} vCPUs came back to be saved: {why:?}", m.vcpus.len(), m.topo.total_cpus())));
-    }
-    if let Some((i, why)) = shared.vcpu_states.lock().unwrap().first() {
-        return Err(VmError::Snapshot(format!("vCPU {i}: {why}")));
-    }
-    // The MSRs this KVM reads back are the same for every vCPU.
-    let msrs = vcpu_state::readable_msrs(&m.vcpus[0], m.msr_list)?;
-    let vcpus = m.vcpus.iter().map(|v| VcpuState::read(v, &msrs)).collect::<Result<Vec<_>, _>>()?;
-    let vm = snapshot::VmState::read(m.vm)?;
-    let devices = shared.devices.lock().unwrap().state();
-    let (ram, ram_bytes) = snapshot::write_ram(m.mem, &files.ram)?;
-    let ram_len = ram.iter().map(|r| r.len).sum();
-    let st = MachineState {
-        format: snapshot::FORMAT,
-        topology: m.topo,
-        memory_mib: m.memory_mib,
-        ram,
-        channel: m.channel.map(|c| (c.gpa, c.size)),
-        vm,
-        vcpus,
-        devices,
-    };
-    let state_bytes = st.write(&files.state)?;
-    Ok(SaveReport { time: paused.elapsed(), state_bytes, ram_bytes, ram_len })
 }
 
 /// Sets the stop flag and kicks every vCPU thread out of KVM_RUN until

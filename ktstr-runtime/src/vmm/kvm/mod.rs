@@ -6,13 +6,17 @@
 //! PVH), `cpuid` (topology leaves), `acpi` (tables), `serial`/`devices`
 //! (port and MMIO devices), `vcpu` (setup + run loop), `exits` (stop
 //! causes), `machine` (the VM), `selftest` (can this KVM boot kernels?),
-//! `asm` (a tiny code emitter for micro-guests).
+//! `asm` (a tiny code emitter for micro-guests), `vcpu_state` (one vCPU's
+//! saved state) and `snapshot` (saving a stopped machine, mapping its RAM
+//! back copy-on-write).
 //!
 //! Internal API for tests, the self-test and benches: `Machine::new(topo,
 //! mib)`, then `load_raw(code)` (64-bit, paging on, at `memory::RAW_CODE`)
 //! or `load_kernel(cfg)`, optionally `set_channel(region)`, then
 //! `run(timeout) -> Outcome` (stop cause, exit kind, both UARTs, test-port
 //! and MMIO write logs, doorbells, decoded channel, guest memory).
+//! Snapshots: `run_and_save(timeout, SaveAt, files)` pauses and saves;
+//! `Machine::restore(files)` gives a machine to `run` again.
 
 pub mod acpi;
 pub mod asm;

@@ -3,6 +3,9 @@
 //! private copy-on-write view of the file, so a restore costs page
 //! faults, not a copy, and nothing a restored VM writes reaches the file.
 //!
+//! A save (`save`) reads every vCPU once its thread left KVM_RUN with
+//! its last exit completed, then the VM's devices, then writes the files.
+//!
 //! Layout of a save: `state` (JSON, [`MachineState`]) and `ram0` beside
 //! it: every RAM region in guest-address order, back to back, all-zero
 //! pages left as holes.
@@ -10,16 +13,18 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use super::devices::DeviceState;
+use super::exits::Shared;
+use super::vcpu_state::{self, VcpuState};
 use crate::snapshot::sparse::is_zero;
-use super::vcpu_state::VcpuState;
-use crate::vmm::{Topology, VmError};
+use crate::vmm::{ChannelRegion, Topology, VmError};
 
 /// Bumped whenever [`MachineState`] or the RAM layout changes: a save
 /// in another format is refused, never misread.
@@ -227,6 +232,48 @@ impl crate::snapshot::payload::Window for GuestWindow {
         use vm_memory::Bytes;
         self.mem.read_obj::<u64>(GuestAddress(self.base + off as u64)).map(u64::from_le).map_err(std::io::Error::other)
     }
+}
+
+/// A stopped machine's parts, for a save.
+pub(super) struct SaveWhat<'a> {
+    pub vm: &'a VmFd,
+    pub vcpus: &'a [VcpuFd],
+    pub mem: &'a GuestMemoryMmap,
+    pub topo: Topology,
+    pub memory_mib: u64,
+    pub msr_list: &'a [u32],
+    pub channel: Option<ChannelRegion>,
+}
+
+/// Writes the state and RAM files of a machine whose vCPUs are stopped
+/// with their last exits completed; `paused`: when the stop began.
+pub(super) fn save(m: &SaveWhat, shared: &Shared, files: &Files, paused: Instant) -> Result<SaveReport, VmError> {
+    if m.vcpus.len() != m.topo.total_cpus() as usize {
+        let why = shared.vcpu_states.lock().unwrap().clone();
+        return Err(VmError::Snapshot(format!("{} of {} vCPUs came back to be saved: {why:?}", m.vcpus.len(), m.topo.total_cpus())));
+    }
+    if let Some((i, why)) = shared.vcpu_states.lock().unwrap().first() {
+        return Err(VmError::Snapshot(format!("vCPU {i}: {why}")));
+    }
+    // The MSRs this KVM reads back are the same for every vCPU.
+    let msrs = vcpu_state::readable_msrs(&m.vcpus[0], m.msr_list)?;
+    let vcpus = m.vcpus.iter().map(|v| VcpuState::read(v, &msrs)).collect::<Result<Vec<_>, _>>()?;
+    let vm = VmState::read(m.vm)?;
+    let devices = shared.devices.lock().unwrap().state();
+    let (ram, ram_bytes) = write_ram(m.mem, &files.ram)?;
+    let ram_len = ram.iter().map(|r| r.len).sum();
+    let st = MachineState {
+        format: FORMAT,
+        topology: m.topo,
+        memory_mib: m.memory_mib,
+        ram,
+        channel: m.channel.map(|c| (c.gpa, c.size)),
+        vm,
+        vcpus,
+        devices,
+    };
+    let state_bytes = st.write(&files.state)?;
+    Ok(SaveReport { time: paused.elapsed(), state_bytes, ram_bytes, ram_len })
 }
 
 impl MachineState {
