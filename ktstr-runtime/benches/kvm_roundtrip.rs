@@ -1,14 +1,20 @@
 //! KVM backend micro-guest round trip: create the VM (RAM, irqchip, PIT,
 //! UARTs, vCPU), load a few instructions, run until the guest's PIO exit
-//! and power-off, tear down. `cargo bench -p ktstr-runtime --bench kvm_roundtrip`.
+//! and power-off, tear down; then snapshots of a micro-guest: the save
+//! (pause to files written) and the restore (state file to a VM ready to
+//! run; and on to the guest's power-off), at 64 MiB and 2 GiB of RAM.
+//! `cargo bench -p ktstr-runtime --bench kvm_roundtrip`.
 
 use std::time::{Duration, Instant};
 
 use ktstr_runtime::vmm::kvm::acpi::{PM1A_CNT_PORT, S5_POWER_OFF};
-use ktstr_runtime::vmm::kvm::asm::Asm;
+use ktstr_runtime::channel::DOORBELL_PORT;
+use ktstr_runtime::vmm::kvm::asm::{Asm, Cond, Reg};
+use ktstr_runtime::vmm::kvm::snapshot::Files;
 use ktstr_runtime::vmm::kvm::devices::TEST_PORT;
 use ktstr_runtime::vmm::kvm::memory::RAW_CODE;
-use ktstr_runtime::vmm::kvm::Machine;
+use ktstr_runtime::vmm::kvm::{Machine, SaveAt};
+use vm_memory::{Bytes, GuestAddress};
 use ktstr_runtime::vmm::{ExitKind, Topology};
 
 fn stats(name: &str, mut v: Vec<Duration>) {
@@ -71,4 +77,63 @@ fn main() {
     if !api.is_empty() {
         stats("kvm::micro_guest_roundtrip()", api);
     }
+    for (cpus, mib) in [(1, 64), (2, 2048)] {
+        snapshots(cpus, mib, iters.min(20));
+    }
+}
+
+const GO: u64 = 0x20_0000;
+
+/// Touches 1 MiB, rings the doorbell, waits for the host's GO word, powers off.
+fn snapshot_guest() -> Vec<u8> {
+    let mut a = Asm::new(RAW_CODE);
+    a.mov64(Reg::Rdi, 0x40_0000).mov32(Reg::Rcx, 256);
+    let touch = a.label();
+    a.bind(touch).store32(Reg::Rdi, 0, 0x5a5a).bytes(&[0x48, 0x81, 0xc7, 0, 0x10, 0, 0]); // add rdi, 4096
+    a.dec32(Reg::Rcx).jcc(Cond::Ne, touch);
+    a.outb(DOORBELL_PORT, 1).mov64(Reg::Rdi, GO);
+    let spin = a.label();
+    a.bind(spin).load64(Reg::Rax, Reg::Rdi, 0).cmp32(Reg::Rax, 0).jcc(Cond::E, spin);
+    a.outl(TEST_PORT, 0x600d).outw(PM1A_CNT_PORT, S5_POWER_OFF).halt_forever();
+    a.finish()
+}
+
+/// Medians of saving and restoring a `cpus`-vCPU, `mib` MiB micro-guest.
+fn snapshots(cpus: u32, mib: u64, iters: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Files::at(&dir.path().join("state"));
+    let code = snapshot_guest();
+    let (mut save, mut sizes) = (Vec::new(), None);
+    for _ in 0..iters {
+        let Ok(mut m) = Machine::new(Topology::cpus(cpus), mib) else {
+            println!("kvm snapshots: skipped, KVM not usable here");
+            return;
+        };
+        m.load_raw(&code).unwrap();
+        let out = m.run_and_save(Duration::from_secs(30), SaveAt::Doorbells(1), &f).unwrap();
+        let s = out.saved.unwrap_or_else(|| panic!("not saved: {:?}", out.cause));
+        save.push(s.time);
+        sizes = Some(s);
+    }
+    let (mut restore, mut to_power_off) = (Vec::new(), Vec::new());
+    for _ in 0..iters {
+        let t = Instant::now();
+        let m = Machine::restore(&f).unwrap();
+        restore.push(t.elapsed());
+        m.memory().write_obj(1u64, GuestAddress(GO)).unwrap();
+        let out = m.run(Duration::from_secs(30)).unwrap();
+        assert_eq!(out.exit, ExitKind::PowerOff, "{:?}", out.cause);
+        assert_eq!(out.test_values(), vec![0x600d]);
+        to_power_off.push(t.elapsed() - out.teardown);
+    }
+    let s = sizes.unwrap();
+    println!(
+        "KVM micro-guest snapshot ({cpus} vCPU, {mib} MiB): state file {} B, RAM file {} MiB with {} KiB of data",
+        s.state_bytes,
+        s.ram_len >> 20,
+        s.ram_bytes >> 10
+    );
+    stats("  save (pause -> files)", save);
+    stats("  restore (files -> VM)", restore);
+    stats("  restore -> guest power-off", to_power_off);
 }

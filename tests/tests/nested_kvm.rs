@@ -5,6 +5,8 @@
 //! Debian cloud kernel, each test resized to each vCPU count
 //! (`KTSTR_CPUS`), on an outer guest of one vCPU (`NESTED_KVM_SMP=match`:
 //! one outer boot per count with as many; docs/vmm.md weighs the two).
+//! A second test runs the snapshot test binary in the rig: VM snapshots
+//! saved and restored by the KVM backend on a real kernel.
 //!
 //! Slow (minutes of emulated CPU): runs only with `KTSTR_SLOW_TESTS=1`.
 //! By default (what CI runs) a subset at 1 and 2 vCPUs; with
@@ -148,15 +150,13 @@ fn full_list(examples: &Path, sched_ext: &Path) -> Vec<String> {
     all
 }
 
-#[test]
-fn kvm_backend_passes_under_nested_kvm() {
-    if !slow_tests_enabled() {
-        return;
-    }
+/// The rig's premises: QEMU, busybox, the Debian cloud kernel (the
+/// outer one, and a test kernel) and a ktstr kernel; `None` after a SKIP.
+fn rig_kernels() -> Option<(PathBuf, PathBuf)> {
     if !premise(on_path("qemu-system-x86_64"), "qemu-system-x86_64", "apt-get install qemu-system-x86")
         || !premise(on_path("busybox"), "busybox", "apt-get install busybox-static")
     {
-        return;
+        return None;
     }
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -167,15 +167,23 @@ fn kvm_backend_passes_under_nested_kvm() {
         .and_then(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.to_string_lossy().contains("vmlinuz-6.12")));
     let Some(deb) = deb else {
         premise(false, &format!("a Debian cloud kernel under {}", cache.join("debian/x/boot").display()), "run scripts/setup.sh");
-        return;
+        return None;
     };
-    let ktstr = match ktstr_runtime::discovery::discover() {
-        Ok(f) => f.image,
+    match ktstr_runtime::discovery::discover() {
+        Ok(f) => Some((deb, f.image)),
         Err(e) => {
             premise(false, &format!("a ktstr kernel ({e})"), "set KTSTR_TEST_KERNEL");
-            return;
+            None
         }
-    };
+    }
+}
+
+#[test]
+fn kvm_backend_passes_under_nested_kvm() {
+    if !slow_tests_enabled() {
+        return;
+    }
+    let Some((deb, ktstr)) = rig_kernels() else { return };
     let (Some(examples), Some(sched_ext)) = (sibling_binary("examples"), sibling_binary("sched_ext")) else {
         premise(false, "the examples and sched_ext test binaries", "cargo build -p ktstr-tests --tests");
         return;
@@ -236,5 +244,36 @@ fn kvm_backend_passes_under_nested_kvm() {
         t0.elapsed().as_secs_f64()
     );
     assert!(bad.is_empty(), "nested-KVM rig: {}", bad.join("; "));
+    assert!(out.status.success(), "rig exit status {:?}", out.status);
+}
+
+/// VM snapshots on the KVM backend with a real kernel: the snapshot test
+/// binary (saves at the ready point, restores, isolation, random bytes,
+/// the clock, corrupt and unloadable saves, payload failures) run inside
+/// the rig, where its backend is KVM.
+#[test]
+fn kvm_snapshots_pass_under_nested_kvm() {
+    if !slow_tests_enabled() {
+        return;
+    }
+    let Some((_deb, ktstr)) = rig_kernels() else { return };
+    let Some(snapshot) = sibling_binary("snapshot") else {
+        premise(false, "the snapshot test binary", "cargo build -p ktstr-tests --tests");
+        return;
+    };
+    let out = Command::new(repo().join("scripts/nested-kvm.sh"))
+        .arg("--bin")
+        .arg(format!("snapshot={}", snapshot.display()))
+        .arg("--kernel")
+        .arg(format!("ktstr={}", ktstr.display()))
+        .arg("--run")
+        .arg("snap=KTSTR_TEST_KERNEL=/k/ktstr/bzImage /t/snapshot --test-threads 1 --nocapture")
+        .output()
+        .expect("running scripts/nested-kvm.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("nested-kvm: RESULT PASS run=snap"), "the snapshot tests failed under nested KVM");
+    // Restored on KVM, not every test fallen back to a cold boot.
+    assert!(stdout.contains("kvm backend (restored from snapshot)"), "no test was restored on the KVM backend");
     assert!(out.status.success(), "rig exit status {:?}", out.status);
 }

@@ -10,14 +10,16 @@
 //! verdict path is the cold boot's.
 //!
 //! Saves live in `{kernel cache root}/.snapshots/{key}/` (`state`: the
-//! VM's migration stream; `initrd.cpio`: the ready init's archive;
+//! VM's migration stream (QEMU) or machine state (KVM); `ram0`…: guest
+//! RAM, sparse; `initrd.cpio`: the ready init's archive;
 //! `meta.json`: the key's inputs and the state's CRC32), locked like
 //! kernel cache entries (`{key}.lock` beside the directory: shared while
 //! a VM restores from it, exclusive to write or remove it), and removed
 //! by `cargo ktstr kernel clean` (and, least recently used first, once
 //! the store outgrows its budget: [`budget`]). The key covers everything that shapes
 //! the saved VM ([`KeyInputs`]), so a changed kernel, topology, memory
-//! size, `ktstr.kconfig`, runtime or QEMU never reuses a save.
+//! size, `ktstr.kconfig`, runtime, backend, QEMU or KVM state format
+//! never reuses a save.
 //!
 //! Control: `KTSTR_SNAPSHOT=1` turns snapshots on, `0` off (default:
 //! [`DEFAULT_ON`]); a test with `cold_boot` or its own `cmdline` always
@@ -47,7 +49,7 @@ pub const DEFAULT_ON: bool = true;
 /// The directory under the kernel cache root.
 pub const DIR: &str = kernel_build::cache::SNAPSHOT_DIR;
 /// Bumped when the layout of a save or its key changes.
-const SCHEMA: u32 = 1;
+const SCHEMA: u32 = 2;
 /// How long a test waits for another test that is writing the save it needs.
 const LOCK_WAIT: Duration = Duration::from_secs(180);
 /// Boot to the ready point: a cold boot's allowance.
@@ -128,8 +130,11 @@ pub struct KeyInputs {
     pub kconfig: String,
     /// The runtime's version and the source of what runs at the ready point.
     pub runtime: String,
-    /// The QEMU binary: path, size and modification time.
-    pub qemu: String,
+    /// The backend that saves and restores (`kvm`, `qemu-tcg`).
+    pub backend: String,
+    /// The VMM under it: the QEMU binary (path, size, modification
+    /// time), or the KVM host (kernel release, CPU) and state format.
+    pub vmm: String,
 }
 
 impl KeyInputs {
@@ -147,7 +152,7 @@ impl KeyInputs {
 /// The source the ready point runs, and the protocol around it: any
 /// change there must not restore a save made by the old code.
 pub fn runtime_fingerprint() -> String {
-    let parts: [&[u8]; 7] = [
+    let parts: [&[u8]; 9] = [
         env!("CARGO_PKG_VERSION").as_bytes(),
         include_bytes!("../guest/mod.rs"),
         include_bytes!("../guest/ready.rs"),
@@ -155,6 +160,8 @@ pub fn runtime_fingerprint() -> String {
         include_bytes!("../channel.rs"),
         include_bytes!("payload.rs"),
         include_bytes!("../vmm/qemu.rs"),
+        include_bytes!("../vmm/kvm/snapshot.rs"),
+        include_bytes!("../vmm/kvm/vcpu_state.rs"),
     ];
     let mut h = crc32fast::Hasher::new();
     for p in parts {
@@ -211,6 +218,7 @@ fn ready_vm(
     initrd: &Path,
     timeout: Duration,
     start: Start,
+    backend: BackendKind,
 ) -> Result<Vm, VmError> {
     Vm::builder()
         .kernel(image)
@@ -219,27 +227,37 @@ fn ready_vm(
         .memory_mib(def.memory_mib)
         .timeout(timeout)
         .cmdline(READY_ARG)
-        .backend(BackendKind::QemuTcg)
+        .backend(backend)
         .start(start)
         .build()
 }
 
 impl KeyInputs {
-    /// The inputs for `def` on `image` under this host's QEMU.
-    pub fn of(def: &TestDef, image: &Path) -> Result<Self, String> {
-        Self::with_qemu(def, image, qemu_version()?)
+    /// The inputs for `def` on `image` under this host's `backend`.
+    pub fn of(def: &TestDef, image: &Path, backend: BackendKind) -> Result<Self, String> {
+        let vmm = match backend {
+            BackendKind::QemuTcg => qemu_version()?,
+            BackendKind::Kvm => crate::vmm::kvm::host_fingerprint(),
+        };
+        Self::with_vmm(def, image, backend, vmm)
     }
 
-    /// [`KeyInputs::of`] with the QEMU version given.
-    pub fn with_qemu(def: &TestDef, image: &Path, qemu: String) -> Result<Self, String> {
+    /// [`KeyInputs::of`] with the VMM's version given.
+    pub fn with_vmm(def: &TestDef, image: &Path, backend: BackendKind, vmm: String) -> Result<Self, String> {
         let (sha, len) = file_sha(image)
             .map_err(|e| format!("reading kernel image {}: {e}", image.display()))?;
-        let vm = ready_vm(def, image, Path::new("initrd"), READY_TIMEOUT, Start::Boot)
+        let vm = ready_vm(def, image, Path::new("initrd"), READY_TIMEOUT, Start::Boot, backend)
             .map_err(|e| e.to_string())?;
         let mut cfg = vm.config;
         cfg.kernel = PathBuf::from("kernel");
-        let threads = TcgThread::from_env().map_err(|e| e.to_string())?;
-        let boot = BootCpus::tcg_from_env().map_err(|e| e.to_string())?;
+        let vm = match backend {
+            BackendKind::QemuTcg => {
+                let threads = TcgThread::from_env().map_err(|e| e.to_string())?;
+                let boot = BootCpus::tcg_from_env().map_err(|e| e.to_string())?;
+                crate::vmm::qemu::args(&cfg, Path::new("/run"), threads, boot).join(" ")
+            }
+            BackendKind::Kvm => crate::vmm::kvm::key_args(&cfg).map_err(|e| e.to_string())?,
+        };
         Ok(Self {
             schema: SCHEMA,
             image_sha: sha,
@@ -247,11 +265,22 @@ impl KeyInputs {
             cpus: def.topology.total_cpus(),
             numa_nodes: def.topology.numa_nodes,
             memory_mib: def.memory_mib,
-            vm: crate::vmm::qemu::args(&cfg, Path::new("/run"), threads, boot).join(" "),
+            vm,
             kconfig: kernel_build::kconfig_hash(),
             runtime: runtime_fingerprint(),
-            qemu,
+            backend: backend.to_string(),
+            vmm,
         })
+    }
+
+    /// How many RAM files a save has: QEMU writes one per NUMA node, the
+    /// KVM backend one for all of RAM.
+    pub fn ram_files(&self) -> u32 {
+        if self.backend == BackendKind::Kvm.to_string() {
+            1
+        } else {
+            self.numa_nodes
+        }
     }
 }
 
@@ -293,10 +322,11 @@ impl Entry {
     pub fn meta_path(&self) -> PathBuf {
         self.dir.join("meta.json")
     }
-    /// The files a restore reads: the state, then each node's RAM.
-    pub fn files(&self, numa_nodes: u32) -> Vec<PathBuf> {
+    /// The files a restore reads: the state, then the `rams` RAM files
+    /// ([`KeyInputs::ram_files`]).
+    pub fn files(&self, rams: u32) -> Vec<PathBuf> {
         std::iter::once(self.state())
-            .chain((0..numa_nodes).map(|n| self.dir.join(format!("ram{n}"))))
+            .chain((0..rams).map(|n| self.dir.join(format!("ram{n}"))))
             .collect()
     }
     pub fn meta(&self) -> Option<Meta> {
@@ -325,7 +355,7 @@ impl Entry {
         if !self.initrd().is_file() {
             return Err(Some(format!("{} is missing", self.initrd().display())));
         }
-        if let Some(f) = self.files(inputs.numa_nodes).into_iter().find(|f| !f.is_file()) {
+        if let Some(f) = self.files(inputs.ram_files()).into_iter().find(|f| !f.is_file()) {
             return Err(Some(format!("{} is missing", f.display())));
         }
         // The files' checksum is checked as the restore copies them.
@@ -349,16 +379,14 @@ pub fn run(
     payload_archive: &Path,
     opts: &Options,
 ) -> Result<(VmResult, bool), String> {
-    // Only the QEMU backend saves and restores so far; a host whose KVM
-    // boots kernels keeps booting them there.
+    // The backend a cold boot would get; its saves are its own (the key
+    // names it).
     let kind = crate::vmm::backend::select(
         crate::vmm::backend::BackendChoice::from_env().map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())?;
-    if kind != BackendKind::QemuTcg {
-        return Err(format!("the {kind} backend cannot save or restore VMs yet"));
-    }
-    let inputs = KeyInputs::of(def, image)?;
+    let inputs = KeyInputs::of(def, image, kind)?;
+    let target = Target { def, image, kind };
     let key = inputs.key();
     // Opening also removes the temp dirs of writers that were killed.
     let cache = Cache::open(Some(&opts.root)).map_err(|e| format!("{e:#}"))?;
@@ -379,7 +407,7 @@ pub fn run(
         {
             match entry.check(&inputs) {
                 Ok(meta) => {
-                    return restore(def, image, &cache, &entry, &meta, payload, shared)
+                    return restore(&target, &cache, &entry, &meta, payload, shared)
                         .map(|r| (r, created))
                 }
                 Err(Some(why)) if created => {
@@ -399,7 +427,7 @@ pub fn run(
             {
                 // Another test may have written it between our two locks.
                 if entry.check(&inputs).is_err() {
-                    create(def, image, &cache, &entry, &inputs, &excl)?;
+                    create(&target, &cache, &entry, &inputs, &excl)?;
                     created = true;
                 }
                 drop(excl);
@@ -434,7 +462,7 @@ pub fn reseal(dir: &Path) -> Result<(), String> {
     let mut meta = entry
         .meta()
         .ok_or_else(|| format!("{}: no readable meta.json", dir.display()))?;
-    let (crc, len) = files_crc(&entry.files(meta.inputs.numa_nodes))
+    let (crc, len) = files_crc(&entry.files(meta.inputs.ram_files()))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
     meta.state_crc = format!("{crc:08x}");
     meta.state_len = len;
@@ -445,9 +473,15 @@ pub fn reseal(dir: &Path) -> Result<(), String> {
     .map_err(|e| format!("writing {}: {e}", entry.meta_path().display()))
 }
 
+/// The test and kernel a save is for, and the backend that makes it.
+struct Target<'a> {
+    def: &'a TestDef,
+    image: &'a Path,
+    kind: BackendKind,
+}
+
 fn restore(
-    def: &TestDef,
-    image: &Path,
+    t: &Target,
     cache: &Cache,
     entry: &Entry,
     meta: &Meta,
@@ -455,10 +489,10 @@ fn restore(
     lock: EntryLock,
 ) -> Result<VmResult, String> {
     budget::touch(&entry.dir);
-    let timeout = Duration::from_secs(def.timeout_s + crate::host::BOOT_ALLOWANCE_S);
+    let timeout = Duration::from_secs(t.def.timeout_s + crate::host::BOOT_ALLOWANCE_S);
     let vm = ready_vm(
-        def,
-        image,
+        t.def,
+        t.image,
         &entry.initrd(),
         timeout,
         Start::Restore {
@@ -466,6 +500,7 @@ fn restore(
             checksum: meta.checksum().unwrap_or_default(),
             payload,
         },
+        t.kind,
     )
     .map_err(|e| e.to_string())?;
     match vm.run() {
@@ -484,14 +519,7 @@ fn restore(
 
 /// Boots the ready VM, saves it and stores the save at `entry` (we hold
 /// its exclusive lock): built in a temp dir beside it, then renamed.
-fn create(
-    def: &TestDef,
-    image: &Path,
-    cache: &Cache,
-    entry: &Entry,
-    inputs: &KeyInputs,
-    _lock: &EntryLock,
-) -> Result<(), String> {
+fn create(t: &Target, cache: &Cache, entry: &Entry, inputs: &KeyInputs, _lock: &EntryLock) -> Result<(), String> {
     // Locked while we write; a later Cache::open removes it if we are killed.
     let tmp = cache.temp_build(&inputs.key()).map_err(|e| format!("{e:#}"))?;
     let staged = Entry {
@@ -508,13 +536,14 @@ fn create(
     )
     .map_err(|e| format!("writing {}: {e}", staged.initrd().display()))?;
     let vm = ready_vm(
-        def,
-        image,
+        t.def,
+        t.image,
         &staged.initrd(),
         READY_TIMEOUT,
         Start::Save {
             state: staged.state(),
         },
+        t.kind,
     )
     .map_err(|e| e.to_string())?;
     let r = vm
@@ -527,7 +556,7 @@ fn create(
             r.console_tail(5)
         ));
     }
-    let (crc, len) = files_crc(&staged.files(inputs.numa_nodes))
+    let (crc, len) = files_crc(&staged.files(inputs.ram_files()))
         .map_err(|e| format!("reading the new save: {e}"))?;
     let save = r.timings.snapshot.unwrap_or_default();
     let meta = Meta {
@@ -591,7 +620,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = fake_image(dir.path());
         let of = |d: &TestDef| {
-            KeyInputs::with_qemu(d, &img, "QEMU emulator version 7.2.22".into()).unwrap()
+            KeyInputs::with_vmm(d, &img, BackendKind::QemuTcg, "QEMU emulator version 7.2.22".into()).unwrap()
         };
         let base = of(&def(512));
         assert_eq!(of(&def(512)).key(), base.key(), "same inputs, same key");
@@ -618,12 +647,34 @@ mod tests {
         for tweak in [
             |k: &mut KeyInputs| k.kconfig.push('x'),
             |k: &mut KeyInputs| k.runtime.push('x'),
-            |k: &mut KeyInputs| k.qemu.push('x'),
+            |k: &mut KeyInputs| k.vmm.push('x'),
+            |k: &mut KeyInputs| k.backend.push('x'),
         ] {
             let mut k = base.clone();
             tweak(&mut k);
             assert_ne!(k.key(), base.key());
         }
+    }
+
+    #[test]
+    fn kvm_keys_name_the_backend_and_its_vm_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = fake_image(dir.path());
+        let kvm = |d: &TestDef| KeyInputs::with_vmm(d, &img, BackendKind::Kvm, "kvm host".into()).unwrap();
+        let base = kvm(&def(512));
+        let tcg = KeyInputs::with_vmm(&def(512), &img, BackendKind::QemuTcg, "kvm host".into()).unwrap();
+        assert_ne!(base.key(), tcg.key(), "a QEMU save is never restored on KVM");
+        assert!(base.vm.starts_with("kvm state-format="), "{}", base.vm);
+        assert!(base.vm.contains(READY_ARG), "the command line is in the key: {}", base.vm);
+        assert_eq!(kvm(&def(512)).key(), base.key());
+        assert_ne!(kvm(&def(768)).key(), base.key());
+        let llcs = kvm(&TestDef { topology: crate::vmm::Topology::new(1, 2, 2, 1), ..def(512) });
+        let flat = kvm(&TestDef { topology: crate::vmm::Topology::cpus(4), ..def(512) });
+        assert_ne!(llcs.key(), flat.key(), "same CPU count, other shape");
+        // One RAM file for all of RAM, whatever the NUMA nodes.
+        let numa = KeyInputs { numa_nodes: 2, ..base.clone() };
+        assert_eq!((numa.ram_files(), KeyInputs { numa_nodes: 2, ..tcg }.ram_files()), (1, 2));
+        assert!(crate::vmm::kvm::host_fingerprint().contains("state format"));
     }
 
     #[test]
@@ -659,7 +710,8 @@ mod tests {
             vm: "args".into(),
             kconfig: "k".into(),
             runtime: runtime_fingerprint(),
-            qemu: "QEMU 7.2".into(),
+            backend: BackendKind::QemuTcg.to_string(),
+            vmm: "QEMU 7.2".into(),
         };
         assert_eq!(e.check(&inputs).err(), Some(None), "no save yet");
         std::fs::create_dir(&e.dir).unwrap();

@@ -1,13 +1,28 @@
 //! A save's files read once: the data extents of sparse files (found with
 //! SEEK_DATA/SEEK_HOLE; guest RAM is mostly holes) fed to a CRC32, and,
 //! for a restore, copied into the VM's own RAM files at the same time.
+//!
+//! The sum covers each non-zero 4 KiB page with its offset and skips zero
+//! pages, so it is the same whether a zero page is a hole or allocated: a
+//! KVM restore maps the RAM file privately, and on tmpfs a guest reading
+//! a hole fills it with a zero page (SEEK_DATA then reports data there).
 
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-/// CRC32 over files' lengths, data offsets and data, and the bytes read.
+const PAGE: u64 = 4096;
+
+/// True if every byte of `b` is zero (8 bytes at a time).
+pub fn is_zero(b: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to keeps every byte in one of the three parts.
+    let (head, mid, tail) = unsafe { b.align_to::<u64>() };
+    head.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+}
+
+/// CRC32 over files' lengths and their non-zero pages (offset and data),
+/// and how many bytes those pages hold.
 #[derive(Default)]
 pub struct Crc {
     h: crc32fast::Hasher,
@@ -45,24 +60,39 @@ impl Crc {
             if hole < 0 {
                 return Err(io::Error::last_os_error());
             }
-            self.h.update(&data.to_le_bytes());
             let mut off = data as u64;
             while off < hole as u64 {
                 let n = buf.len().min((hole as u64 - off) as usize);
                 from.read_exact_at(&mut buf[..n], off)?;
-                self.h.update(&buf[..n]);
+                self.pages(off, &buf[..n]);
                 if let Some(t) = &to {
                     t.write_all_at(&buf[..n], off)?;
                 }
                 off += n as u64;
             }
-            self.read += hole as u64 - data as u64;
             pos = hole;
         }
         Ok(())
     }
 
-    /// The CRC32 and the data bytes read.
+    /// Feeds the non-zero pages of `data`, read at file offset `off`.
+    fn pages(&mut self, off: u64, data: &[u8]) {
+        // Pages are counted from the file's start: extents may begin mid-page.
+        let mut at = 0;
+        while at < data.len() {
+            let page_end = ((off + at as u64) / PAGE + 1) * PAGE;
+            let n = ((page_end - off) as usize - at).min(data.len() - at);
+            let p = &data[at..at + n];
+            if !is_zero(p) {
+                self.h.update(&(off + at as u64).to_le_bytes());
+                self.h.update(p);
+                self.read += n as u64;
+            }
+            at += n;
+        }
+    }
+
+    /// The CRC32 and the bytes of non-zero pages.
     pub fn finish(self) -> (u32, u64) {
         (self.h.finalize(), self.read)
     }
@@ -120,5 +150,26 @@ mod tests {
         f.write_all_at(&[0xac], 18 << 20).unwrap();
         assert_ne!(files_crc(&[src]).unwrap().0, crc);
         assert!(Crc::default().file(&dir.path().join("missing"), Some(&dst)).is_err());
+    }
+
+    #[test]
+    fn sum_is_the_same_for_a_hole_and_an_allocated_zero_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ram0");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(b"data", 8192 + 100).unwrap();
+        let sparse = files_crc(std::slice::from_ref(&p)).unwrap();
+        assert_eq!(sparse.1, 4096, "one non-zero page");
+        // Zeros written over holes (what tmpfs does when a private mapping reads them).
+        f.write_all_at(&[0u8; 8192], 0).unwrap();
+        f.write_all_at(&[0u8; 4096], 12288).unwrap();
+        assert_eq!(files_crc(std::slice::from_ref(&p)).unwrap(), sparse);
+        let sparse = sparse.0;
+        // A page that became zero, and a moved byte, are changes.
+        f.write_all_at(&[0u8; 4], 8192 + 100).unwrap();
+        assert_ne!(files_crc(std::slice::from_ref(&p)).unwrap().0, sparse);
+        f.write_all_at(b"data", 8192 + 101).unwrap();
+        assert_ne!(files_crc(std::slice::from_ref(&p)).unwrap().0, sparse);
     }
 }

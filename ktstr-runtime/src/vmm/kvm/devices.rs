@@ -10,7 +10,7 @@ use vm_superio::{I8042Device, Trigger};
 
 use super::acpi::{PM1A_CNT_PORT, PM1A_EVT_PORT, RESET_PORT, SLP_EN, SLP_TYP_S5};
 use super::memory::{SCRATCH_MMIO, SCRATCH_MMIO_SIZE};
-use super::serial::{Uart, COM1_BASE, COM2_BASE};
+use super::serial::{Uart, UartState, COM1_BASE, COM2_BASE};
 use crate::channel::DOORBELL_PORT;
 
 /// Port whose writes are logged in `Outcome::port_writes`; reads return
@@ -76,6 +76,17 @@ pub struct Devices {
     pub doorbells: u64,
 }
 
+/// What a restored VM's devices must carry over; the logs and counters
+/// start afresh, as for a new run. (The i8042 keeps only its reset latch.)
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceState {
+    pub com: [UartState; 2],
+    /// PM1 status, enable and control.
+    pub pm1: [u16; 3],
+    pub test_last: u32,
+    pub scratch: Vec<u8>,
+}
+
 fn le(data: &[u8]) -> u32 {
     let mut b = [0u8; 4];
     let n = data.len().min(4);
@@ -104,6 +115,26 @@ impl Devices {
             mmio_writes: Vec::new(),
             scratch: vec![0; SCRATCH_MMIO_SIZE as usize],
             doorbells: 0,
+        }
+    }
+
+    /// This state, for a save.
+    pub fn state(&self) -> DeviceState {
+        DeviceState {
+            com: [self.com1.state().into(), self.com2.state().into()],
+            pm1: [self.pm1_sts, self.pm1_en, self.pm1_cnt],
+            test_last: self.test_last,
+            scratch: self.scratch.clone(),
+        }
+    }
+
+    /// Takes a saved state's registers (the UARTs are rebuilt from theirs
+    /// by [`super::serial::uart_from`]).
+    pub fn set_state(&mut self, s: &DeviceState) {
+        [self.pm1_sts, self.pm1_en, self.pm1_cnt] = s.pm1;
+        self.test_last = s.test_last;
+        if s.scratch.len() == self.scratch.len() {
+            self.scratch.copy_from_slice(&s.scratch);
         }
     }
 

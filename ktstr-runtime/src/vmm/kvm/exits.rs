@@ -53,6 +53,8 @@ pub enum Cause {
     PanicSeen,
     /// The host ended the run through the console link.
     Stopped,
+    /// The host paused every vCPU to save the VM ([`super::Machine::run_and_save`]).
+    Saved,
     Host(String),
 }
 
@@ -72,7 +74,7 @@ impl Cause {
             )),
             Cause::Timeout => ExitKind::Timeout,
             Cause::PanicSeen => ExitKind::Panic,
-            Cause::Stopped => ExitKind::Stopped,
+            Cause::Stopped | Cause::Saved => ExitKind::Stopped,
             Cause::Host(m) => ExitKind::HostError(m.clone()),
         }
     }
@@ -87,8 +89,14 @@ pub struct Shared {
     pub channel: Option<ChannelRegion>,
     pub started: Instant,
     pub to_init: Mutex<Option<Duration>>,
+    /// First vCPU start until the guest's `BODY` record, and how far the
+    /// channel's records have been scanned for it.
+    pub to_body: Mutex<(Option<Duration>, u64)>,
     /// Each vCPU's state when its thread left the run loop, by index.
     pub vcpu_states: Mutex<Vec<(usize, String)>>,
+    /// The host is still writing a restored guest's payload into the
+    /// channel region: what is there is the ready init's, not this run's.
+    pub inbox: AtomicBool,
 }
 
 impl Shared {
@@ -101,9 +109,35 @@ impl Shared {
         self.cv.notify_all();
     }
 
-    /// A doorbell: the guest may have just sent its INIT message.
+    /// A doorbell: the guest may have just sent its INIT or BODY message.
     pub fn on_doorbell(&self) {
         self.note_init();
+        self.note_body();
+    }
+
+    /// Marks `to_body` once the channel holds a `BODY` record, reading
+    /// only the record headers written since the last call.
+    pub fn note_body(&self) {
+        let Some(ch) = self.channel else { return };
+        if self.inbox.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let mut g = self.to_body.lock().unwrap();
+        if g.0.is_some() {
+            return;
+        }
+        let mut head = [0u8; 24];
+        if self.mem.read_slice(&mut head, GuestAddress(ch.gpa)).is_err() || &head[..8] != channel::MAGIC {
+            return;
+        }
+        let committed = u64::from_le_bytes(head[16..24].try_into().unwrap()).min(ch.size.saturating_sub(channel::HEADER_SIZE));
+        let kinds = channel::scan_kinds(committed, &mut g.1, |off, len| {
+            let mut v = vec![0u8; len];
+            self.mem.read_slice(&mut v, GuestAddress(ch.gpa + off)).ok().map(|()| v)
+        });
+        if kinds.contains(&kind::BODY) {
+            g.0 = Some(self.started.elapsed());
+        }
     }
 
     /// Marks `to_init` the first time the channel holds the guest's INIT
@@ -111,6 +145,9 @@ impl Shared {
     /// kernel without ioperm (CONFIG_X86_IOPL_IOPERM off) rings none.
     pub fn note_init(&self) {
         let Some(ch) = self.channel else { return };
+        if self.inbox.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let mut t = self.to_init.lock().unwrap();
         if t.is_some() {
             return;
@@ -125,6 +162,23 @@ impl Shared {
         {
             *t = Some(self.started.elapsed());
         }
+    }
+
+    /// True once the guest published a message of `kind` in the first
+    /// `READY_UPLINK` bytes (the ready point's messages are few).
+    pub fn channel_has(&self, kind: u32) -> bool {
+        let Some(ch) = self.channel else { return false };
+        let mut head = [0u8; 24];
+        if self.mem.read_slice(&mut head, GuestAddress(ch.gpa)).is_err() || &head[..8] != channel::MAGIC {
+            return false;
+        }
+        let committed = u64::from_le_bytes(head[16..24].try_into().unwrap());
+        if committed == 0 || committed > crate::snapshot::payload::READY_UPLINK as u64 {
+            return false;
+        }
+        let mut v = vec![0u8; (channel::HEADER_SIZE + committed) as usize];
+        self.mem.read_slice(&mut v, GuestAddress(ch.gpa)).is_ok()
+            && channel::decode(&v).is_ok_and(|m| m.iter().any(|m| m.kind == kind))
     }
 
     /// The channel region's bytes, for `channel::decode`.

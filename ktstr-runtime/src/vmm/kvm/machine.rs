@@ -18,8 +18,10 @@ use super::devices::{Devices, MmioWrite, PortWrite};
 use super::exits::{Cause, EmulationFailure, Shared};
 use super::loader::BootEntry;
 use super::memory::{self, ACPI_BASE, RAW_CODE};
-use super::serial::{self, Capture, COM1_IRQ, COM2_IRQ};
+use super::serial::{self, Capture, UartState, COM1_IRQ, COM2_IRQ};
+use super::snapshot::{self, Files, GuestWindow, MachineState, SaveReport};
 use super::{acpi, gdt, loader, paging, vcpu};
+use crate::snapshot::payload::{Header, Payload, Progress, Sender};
 use crate::channel::{self, ChannelError, Message};
 use crate::vmm::error::ResourceSnapshot;
 use crate::vmm::{ChannelRegion, ConsoleLink, ExitKind, Topology, VmConfig, VmError};
@@ -46,6 +48,8 @@ pub struct Outcome {
     pub messages: Result<Vec<Message>, ChannelError>,
     pub setup: Duration,
     pub to_init: Option<Duration>,
+    /// First vCPU start until the guest's `BODY` record on the channel.
+    pub to_body: Option<Duration>,
     /// First vCPU start until the stop was seen.
     pub run_time: Duration,
     /// Stopping and joining the vCPU threads and closing the VM.
@@ -54,6 +58,10 @@ pub struct Outcome {
     pub vcpu_states: Vec<String>,
     /// Guest memory after the run, for inspection.
     pub memory: GuestMemoryMmap,
+    /// `run_and_save`: what the save wrote, if the save point was reached.
+    pub saved: Option<SaveReport>,
+    /// A payload set with `set_payload` that did not reach the guest, and why.
+    pub payload_error: Option<String>,
 }
 
 impl Outcome {
@@ -86,7 +94,25 @@ pub struct Machine {
     _irq_evts: Vec<EventFd>,
     created: Instant,
     loaded: bool,
+    memory_mib: u64,
+    /// KVM_GET_MSR_INDEX_LIST, for a save.
+    msr_list: Vec<u32>,
+    payload: Option<Sender<GuestWindow>>,
 }
+
+/// When `Machine::run_and_save` pauses the guest to save it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveAt {
+    /// The guest published `kind::READY` on the data channel (the ready point).
+    Ready,
+    /// This long after the first vCPU started.
+    After(Duration),
+    /// The guest rang the data channel's doorbell this many times.
+    Doorbells(u64),
+}
+
+/// How long a restored guest may sit on a chunk of its payload.
+const PAYLOAD_STALL: Duration = Duration::from_secs(30);
 
 fn kvm_err(what: &str, e: kvm_ioctls::Error) -> VmError {
     VmError::from_kvm_errno(what, e.errno())
@@ -144,6 +170,39 @@ impl Machine {
     /// A VM with `topo`'s vCPUs (configured, BSP not yet given an entry)
     /// and `memory_mib` of RAM.
     pub fn new(topo: Topology, memory_mib: u64) -> Result<Self, VmError> {
+        Self::build(topo, memory_mib, None)
+    }
+
+    /// A VM from a save (`Machine::run_and_save`): RAM mapped copy-on-write
+    /// from the RAM file, every vCPU, the irqchip, PIT, kvmclock and the
+    /// devices as they were. Run it with `run`.
+    pub fn restore(files: &Files) -> Result<Self, VmError> {
+        let created = Instant::now();
+        let st = MachineState::read(&files.state)?;
+        let mem = snapshot::map_ram(&files.ram, &st.ram)?;
+        let mut m = Self::build(st.topology, st.memory_mib, Some((mem, st.devices.com.clone())))?;
+        if m.vcpus.len() != st.vcpus.len() {
+            return Err(VmError::Snapshot(format!(
+                "{}: {} vCPU states for a topology of {}",
+                files.state.display(),
+                st.vcpus.len(),
+                m.vcpus.len()
+            )));
+        }
+        st.vm.write(&m.vm)?;
+        for (v, s) in m.vcpus.iter().zip(&st.vcpus) {
+            s.write(v)?;
+        }
+        m.devices.set_state(&st.devices);
+        m.channel = st.channel.map(|(gpa, size)| ChannelRegion { gpa, size });
+        m.created = created;
+        m.loaded = true;
+        Ok(m)
+    }
+
+    /// `from`: a restore's RAM and UART states; `None` for a new machine
+    /// (fresh RAM with the boot tables written).
+    fn build(topo: Topology, memory_mib: u64, from: Option<(GuestMemoryMmap, [UartState; 2])>) -> Result<Self, VmError> {
         let created = Instant::now();
         topo.validate().map_err(VmError::Topology)?;
         let max_apic_id = (0..topo.total_cpus()).map(|c| super::cpuid::apic_id(&topo, c)).max().unwrap_or(0);
@@ -159,7 +218,10 @@ impl Machine {
             return Err(VmError::HostLimit(format!("APIC id {max_apic_id} asked; this host's KVM allows vCPU ids below {max_id}")));
         }
         let vm = create_vm(&kvm)?;
-        let mem = memory::create(memory_mib)?;
+        let (mem, uart_states) = match from {
+            Some((mem, uarts)) => (mem, Some(uarts)),
+            None => (memory::create(memory_mib)?, None),
+        };
         for (slot, region) in mem.iter().enumerate() {
             let host = mem.get_host_address(region.start_addr()).map_err(|e| VmError::Host(anyhow::anyhow!("{e}")))?;
             let r = kvm_userspace_memory_region {
@@ -209,7 +271,10 @@ impl Machine {
             if i == 0 {
                 capture = capture.with_link(console.clone());
             }
-            uarts.push(serial::uart(clone, serial_irqs[i].clone(), capture));
+            uarts.push(match &uart_states {
+                Some(st) => serial::uart_from(&st[i], clone, serial_irqs[i].clone(), capture).map_err(VmError::Snapshot)?,
+                None => serial::uart(clone, serial_irqs[i].clone(), capture),
+            });
             evts.push(evt);
         }
         let com2 = uarts.pop().unwrap();
@@ -227,12 +292,14 @@ impl Machine {
             vcpu::configure(&v, i, &topo, &base_cpuid, msr_list.as_slice())?;
             vcpus.push(v);
         }
-        gdt::write(&mem).map_err(|e| VmError::Host(anyhow::anyhow!("writing the GDT: {e}")))?;
-        paging::write_identity_map(&mem).map_err(|e| VmError::Host(anyhow::anyhow!("writing page tables: {e}")))?;
-        let tables = acpi::build(&topo, memory_mib, ACPI_BASE);
-        assert!(tables.bytes.len() as u64 <= memory::ACPI_MAX);
-        mem.write_slice(&tables.bytes, GuestAddress(ACPI_BASE))
-            .map_err(|e| VmError::Host(anyhow::anyhow!("writing ACPI tables: {e}")))?;
+        if uart_states.is_none() {
+            gdt::write(&mem).map_err(|e| VmError::Host(anyhow::anyhow!("writing the GDT: {e}")))?;
+            paging::write_identity_map(&mem).map_err(|e| VmError::Host(anyhow::anyhow!("writing page tables: {e}")))?;
+            let tables = acpi::build(&topo, memory_mib, ACPI_BASE);
+            assert!(tables.bytes.len() as u64 <= memory::ACPI_MAX);
+            mem.write_slice(&tables.bytes, GuestAddress(ACPI_BASE))
+                .map_err(|e| VmError::Host(anyhow::anyhow!("writing ACPI tables: {e}")))?;
+        }
 
         Ok(Self {
             _kvm: kvm,
@@ -249,6 +316,9 @@ impl Machine {
             _irq_evts: evts,
             created,
             loaded: false,
+            memory_mib,
+            msr_list: msr_list.as_slice().to_vec(),
+            payload: None,
         })
     }
 
@@ -265,6 +335,15 @@ impl Machine {
         &self.vcpus[0]
     }
 
+    /// vCPU `index` (by index, not APIC id), for tests that start APs directly.
+    pub fn vcpu(&self, index: usize) -> Option<&VcpuFd> {
+        self.vcpus.get(index)
+    }
+
+    pub fn memory_mib(&self) -> u64 {
+        self.memory_mib
+    }
+
     pub fn topology(&self) -> Topology {
         self.topo
     }
@@ -278,6 +357,24 @@ impl Machine {
     /// Decode this region as the data channel when the run ends.
     pub fn set_channel(&mut self, ch: ChannelRegion) {
         self.channel = Some(ch);
+    }
+
+    /// The channel region (set, loaded with a kernel, or restored).
+    pub fn channel(&self) -> Option<ChannelRegion> {
+        self.channel
+    }
+
+    /// A restored guest at its ready point: `run` feeds it `payload`
+    /// through the channel's inbox (`snapshot::payload`) as it takes each
+    /// chunk; the first is in place before any vCPU runs.
+    pub fn set_payload(&mut self, payload: &Payload) -> Result<(), VmError> {
+        let ch = self.channel.ok_or_else(|| VmError::Payload("the restored VM has no data channel".into()))?;
+        let header = Header::now(payload).map_err(|e| VmError::Payload(format!("payload header: {e}")))?;
+        let w = GuestWindow { mem: self.mem.clone(), base: ch.gpa };
+        let mut tx = Sender::new(w, ch.size as usize, payload, &header).map_err(|e| VmError::Payload(format!("payload: {e}")))?;
+        tx.pump().map_err(|e| VmError::Payload(format!("writing the first chunk of the test: {e}")))?;
+        self.payload = Some(tx);
+        Ok(())
     }
 
     /// Copies `code` to `RAW_CODE` and enters it in 64-bit mode with
@@ -312,12 +409,39 @@ impl Machine {
     /// Runs every vCPU on its own thread until the guest stops it, a
     /// vCPU fails, or `timeout` passes; then stops and joins them all.
     pub fn run(self, timeout: Duration) -> Result<Outcome, VmError> {
+        self.run_inner(timeout, None)
+    }
+
+    /// `run`, but when `at` comes first the vCPUs are paused, the VM is
+    /// saved to `files` (`Outcome::saved`) and the run ends with
+    /// `ExitKind::Stopped`. A guest that stops by itself first is not saved.
+    pub fn run_and_save(self, timeout: Duration, at: SaveAt, files: &Files) -> Result<Outcome, VmError> {
+        self.run_inner(timeout, Some((at, files)))
+    }
+
+    fn run_inner(self, timeout: Duration, save: Option<(SaveAt, &Files)>) -> Result<Outcome, VmError> {
         if !self.loaded {
             return Err(VmError::Host(anyhow::anyhow!("Machine::run before anything was loaded")));
         }
         let setup = self.created.elapsed();
-        let Machine { _kvm, vm, mem, vcpus, channel, devices, com_bufs, serial_irqs, panic_seen, console, _irq_evts, .. } =
-            self;
+        let Machine {
+            _kvm,
+            vm,
+            mem,
+            vcpus,
+            channel,
+            devices,
+            com_bufs,
+            serial_irqs,
+            panic_seen,
+            console,
+            _irq_evts,
+            topo,
+            memory_mib,
+            msr_list,
+            mut payload,
+            ..
+        } = self;
         let shared = Arc::new(Shared {
             devices: Mutex::new(devices),
             stop: AtomicBool::new(false),
@@ -327,7 +451,9 @@ impl Machine {
             channel,
             started: Instant::now(),
             to_init: Mutex::new(None),
+            to_body: Mutex::new((None, 0)),
             vcpu_states: Mutex::new(Vec::new()),
+            inbox: AtomicBool::new(payload.is_some()),
         });
         let mut threads = Vec::new();
         let mut spawn_err = None;
@@ -347,6 +473,8 @@ impl Machine {
 
         let deadline = shared.started + timeout;
         let mut panic_deadline: Option<Instant> = None;
+        let mut payload_error = None;
+        let mut payload_since = Instant::now();
         let cause = {
             let mut g = shared.cause.lock().unwrap();
             loop {
@@ -354,6 +482,7 @@ impl Machine {
                     break c;
                 }
                 shared.note_init();
+                shared.note_body();
                 let now = Instant::now();
                 if panic_deadline.is_none() && panic_seen.load(Ordering::Acquire) {
                     // Give the guest a moment to print the trace and reboot.
@@ -364,6 +493,36 @@ impl Machine {
                 }
                 if now >= deadline {
                     break Cause::Timeout;
+                }
+                if let Some((at, _)) = save {
+                    if save_point(at, &shared, now) {
+                        break Cause::Saved;
+                    }
+                }
+                if let Some(tx) = payload.as_mut() {
+                    match tx.pump() {
+                        Ok(Progress::Done) => {
+                            payload = None;
+                            shared.inbox.store(false, Ordering::Release);
+                        }
+                        Ok(Progress::Sent) => payload_since = now,
+                        Ok(Progress::Waiting) if now - payload_since < PAYLOAD_STALL => {}
+                        Ok(Progress::Waiting) => {
+                            let why = format!(
+                                "the restored guest stopped taking its test after {} of {} bytes ({}s without progress)",
+                                tx.sent(),
+                                tx.total(),
+                                PAYLOAD_STALL.as_secs()
+                            );
+                            payload_error = Some(why.clone());
+                            break Cause::Host(why);
+                        }
+                        Err(e) => {
+                            let why = format!("writing the test into the restored guest: {e}");
+                            payload_error = Some(why.clone());
+                            break Cause::Host(why);
+                        }
+                    }
                 }
                 if let Some(link) = console.get() {
                     if link.stopped() {
@@ -385,17 +544,43 @@ impl Machine {
                 if let Some(p) = panic_deadline {
                     wake = wake.min(p);
                 }
-                // Poll the panic flag at least every 50 ms, keys every 10 ms.
-                let poll = if console.get().is_some() { 10 } else { 50 };
+                // Poll the panic flag at least every 50 ms; keys, a save
+                // point and a payload every 2-10 ms.
+                let poll = if payload.is_some() {
+                    2
+                } else if console.get().is_some() || save.is_some() {
+                    10
+                } else {
+                    50
+                };
                 let wait = (wake - now).min(Duration::from_millis(poll));
                 g = shared.cv.wait_timeout(g, wait).unwrap().0;
             }
         };
         let run_time = shared.started.elapsed();
+        // The guest may have taken the last chunk and gone on between two polls.
+        if let Some(tx) = payload.as_mut() {
+            if matches!(tx.pump(), Ok(Progress::Done)) {
+                shared.inbox.store(false, Ordering::Release);
+                shared.note_init();
+            } else {
+                payload_error.get_or_insert(format!(
+                    "the restored VM ended ({cause:?}) after taking {} of {} bytes of its test",
+                    tx.sent(),
+                    tx.total()
+                ));
+            }
+        }
         // Recorded before the stop so every vCPU thread sees why it ends.
         shared.finish(cause.clone());
         let t = Instant::now();
-        stop_all(&shared, threads);
+        let vcpus = stop_all(&shared, threads);
+        let mut saved = None;
+        if let (Cause::Saved, Some((_, files))) = (&cause, save) {
+            let what = snapshot::SaveWhat { vm: &vm, vcpus: &vcpus, mem: &mem, topo, memory_mib, msr_list: &msr_list, channel };
+            saved = Some(snapshot::save(&what, &shared, files, t)?);
+        }
+        drop(vcpus);
         // Closing the VM is most of the teardown: the kernel waits out an
         // RCU grace period per in-kernel device (PIC, IOAPIC, PIT).
         drop(vm);
@@ -406,7 +591,9 @@ impl Machine {
             let d = shared.devices.lock().unwrap();
             (d.port_writes.clone(), d.mmio_writes.clone(), d.doorbells)
         };
+        shared.note_body();
         let to_init = *shared.to_init.lock().unwrap();
+        let to_body = shared.to_body.lock().unwrap().0;
         let mut states = std::mem::take(&mut *shared.vcpu_states.lock().unwrap());
         states.sort();
         let vcpu_states = states.into_iter().map(|(i, s)| format!("vCPU {i}: {s}")).collect();
@@ -427,17 +614,30 @@ impl Machine {
             messages,
             setup,
             to_init,
+            to_body,
             run_time,
             teardown,
             vcpu_states,
             memory: mem,
+            saved,
+            payload_error,
         })
     }
 }
 
+/// Whether the guest reached `at`.
+fn save_point(at: SaveAt, shared: &Shared, now: Instant) -> bool {
+    match at {
+        SaveAt::After(d) => now - shared.started >= d,
+        SaveAt::Doorbells(n) => shared.devices.lock().unwrap().doorbells >= n,
+        SaveAt::Ready => shared.channel_has(channel::kind::READY),
+    }
+}
+
 /// Sets the stop flag and kicks every vCPU thread out of KVM_RUN until
-/// all have exited, then joins them.
-fn stop_all(shared: &Shared, threads: Vec<std::thread::JoinHandle<()>>) {
+/// all have exited, then joins them; returns the vCPUs of the threads
+/// that did not panic, in order.
+fn stop_all(shared: &Shared, threads: Vec<std::thread::JoinHandle<VcpuFd>>) -> Vec<VcpuFd> {
     shared.stop.store(true, Ordering::Release);
     let sig = vcpu::kick_signal();
     let mut pause = Duration::from_micros(200);
@@ -449,7 +649,5 @@ fn stop_all(shared: &Shared, threads: Vec<std::thread::JoinHandle<()>>) {
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(10));
     }
-    for t in threads {
-        let _ = t.join();
-    }
+    threads.into_iter().filter_map(|t| t.join().ok()).collect()
 }

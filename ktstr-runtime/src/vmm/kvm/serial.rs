@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -84,6 +84,59 @@ pub fn uart(evt: EventFd, irq_count: Arc<AtomicU64>, out: Capture) -> Uart {
     Serial::new(IrqTrigger { evt, count: irq_count }, out)
 }
 
+/// A UART's registers and receive FIFO, for snapshots (vm-superio's
+/// `SerialState`, which has no serde).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UartState {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub regs: [u8; 9],
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for UartState {
+    fn from(s: SerialState) -> Self {
+        Self {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&UartState> for SerialState {
+    fn from(u: &UartState) -> Self {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            u.regs;
+        SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: u.in_buffer.clone(),
+        }
+    }
+}
+
+/// [`uart`] in the state `state` (a restored VM's UART).
+pub fn uart_from(state: &UartState, evt: EventFd, irq_count: Arc<AtomicU64>, out: Capture) -> Result<Uart, String> {
+    Serial::from_state(&state.into(), IrqTrigger { evt, count: irq_count }, NoEvents, out)
+        .map_err(|e| format!("UART state: {e:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +178,25 @@ mod tests {
         assert_eq!(u.read(5) & 1, 1);
         assert_eq!((u.read(0), u.read(0)), (b'x', b'y'));
         assert_eq!(u.read(5) & 1, 0);
+    }
+
+    #[test]
+    fn uart_state_round_trips() {
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let cap = || Capture::new(Arc::new(Mutex::new(Vec::new())), None);
+        let mut u = uart(evt(), Arc::new(AtomicU64::new(0)), cap());
+        u.write(3, 0x80).unwrap(); // LCR.DLAB: the divisor latch
+        u.write(0, 3).unwrap();
+        u.write(3, 0x03).unwrap(); // 8N1
+        u.write(1, 0x01).unwrap(); // IER: receive interrupts
+        u.write(7, 0x5a).unwrap(); // scratch
+        u.enqueue_raw_bytes(b"hi").unwrap();
+        let st = UartState::from(u.state());
+        assert_eq!(st.in_buffer, b"hi");
+        let json = serde_json::to_string(&st).unwrap();
+        let back: UartState = serde_json::from_str(&json).unwrap();
+        let mut r = uart_from(&back, evt(), Arc::new(AtomicU64::new(0)), cap()).unwrap();
+        assert_eq!(r.state(), u.state());
+        assert_eq!((r.read(7), r.read(1), r.read(0), r.read(0)), (0x5a, 0x01, b'h', b'i'));
     }
 }

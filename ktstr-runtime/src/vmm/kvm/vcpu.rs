@@ -123,8 +123,9 @@ pub fn install_kick_handler() -> Result<(), VmError> {
         .map_err(|e| VmError::Host(anyhow::anyhow!("installing the vCPU kick handler: errno {e}")))
 }
 
-/// Runs one vCPU until the VM stops; reports why through `shared`.
-pub fn run_loop(index: usize, mut vcpu: VcpuFd, shared: Arc<Shared>) {
+/// Runs one vCPU until the VM stops; reports why through `shared`, and
+/// hands the vCPU back (a save reads its state).
+pub fn run_loop(index: usize, mut vcpu: VcpuFd, shared: Arc<Shared>) -> VcpuFd {
     RUN.with(|r| r.set(vcpu.get_kvm_run() as *mut kvm_run));
     loop {
         if shared.stop.load(Ordering::Acquire) {
@@ -182,10 +183,31 @@ pub fn run_loop(index: usize, mut vcpu: VcpuFd, shared: Arc<Shared>) {
             break;
         }
     }
+    let cause = shared.cause.lock().unwrap().clone();
+    if matches!(cause, Some(Cause::Saved)) {
+        if let Err(e) = complete_io(&mut vcpu) {
+            shared.vcpu_states.lock().unwrap().push((index, format!("completing its last I/O exit: {e}")));
+        }
+    }
     RUN.with(|r| r.set(std::ptr::null_mut()));
     // Only a timeout needs the diagnosis (and its few dozen ioctls).
-    if matches!(*shared.cause.lock().unwrap(), Some(Cause::Timeout)) {
+    if matches!(cause, Some(Cause::Timeout)) {
         shared.vcpu_states.lock().unwrap().push((index, describe(&vcpu, &shared.mem)));
+    }
+    vcpu
+}
+
+/// Finishes the exit the vCPU last left KVM_RUN for (a port or MMIO
+/// access: KVM writes an IN's value and steps RIP only on the next
+/// KVM_RUN) without running a guest instruction, so its saved state is
+/// consistent (the KVM API's advice before migration).
+pub fn complete_io(vcpu: &mut VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    vcpu.set_kvm_immediate_exit(1);
+    let r = vcpu.run().map(drop);
+    vcpu.set_kvm_immediate_exit(0);
+    match r {
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+        other => other,
     }
 }
 
