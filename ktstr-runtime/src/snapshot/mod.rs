@@ -322,6 +322,10 @@ impl Entry {
     pub fn meta_path(&self) -> PathBuf {
         self.dir.join("meta.json")
     }
+    /// The ready boot's console: a restored test's console.log starts with it.
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
     /// The files a restore reads: the state, then the `rams` RAM files
     /// ([`KeyInputs::ram_files`]).
     pub fn files(&self, rams: u32) -> Vec<PathBuf> {
@@ -504,7 +508,10 @@ fn restore(
     )
     .map_err(|e| e.to_string())?;
     match vm.run() {
-        Ok(r) => Ok(r),
+        Ok(mut r) => {
+            r.console = with_boot_console(entry, &r.console);
+            Ok(r)
+        }
         Err(VmError::Snapshot(why)) => {
             drop(lock);
             // A save that cannot be restored is removed; the next test writes it again.
@@ -515,6 +522,14 @@ fn restore(
         // cross) is not the save's fault: it stays for the next test.
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// A restored VM's console after the boot that made its save, so a
+/// test's console.log has the kernel's boot messages as a cold boot's does.
+fn with_boot_console(entry: &Entry, restored: &str) -> String {
+    let Ok(boot) = std::fs::read_to_string(entry.console()) else { return restored.to_string() };
+    let sep = if boot.is_empty() || boot.ends_with('\n') { "" } else { "\n" };
+    format!("{boot}{sep}ktstr: restored from snapshot {} (above: the boot that made it)\n{restored}", entry_key(entry))
 }
 
 /// Boots the ready VM, saves it and stores the save at `entry` (we hold
@@ -556,6 +571,8 @@ fn create(t: &Target, cache: &Cache, entry: &Entry, inputs: &KeyInputs, _lock: &
             r.console_tail(5)
         ));
     }
+    std::fs::write(staged.console(), &r.console)
+        .map_err(|e| format!("writing {}: {e}", staged.console().display()))?;
     let (crc, len) = files_crc(&staged.files(inputs.ram_files()))
         .map_err(|e| format!("reading the new save: {e}"))?;
     let save = r.timings.snapshot.unwrap_or_default();
@@ -755,6 +772,19 @@ mod tests {
         std::fs::remove_file(e.dir.join("ram0")).unwrap();
         assert!(copy(&e).unwrap_err().contains("copying"));
         assert!(e.check(&inputs).unwrap_err().unwrap().contains("ram0 is missing"));
+    }
+
+    #[test]
+    fn restored_console_follows_the_boot_that_made_the_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Entry { dir: dir.path().join("k1") };
+        std::fs::create_dir(&e.dir).unwrap();
+        assert_eq!(with_boot_console(&e, "after\n"), "after\n", "a save without its boot console");
+        std::fs::write(e.console(), "Linux version 6.12\nREADY").unwrap();
+        assert_eq!(
+            with_boot_console(&e, "ktstr: guest: running t\n"),
+            "Linux version 6.12\nREADY\nktstr: restored from snapshot k1 (above: the boot that made it)\nktstr: guest: running t\n"
+        );
     }
 
     #[test]
