@@ -49,20 +49,30 @@ fn repo() -> PathBuf {
 }
 
 /// The newest test binary `NAME-HASH` next to this one (cargo puts every
-/// integration test binary of the crate in the same deps directory).
-fn sibling_binary(name: &str) -> Option<PathBuf> {
+/// integration test binary of the crate in the same deps directory) that
+/// lists `marker` (a bench target of another crate can share the name).
+fn sibling_binary(name: &str, marker: &str) -> Option<PathBuf> {
     let me = std::env::current_exe().ok()?;
     let dir = me.parent()?;
     let prefix = format!("{name}-");
-    std::fs::read_dir(dir)
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok())
         .filter(|e| {
             let n = e.file_name().to_string_lossy().into_owned();
             n.starts_with(&prefix) && !n.contains('.') && e.metadata().is_ok_and(|m| m.is_file() && m.len() > 0)
         })
-        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-        .map(|e| e.path())
+        .filter_map(|e| Some((e.metadata().and_then(|m| m.modified()).ok()?, e.path())))
+        .collect();
+    found.sort();
+    found.into_iter().rev().map(|(_, p)| p).find(|p| {
+        Command::new(p)
+            .args(["--list", "--format", "terse"])
+            .env("NEXTEST", "1")
+            .env_remove("KTSTR_KERNEL_LIST")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with(marker)))
+    })
 }
 
 fn on_path(cmd: &str) -> bool {
@@ -184,7 +194,7 @@ fn kvm_backend_passes_under_nested_kvm() {
         return;
     }
     let Some((deb, ktstr)) = rig_kernels() else { return };
-    let (Some(examples), Some(sched_ext)) = (sibling_binary("examples"), sibling_binary("sched_ext")) else {
+    let (Some(examples), Some(sched_ext)) = (sibling_binary("examples", "ktstr/spinners_all_make_progress"), sibling_binary("sched_ext", "ktstr/scx_simple_workload")) else {
         premise(false, "the examples and sched_ext test binaries", "cargo build -p ktstr-tests --tests");
         return;
     };
@@ -257,7 +267,7 @@ fn kvm_snapshots_pass_under_nested_kvm() {
         return;
     }
     let Some((_deb, ktstr)) = rig_kernels() else { return };
-    let Some(snapshot) = sibling_binary("snapshot") else {
+    let Some(snapshot) = sibling_binary("snapshot", "ktstr/snap_leaves_a_file") else {
         premise(false, "the snapshot test binary", "cargo build -p ktstr-tests --tests");
         return;
     };
