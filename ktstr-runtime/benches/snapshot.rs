@@ -90,6 +90,7 @@ fn main() {
             let store = tempfile::tempdir().unwrap();
             let opts = Options {
                 root: store.path().join("snapshots"),
+                explicit: true,
             };
             let mut failed = 0;
             let mut cold = Vec::new();

@@ -263,10 +263,11 @@ fn boot(
     let initrd = test_initramfs(def, found)?.build_cached().map_err(|e| Verdict::fail(format!("initramfs: {e:#}")))?;
     let restored = match snapshots {
         Some(opts) if snapshot::cold_boot_reason(def).is_none() => match snapshot::run(def, &found.image, &initrd, opts) {
-            Ok((r, created)) => {
+            Ok(Some((r, created))) => {
                 *start = StartKind::Restored { created };
                 Some(r)
             }
+            Ok(None) => None,
             Err(reason) => {
                 snapshot::warn_fallback(&reason);
                 *start = StartKind::Fallback { reason };

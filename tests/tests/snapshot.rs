@@ -148,6 +148,7 @@ fn private_store() -> (tempfile::TempDir, Options) {
     let dir = tempfile::tempdir().unwrap();
     let opts = Options {
         root: dir.path().join("snapshots"),
+        explicit: true,
     };
     (dir, opts)
 }
