@@ -13,7 +13,9 @@ use ktstr_runtime::vmm::kvm::serial::{COM1_BASE, COM2_BASE};
 use ktstr_runtime::testing;
 use ktstr_runtime::vmm::{BackendKind, ChannelRegion, ExitKind, Vm};
 
-const LOAD: u64 = 0x10_0000;
+mod common;
+
+use common::{bzimage, LOAD};
 
 fn guest(ch: ChannelRegion) -> Vec<u8> {
     let mut a = Asm::new(LOAD + 0x200);
@@ -39,20 +41,6 @@ fn guest(ch: ChannelRegion) -> Vec<u8> {
     a.finish()
 }
 
-fn bzimage(code: &[u8]) -> Vec<u8> {
-    let mut img = vec![0u8; 5 * 512];
-    img[0x1f1] = 4; // setup_sects
-    img[0x202..0x206].copy_from_slice(b"HdrS");
-    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    img[0x211] = 1; // LOADED_HIGH
-    img[0x214..0x218].copy_from_slice(&(LOAD as u32).to_le_bytes());
-    img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
-    img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
-    let mut body = vec![0xf4u8; 0x200]; // startup_32 slot: unused
-    body.extend_from_slice(code);
-    img.extend_from_slice(&body);
-    img
-}
 
 #[test]
 fn kvm_run_boots_a_stand_in_kernel() {

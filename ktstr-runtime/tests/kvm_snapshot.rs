@@ -6,6 +6,10 @@
 
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{bzimage, LOAD};
+
 use ktstr_runtime::channel::DOORBELL_PORT;
 use ktstr_runtime::testing;
 use ktstr_runtime::vmm::kvm::acpi::{PM1A_CNT_PORT, S5_POWER_OFF};
@@ -215,17 +219,23 @@ fn timer_program(target: u64, cpus: u32) -> (Vec<u8>, u64) {
     (a.finish(), h)
 }
 
-/// Loads the timer program into `m`, with every AP started directly in
-/// long mode at the same entry, its own stack.
-fn load_timer(m: &mut Machine, target: u64) {
-    let cpus = m.topology().total_cpus();
-    let (code, handler) = timer_program(target, cpus);
+/// Loads `code` into `m` with the IDT (timer vector -> `handler`) and
+/// its IDTR image at `DATA + 0x100`, where the programs `lidt` it.
+fn load_with_idt(m: &mut Machine, code: &[u8], handler: u64) {
     let mut idtr = [0u8; 10];
     idtr[..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
     idtr[2..].copy_from_slice(&IDT.to_le_bytes());
     m.memory().write_slice(&idtr, GuestAddress(DATA + 0x100)).unwrap();
     m.memory().write_slice(&idt_with_timer(handler), GuestAddress(IDT)).unwrap();
-    m.load_raw(&code).unwrap();
+    m.load_raw(code).unwrap();
+}
+
+/// Loads the timer program into `m`, with every AP started directly in
+/// long mode at the same entry, its own stack.
+fn load_timer(m: &mut Machine, target: u64) {
+    let cpus = m.topology().total_cpus();
+    let (code, handler) = timer_program(target, cpus);
+    load_with_idt(m, &code, handler);
     for i in 1..cpus as usize {
         let v = m.vcpu(i).unwrap();
         vcpu::set_entry(v, &BootEntry { rip: RAW_CODE, long_mode: true, params: 0 }).unwrap();
@@ -434,23 +444,7 @@ fn kvm_snapshot_keeps_irqchip_pit_uart_msrs_tsc_and_kvmclock() {
     }
 }
 
-/// Where a bzImage stand-in kernel loads (`kvm_run_fake_kernel.rs`).
-const LOAD: u64 = 0x10_0000;
 
-fn bzimage(code: &[u8]) -> Vec<u8> {
-    let mut img = vec![0u8; 5 * 512];
-    img[0x1f1] = 4; // setup_sects
-    img[0x202..0x206].copy_from_slice(b"HdrS");
-    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    img[0x211] = 1; // LOADED_HIGH
-    img[0x214..0x218].copy_from_slice(&(LOAD as u32).to_le_bytes());
-    img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
-    img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
-    let mut body = vec![0xf4u8; 0x200]; // startup_32 slot: unused
-    body.extend_from_slice(code);
-    img.extend_from_slice(&body);
-    img
-}
 
 /// Empty records of `kinds` as the channel's only messages, committed.
 fn publish(a: &mut Asm, ch: ktstr_runtime::vmm::ChannelRegion, kinds: &[u32]) {
@@ -600,12 +594,7 @@ fn pending_interrupt_program() -> (Vec<u8>, u64) {
 fn kvm_snapshot_keeps_a_pending_interrupt() {
     let Some(mut m) = machine(Topology::cpus(1), 64) else { return };
     let (code, handler) = pending_interrupt_program();
-    let mut idtr = [0u8; 10];
-    idtr[..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
-    idtr[2..].copy_from_slice(&IDT.to_le_bytes());
-    m.memory().write_slice(&idtr, GuestAddress(DATA + 0x100)).unwrap();
-    m.memory().write_slice(&idt_with_timer(handler), GuestAddress(IDT)).unwrap();
-    m.load_raw(&code).unwrap();
+    load_with_idt(&mut m, &code, handler);
     let dir = tempfile::tempdir().unwrap();
     let f = files(dir.path());
     let out = m.run_and_save(TIMEOUT, SaveAt::Doorbells(1), &f).unwrap();
