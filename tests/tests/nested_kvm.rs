@@ -5,8 +5,9 @@
 //! Debian cloud kernel, each test resized to each vCPU count
 //! (`KTSTR_CPUS`), on an outer guest of one vCPU (`NESTED_KVM_SMP=match`:
 //! one outer boot per count with as many; docs/vmm.md weighs the two).
-//! A second test runs the snapshot test binary in the rig: VM snapshots
-//! saved and restored by the KVM backend on a real kernel.
+//! Two more run the snapshot test binary in the rig (VM snapshots saved
+//! and restored by the KVM backend on both kernels) and ktstr-runtime's
+//! kvm_snapshot micro-guests.
 //!
 //! Slow (minutes of emulated CPU): runs only with `KTSTR_SLOW_TESTS=1`.
 //! By default (what CI runs) a subset at 1 and 2 vCPUs; with
@@ -282,9 +283,10 @@ fn run_output_takes_one_runs_lines() {
 /// VM snapshots on the KVM backend with real kernels: the snapshot test
 /// binary (saves at the ready point, restores, isolation, random bytes,
 /// the clock, corrupt and unloadable saves, payload failures) run inside
-/// the rig, where its backend is KVM, on the ktstr kernel and on the
-/// Debian one (whose init rings the doorbell from user space through
-/// ioperm: ktstr's kernel has no CONFIG_X86_IOPL_IOPERM).
+/// the rig, where its backend is KVM, on the ktstr kernel; and its
+/// `restored_` tests (the kernel-dependent part: a restored guest runs
+/// its test) on the Debian one, whose init rings the doorbell from user
+/// space through ioperm (ktstr's kernel has no CONFIG_X86_IOPL_IOPERM).
 #[test]
 fn kvm_snapshots_pass_under_nested_kvm() {
     if !slow_tests_enabled() {
@@ -306,7 +308,7 @@ fn kvm_snapshots_pass_under_nested_kvm() {
         .arg("--run")
         .arg("snap_ktstr=KTSTR_TEST_KERNEL=/k/ktstr/bzImage /t/snapshot --test-threads 1 --nocapture")
         .arg("--run")
-        .arg("snap_debian=KTSTR_TEST_KERNEL=/k/debian/bzImage /t/snapshot --test-threads 1 --nocapture")
+        .arg("snap_debian=KTSTR_TEST_KERNEL=/k/debian/bzImage /t/snapshot restored_ --test-threads 1 --nocapture")
         .output()
         .expect("running scripts/nested-kvm.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
