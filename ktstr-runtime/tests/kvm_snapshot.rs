@@ -15,9 +15,9 @@ use ktstr_runtime::testing;
 use ktstr_runtime::vmm::kvm::acpi::{PM1A_CNT_PORT, S5_POWER_OFF};
 use ktstr_runtime::vmm::kvm::asm::{Asm, Cond, Reg};
 use ktstr_runtime::vmm::kvm::devices::TEST_PORT;
-use ktstr_runtime::vmm::kvm::gdt::CODE64_SEL;
+use ktstr_runtime::vmm::kvm::gdt::{descriptor, CODE64_SEL, GDT};
 use ktstr_runtime::vmm::kvm::loader::BootEntry;
-use ktstr_runtime::vmm::kvm::memory::{LAPIC_ADDR, RAW_CODE};
+use ktstr_runtime::vmm::kvm::memory::{LAPIC_ADDR, PD0, PDPT, PML4, RAW_CODE};
 use ktstr_runtime::vmm::kvm::snapshot::Files;
 use ktstr_runtime::vmm::kvm::{vcpu, Machine, Outcome, SaveAt};
 use ktstr_runtime::vmm::{ExitKind, Topology};
@@ -650,4 +650,120 @@ fn kvm_snapshot_resumes_from_an_arbitrary_point() {
         let out = m.run(TIMEOUT).unwrap();
         assert_eq!(results(&out), want, "restore {i} ends with another result than the uninterrupted run");
     }
+}
+
+/// User mode's GDT, its TSS (with an I/O bitmap) and its stack.
+const USER_GDT: u64 = DATA + 0x1000;
+const USER_TSS: u64 = DATA + 0x2000;
+const USER_STACK: u64 = DATA + 0x8000;
+const USER_TSS_SEL: u16 = 0x20;
+const USER_DATA_SEL: u16 = 0x30;
+const USER_CODE_SEL: u16 = 0x38;
+/// Bitmap bytes (ports 0..0x800) past the 104-byte TSS, and the 0xff
+/// byte the architecture wants after them.
+const IO_BITMAP: usize = 0x100;
+
+/// A TSS whose I/O bitmap lets ring 3 write the test port, the doorbell
+/// and the ACPI control port (and nothing else), a GDT with that TSS
+/// (available, as a kernel's `ltr` finds it) and ring-3 flat segments,
+/// and the low 4 MiB (code, data, stack) user-accessible.
+fn setup_user_io(m: &Machine) {
+    let mem = m.memory();
+    let mut tss = vec![0u8; 104 + IO_BITMAP + 1];
+    tss[0x66..0x68].copy_from_slice(&104u16.to_le_bytes()); // I/O map base
+    tss[104..].fill(0xff);
+    for port in (TEST_PORT..TEST_PORT + 4).chain([DOORBELL_PORT, PM1A_CNT_PORT, PM1A_CNT_PORT + 1]) {
+        tss[104 + port as usize / 8] &= !(1 << (port % 8));
+    }
+    mem.write_slice(&tss, GuestAddress(USER_TSS)).unwrap();
+    let gdt = [
+        GDT[0],
+        GDT[1],
+        GDT[2],
+        GDT[3],
+        descriptor(0x0089, USER_TSS as u32, (104 + IO_BITMAP) as u32), // available 64-bit TSS
+        0,
+        descriptor(0xc0f3, 0, 0xfffff), // ring-3 data
+        descriptor(0xa0fb, 0, 0xfffff), // ring-3 64-bit code
+    ];
+    let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
+    mem.write_slice(&bytes, GuestAddress(USER_GDT)).unwrap();
+    let mut gdtr = [0u8; 10];
+    gdtr[..2].copy_from_slice(&(bytes.len() as u16 - 1).to_le_bytes());
+    gdtr[2..].copy_from_slice(&USER_GDT.to_le_bytes());
+    mem.write_slice(&gdtr, GuestAddress(DATA + 0x100)).unwrap();
+    // The U bit on every level of the first two 2 MiB pages.
+    for table in [PML4, PDPT, PD0, PD0 + 8] {
+        let e: u64 = mem.read_obj(GuestAddress(table)).unwrap();
+        mem.write_obj(e | 4, GuestAddress(table)).unwrap();
+    }
+}
+
+/// Loads the GDT and TSS of [`setup_user_io`] and drops to ring 3
+/// (IOPL 0: only the TSS bitmap allows its I/O), which reports 0xa1,
+/// rings the doorbell and waits for GO, reports 0xa2 and powers off.
+/// No IDT: an I/O the CPU refuses is a triple fault.
+fn user_io_program() -> Vec<u8> {
+    let mut a = Asm::new(RAW_CODE);
+    let start = a.label();
+    let user = a.label();
+    a.jmp(start);
+    a.bind(user).mov64(Reg::Rdi, DATA);
+    a.outl(TEST_PORT, 0xa1);
+    doorbell_then_wait(&mut a);
+    a.outl(TEST_PORT, 0xa2);
+    a.outw(PM1A_CNT_PORT, S5_POWER_OFF);
+    let spin = a.label();
+    a.bind(spin).jmp(spin); // ring 3 cannot hlt
+    let user_entry = a.addr_of(user);
+    a.bind(start);
+    a.bytes(&[0x0f, 0x01, 0x14, 0x25]).bytes(&((DATA + 0x100) as u32).to_le_bytes()); // lgdt [DATA+0x100]
+    a.mov32(Reg::Rax, USER_TSS_SEL.into()).bytes(&[0x0f, 0x00, 0xd8]); // ltr ax
+    // iretq to ring 3: SS, RSP, RFLAGS (IF and IOPL 0), CS, RIP.
+    a.bytes(&[0x6a, (USER_DATA_SEL | 3) as u8]); // push imm8
+    a.mov64(Reg::Rax, USER_STACK).bytes(&[0x50]); // push rax
+    a.bytes(&[0x6a, 0x02, 0x6a, (USER_CODE_SEL | 3) as u8]);
+    a.mov64(Reg::Rax, user_entry).bytes(&[0x50]);
+    a.bytes(&[0x48, 0xcf]); // iretq
+    a.finish()
+}
+
+/// User space's I/O through the TSS bitmap (ioperm: how ktstr's guest
+/// init rings the doorbell) keeps working after a restore. KVM reports
+/// TR busy on AMD; restored as such, QEMU TCG's SVM (the nested-KVM
+/// rig) refuses every such I/O and the Debian kernel's restored init
+/// died of SIGSEGV on its first doorbell.
+#[test]
+fn kvm_snapshot_user_io_through_the_tss_bitmap_after_restore() {
+    let code = user_io_program();
+    let Some(mut m) = machine(Topology::cpus(1), 64) else { return };
+    setup_user_io(&m);
+    m.load_raw(&code).unwrap();
+    set_go(&m, 1);
+    let out = m.run(TIMEOUT).unwrap();
+    assert_eq!(out.exit, ExitKind::PowerOff, "uninterrupted run: {:?}\n{}", out.cause, out.vcpu_states.join("\n"));
+    assert_eq!(out.test_values(), [0xa1, 0xa2], "uninterrupted run");
+
+    let dir = tempfile::tempdir().unwrap();
+    let f = files(dir.path());
+    let mut m = Machine::new(Topology::cpus(1), 64).unwrap();
+    setup_user_io(&m);
+    m.load_raw(&code).unwrap();
+    let out = m.run_and_save(TIMEOUT, SaveAt::Doorbells(1), &f).unwrap();
+    assert_eq!(out.exit, ExitKind::Stopped, "{:?}", out.cause);
+    assert!(out.saved.is_some(), "not saved at the doorbell");
+    assert_eq!(out.test_values(), [0xa1], "saved in ring 3 at the doorbell");
+    drop(out);
+
+    let m = Machine::restore(&f).unwrap();
+    set_go(&m, 1);
+    let out = m.run(TIMEOUT).unwrap();
+    assert_eq!(
+        out.exit,
+        ExitKind::PowerOff,
+        "the restored guest's ring-3 I/O was refused (a triple fault is the #GP with no IDT): {:?}\n{}",
+        out.cause,
+        out.vcpu_states.join("\n")
+    );
+    assert_eq!(out.test_values(), [0xa2], "the restored guest's ring-3 reports");
 }

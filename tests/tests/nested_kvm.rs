@@ -5,8 +5,9 @@
 //! Debian cloud kernel, each test resized to each vCPU count
 //! (`KTSTR_CPUS`), on an outer guest of one vCPU (`NESTED_KVM_SMP=match`:
 //! one outer boot per count with as many; docs/vmm.md weighs the two).
-//! A second test runs the snapshot test binary in the rig: VM snapshots
-//! saved and restored by the KVM backend on a real kernel.
+//! Two more run the snapshot test binary in the rig (VM snapshots saved
+//! and restored by the KVM backend on both kernels) and ktstr-runtime's
+//! kvm_snapshot micro-guests.
 //!
 //! Slow (minutes of emulated CPU): runs only with `KTSTR_SLOW_TESTS=1`.
 //! By default (what CI runs) a subset at 1 and 2 vCPUs; with
@@ -257,33 +258,104 @@ fn kvm_backend_passes_under_nested_kvm() {
     assert!(out.status.success(), "rig exit status {:?}", out.status);
 }
 
-/// VM snapshots on the KVM backend with a real kernel: the snapshot test
+/// The `nested-kvm: out| ` lines of the rig's `--run LABEL`.
+fn run_output(stdout: &str, label: &str) -> String {
+    let begin = format!("nested-kvm: BEGIN run={label}");
+    let end = format!(" run={label} rc=");
+    stdout
+        .lines()
+        .skip_while(|l| *l != begin)
+        .take_while(|l| !(l.starts_with("nested-kvm: RESULT") && l.contains(&end)))
+        .filter_map(|l| l.strip_prefix("nested-kvm: out| "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn run_output_takes_one_runs_lines() {
+    let out = "nested-kvm: BEGIN run=a\nnested-kvm: out| one\n[ 1.0] kvm: noise\nnested-kvm: RESULT PASS run=a rc=0 secs=1\n\
+               nested-kvm: BEGIN run=ab\nnested-kvm: out| two\nnested-kvm: RESULT FAIL run=ab rc=1 secs=1\n";
+    assert_eq!(run_output(out, "a"), "one");
+    assert_eq!(run_output(out, "ab"), "two");
+    assert_eq!(run_output(out, "b"), "");
+}
+
+/// VM snapshots on the KVM backend with real kernels: the snapshot test
 /// binary (saves at the ready point, restores, isolation, random bytes,
 /// the clock, corrupt and unloadable saves, payload failures) run inside
-/// the rig, where its backend is KVM.
+/// the rig, where its backend is KVM, on the ktstr kernel; and its
+/// `restored_` tests (the kernel-dependent part: a restored guest runs
+/// its test) on the Debian one, whose init rings the doorbell from user
+/// space through ioperm (ktstr's kernel has no CONFIG_X86_IOPL_IOPERM).
 #[test]
 fn kvm_snapshots_pass_under_nested_kvm() {
     if !slow_tests_enabled() {
         return;
     }
-    let Some((_deb, ktstr)) = rig_kernels() else { return };
+    let Some((deb, ktstr)) = rig_kernels() else { return };
     let Some(snapshot) = sibling_binary("snapshot", "ktstr/snap_leaves_a_file") else {
         premise(false, "the snapshot test binary", "cargo build -p ktstr-tests --tests");
         return;
     };
+    let t0 = std::time::Instant::now();
     let out = Command::new(repo().join("scripts/nested-kvm.sh"))
         .arg("--bin")
         .arg(format!("snapshot={}", snapshot.display()))
         .arg("--kernel")
         .arg(format!("ktstr={}", ktstr.display()))
+        .arg("--kernel")
+        .arg(format!("debian={}", deb.display()))
         .arg("--run")
-        .arg("snap=KTSTR_TEST_KERNEL=/k/ktstr/bzImage /t/snapshot --test-threads 1 --nocapture")
+        .arg("snap_ktstr=KTSTR_TEST_KERNEL=/k/ktstr/bzImage /t/snapshot --test-threads 1 --nocapture")
+        .arg("--run")
+        .arg("snap_debian=KTSTR_TEST_KERNEL=/k/debian/bzImage /t/snapshot restored_ --test-threads 1 --nocapture")
         .output()
         .expect("running scripts/nested-kvm.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("nested-kvm: RESULT PASS run=snap"), "the snapshot tests failed under nested KVM");
-    // Restored on KVM, not every test fallen back to a cold boot.
-    assert!(stdout.contains("kvm backend (restored from snapshot)"), "no test was restored on the KVM backend");
+    eprintln!("nested-KVM rig: snapshot tests on 2 kernels in {:.0}s", t0.elapsed().as_secs_f64());
+    for k in ["ktstr", "debian"] {
+        let label = format!("snap_{k}");
+        assert!(stdout.contains(&format!("nested-kvm: RESULT PASS run={label} ")), "the snapshot tests failed under nested KVM on the {k} kernel");
+        // Restored on KVM, not every test fallen back to a cold boot.
+        assert!(
+            run_output(&stdout, &label).contains("kvm backend (restored from snapshot)"),
+            "no test was restored on the KVM backend with the {k} kernel"
+        );
+    }
+    assert!(out.status.success(), "rig exit status {:?}", out.status);
+}
+
+/// The KVM snapshot micro-guests (ktstr-runtime's kvm_snapshot tests)
+/// on the rig's KVM, which is QEMU TCG's SVM: it refuses ring-3 I/O
+/// through a TSS restored busy, as KVM reports it (the TR fix).
+#[test]
+fn kvm_snapshot_micro_guests_pass_under_nested_kvm() {
+    if !slow_tests_enabled() {
+        return;
+    }
+    // The Debian kernel is the outer one; no test kernel runs here.
+    if rig_kernels().is_none() {
+        return;
+    }
+    let Some(micro) = sibling_binary("kvm_snapshot", "kvm_snapshot_user_io_through_the_tss_bitmap_after_restore") else {
+        premise(false, "ktstr-runtime's kvm_snapshot test binary", "cargo build -p ktstr-runtime --test kvm_snapshot");
+        return;
+    };
+    let out = Command::new(repo().join("scripts/nested-kvm.sh"))
+        .arg("--bin")
+        .arg(format!("kvm_snapshot={}", micro.display()))
+        .arg("--run")
+        .arg("micro=/t/kvm_snapshot --test-threads 1")
+        .output()
+        .expect("running scripts/nested-kvm.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("nested-kvm: RESULT PASS run=micro "), "the KVM snapshot micro-guests failed under nested KVM");
+    let lines = run_output(&stdout, "micro");
+    assert!(
+        lines.contains("test kvm_snapshot_user_io_through_the_tss_bitmap_after_restore ... ok"),
+        "the ring-3 I/O micro-guest did not pass:\n{lines}"
+    );
     assert!(out.status.success(), "rig exit status {:?}", out.status);
 }

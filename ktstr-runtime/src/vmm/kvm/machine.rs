@@ -591,6 +591,9 @@ impl Machine {
             let d = shared.devices.lock().unwrap();
             (d.port_writes.clone(), d.mmio_writes.clone(), d.doorbells)
         };
+        // A guest that publishes INIT and ends before the next poll (once
+        // the payload is in, nothing else notes it) still has it timed.
+        shared.note_init();
         shared.note_body();
         let to_init = *shared.to_init.lock().unwrap();
         let to_body = shared.to_body.lock().unwrap().0;

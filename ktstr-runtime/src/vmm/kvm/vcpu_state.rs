@@ -85,6 +85,37 @@ fn write_msrs(vcpu: &VcpuFd, msrs: &[kvm_msr_entry]) -> Result<Vec<u32>, VmError
     Ok(refused)
 }
 
+/// Whether this CPU is AMD's (or Hygon's): KVM runs guests with SVM there.
+fn host_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let r = std::arch::x86_64::__cpuid(0);
+        let mut vendor = [0u8; 12];
+        vendor[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&r.edx.to_le_bytes());
+        vendor[8..].copy_from_slice(&r.ecx.to_le_bytes());
+        &vendor == b"AuthenticAMD" || &vendor == b"HygonGenuine"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The sregs to write back. On SVM, KVM_GET_SREGS reports TR as a busy
+/// TSS (it ORs in the busy bit the VMCB lacks: Intel's VM entry wants
+/// it), while the CPU held the available type LTR loaded. Writing the
+/// busy type back changes the restored CPU's TR: on QEMU TCG's SVM (the
+/// nested-KVM rig) every user-space I/O the TSS bitmap allows (ioperm:
+/// the doorbell) then raises #GP, since TCG checks I/O against an
+/// available TSS only. So on AMD, restore the available type.
+fn restorable_sregs(saved: &kvm_sregs, amd: bool) -> kvm_sregs {
+    let mut s = *saved;
+    // 0xb: busy 64-bit (or 32-bit) TSS; 0x9: the same, available.
+    if amd && s.tr.type_ == 0xb {
+        s.tr.type_ = 0x9;
+    }
+    s
+}
+
 impl VcpuState {
     /// Reads the state of a vCPU that is out of KVM_RUN with any I/O
     /// exit completed (see [`super::vcpu::complete_io`]); `msrs` from
@@ -117,7 +148,7 @@ impl VcpuState {
     pub fn write(&self, vcpu: &VcpuFd) -> Result<(), VmError> {
         vcpu.set_mp_state(self.mp_state).map_err(|e| kvm_err("KVM_SET_MP_STATE", e))?;
         vcpu.set_regs(&self.regs).map_err(|e| kvm_err("KVM_SET_REGS", e))?;
-        vcpu.set_sregs(&self.sregs).map_err(|e| kvm_err("KVM_SET_SREGS", e))?;
+        vcpu.set_sregs(&restorable_sregs(&self.sregs, host_is_amd())).map_err(|e| kvm_err("KVM_SET_SREGS", e))?;
         // SAFETY: `xsave` is a whole kvm_xsave that KVM_GET_XSAVE filled;
         // this process never enables dynamic XSTATE features (AMX), so
         // KVM reads no more than that struct.
@@ -139,5 +170,23 @@ impl VcpuState {
     /// An MSR's saved value.
     pub fn msr(&self, index: u32) -> Option<u64> {
         self.msrs.iter().find(|m| m.index == index).map(|m| m.data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tr_restored_available_on_amd_only() {
+        let mut saved = kvm_sregs::default();
+        saved.tr.type_ = 0xb;
+        saved.tr.limit = 0x206f;
+        saved.cs.type_ = 0xb;
+        let amd = restorable_sregs(&saved, true);
+        assert_eq!((amd.tr.type_, amd.tr.limit, amd.cs.type_), (0x9, 0x206f, 0xb), "only TR's busy bit goes");
+        assert_eq!(restorable_sregs(&saved, false).tr.type_, 0xb, "VMX's VM entry needs the busy TSS");
+        saved.tr.type_ = 0x3; // a 16-bit busy TSS stays as it was
+        assert_eq!(restorable_sregs(&saved, true).tr.type_, 0x3);
     }
 }
