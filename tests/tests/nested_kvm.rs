@@ -76,6 +76,14 @@ fn sibling_binary(name: &str, marker: &str) -> Option<PathBuf> {
     })
 }
 
+/// Runs the rig with `args`, echoing what it printed; its stdout and exit status.
+fn run_rig(args: &[String]) -> (String, std::process::ExitStatus) {
+    let out = Command::new(repo().join("scripts/nested-kvm.sh")).args(args).output().expect("running scripts/nested-kvm.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    (stdout, out.status)
+}
+
 fn on_path(cmd: &str) -> bool {
     Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().is_ok_and(|o| o.status.success())
 }
@@ -298,21 +306,18 @@ fn kvm_snapshots_pass_under_nested_kvm() {
         return;
     };
     let t0 = std::time::Instant::now();
-    let out = Command::new(repo().join("scripts/nested-kvm.sh"))
-        .arg("--bin")
-        .arg(format!("snapshot={}", snapshot.display()))
-        .arg("--kernel")
-        .arg(format!("ktstr={}", ktstr.display()))
-        .arg("--kernel")
-        .arg(format!("debian={}", deb.display()))
-        .arg("--run")
-        .arg("snap_ktstr=KTSTR_TEST_KERNEL=/k/ktstr/bzImage /t/snapshot --test-threads 1 --nocapture")
-        .arg("--run")
-        .arg("snap_debian=KTSTR_TEST_KERNEL=/k/debian/bzImage /t/snapshot restored_ --test-threads 1 --nocapture")
-        .output()
-        .expect("running scripts/nested-kvm.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (stdout, status) = run_rig(&[
+        "--bin".into(),
+        format!("snapshot={}", snapshot.display()),
+        "--kernel".into(),
+        format!("ktstr={}", ktstr.display()),
+        "--kernel".into(),
+        format!("debian={}", deb.display()),
+        "--run".into(),
+        "snap_ktstr=KTSTR_TEST_KERNEL=/k/ktstr/bzImage /t/snapshot --test-threads 1 --nocapture".into(),
+        "--run".into(),
+        "snap_debian=KTSTR_TEST_KERNEL=/k/debian/bzImage /t/snapshot restored_ --test-threads 1 --nocapture".into(),
+    ]);
     eprintln!("nested-KVM rig: snapshot tests on 2 kernels in {:.0}s", t0.elapsed().as_secs_f64());
     for k in ["ktstr", "debian"] {
         let label = format!("snap_{k}");
@@ -323,7 +328,7 @@ fn kvm_snapshots_pass_under_nested_kvm() {
             "no test was restored on the KVM backend with the {k} kernel"
         );
     }
-    assert!(out.status.success(), "rig exit status {:?}", out.status);
+    assert!(status.success(), "rig exit status {status:?}");
 }
 
 /// The KVM snapshot micro-guests (ktstr-runtime's kvm_snapshot tests)
@@ -342,20 +347,17 @@ fn kvm_snapshot_micro_guests_pass_under_nested_kvm() {
         premise(false, "ktstr-runtime's kvm_snapshot test binary", "cargo build -p ktstr-runtime --test kvm_snapshot");
         return;
     };
-    let out = Command::new(repo().join("scripts/nested-kvm.sh"))
-        .arg("--bin")
-        .arg(format!("kvm_snapshot={}", micro.display()))
-        .arg("--run")
-        .arg("micro=/t/kvm_snapshot --test-threads 1")
-        .output()
-        .expect("running scripts/nested-kvm.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (stdout, status) = run_rig(&[
+        "--bin".into(),
+        format!("kvm_snapshot={}", micro.display()),
+        "--run".into(),
+        "micro=/t/kvm_snapshot --test-threads 1".into(),
+    ]);
     assert!(stdout.contains("nested-kvm: RESULT PASS run=micro "), "the KVM snapshot micro-guests failed under nested KVM");
     let lines = run_output(&stdout, "micro");
     assert!(
         lines.contains("test kvm_snapshot_user_io_through_the_tss_bitmap_after_restore ... ok"),
         "the ring-3 I/O micro-guest did not pass:\n{lines}"
     );
-    assert!(out.status.success(), "rig exit status {:?}", out.status);
+    assert!(status.success(), "rig exit status {status:?}");
 }
