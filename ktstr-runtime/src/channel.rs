@@ -68,6 +68,13 @@ fn padded(n: usize) -> usize {
     (n + 7) & !7
 }
 
+/// The committed data length from a region's first `OFF_COMMITTED + 8`
+/// bytes; `None` before the guest opened it (no magic).
+pub fn committed(head: &[u8]) -> Option<u64> {
+    let w = head.get(OFF_COMMITTED..OFF_COMMITTED + 8)?;
+    (&head[..8] == MAGIC).then(|| u64::from_le_bytes(w.try_into().unwrap()))
+}
+
 /// Decodes the messages in a channel region (header included). A region
 /// without the magic holds no messages: the guest never opened it.
 pub fn decode(region: &[u8]) -> Result<Vec<Message>, ChannelError> {

@@ -125,7 +125,7 @@ pub fn run_vm(def: &'static TestDef, choice: &KernelChoice) -> Verdict {
 /// Snapshots as `KTSTR_SNAPSHOT` says ([`crate::snapshot`]).
 pub fn run_vm_full(def: &'static TestDef, choice: &KernelChoice) -> Run {
     let snapshots = match crate::snapshot::env_switch() {
-        Ok(on) => on.unwrap_or(crate::snapshot::DEFAULT_ON).then(crate::snapshot::Options::from_env),
+        Ok(on) => on.unwrap_or(crate::snapshot::DEFAULT_ON).then(|| crate::snapshot::Options::in_cache(on == Some(true))),
         // A bad switch fails the test before any VM boots.
         Err(e) => return Run {
             verdict: Verdict::fail(e),

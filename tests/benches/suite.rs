@@ -8,9 +8,14 @@
 //!
 //! `KTSTR_BENCH_KERNELS=a;b cargo bench -p ktstr-tests --bench suite`
 
+#[path = "../../ktstr-runtime/benches/common/mod.rs"]
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+use common::median;
 
 /// The suite: the examples binary's VM tests (host-only ones run once
 /// either way and are left out).
@@ -42,6 +47,8 @@ fn run_suite(list: &str, mode: &Mode, cache: &Path) -> Result<(Duration, usize),
         .env("KTSTR_KERNEL_LIST", list)
         .env("KTSTR_SNAPSHOT", mode.snapshot)
         .env("KTSTR_CACHE_DIR", cache)
+        // A skip exits 0: it must not pass for a fast test.
+        .env("KTSTR_NO_SKIP_MODE", "1")
         .env_remove("KTSTR_TEST_KERNEL")
         .env_remove("KTSTR_TEST_KERNELS")
         .output()
@@ -67,24 +74,18 @@ fn tail(s: &str, n: usize) -> String {
     l[l.len().saturating_sub(n)..].join("\n")
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn main() {
-    let Ok(kernels) = std::env::var("KTSTR_BENCH_KERNELS") else {
+    let Some(kernels) = common::kernels() else {
         println!("suite bench: set KTSTR_BENCH_KERNELS to ';'-separated kernel images");
         return;
     };
-    let kernels: Vec<PathBuf> = kernels.split(';').filter(|s| !s.is_empty()).map(PathBuf::from).collect();
     let rounds: usize = std::env::var("KTSTR_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let list = kernel_list(&kernels);
     for k in &kernels {
         println!("kernel: {}", k.display());
     }
     let mut walls: Vec<Vec<Duration>> = vec![Vec::new(); MODES.len()];
-    let mut tests = 0;
+    let mut tests = None;
     for round in 1..=rounds {
         // One store per round: "empty" starts it, "warm" reuses it.
         let store = tempfile::tempdir().expect("a temp dir");
@@ -93,7 +94,11 @@ fn main() {
             let cache = store.path().join(mode.snapshot);
             match run_suite(&list, mode, &cache) {
                 Ok((wall, passed)) => {
-                    tests = passed;
+                    // Every mode runs the same tests, or the walls do not compare.
+                    if *tests.get_or_insert(passed) != passed {
+                        eprintln!("suite bench: {} passed {passed} tests, an earlier run {}", mode.name, tests.unwrap_or(0));
+                        std::process::exit(1);
+                    }
                     walls[i].push(wall);
                     line += &format!("  {} {:.1}s", mode.name, wall.as_secs_f64());
                 }
@@ -112,7 +117,8 @@ fn main() {
         println!("{:<18} {:>8.1}s {:>7.2}", mode.name, w, w / off);
     }
     println!(
-        "(medians of {rounds} rounds; {tests} tests each run: the VM tests once per kernel ({} kernels), host-only ones once; as many at a time as nextest runs here; goal: on ≤ 0.50 × off)",
+        "(medians of {rounds} rounds; {} tests each run: the VM tests once per kernel ({} kernels), host-only ones once; as many at a time as nextest runs here; goal: on ≤ 0.50 × off)",
+        tests.unwrap_or(0),
         kernels.len()
     );
 }

@@ -219,20 +219,26 @@ fn kvm_backend_passes_under_nested_kvm() {
     let cpus = cpus.unwrap_or_else(|| (if full { FULL_CPUS } else { CI_CPUS }).to_string());
     let counts: Vec<&str> = cpus.split(',').map(str::trim).collect();
     let pin = PathBuf::from(env!("CARGO_BIN_EXE_nested-kvm-pin"));
-    let mut cmd = Command::new(repo().join("scripts/nested-kvm.sh"));
-    cmd.arg("--bin").arg(format!("examples={}", examples.display()));
-    cmd.arg("--bin").arg(format!("sched_ext={}", sched_ext.display()));
-    cmd.arg("--kernel").arg(format!("ktstr={}", ktstr.display()));
-    cmd.arg("--kernel").arg(format!("debian={}", deb.display()));
-    cmd.arg("--cpus").arg(&cpus).arg("--pin").arg(&pin);
+    let mut args = vec![
+        "--bin".into(),
+        format!("examples={}", examples.display()),
+        "--bin".into(),
+        format!("sched_ext={}", sched_ext.display()),
+        "--kernel".into(),
+        format!("ktstr={}", ktstr.display()),
+        "--kernel".into(),
+        format!("debian={}", deb.display()),
+        "--cpus".into(),
+        cpus.clone(),
+        "--pin".into(),
+        pin.display().to_string(),
+    ];
     if let Some(d) = &sched_dir {
-        cmd.arg("--sched-dir").arg(d);
+        args.extend(["--sched-dir".into(), d.display().to_string()]);
     }
-    cmd.args(&tests);
+    args.extend(tests.iter().cloned());
     let t0 = std::time::Instant::now();
-    let out = cmd.output().expect("running scripts/nested-kvm.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (stdout, status) = run_rig(&args);
     let runs = parse_results(&stdout);
     let mut bad = Vec::new();
     for n in &counts {
@@ -263,7 +269,7 @@ fn kvm_backend_passes_under_nested_kvm() {
         t0.elapsed().as_secs_f64()
     );
     assert!(bad.is_empty(), "nested-KVM rig: {}", bad.join("; "));
-    assert!(out.status.success(), "rig exit status {:?}", out.status);
+    assert!(status.success(), "rig exit status {status:?}");
 }
 
 /// The `nested-kvm: out| ` lines of the rig's `--run LABEL`.

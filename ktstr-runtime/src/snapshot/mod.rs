@@ -114,10 +114,11 @@ pub struct Options {
 }
 
 impl Options {
-    pub fn from_env() -> Self {
+    /// Saves in the kernel cache; `explicit`: `KTSTR_SNAPSHOT=1` was given.
+    pub fn in_cache(explicit: bool) -> Self {
         Self {
             root: crate::discovery::cache_root().join(DIR),
-            explicit: matches!(env_switch(), Ok(Some(true))),
+            explicit,
         }
     }
 }
@@ -622,9 +623,10 @@ fn create(t: &Target, cache: &Cache, entry: &Entry, inputs: &KeyInputs, _lock: &
         meta.save_s,
         len >> 20
     );
-    let gone = budget::prune(cache, budget::from_env(), &meta.key);
+    let limit = budget::from_env();
+    let gone = budget::prune(cache, limit, &meta.key);
     if !gone.is_empty() {
-        eprintln!("ktstr: snapshot store over {} MiB ({}): removed {} least recently used save(s)", budget::from_env() >> 20, budget::ENV, gone.len());
+        eprintln!("ktstr: snapshot store over {} MiB ({}): removed {} least recently used save(s)", limit >> 20, budget::ENV, gone.len());
     }
     Ok(())
 }

@@ -130,12 +130,15 @@ impl Devices {
 
     /// Takes a saved state's registers (the UARTs are rebuilt from theirs
     /// by [`super::serial::uart_from`]).
-    pub fn set_state(&mut self, s: &DeviceState) {
+    /// Errors when the saved scratch page is not this machine's size.
+    pub fn set_state(&mut self, s: &DeviceState) -> Result<(), String> {
+        if s.scratch.len() != self.scratch.len() {
+            return Err(format!("saved scratch area is {} bytes, this machine's {}", s.scratch.len(), self.scratch.len()));
+        }
         [self.pm1_sts, self.pm1_en, self.pm1_cnt] = s.pm1;
         self.test_last = s.test_last;
-        if s.scratch.len() == self.scratch.len() {
-            self.scratch.copy_from_slice(&s.scratch);
-        }
+        self.scratch.copy_from_slice(&s.scratch);
+        Ok(())
     }
 
     pub fn pio_write(&mut self, vcpu: usize, port: u16, data: &[u8]) -> Event {

@@ -126,11 +126,8 @@ impl Shared {
         if g.0.is_some() {
             return;
         }
-        let mut head = [0u8; 24];
-        if self.mem.read_slice(&mut head, GuestAddress(ch.gpa)).is_err() || &head[..8] != channel::MAGIC {
-            return;
-        }
-        let committed = u64::from_le_bytes(head[16..24].try_into().unwrap()).min(ch.size.saturating_sub(channel::HEADER_SIZE));
+        let Some(committed) = self.committed(ch) else { return };
+        let committed = committed.min(ch.size.saturating_sub(channel::HEADER_SIZE));
         let kinds = channel::scan_kinds(committed, &mut g.1, |off, len| {
             let mut v = vec![0u8; len];
             self.mem.read_slice(&mut v, GuestAddress(ch.gpa + off)).ok().map(|()| v)
@@ -152,27 +149,32 @@ impl Shared {
         if t.is_some() {
             return;
         }
-        // The INIT record is the first one: read just the header (magic,
-        // capacity, a nonzero committed length) and its kind.
-        let mut head = vec![0u8; channel::HEADER_SIZE as usize + 16];
-        if self.mem.read_slice(&mut head, GuestAddress(ch.gpa)).is_ok()
-            && &head[..8] == channel::MAGIC
-            && head[16..24] != [0; 8]
-            && u32::from_le_bytes(head[channel::HEADER_SIZE as usize..][..4].try_into().unwrap()) == kind::INIT
-        {
+        // The INIT record is the first one: a nonzero committed length and
+        // the first record's kind.
+        if self.committed(ch).is_some_and(|c| c > 0) && self.first_kind(ch) == Some(kind::INIT) {
             *t = Some(self.started.elapsed());
         }
+    }
+
+    /// The channel's committed length; `None` before the guest opened it.
+    fn committed(&self, ch: ChannelRegion) -> Option<u64> {
+        let mut head = [0u8; channel::OFF_COMMITTED + 8];
+        self.mem.read_slice(&mut head, GuestAddress(ch.gpa)).ok()?;
+        channel::committed(&head)
+    }
+
+    /// The kind of the channel's first record.
+    fn first_kind(&self, ch: ChannelRegion) -> Option<u32> {
+        let mut k = [0u8; 4];
+        self.mem.read_slice(&mut k, GuestAddress(ch.gpa + channel::HEADER_SIZE)).ok()?;
+        Some(u32::from_le_bytes(k))
     }
 
     /// True once the guest published a message of `kind` in the first
     /// `READY_UPLINK` bytes (the ready point's messages are few).
     pub fn channel_has(&self, kind: u32) -> bool {
         let Some(ch) = self.channel else { return false };
-        let mut head = [0u8; 24];
-        if self.mem.read_slice(&mut head, GuestAddress(ch.gpa)).is_err() || &head[..8] != channel::MAGIC {
-            return false;
-        }
-        let committed = u64::from_le_bytes(head[16..24].try_into().unwrap());
+        let Some(committed) = self.committed(ch) else { return false };
         if committed == 0 || committed > crate::snapshot::payload::READY_UPLINK as u64 {
             return false;
         }

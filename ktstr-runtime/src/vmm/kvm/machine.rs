@@ -193,7 +193,7 @@ impl Machine {
         for (v, s) in m.vcpus.iter().zip(&st.vcpus) {
             s.write(v)?;
         }
-        m.devices.set_state(&st.devices);
+        m.devices.set_state(&st.devices).map_err(|e| VmError::Snapshot(format!("{}: {e}", files.state.display())))?;
         m.channel = st.channel.map(|(gpa, size)| ChannelRegion { gpa, size });
         m.created = created;
         m.loaded = true;
@@ -562,7 +562,6 @@ impl Machine {
         if let Some(tx) = payload.as_mut() {
             if matches!(tx.pump(), Ok(Progress::Done)) {
                 shared.inbox.store(false, Ordering::Release);
-                shared.note_init();
             } else {
                 payload_error.get_or_insert(format!(
                     "the restored VM ended ({cause:?}) after taking {} of {} bytes of its test",

@@ -72,6 +72,12 @@ pub fn key_args(cfg: &VmConfig) -> Result<String, VmError> {
 /// The KVM host a save depends on: its kernel (KVM's MSR list, XSAVE
 /// layout) and CPU (the CPUID the guest saw).
 pub fn host_fingerprint() -> String {
+    // Read once per process: /proc/cpuinfo is large on big hosts.
+    static FP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FP.get_or_init(read_host_fingerprint).clone()
+}
+
+fn read_host_fingerprint() -> String {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map_or("", |(_, v)| v.trim());
@@ -126,7 +132,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
             snapshot_time = Some(t.elapsed());
             let out = m.run(cfg.timeout)?;
             if let Some(why) = &out.payload_error {
-                return Err(VmError::Payload(format!("{why}; console:\n{}", tail(&out.console, 5))));
+                return Err(VmError::Payload(format!("{why}; console:\n{}", super::tail_lines(&out.console, 5))));
             }
             out
         }
@@ -161,11 +167,6 @@ pub fn run(cfg: &VmConfig) -> Result<VmResult, VmError> {
 }
 
 /// The last `n` lines of `s`.
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// One micro-guest round trip: create a 1-vCPU VM, run a guest that
 /// makes one PIO exit and powers off, tear it down. For benchmarks.
 pub fn micro_guest_roundtrip() -> Result<std::time::Duration, VmError> {

@@ -357,7 +357,7 @@ mod tests {
     #[test]
     fn a_restore_on_tmpfs_keeps_the_save_s_checksum() {
         // /dev/shm is tmpfs: reading a hole through a private mapping fills it.
-        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else { return };
+        let Some(dir) = crate::testing::require(tempfile::tempdir_in("/dev/shm").ok(), "a tmpfs at /dev/shm", "mount one (mount -t tmpfs tmpfs /dev/shm)") else { return };
         let path = dir.path().join("ram0");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         mem.write_slice(b"kernel", GuestAddress(1 << 20)).unwrap();
