@@ -36,8 +36,8 @@ const FULL_CPUS: &str = "1,2,4";
 
 /// Tests with `min_cpus = 2`: at 1 vCPU they SKIP (docs/harness.md).
 const MIN_TWO_CPUS: &[&str] = &["examples:unfair_split_is_detected"];
-/// Tests with `max_cpus = 1` (6.12's scx_central): above 1 vCPU they SKIP.
-const MAX_ONE_CPU: &[&str] = &["sched_ext:scx_central_workload"];
+/// Tests with `max_cpus = 1` (6.12's scx_central and scx_flatcg): above 1 vCPU they SKIP.
+const MAX_ONE_CPU: &[&str] = &["sched_ext:scx_central_workload", "sched_ext:scx_flatcg_workload"];
 
 /// The examples binary's `host_only` tests: they boot no VM, so the rig
 /// has nothing to prove with them.
