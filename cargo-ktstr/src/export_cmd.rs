@@ -15,6 +15,7 @@ Examples:
   sudo ./two_cgroups_share_cpu.run                    # runs the test on this host; exit code = verdict
   cargo ktstr export two_cgroups_share_cpu --vm --kernel 6.12 -o /tmp/repro.run
   /tmp/repro.run                                      # boots the embedded kernel in a VM
+  cargo ktstr export --vm gauntlet/two_cgroups_share_cpu/llc2   # a gauntlet variant: writes two_cgroups_share_cpu-llc2.run
   ./repro.run --extract DIR                           # unpack the archive only
 
 Exit codes: 0 written, 1 no test of that name, 2 a test binary refused it (reason shown).";
@@ -22,7 +23,7 @@ Exit codes: 0 written, 1 no test of that name, 2 a test binary refused it (reaso
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]
 pub struct ExportArgs {
-    /// Test name (`NAME` or `ktstr/NAME`).
+    /// Test name (`NAME`, `ktstr/NAME`, or `gauntlet/NAME/PRESET` with `--vm`).
     pub name: String,
     /// Output file (default: ./NAME.run).
     #[arg(short = 'o', long = "output", value_name = "PATH")]
@@ -105,11 +106,8 @@ pub fn route(bins: &[PathBuf], extra: &[OsString]) -> Result<Result<Answer, Vec<
 
 /// Exit code per the router contract, after printing the outcome.
 pub fn run(args: ExportArgs) -> Result<i32> {
-    let name = args.name.strip_prefix("ktstr/").unwrap_or(&args.name).to_string();
-    if name.is_empty() || name.contains('/') {
-        bail!("export takes one test name (NAME or ktstr/NAME), got {:?}", args.name);
-    }
-    let output = args.output.clone().unwrap_or_else(|| PathBuf::from(format!("{name}.run")));
+    let (name, stem) = export_name(&args.name)?;
+    let output = args.output.clone().unwrap_or_else(|| PathBuf::from(format!("{stem}.run")));
     let output = absolute(&output)?;
     let mut extra: Vec<OsString> =
         vec![format!("--ktstr-export-test={name}").into(), prefixed("--ktstr-export-output=", &output)];
@@ -149,6 +147,18 @@ pub fn run(args: ExportArgs) -> Result<i32> {
     }
 }
 
+/// The name the binaries are asked for and the default file stem:
+/// `NAME` for `NAME` or `ktstr/NAME`; `gauntlet/NAME/PRESET` and
+/// `NAME-PRESET` for a gauntlet variant.
+fn export_name(given: &str) -> Result<(String, String)> {
+    let parts: Vec<&str> = given.split('/').collect();
+    match parts[..] {
+        [n] | ["ktstr", n] if !n.is_empty() => Ok((n.to_string(), n.to_string())),
+        ["gauntlet", n, p] if !n.is_empty() && !p.is_empty() => Ok((given.to_string(), format!("{n}-{p}"))),
+        _ => bail!("export takes one test name (NAME, ktstr/NAME or gauntlet/NAME/PRESET), got {given:?}"),
+    }
+}
+
 fn prefixed(flag: &str, p: &Path) -> OsString {
     let mut s = OsString::from(flag);
     s.push(p.as_os_str());
@@ -157,4 +167,21 @@ fn prefixed(flag: &str, p: &Path) -> OsString {
 
 pub(crate) fn absolute(p: &Path) -> Result<PathBuf> {
     Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::export_name;
+
+    #[test]
+    fn names() {
+        let ok = |g: &str| export_name(g).unwrap();
+        assert_eq!(ok("t"), ("t".into(), "t".into()));
+        assert_eq!(ok("ktstr/t"), ("t".into(), "t".into()));
+        assert_eq!(ok("gauntlet/t/llc2"), ("gauntlet/t/llc2".into(), "t-llc2".into()));
+        for bad in ["", "ktstr/", "a/b", "gauntlet/t", "gauntlet//llc2", "gauntlet/t/llc2/kernel_6_12", "ktstr/t/x"] {
+            let e = export_name(bad).unwrap_err().to_string();
+            assert!(e.contains("gauntlet/NAME/PRESET") && e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+    }
 }

@@ -111,4 +111,20 @@ fn test_and_export_end_to_end() {
     assert!(out.contains("ktstr: PASS: ktstr/reports_kernel"), "{out}");
     assert!(out.contains("cloud-amd64"), "the embedded Debian kernel ran: {out}");
     assert!(std::fs::read_dir(elsewhere.path()).unwrap().next().is_none(), "the .run leaves nothing behind in its cwd");
+
+    // A gauntlet variant: only with --vm, and the .run boots the preset's topology.
+    let variant = "gauntlet/reports_kernel/llc2";
+    let o = f.cargo_ktstr(&["export", variant]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains(&format!("cargo ktstr export --vm {variant}")), "{}", text(&o));
+    let o = f.cargo_ktstr(&["export", "--vm", "--kernel", deb.to_str().unwrap(), "gauntlet/reports_kernel/llc99"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("unknown gauntlet preset \"llc99\""), "{}", text(&o));
+    let o = f.cargo_ktstr(&["export", "--vm", "--kernel", deb.to_str().unwrap(), variant]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = run_file(&f.path().join("reports_kernel-llc2.run"), elsewhere.path());
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains(&format!("ktstr: PASS: {variant}")), "{out}");
+    assert!(out.contains("e2e cpus: 0-3"), "llc2 is two LLCs of two cores: {out}");
 }

@@ -12,7 +12,9 @@
 //!   test body directly on this host, as root;
 //! - vm: `NEXTEST=1 testbin --exact ktstr/NAME --nocapture` with
 //!   `KTSTR_TEST_KERNEL` pointing at the embedded image, i.e. exactly what
-//!   nextest runs.
+//!   nextest runs. A gauntlet variant (`gauntlet/NAME/PRESET`) exports
+//!   only this way and runs `--exact gauntlet/NAME/PRESET`, so the VM has
+//!   the preset's topology.
 //!
 //! Both set `KTSTR_INCLUDE_DIR` (the extracted include files, by basename)
 //! and, with a scheduler, `KTSTR_SCHEDULER` (the extracted binary), so the
@@ -38,6 +40,24 @@ pub const KERNEL_FLAG: &str = "--ktstr-export-kernel=";
 pub const RUN_HOST_FLAG: &str = "--ktstr-run-host=";
 /// The line between the preamble and the base64 payload.
 pub const ARCHIVE_MARKER: &str = "__ARCHIVE__";
+
+/// What an export names: the definition that runs (a gauntlet variant
+/// carries its preset's topology) and the name `--exact` takes.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub def: &'a TestDef,
+    pub exact: &'a str,
+}
+
+impl Target<'_> {
+    /// `NAME`, or `NAME-PRESET` for a variant: the default `.run` file name.
+    pub fn stem(&self) -> String {
+        match self.def.preset {
+            Some(p) => format!("{}-{}", self.def.name, p.name),
+            None => self.def.name.to_string(),
+        }
+    }
+}
 
 /// Parsed `--ktstr-export-*` arguments.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -103,13 +123,16 @@ impl Outcome {
 /// Entry for the early-constructor dispatch: `None` when `args` is not an
 /// export invocation, else the exit code (0 written, 1 no such test,
 /// 2 refused or failed, reason on stderr).
-pub fn dispatch<I, S>(args: I, lookup: impl FnOnce(&str) -> Option<&'static TestDef>) -> Option<i32>
+pub fn dispatch<I, S>(args: I, lookup: impl FnOnce(&str) -> Result<Option<Target<'static>>, String>) -> Option<i32>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
 {
     let outcome = match ExportArgs::from_args(args)? {
-        Ok(a) => export(&a, lookup(&a.name)),
+        Ok(a) => match lookup(&a.name) {
+            Ok(t) => export(&a, t.as_ref()),
+            Err(why) => Outcome::Refused(why),
+        },
         Err(e) => Outcome::Refused(e),
     };
     match &outcome {
@@ -119,21 +142,46 @@ where
     Some(outcome.code())
 }
 
-/// [`dispatch`] against this binary's registry (`ktstr/NAME` or `NAME`).
+/// [`dispatch`] against this binary's registry (`ktstr/NAME`, `NAME` or
+/// `gauntlet/NAME/PRESET`).
 pub fn dispatch_registry<S: AsRef<str>>(args: &[S]) -> Option<i32> {
-    dispatch(args.iter().map(|a| a.as_ref()), |name| {
-        crate::registry::find(name.strip_prefix("ktstr/").unwrap_or(name))
-    })
+    dispatch(args.iter().map(|a| a.as_ref()), |name| lookup(name, &crate::registry::tests()))
 }
 
-/// Exports `test` (or reports its absence) per the 0/1/2 protocol.
-pub fn export(args: &ExportArgs, test: Option<&TestDef>) -> Outcome {
-    let Some(test) = test else {
+/// The test `name` exports: `Ok(None)` when `tests` has no test of that
+/// name (another binary may), `Err` for a gauntlet name whose test is here
+/// but has no such variant.
+pub fn lookup(name: &str, tests: &[&'static TestDef]) -> Result<Option<Target<'static>>, String> {
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let Some(rest) = name.strip_prefix(crate::nextest::GAUNTLET_PREFIX) else {
+        let base = name.strip_prefix("ktstr/").unwrap_or(name);
+        return Ok(tests.iter().find(|d| d.name == base).map(|d| Target { def: d, exact: leak(format!("ktstr/{base}")) }));
+    };
+    let Some((base, preset)) = rest.split_once('/') else {
+        return Ok(None);
+    };
+    let Some(def) = tests.iter().find(|d| d.name == base) else { return Ok(None) };
+    crate::preset::resolve(&[preset.to_string()])?;
+    let listed = crate::nextest::resolve(name, &[*def], None)?;
+    Ok(Some(Target { def: listed.run_def(), exact: leak(name.to_string()) }))
+}
+
+/// Exports `target` (or reports its absence) per the 0/1/2 protocol.
+pub fn export(args: &ExportArgs, target: Option<&Target>) -> Outcome {
+    let Some(target) = target else {
         let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_default();
         return Outcome::NotFound(format!("no test named {:?} in {exe}", args.name));
     };
+    let test = target.def;
     if let Err(reason) = refusal(test) {
         return Outcome::Refused(reason);
+    }
+    if let (Some(p), false) = (test.preset, args.vm) {
+        return Outcome::Refused(format!(
+            "{} runs the test in a VM of preset {}'s topology, so it exports only with the kernel embedded: \
+             cargo ktstr export --vm {}",
+            target.exact, p.name, target.exact
+        ));
     }
     let exe = match std::env::current_exe() {
         Ok(p) => p,
@@ -150,8 +198,8 @@ pub fn export(args: &ExportArgs, test: Option<&TestDef>) -> Outcome {
         },
         None => None,
     };
-    let output = args.output.clone().unwrap_or_else(|| PathBuf::from(format!("{}.run", test.name)));
-    match write_run_file(test, &exe, scheduler.as_deref(), kernel.as_deref(), &output) {
+    let output = args.output.clone().unwrap_or_else(|| PathBuf::from(format!("{}.run", target.stem())));
+    match write_run_file(target, &exe, scheduler.as_deref(), kernel.as_deref(), &output) {
         Ok(()) => Outcome::Written(output),
         Err(e) => Outcome::Refused(format!("writing {}: {e:#}", output.display())),
     }
@@ -238,14 +286,14 @@ pub fn members(test: &TestDef, exe: &Path, scheduler: Option<&Path>, kernel: Opt
 
 /// Writes the preamble, then streams tar → gzip → base64 (76 columns).
 pub fn write_run_file(
-    test: &TestDef,
+    target: &Target,
     exe: &Path,
     scheduler: Option<&Path>,
     kernel: Option<&Path>,
     output: &Path,
 ) -> io::Result<()> {
-    let members = members(test, exe, scheduler, kernel)?;
-    let script = preamble(test, kernel.is_some(), &members);
+    let members = members(target.def, exe, scheduler, kernel)?;
+    let script = preamble(target, kernel.is_some(), &members);
     let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let mut tmp = tempfile::Builder::new().prefix(".ktstr-export").tempfile_in(dir)?;
@@ -322,12 +370,13 @@ fn comment(s: &str) -> String {
 }
 
 /// The bash preamble. Every value comes in through a quoted assignment.
-pub fn preamble(test: &TestDef, vm: bool, members: &[Member]) -> String {
+pub fn preamble(target: &Target, vm: bool, members: &[Member]) -> String {
+    let test = target.def;
     let q = shell_quote;
     let member = |prefix: &str| members.iter().find(|m| m.name.starts_with(prefix)).map(|m| m.name.clone());
     let mut s = String::new();
     s.push_str("#!/usr/bin/env bash\n");
-    s.push_str(&format!("# ktstr reproducer for test {} (ktstr-runtime {})\n", comment(test.name), env!("CARGO_PKG_VERSION")));
+    s.push_str(&format!("# ktstr reproducer for test {} (ktstr-runtime {})\n", comment(target.exact), env!("CARGO_PKG_VERSION")));
     if vm {
         s.push_str("# Boots the embedded kernel in a VM (needs /dev/kvm, or QEMU) and runs the test in it.\n");
     } else {
@@ -337,12 +386,14 @@ pub fn preamble(test: &TestDef, vm: bool, members: &[Member]) -> String {
     s.push_str("# Usage: ./THIS.run            run it; exit 0 pass/skip, 1 fail, 2 inconclusive\n");
     s.push_str("#                             or prerequisites not met (the test did not run)\n");
     s.push_str("#        ./THIS.run --extract DIR   only unpack the archive into DIR\n");
+    let preset = test.preset.map(|p| format!(" preset={} ({})", p.name, comment(p.about))).unwrap_or_default();
+    let ignored = test.ignored() || test.preset.is_some();
     s.push_str(&format!(
-        "# Test: cpus={} memory_mib={} timeout_s={}{}\n",
+        "# Test: cpus={} memory_mib={} timeout_s={}{preset}{}\n",
         test.topology.total_cpus(),
         test.memory_mib,
         test.timeout_s,
-        if test.ignored() { " (ignored by default)" } else { "" }
+        if ignored { " (ignored by default)" } else { "" }
     ));
     if let Some(sc) = test.scheduler {
         s.push_str(&format!("# Scheduler: {} {}\n", comment(sc.name), comment(&sc.args.join(" "))));
@@ -353,11 +404,12 @@ pub fn preamble(test: &TestDef, vm: bool, members: &[Member]) -> String {
     }
     s.push_str("set -euo pipefail\n\n");
     s.push_str(&format!("KTSTR_TEST={}\n", q(test.name)));
+    s.push_str(&format!("KTSTR_EXACT={}\n", q(target.exact)));
     s.push_str(&format!("KTSTR_MODE={}\n", q(if vm { "vm" } else { "host" })));
     s.push_str(&format!("KTSTR_NEEDS_CPUS={}\n", q(&test.topology.total_cpus().to_string())));
     s.push_str(&format!("KTSTR_SCHED={}\n", q(member("sched/").as_deref().unwrap_or(""))));
     s.push_str(&format!("KTSTR_KERNEL_IMAGE={}\n", q(member("kernel/").as_deref().unwrap_or(""))));
-    s.push_str(&format!("KTSTR_IGNORED={}\n", q(if test.ignored() { "1" } else { "" })));
+    s.push_str(&format!("KTSTR_IGNORED={}\n", q(if ignored { "1" } else { "" })));
     s.push_str(PREAMBLE_BODY);
     s.push_str(ARCHIVE_MARKER);
     s.push('\n');
@@ -440,7 +492,7 @@ else
     # A one-off run boots cold: no snapshot is written into the user's cache.
     env -u KTSTR_KERNEL_LIST -u KTSTR_KERNEL NEXTEST=1 KTSTR_TEST_KERNEL="$dir/$KTSTR_KERNEL_IMAGE" \
         KTSTR_SNAPSHOT="${KTSTR_SNAPSHOT:-0}" \
-        "$dir/testbin" --exact "ktstr/$KTSTR_TEST" --nocapture ${ignored[@]+"${ignored[@]}"}
+        "$dir/testbin" --exact "$KTSTR_EXACT" --nocapture ${ignored[@]+"${ignored[@]}"}
 fi
 rc=$?
 set -e
@@ -474,17 +526,67 @@ mod tests {
         let a = ExportArgs { name: "nope".into(), ..Default::default() };
         assert_eq!(export(&a, None).code(), 1);
         static HOST: TestDef = TestDef { name: "h", host_only: true, ..TestDef::DEFAULT };
-        let refused = export(&a, Some(&HOST));
+        let t = |def: &'static TestDef| Target { def, exact: "x" };
+        let refused = export(&a, Some(&t(&HOST)));
         assert!(matches!(&refused, Outcome::Refused(m) if m.contains("host_only")), "{refused:?}");
         assert_eq!(refused.code(), 2);
         static NO_BIN: Scheduler = Scheduler::new("scx_ktstr_no_such_binary");
         static SCHED: TestDef = TestDef { name: "s", scheduler: Some(&NO_BIN), ..TestDef::DEFAULT };
-        let refused = export(&a, Some(&SCHED));
+        let refused = export(&a, Some(&t(&SCHED)));
         assert!(matches!(&refused, Outcome::Refused(m) if m.contains("scx_ktstr_no_such_binary")), "{refused:?}");
         static INC: TestDef = TestDef { name: "i", include_files: &["/nonexistent/ktstr-include"], ..TestDef::DEFAULT };
-        assert!(matches!(export(&a, Some(&INC)), Outcome::Refused(m) if m.contains("/nonexistent/ktstr-include")));
-        assert_eq!(dispatch(["--exact", "x"], |_| None), None);
-        assert_eq!(dispatch(["--ktstr-export-test=x"], |_| None), Some(1));
+        assert!(matches!(export(&a, Some(&t(&INC))), Outcome::Refused(m) if m.contains("/nonexistent/ktstr-include")));
+        assert_eq!(dispatch(["--exact", "x"], |_| Ok(None)), None);
+        assert_eq!(dispatch(["--ktstr-export-test=x"], |_| Ok(None)), Some(1));
+        assert_eq!(dispatch(["--ktstr-export-test=x"], |_| Err("no such variant".into())), Some(2));
+    }
+
+    static VM: TestDef = TestDef { name: "vm", ..TestDef::DEFAULT };
+    static SMALL: TestDef = TestDef {
+        name: "small",
+        gauntlet: crate::preset::Constraints { max_cpus: 4, ..crate::preset::Constraints::DEFAULT },
+        ..TestDef::DEFAULT
+    };
+
+    #[test]
+    fn lookup_plain_and_gauntlet_names() {
+        let tests: &[&'static TestDef] = &[&VM, &SMALL];
+        for name in ["vm", "ktstr/vm"] {
+            let t = lookup(name, tests).unwrap().unwrap();
+            assert_eq!((t.def.name, t.exact, t.stem()), ("vm", "ktstr/vm", "vm".to_string()));
+        }
+        let t = lookup("gauntlet/small/llc2", tests).unwrap().unwrap();
+        assert_eq!((t.exact, t.stem()), ("gauntlet/small/llc2", "small-llc2".to_string()));
+        assert_eq!(t.def.topology.total_cpus(), 4, "the variant carries the preset's topology");
+        assert_eq!(t.def.preset.map(|p| p.name), Some("llc2"));
+        // Not in this binary: another one may have it.
+        assert!(lookup("gauntlet/other/llc2", tests).unwrap().is_none());
+        assert!(lookup("other", tests).unwrap().is_none());
+        // Here, but no such variant: refused with the reason.
+        let e = lookup("gauntlet/small/llc4", tests).unwrap_err();
+        assert!(e.contains("no gauntlet variant on preset llc4"), "{e}");
+        let e = lookup("gauntlet/small/llc99", tests).unwrap_err();
+        assert!(e.contains("unknown gauntlet preset \"llc99\"") && e.contains("tiny"), "{e}");
+    }
+
+    #[test]
+    fn gauntlet_variant_exports_only_with_vm() {
+        let t = lookup("gauntlet/small/tiny", &[&SMALL]).unwrap().unwrap();
+        let a = ExportArgs { name: "gauntlet/small/tiny".into(), ..Default::default() };
+        let o = export(&a, Some(&t));
+        assert!(matches!(&o, Outcome::Refused(m) if m.contains("cargo ktstr export --vm gauntlet/small/tiny")), "{o:?}");
+
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("v.run");
+        let exe = std::env::current_exe().unwrap();
+        let kernel = d.path().join("bzImage");
+        std::fs::write(&kernel, "not really a kernel").unwrap();
+        write_run_file(&t, &exe, None, Some(&kernel), &out).unwrap();
+        let text = std::fs::read(&out).unwrap();
+        let head = String::from_utf8_lossy(&text[..4096.min(text.len())]).to_string();
+        assert!(head.contains("KTSTR_EXACT='gauntlet/small/tiny'"), "{head}");
+        assert!(head.contains("KTSTR_IGNORED='1'"), "variants are ignored by default: {head}");
+        assert!(head.contains("cpus=2") && head.contains("preset=tiny"), "{head}");
     }
 
     #[test]
@@ -504,7 +606,7 @@ mod tests {
         }));
         let exe = std::env::current_exe().unwrap();
         let out = d.path().join("o.run");
-        write_run_file(t, &exe, Some(&sched), None, &out).unwrap();
+        write_run_file(&Target { def: t, exact: "ktstr/weird_name" }, &exe, Some(&sched), None, &out).unwrap();
         let text = std::fs::read(&out).unwrap();
         let head = String::from_utf8_lossy(&text[..4096.min(text.len())]).to_string();
         assert!(head.contains("KTSTR_SCHED='sched/scx_fake'"), "{head}");
