@@ -179,7 +179,7 @@ mod tests {
             (&TIMEOUT, fixture!("body_timeout.log"), ExitKind::PowerOff,
              "test body did not finish within its timeout of 3s (timeout_s); it was killed"),
             (&HANG, fixture!("vm_timeout_frozen_init.log"), ExitKind::Timeout,
-             "VM timeout: the guest did not finish within 62s (timeout_s 2 + 60s for boot) before reporting a verdict for demo_guest_hangs; last console line: ktstr: guest: running demo_guest_hangs"),
+             "VM timeout: the guest did not finish within 63s (timeout_s 2 + 61s for boot, 2 vCPUs) before reporting a verdict for demo_guest_hangs; last console line: ktstr: guest: running demo_guest_hangs"),
             (&SCX, fixture!("scx_bpf_error.log"), ExitKind::PowerOff,
              "scheduler scx_qmap_error was ejected by the kernel: sched_ext exit kind error_bpf (scx_bpf_error): qmap: test triggering error; the scheduler process then ended (exit status 0)"),
             (&SCX, fixture!("scx_stall.log"), ExitKind::PowerOff,

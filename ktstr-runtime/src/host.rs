@@ -15,7 +15,17 @@ use crate::vmm::{ExitKind, Vm, VmError, VmResult};
 
 /// Time the VM gets beyond the body's own timeout: boot, init, power-off.
 /// The guest enforces the body timeout; this only catches a stuck guest.
-pub const BOOT_ALLOWANCE_S: u64 = 60;
+/// 60 s plus half a second per vCPU: under TCG on two host cores the
+/// Debian 6.12 cloud kernel took 60 s to a shell at 128 vCPUs (ktstr's
+/// kernel 10 s), so a fixed minute would time out big gauntlet presets.
+pub fn boot_allowance_s(vcpus: u32) -> u64 {
+    60 + u64::from(vcpus) / 2
+}
+
+/// The VM's whole timeout for `def`: its body's plus the boot allowance.
+pub fn vm_timeout(def: &TestDef) -> Duration {
+    Duration::from_secs(def.timeout_s + boot_allowance_s(def.topology.total_cpus()))
+}
 const TAIL_LINES: usize = 40;
 
 /// Which kernel a VM test boots.
@@ -307,7 +317,7 @@ fn cold_boot(def: &'static TestDef, found: &Found, initrd: PathBuf) -> Result<Vm
         .initramfs(initrd)
         .topo(def.topology)
         .memory_mib(def.memory_mib)
-        .timeout(Duration::from_secs(def.timeout_s + BOOT_ALLOWANCE_S))
+        .timeout(vm_timeout(def))
         .cmdline(format!("{TEST_ARG}={}", def.name));
     if let Some(p) = def.preset {
         b = b.cmdline(format!("{PRESET_ARG}={}", p.name));
@@ -340,10 +350,12 @@ pub fn interpret(def: &TestDef, r: &VmResult) -> Verdict {
     let why = match &r.exit {
         ExitKind::Panic => "the guest kernel panicked".to_string(),
         ExitKind::Timeout => format!(
-            "the guest did not finish within {}s (timeout_s {} + {}s for boot)",
-            def.timeout_s + BOOT_ALLOWANCE_S,
+            "the guest did not finish within {}s (timeout_s {} + {}s for boot, {} vCPU{})",
+            vm_timeout(def).as_secs(),
             def.timeout_s,
-            BOOT_ALLOWANCE_S
+            boot_allowance_s(def.topology.total_cpus()),
+            def.topology.total_cpus(),
+            if def.topology.total_cpus() == 1 { "" } else { "s" }
         ),
         ExitKind::TripleFault => "the guest CPU triple-faulted".to_string(),
         ExitKind::HostError(e) => format!("the VMM failed: {e}"),
@@ -359,6 +371,18 @@ mod tests {
     use super::*;
     use crate::discovery::tests::{entry as cache_entry, key};
     use crate::vmm::error::ResourceSnapshot;
+
+    #[test]
+    fn boot_allowance_grows_with_vcpus() {
+        static SMALL: TestDef = TestDef { name: "s", timeout_s: 10, ..TestDef::DEFAULT };
+        let big: &'static TestDef = SMALL.leak_variant(crate::preset::find("numa4-far-smt").unwrap());
+        assert_eq!(vm_timeout(&SMALL).as_secs(), 10 + 61, "2 vCPUs keep about the old minute");
+        // The Debian cloud kernel took 60 s to a shell at 128 vCPUs under TCG:
+        // the allowance leaves that again for a loaded host.
+        assert_eq!(big.topology.total_cpus(), 128);
+        assert!(boot_allowance_s(128) >= 2 * 60, "{}", boot_allowance_s(128));
+        assert_eq!(vm_timeout(big).as_secs(), 10 + 124);
+    }
 
     #[test]
     fn cache_entry_lock_is_shared_and_times_out_against_a_writer() {

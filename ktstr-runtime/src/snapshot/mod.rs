@@ -60,8 +60,10 @@ pub const DIR: &str = kernel_build::cache::SNAPSHOT_DIR;
 const SCHEMA: u32 = 2;
 /// How long a test waits for another test that is writing the save it needs.
 const LOCK_WAIT: Duration = Duration::from_secs(180);
-/// Boot to the ready point: a cold boot's allowance.
-const READY_TIMEOUT: Duration = Duration::from_secs(crate::host::BOOT_ALLOWANCE_S * 2);
+/// Boot to the ready point: twice a cold boot's allowance.
+fn ready_timeout(def: &TestDef) -> Duration {
+    Duration::from_secs(crate::host::boot_allowance_s(def.topology.total_cpus()) * 2)
+}
 
 /// `KTSTR_SNAPSHOT` as a switch: `Ok(None)` when unset.
 pub fn env_switch() -> Result<Option<bool>, String> {
@@ -259,7 +261,7 @@ impl KeyInputs {
     pub fn with_vmm(def: &TestDef, image: &Path, backend: BackendKind, vmm: String) -> Result<Self, String> {
         let (sha, len) = file_sha(image)
             .map_err(|e| format!("reading kernel image {}: {e}", image.display()))?;
-        let vm = ready_vm(def, image, Path::new("initrd"), READY_TIMEOUT, Start::Boot, backend)
+        let vm = ready_vm(def, image, Path::new("initrd"), ready_timeout(def), Start::Boot, backend)
             .map_err(|e| e.to_string())?;
         let mut cfg = vm.config;
         cfg.kernel = PathBuf::from("kernel");
@@ -511,7 +513,7 @@ fn restore(
     lock: EntryLock,
 ) -> Result<VmResult, String> {
     budget::touch(&entry.dir);
-    let timeout = Duration::from_secs(t.def.timeout_s + crate::host::BOOT_ALLOWANCE_S);
+    let timeout = crate::host::vm_timeout(t.def);
     let vm = ready_vm(
         t.def,
         t.image,
@@ -572,7 +574,7 @@ fn create(t: &Target, cache: &Cache, entry: &Entry, inputs: &KeyInputs, _lock: &
         t.def,
         t.image,
         &staged.initrd(),
-        READY_TIMEOUT,
+        ready_timeout(t.def),
         Start::Save {
             state: staged.state(),
         },
