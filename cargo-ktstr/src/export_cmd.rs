@@ -25,7 +25,7 @@ Exit codes: 0 written, 1 no test of that name, 2 a test binary refused it (reaso
 pub struct ExportArgs {
     /// Test name (`NAME`, `ktstr/NAME`, or `gauntlet/NAME/PRESET` with `--vm`).
     pub name: String,
-    /// Output file (default: ./NAME.run).
+    /// Output file (default: ./NAME.run, or ./NAME-PRESET.run for a gauntlet variant).
     #[arg(short = 'o', long = "output", value_name = "PATH")]
     pub output: Option<PathBuf>,
     /// Package(s) whose test binaries to search (repeatable).
@@ -155,6 +155,9 @@ fn export_name(given: &str) -> Result<(String, String)> {
     match parts[..] {
         [n] | ["ktstr", n] if !n.is_empty() => Ok((n.to_string(), n.to_string())),
         ["gauntlet", n, p] if !n.is_empty() && !p.is_empty() => Ok((given.to_string(), format!("{n}-{p}"))),
+        ["ktstr", n, k] | ["gauntlet", n, _, k] if !n.is_empty() && k.starts_with("kernel_") => bail!(
+            "export names a test without its kernel suffix: drop /{k} from {given:?} and embed that kernel with --vm --kernel SPEC"
+        ),
         _ => bail!("export takes one test name (NAME, ktstr/NAME or gauntlet/NAME/PRESET), got {given:?}"),
     }
 }
@@ -179,9 +182,14 @@ mod tests {
         assert_eq!(ok("t"), ("t".into(), "t".into()));
         assert_eq!(ok("ktstr/t"), ("t".into(), "t".into()));
         assert_eq!(ok("gauntlet/t/llc2"), ("gauntlet/t/llc2".into(), "t-llc2".into()));
-        for bad in ["", "ktstr/", "a/b", "gauntlet/t", "gauntlet//llc2", "gauntlet/t/llc2/kernel_6_12", "ktstr/t/x"] {
+        for bad in ["", "ktstr/", "a/b", "gauntlet/t", "gauntlet//llc2", "gauntlet/t/llc2/x", "ktstr/t/x"] {
             let e = export_name(bad).unwrap_err().to_string();
             assert!(e.contains("gauntlet/NAME/PRESET") && e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+        // A row copied from a multi-kernel run: told to drop the suffix.
+        for (given, suffix) in [("gauntlet/t/llc2/kernel_6_12", "/kernel_6_12"), ("ktstr/t/kernel_path_x", "/kernel_path_x")] {
+            let e = export_name(given).unwrap_err().to_string();
+            assert!(e.contains(&format!("drop {suffix}")) && e.contains("--vm --kernel SPEC"), "{given}: {e}");
         }
     }
 }

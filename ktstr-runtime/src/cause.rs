@@ -156,7 +156,7 @@ mod tests {
         static CHECK: TestDef = def("demo_unfair_split_fails", 20, 191);
         static SIGNAL: TestDef = def("demo_killed_by_signal", 10, 176);
         static TIMEOUT: TestDef = def("demo_sleeps_past_timeout", 3, 171);
-        static HANG: TestDef = def("demo_guest_hangs", 2, 203);
+        static HANG: TestDef = TestDef { topology: crate::vmm::Topology::cpus(1), ..def("demo_guest_hangs", 2, 203) };
         static TOOLS: TestDef = TestDef { name: "guest_has_tool_filesystems", timeout_s: 20, file: EX, line: 98, ..TestDef::DEFAULT };
         static SCX: TestDef = def("demo_scx", 60, 80);
         macro_rules! fixture {
@@ -179,7 +179,7 @@ mod tests {
             (&TIMEOUT, fixture!("body_timeout.log"), ExitKind::PowerOff,
              "test body did not finish within its timeout of 3s (timeout_s); it was killed"),
             (&HANG, fixture!("vm_timeout_frozen_init.log"), ExitKind::Timeout,
-             "VM timeout: the guest did not finish within 63s (timeout_s 2 + 61s for boot, 2 vCPUs) before reporting a verdict for demo_guest_hangs; last console line: ktstr: guest: running demo_guest_hangs"),
+             "VM timeout: the guest did not finish within 62s (timeout_s 2 + 60s for boot, 1 vCPU) before reporting a verdict for demo_guest_hangs; last console line: ktstr: guest: running demo_guest_hangs"),
             (&SCX, fixture!("scx_bpf_error.log"), ExitKind::PowerOff,
              "scheduler scx_qmap_error was ejected by the kernel: sched_ext exit kind error_bpf (scx_bpf_error): qmap: test triggering error; the scheduler process then ended (exit status 0)"),
             (&SCX, fixture!("scx_stall.log"), ExitKind::PowerOff,

@@ -63,7 +63,7 @@ impl Target<'_> {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExportArgs {
     pub name: String,
-    /// Where to write; default `./{name}.run`.
+    /// Where to write; default `./{stem}.run` (`NAME-PRESET` for a variant).
     pub output: Option<PathBuf>,
     pub vm: bool,
     pub kernel: Option<PathBuf>,
@@ -161,6 +161,12 @@ pub fn lookup(name: &str, tests: &[&'static TestDef]) -> Result<Option<Target<'s
         return Ok(None);
     };
     let Some(def) = tests.iter().find(|d| d.name == base) else { return Ok(None) };
+    if let Some((preset, suffix)) = preset.split_once('/') {
+        return Err(format!(
+            "export names a variant without a kernel suffix: drop /{suffix} and embed that kernel with \
+             cargo ktstr export --vm --kernel SPEC gauntlet/{base}/{preset}"
+        ));
+    }
     crate::preset::resolve(&[preset.to_string()])?;
     let listed = crate::nextest::resolve(name, &[*def], None)?;
     Ok(Some(Target { def: listed.run_def(), exact: leak(name.to_string()) }))
@@ -565,6 +571,8 @@ mod tests {
         // Here, but no such variant: refused with the reason.
         let e = lookup("gauntlet/small/llc4", tests).unwrap_err();
         assert!(e.contains("no gauntlet variant on preset llc4"), "{e}");
+        let e = lookup("gauntlet/small/llc2/kernel_6_12", tests).unwrap_err();
+        assert!(e.contains("drop /kernel_6_12") && e.contains("--kernel SPEC gauntlet/small/llc2"), "{e}");
         let e = lookup("gauntlet/small/llc99", tests).unwrap_err();
         assert!(e.contains("unknown gauntlet preset \"llc99\"") && e.contains("tiny"), "{e}");
     }

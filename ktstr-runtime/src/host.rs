@@ -16,8 +16,9 @@ use crate::vmm::{ExitKind, Vm, VmError, VmResult};
 /// Time the VM gets beyond the body's own timeout: boot, init, power-off.
 /// The guest enforces the body timeout; this only catches a stuck guest.
 /// 60 s plus half a second per vCPU: under TCG on two host cores the
-/// Debian 6.12 cloud kernel took 60 s to a shell at 128 vCPUs (ktstr's
-/// kernel 10 s), so a fixed minute would time out big gauntlet presets.
+/// Debian 6.12 cloud kernel took 60 s to a `cargo ktstr shell` command at
+/// 128 vCPUs (ktstr's kernel 10 s), so a fixed minute would time out big
+/// gauntlet presets.
 pub fn boot_allowance_s(vcpus: u32) -> u64 {
     60 + u64::from(vcpus) / 2
 }

@@ -218,7 +218,7 @@ fn demo_unfair_split_fails(ctx: &Ctx) -> Result<()> {
 }
 
 /// The guest never reports: the body freezes PID 1 (the supervisor) in a
-/// cgroup, so only the host's VM timeout (timeout_s + 60 s) ends the run.
+/// cgroup, so only the host's VM timeout (timeout_s + the boot allowance) ends the run.
 #[ktstr_test(cpus = 1, memory_mib = 256, timeout_s = 2)]
 fn demo_guest_hangs(_ctx: &Ctx) -> Result<()> {
     let cg = std::path::Path::new("/sys/fs/cgroup/ktstr-frozen-init");

@@ -105,13 +105,14 @@ fn scx_central_workload(ctx: &Ctx) -> Result<()> {
     workload(ctx, "central")
 }
 
-/// One CPU: 6.12's scx_flatcg can lose a cgroup on two or more. Its
-/// enqueue marks the cgroup queued before the kernel inserts the task (a
-/// direct dispatch lands after `ops.enqueue()` returns), so a dispatch
-/// on another CPU can find the DSQ empty, stash the cgroup's node and
-/// leave it out of the tree for good. CI caught it once: every task of
-/// the root cgroup runnable for 30 s on idle CPUs, ejected as a stall.
-/// On one CPU both paths run under the same rq lock.
+/// One CPU: 6.12's scx_flatcg can lose a cgroup on two or more. A
+/// dispatch on another CPU holding the cgroup's node clears `queued`; the
+/// enqueue sets it again but finds no node to put back, and the task
+/// lands on the DSQ only after `ops.enqueue()` returns, so the dispatch
+/// can see it empty and stash the node with `queued` left at 1: the
+/// cgroup is never picked again. CI caught it once (root cgroup runnable
+/// for 30 s on idle CPUs, ejected as a stall). On one CPU both paths run
+/// under the same rq lock.
 #[ktstr_test(scheduler = FLATCG, cpus = 1, memory_mib = 512, timeout_s = 60, max_cpus = 1)]
 fn scx_flatcg_workload(ctx: &Ctx) -> Result<()> {
     workload(ctx, "flatcg")
