@@ -9,6 +9,7 @@
 
 pub mod cpus;
 pub mod ready;
+pub mod static_keys;
 pub mod supervise;
 
 use std::ffi::CString;
@@ -144,6 +145,12 @@ fn prepare_with(restored: bool) -> Result<cpus::Bringup, String> {
     let absent = if restored { Vec::new() } else { mount_tool_filesystems() };
     if !absent.is_empty() {
         println!("ktstr: guest: this kernel offers no {} (tools that need them will not work)", absent.join(", "));
+    }
+    // A restored guest's ready init flipped them before its bring-up.
+    if !restored {
+        if let Err(e) = static_keys::flip() {
+            println!("ktstr: guest: {e}");
+        }
     }
     let bringup = cpus::online_all();
     match &bringup {
