@@ -43,13 +43,13 @@ pub const ARCHIVE_MARKER: &str = "__ARCHIVE__";
 
 /// What an export names: the definition that runs (a gauntlet variant
 /// carries its preset's topology) and the name `--exact` takes.
-#[derive(Debug, Clone, Copy)]
-pub struct Target<'a> {
-    pub def: &'a TestDef,
-    pub exact: &'a str,
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub def: &'static TestDef,
+    pub exact: String,
 }
 
-impl Target<'_> {
+impl Target {
     /// `NAME`, or `NAME-PRESET` for a variant: the default `.run` file name.
     pub fn stem(&self) -> String {
         match self.def.preset {
@@ -123,7 +123,7 @@ impl Outcome {
 /// Entry for the early-constructor dispatch: `None` when `args` is not an
 /// export invocation, else the exit code (0 written, 1 no such test,
 /// 2 refused or failed, reason on stderr).
-pub fn dispatch<I, S>(args: I, lookup: impl FnOnce(&str) -> Result<Option<Target<'static>>, String>) -> Option<i32>
+pub fn dispatch<I, S>(args: I, lookup: impl FnOnce(&str) -> Result<Option<Target>, String>) -> Option<i32>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
@@ -151,11 +151,10 @@ pub fn dispatch_registry<S: AsRef<str>>(args: &[S]) -> Option<i32> {
 /// The test `name` exports: `Ok(None)` when `tests` has no test of that
 /// name (another binary may), `Err` for a gauntlet name whose test is here
 /// but has no such variant.
-pub fn lookup(name: &str, tests: &[&'static TestDef]) -> Result<Option<Target<'static>>, String> {
-    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+pub fn lookup(name: &str, tests: &[&'static TestDef]) -> Result<Option<Target>, String> {
     let Some(rest) = name.strip_prefix(crate::nextest::GAUNTLET_PREFIX) else {
         let base = name.strip_prefix("ktstr/").unwrap_or(name);
-        return Ok(tests.iter().find(|d| d.name == base).map(|d| Target { def: d, exact: leak(format!("ktstr/{base}")) }));
+        return Ok(tests.iter().find(|d| d.name == base).map(|d| Target { def: d, exact: format!("ktstr/{base}") }));
     };
     let Some((base, preset)) = rest.split_once('/') else {
         return Ok(None);
@@ -169,7 +168,7 @@ pub fn lookup(name: &str, tests: &[&'static TestDef]) -> Result<Option<Target<'s
     }
     crate::preset::resolve(&[preset.to_string()])?;
     let listed = crate::nextest::resolve(name, &[*def], None)?;
-    Ok(Some(Target { def: listed.run_def(), exact: leak(name.to_string()) }))
+    Ok(Some(Target { def: listed.run_def(), exact: name.to_string() }))
 }
 
 /// Exports `target` (or reports its absence) per the 0/1/2 protocol.
@@ -382,7 +381,7 @@ pub fn preamble(target: &Target, vm: bool, members: &[Member]) -> String {
     let member = |prefix: &str| members.iter().find(|m| m.name.starts_with(prefix)).map(|m| m.name.clone());
     let mut s = String::new();
     s.push_str("#!/usr/bin/env bash\n");
-    s.push_str(&format!("# ktstr reproducer for test {} (ktstr-runtime {})\n", comment(target.exact), env!("CARGO_PKG_VERSION")));
+    s.push_str(&format!("# ktstr reproducer for test {} (ktstr-runtime {})\n", comment(&target.exact), env!("CARGO_PKG_VERSION")));
     if vm {
         s.push_str("# Boots the embedded kernel in a VM (needs /dev/kvm, or QEMU) and runs the test in it.\n");
     } else {
@@ -410,7 +409,7 @@ pub fn preamble(target: &Target, vm: bool, members: &[Member]) -> String {
     }
     s.push_str("set -euo pipefail\n\n");
     s.push_str(&format!("KTSTR_TEST={}\n", q(test.name)));
-    s.push_str(&format!("KTSTR_EXACT={}\n", q(target.exact)));
+    s.push_str(&format!("KTSTR_EXACT={}\n", q(&target.exact)));
     s.push_str(&format!("KTSTR_MODE={}\n", q(if vm { "vm" } else { "host" })));
     s.push_str(&format!("KTSTR_NEEDS_CPUS={}\n", q(&test.topology.total_cpus().to_string())));
     s.push_str(&format!("KTSTR_SCHED={}\n", q(member("sched/").as_deref().unwrap_or(""))));
@@ -532,7 +531,7 @@ mod tests {
         let a = ExportArgs { name: "nope".into(), ..Default::default() };
         assert_eq!(export(&a, None).code(), 1);
         static HOST: TestDef = TestDef { name: "h", host_only: true, ..TestDef::DEFAULT };
-        let t = |def: &'static TestDef| Target { def, exact: "x" };
+        let t = |def: &'static TestDef| Target { def, exact: "x".into() };
         let refused = export(&a, Some(&t(&HOST)));
         assert!(matches!(&refused, Outcome::Refused(m) if m.contains("host_only")), "{refused:?}");
         assert_eq!(refused.code(), 2);
@@ -559,10 +558,10 @@ mod tests {
         let tests: &[&'static TestDef] = &[&VM, &SMALL];
         for name in ["vm", "ktstr/vm"] {
             let t = lookup(name, tests).unwrap().unwrap();
-            assert_eq!((t.def.name, t.exact, t.stem()), ("vm", "ktstr/vm", "vm".to_string()));
+            assert_eq!((t.def.name, t.exact.as_str(), t.stem()), ("vm", "ktstr/vm", "vm".to_string()));
         }
         let t = lookup("gauntlet/small/llc2", tests).unwrap().unwrap();
-        assert_eq!((t.exact, t.stem()), ("gauntlet/small/llc2", "small-llc2".to_string()));
+        assert_eq!((t.exact.as_str(), t.stem()), ("gauntlet/small/llc2", "small-llc2".to_string()));
         assert_eq!(t.def.topology.total_cpus(), 4, "the variant carries the preset's topology");
         assert_eq!(t.def.preset.map(|p| p.name), Some("llc2"));
         // Not in this binary: another one may have it.
@@ -614,7 +613,7 @@ mod tests {
         }));
         let exe = std::env::current_exe().unwrap();
         let out = d.path().join("o.run");
-        write_run_file(&Target { def: t, exact: "ktstr/weird_name" }, &exe, Some(&sched), None, &out).unwrap();
+        write_run_file(&Target { def: t, exact: "ktstr/weird_name".into() }, &exe, Some(&sched), None, &out).unwrap();
         let text = std::fs::read(&out).unwrap();
         let head = String::from_utf8_lossy(&text[..4096.min(text.len())]).to_string();
         assert!(head.contains("KTSTR_SCHED='sched/scx_fake'"), "{head}");

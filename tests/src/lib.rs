@@ -22,6 +22,14 @@ pub mod driver {
         pub stderr: String,
     }
 
+    /// The Debian cloud image named by `KTSTR_DEBIAN_KERNEL`; `None` when
+    /// unset, a missing premise (`what` says which), so the caller fails
+    /// under KTSTR_NO_SKIP_MODE=1 instead of passing.
+    pub fn debian_kernel(what: &str) -> Option<String> {
+        let deb = std::env::var("KTSTR_DEBIAN_KERNEL").ok().filter(|v| !v.is_empty());
+        testing::require(deb, what, "set it to the Debian 6.12 cloud vmlinuz (.ci/run does)")
+    }
+
     /// `name` in a child of this binary, with our environment minus the
     /// skip settings (so a skip shows as one, whatever the caller's mode),
     /// changed by `env` (an empty value removes the variable). Its stderr

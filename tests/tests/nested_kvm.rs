@@ -76,6 +76,11 @@ fn sibling_binary(name: &str, marker: &str) -> Option<PathBuf> {
     })
 }
 
+/// The rig's `--kernel` arguments for the two kernels, as `/k/ktstr` and `/k/debian`.
+fn kernel_args(ktstr: &Path, deb: &Path) -> [String; 4] {
+    ["--kernel".into(), format!("ktstr={}", ktstr.display()), "--kernel".into(), format!("debian={}", deb.display())]
+}
+
 /// Runs the rig with `args`, echoing what it printed; its stdout and exit status.
 fn run_rig(args: &[String]) -> (String, std::process::ExitStatus) {
     let out = Command::new(repo().join("scripts/nested-kvm.sh")).args(args).output().expect("running scripts/nested-kvm.sh");
@@ -224,15 +229,12 @@ fn kvm_backend_passes_under_nested_kvm() {
         format!("examples={}", examples.display()),
         "--bin".into(),
         format!("sched_ext={}", sched_ext.display()),
-        "--kernel".into(),
-        format!("ktstr={}", ktstr.display()),
-        "--kernel".into(),
-        format!("debian={}", deb.display()),
         "--cpus".into(),
         cpus.clone(),
         "--pin".into(),
         pin.display().to_string(),
     ];
+    args.extend(kernel_args(&ktstr, &deb));
     if let Some(d) = &sched_dir {
         args.extend(["--sched-dir".into(), d.display().to_string()]);
     }
@@ -312,18 +314,16 @@ fn kvm_snapshots_pass_under_nested_kvm() {
         return;
     };
     let t0 = std::time::Instant::now();
-    let (stdout, status) = run_rig(&[
+    let mut args = vec![
         "--bin".into(),
         format!("snapshot={}", snapshot.display()),
-        "--kernel".into(),
-        format!("ktstr={}", ktstr.display()),
-        "--kernel".into(),
-        format!("debian={}", deb.display()),
         "--run".into(),
         "snap_ktstr=KTSTR_TEST_KERNEL=/k/ktstr/bzImage /t/snapshot --test-threads 1 --nocapture".into(),
         "--run".into(),
         "snap_debian=KTSTR_TEST_KERNEL=/k/debian/bzImage /t/snapshot restored_ --test-threads 1 --nocapture".into(),
-    ]);
+    ];
+    args.extend(kernel_args(&ktstr, &deb));
+    let (stdout, status) = run_rig(&args);
     eprintln!("nested-KVM rig: snapshot tests on 2 kernels in {:.0}s", t0.elapsed().as_secs_f64());
     for k in ["ktstr", "debian"] {
         let label = format!("snap_{k}");

@@ -236,7 +236,7 @@ mod driver {
 
     use ktstr_runtime::testing;
 
-    use ktstr_tests::driver::{child, run_exact};
+    use ktstr_tests::driver::{child, debian_kernel, run_exact};
 
     /// The name the kernel reported is what the PASS line gives, and the
     /// guest's attach line says it was not the declared one.
@@ -255,11 +255,7 @@ mod driver {
     /// it happens is asserted here.
     #[test]
     fn scheduler_test_skips_on_a_kernel_without_sched_ext() {
-        let deb = std::env::var("KTSTR_DEBIAN_KERNEL").ok().filter(|v| !v.is_empty());
-        let Some(deb) = testing::require(deb, "a kernel without sched_ext in KTSTR_DEBIAN_KERNEL", "set it to the Debian 6.12 cloud vmlinuz (.ci/run does)")
-        else {
-            return;
-        };
+        let Some(deb) = debian_kernel("a kernel without sched_ext in KTSTR_DEBIAN_KERNEL") else { return };
         // The example schedulers and the scx project's ones alike.
         for name in ["scx_simple_workload", "scx_bpfland_workload", "scx_rusty_workload"] {
             let r = child(&format!("ktstr/{name}"), &[("KTSTR_KERNEL_LIST", ""), ("KTSTR_KERNEL", ""), ("KTSTR_TEST_KERNEL", &deb)]);

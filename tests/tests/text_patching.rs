@@ -60,16 +60,11 @@ fn demo_cgroups_patch_no_kernel_text(_ctx: &Ctx) -> Result<()> {
 }
 
 mod driver {
-    use ktstr_runtime::testing;
-    use ktstr_tests::driver::child;
+    use ktstr_tests::driver::{child, debian_kernel};
 
     #[test]
     fn cgroups_patch_no_kernel_text_on_debian() {
-        let deb = std::env::var("KTSTR_DEBIAN_KERNEL").ok().filter(|v| !v.is_empty());
-        let Some(deb) = testing::require(deb, "a kernel with jump labels and /proc/kcore in KTSTR_DEBIAN_KERNEL", "set it to the Debian 6.12 cloud vmlinuz (.ci/run does)")
-        else {
-            return;
-        };
+        let Some(deb) = debian_kernel("a kernel with jump labels and /proc/kcore in KTSTR_DEBIAN_KERNEL") else { return };
         let name = "ktstr/demo_cgroups_patch_no_kernel_text";
         let r = child(name, &[("KTSTR_KERNEL_LIST", ""), ("KTSTR_KERNEL", ""), ("KTSTR_TEST_KERNEL", &deb)]);
         assert_eq!(r.code, 0, "{}", r.stderr);

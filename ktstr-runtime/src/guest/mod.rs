@@ -245,7 +245,6 @@ fn run_named_test(args: GuestArgs) -> Verdict {
             Err(e) => return Verdict::fail(format!("guest: {}={n}: {e}", crate::cpu_override::GUEST_ARG)),
         }
     }
-    enable_test_controllers();
     let _ = channel_send(kind::BODY, name.as_bytes());
     println!("ktstr: guest: running {name}");
     match def.scheduler() {
@@ -257,8 +256,10 @@ fn run_named_test(args: GuestArgs) -> Verdict {
     }
 }
 
-/// The cgroup controllers a test's body (or its shell) can use.
-pub fn enable_test_controllers() {
+/// The cgroup controllers a test's body (or its shell) can use: enabled
+/// once, by [`static_keys::flip`] in [`prepare`] (a restored guest's ready
+/// init did it before the save).
+fn enable_test_controllers() {
     let missing = enable_controllers(std::path::Path::new(CGROUP_ROOT), &["cpu", "cpuset", "memory", "pids"]);
     if !missing.is_empty() {
         println!("ktstr: guest: cgroup controllers not available: {}", missing.join(" "));

@@ -47,7 +47,6 @@ pub fn run_test_shell(name: &str, bringup: Result<Bringup, String>) -> ! {
         notes.push(format!("ktstr: this guest binary has no ktstr test named {name:?}"));
         finish(session(&notes))
     };
-    crate::guest::enable_test_controllers();
     let status = match def.scheduler {
         None => session(&notes),
         Some(s) => {
