@@ -546,12 +546,7 @@ mod tests {
         assert_eq!(dispatch(["--ktstr-export-test=x"], |_| Err("no such variant".into())), Some(2));
     }
 
-    static VM: TestDef = TestDef { name: "vm", ..TestDef::DEFAULT };
-    static SMALL: TestDef = TestDef {
-        name: "small",
-        gauntlet: crate::preset::Constraints { max_cpus: 4, ..crate::preset::Constraints::DEFAULT },
-        ..TestDef::DEFAULT
-    };
+    use crate::nextest::tests::{SMALL, VM};
 
     #[test]
     fn lookup_plain_and_gauntlet_names() {

@@ -243,16 +243,17 @@ pub fn print_pass(name: &str, v: &Verdict) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::label::parse_kernel_list;
     use crate::vmm::Topology;
 
-    static VM: TestDef = TestDef { name: "vm", ..TestDef::DEFAULT };
+    pub(crate) static VM: TestDef = TestDef { name: "vm", ..TestDef::DEFAULT };
     static HOST: TestDef = TestDef { name: "h", host_only: true, ..TestDef::DEFAULT };
     static DEMO: TestDef = TestDef { name: "demo_x", ..TestDef::DEFAULT };
 
-    static SMALL: TestDef = TestDef {
+    /// Gauntlet variants up to 4 vCPUs (tiny, tiny-smt, llc2).
+    pub(crate) static SMALL: TestDef = TestDef {
         name: "small",
         gauntlet: crate::preset::Constraints { max_cpus: 4, ..crate::preset::Constraints::DEFAULT },
         ..TestDef::DEFAULT
